@@ -1,0 +1,361 @@
+"""Typed configuration: named sizes from the ELECTRA paper, YAML files and ``--set`` overrides.
+
+    cfg = load_config("configs/electra-small.yaml", overrides=["train.lr=1e-4", "model.dropout=0.0"])
+    cfg.model.generator_hidden_size   # derived: round(hidden_size * generator_fraction)
+
+Layers, lowest first: dataclass defaults (ELECTRA-Small) -> the named ``size`` preset -> the YAML's
+sections -> ``--set`` overrides. Every key is checked against the dataclass fields and their types: an
+unknown key or a wrong type is a :class:`ConfigError` naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot be used; the message names the key."""
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 30522
+    embedding_size: int = 128
+    hidden_size: int = 256
+    num_layers: int = 12
+    num_heads: int = 4
+    intermediate_size: int = 1024
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    dropout: float = 0.1
+    attention_dropout: float = 0.1
+    layer_norm_eps: float = 1e-12
+    initializer_range: float = 0.02
+    # Generator width as a fraction of the discriminator's (the paper's best: 1/4 to 1/2). Its FFN is
+    # 4x its hidden size, its heads hidden/64 (at least one), its depth the discriminator's.
+    generator_fraction: float = 0.25
+    # Special token ids of the vocabulary (the trainer takes them from the prepared dataset).
+    pad_token_id: int = 0
+    unk_token_id: int = 1
+    cls_token_id: int = 2
+    sep_token_id: int = 3
+    mask_token_id: int = 4
+    # Which implementation runs each hot spot: "auto" (Triton on CUDA, PyTorch elsewhere),
+    # "torch" (the reference) or "triton" (the kernel; on CPU only under TRITON_INTERPRET=1).
+    attention_impl: str = "auto"
+    mlm_head_impl: str = "auto"
+    disc_head_impl: str = "auto"
+    # Run the encoder on packed real tokens (unpad once, varlen attention) instead of padded batches.
+    unpad: bool = True
+    # Recompute each encoder layer in the backward pass (non-reentrant torch.utils.checkpoint).
+    activation_checkpointing: bool = False
+
+    @property
+    def generator_hidden_size(self) -> int:
+        return max(1, int(round(self.hidden_size * self.generator_fraction)))
+
+    @property
+    def generator_intermediate_size(self) -> int:
+        return 4 * self.generator_hidden_size
+
+    @property
+    def generator_num_heads(self) -> int:
+        return max(1, self.generator_hidden_size // 64)
+
+    @property
+    def generator_num_layers(self) -> int:
+        return self.num_layers
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    def validate(self) -> None:
+        if self.hidden_size % self.num_heads:
+            raise ConfigError(
+                f"model.hidden_size={self.hidden_size} is not divisible by model.num_heads={self.num_heads}"
+            )
+        if self.generator_hidden_size % self.generator_num_heads:
+            raise ConfigError(
+                f"generator hidden size {self.generator_hidden_size} (model.hidden_size x "
+                f"model.generator_fraction) is not divisible by its {self.generator_num_heads} heads"
+            )
+        for key in ("attention_impl", "mlm_head_impl", "disc_head_impl"):
+            if getattr(self, key) not in ("auto", "torch", "triton"):
+                raise ConfigError(f"model.{key} must be one of auto/torch/triton, got {getattr(self, key)!r}")
+        specials = {k: getattr(self, k) for k in
+                    ("pad_token_id", "unk_token_id", "cls_token_id", "sep_token_id", "mask_token_id")}
+        for key, value in specials.items():
+            if not 0 <= value < self.vocab_size:
+                raise ConfigError(f"model.{key}={value} is outside the vocabulary (vocab_size={self.vocab_size})")
+        if not 0.0 < self.generator_fraction <= 1.0:
+            raise ConfigError(f"model.generator_fraction must be in (0, 1], got {self.generator_fraction}")
+
+
+@dataclass
+class ObjectiveConfig:
+    mask_prob: float = 0.15
+    mask_token_ratio: float = 0.85  # of the chosen positions, this share becomes [MASK]; the rest keep their token
+    # Upper bound on chosen positions per sequence; 0 derives the reference implementation's
+    # int((mask_prob + 0.005) * seq_len).
+    max_predictions_per_seq: int = 0
+    temperature: float = 1.0
+    gen_weight: float = 1.0
+    disc_weight: float = 50.0
+
+    def validate(self) -> None:
+        if not 0.0 < self.mask_prob < 1.0:
+            raise ConfigError(f"objective.mask_prob must be in (0, 1), got {self.mask_prob}")
+        if not 0.0 <= self.mask_token_ratio <= 1.0:
+            raise ConfigError(f"objective.mask_token_ratio must be in [0, 1], got {self.mask_token_ratio}")
+        if self.temperature <= 0.0:
+            raise ConfigError(f"objective.temperature must be > 0, got {self.temperature}")
+        if self.max_predictions_per_seq < 0:
+            raise ConfigError("objective.max_predictions_per_seq must be >= 0 (0 = derive from mask_prob)")
+
+
+@dataclass
+class TrainConfig:
+    global_batch_size: int = 128  # sequences per optimizer step, all ranks together
+    micro_batch_size: int = 0  # sequences per rank per forward; 0 = global / (accumulation * world)
+    gradient_accumulation_steps: int = 0  # 0 = derive from the two batch sizes
+    lr: float = 5e-4
+    warmup_steps: int = 10_000
+    max_steps: int = 1_000_000
+    weight_decay: float = 0.01
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-6
+    grad_clip: float = 1.0
+    optimizer: str = "adamw"  # adamw | lamb (DeepSpeed's fused Lamb, for large batches)
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32
+    deepspeed_config: str = "configs/deepspeed/zero1.json"
+    seed: int = 1234
+    log_every: int = 10
+    save_every: int = 1000
+    keep_last: int = 3
+    max_nonfinite_steps: int = 5  # consecutive skipped updates before the run stops
+    peak_tflops: float = 0.0  # device peak for MFU; 0 = look the device up
+    export_at_end: bool = True
+
+    def validate(self) -> None:
+        if self.optimizer not in ("adamw", "lamb"):
+            raise ConfigError(f"train.optimizer must be adamw or lamb, got {self.optimizer!r}")
+        if self.precision not in ("auto", "bf16", "fp16", "fp32"):
+            raise ConfigError(f"train.precision must be auto/bf16/fp16/fp32, got {self.precision!r}")
+        for key in ("global_batch_size", "max_steps", "log_every", "save_every", "keep_last"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"train.{key} must be positive, got {getattr(self, key)}")
+        if self.micro_batch_size < 0 or self.gradient_accumulation_steps < 0:
+            raise ConfigError("train.micro_batch_size and train.gradient_accumulation_steps must be >= 0")
+
+    def batch_layout(self, world_size: int) -> tuple[int, int]:
+        """(micro_batch_size, gradient_accumulation_steps) with global = micro * accumulation * world."""
+        micro, accum, total = self.micro_batch_size, self.gradient_accumulation_steps, self.global_batch_size
+        if micro == 0 and accum == 0:
+            accum = 1
+        if micro == 0:
+            if total % (accum * world_size):
+                raise ConfigError(
+                    f"train.global_batch_size={total} is not divisible by gradient_accumulation_steps={accum} "
+                    f"x world size {world_size}"
+                )
+            micro = total // (accum * world_size)
+        if accum == 0:
+            if total % (micro * world_size):
+                raise ConfigError(
+                    f"train.global_batch_size={total} is not divisible by micro_batch_size={micro} "
+                    f"x world size {world_size}"
+                )
+            accum = total // (micro * world_size)
+        if micro * accum * world_size != total:
+            raise ConfigError(
+                f"inconsistent batch sizes: train.micro_batch_size={micro} x gradient_accumulation_steps={accum} "
+                f"x world size {world_size} = {micro * accum * world_size}, but train.global_batch_size={total}"
+            )
+        return micro, accum
+
+
+@dataclass
+class DataConfig:
+    path: str = ""  # a folder written by `electra-fast prepare`
+    seq_len: int = 128
+    num_workers: int = 2
+    prefetch_factor: int = 4
+    pin_memory: bool = True
+
+    def validate(self) -> None:
+        if self.seq_len < 8:
+            raise ConfigError(f"data.seq_len must be at least 8, got {self.seq_len}")
+
+
+@dataclass
+class Config:
+    size: str = "small"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+    @property
+    def max_predictions_per_seq(self) -> int:
+        if self.objective.max_predictions_per_seq:
+            return self.objective.max_predictions_per_seq
+        return max(1, int((self.objective.mask_prob + 0.005) * self.data.seq_len))
+
+    def validate(self) -> "Config":
+        for section in (self.model, self.objective, self.train, self.data):
+            section.validate()
+        if self.data.seq_len > self.model.max_position_embeddings:
+            raise ConfigError(
+                f"data.seq_len={self.data.seq_len} is longer than the position table "
+                f"(model.max_position_embeddings={self.model.max_position_embeddings})"
+            )
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# The paper's named sizes (Clark et al. 2020, Table 6 and Appendix A). Sections not named keep the
+# dataclass defaults, which are ELECTRA-Small's.
+SIZES: dict[str, dict[str, dict[str, Any]]] = {
+    "tiny": {
+        "model": dict(vocab_size=1024, embedding_size=32, hidden_size=64, num_layers=2, num_heads=2,
+                      intermediate_size=256, max_position_embeddings=128, generator_fraction=0.5),
+        "train": dict(global_batch_size=8, lr=1e-3, warmup_steps=10, max_steps=200, log_every=10,
+                      save_every=100, deepspeed_config="configs/deepspeed/zero0.json"),
+        "data": dict(seq_len=64, num_workers=0),
+    },
+    "small": {
+        "model": dict(embedding_size=128, hidden_size=256, num_layers=12, num_heads=4, intermediate_size=1024,
+                      generator_fraction=0.25),
+        "objective": dict(mask_prob=0.15),
+        "train": dict(global_batch_size=128, lr=5e-4, max_steps=1_000_000),
+        "data": dict(seq_len=128),
+    },
+    "base": {
+        "model": dict(embedding_size=768, hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072,
+                      generator_fraction=1 / 3),
+        "objective": dict(mask_prob=0.15),
+        "train": dict(global_batch_size=256, lr=2e-4, max_steps=766_000),
+        "data": dict(seq_len=512),
+    },
+    "large": {
+        "model": dict(embedding_size=1024, hidden_size=1024, num_layers=24, num_heads=16, intermediate_size=4096,
+                      generator_fraction=0.25),
+        "objective": dict(mask_prob=0.25),
+        "train": dict(global_batch_size=2048, lr=2e-4, max_steps=400_000),
+        "data": dict(seq_len=512),
+    },
+}
+
+_SECTIONS = {"model": ModelConfig, "objective": ObjectiveConfig, "train": TrainConfig, "data": DataConfig}
+
+
+def _coerce(key: str, annotation: Any, value: Any) -> Any:
+    """Check ``value`` against a dataclass field's type; ints are accepted where floats are expected."""
+    if isinstance(annotation, str):
+        annotation = eval(annotation, vars(typing))  # from __future__ annotations
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key} expects a number, got {value!r}")
+        return float(value)
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} expects true/false, got {value!r}")
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{key} expects an integer, got {value!r}")
+        return value
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key} expects a string, got {value!r}")
+        return value
+    return value
+
+
+def _field_types(section_cls) -> dict[str, Any]:
+    hints = typing.get_type_hints(section_cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(section_cls)}
+
+
+def apply_section(section: Any, name: str, values: dict[str, Any]) -> None:
+    if not isinstance(values, dict):
+        raise ConfigError(f"config section '{name}' must be a mapping, got {type(values).__name__}")
+    types = _field_types(type(section))
+    for key, value in values.items():
+        if key not in types:
+            known = ", ".join(sorted(types))
+            raise ConfigError(f"unknown config key '{name}.{key}' (known keys in '{name}': {known})")
+        setattr(section, key, _coerce(f"{name}.{key}", types[key], value))
+
+
+def parse_override(text: str) -> tuple[str, str, Any]:
+    """'train.lr=1e-4' -> ('train', 'lr', 0.0001); the value is parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.key=value")
+    dotted, raw = text.split("=", 1)
+    parts = dotted.strip().split(".")
+    if len(parts) != 2:
+        raise ConfigError(f"override key {dotted!r} must be section.key (e.g. train.lr)")
+    section, key = parts
+    if section not in _SECTIONS:
+        raise ConfigError(f"unknown config section '{section}' in override {text!r} (sections: {', '.join(_SECTIONS)})")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"cannot parse the value of {dotted}: {exc}") from None
+    return section, key, value
+
+
+def build_config(size: str = "small", sections: dict[str, Any] | None = None,
+                 overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    if size not in SIZES:
+        raise ConfigError(f"unknown size {size!r} (sizes: {', '.join(SIZES)})")
+    cfg = Config(size=size)
+    for name, values in SIZES[size].items():
+        apply_section(getattr(cfg, name), name, values)
+    for name, values in (sections or {}).items():
+        if name not in _SECTIONS:
+            raise ConfigError(f"unknown config section '{name}' (sections: size, {', '.join(_SECTIONS)})")
+        apply_section(getattr(cfg, name), name, values or {})
+    for text in overrides:
+        section, key, value = parse_override(text)
+        apply_section(getattr(cfg, section), section, {key: value})
+    return cfg.validate()
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
+                size: str | None = None) -> Config:
+    """Read a YAML config (or only a named size) and apply ``section.key=value`` overrides."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    raw = dict(raw)
+    chosen = size or raw.pop("size", "small")
+    raw.pop("size", None)
+    return build_config(chosen, raw, overrides)
+
+
+def config_from_dict(values: dict[str, Any]) -> Config:
+    """Rebuild a Config from :meth:`Config.to_dict` output (checkpoints, exports)."""
+    values = dict(values)
+    return build_config(values.pop("size", "small"), values)

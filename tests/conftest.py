@@ -1,0 +1,23 @@
+"""Test-suite set-up: Triton kernels run on the CPU in Triton's interpreter.
+
+TRITON_INTERPRET must be set before triton is first imported, so it is set here, at collection time.
+Model tests choose the PyTorch reference explicitly (model.*_impl="torch") where they test the model
+and not the kernels, because the interpreter is slow.
+"""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _seed_everything():
+    torch.manual_seed(0)
+    yield
