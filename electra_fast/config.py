@@ -264,6 +264,11 @@ def _coerce(key: str, annotation: Any, value: Any) -> Any:
     if isinstance(annotation, str):
         annotation = eval(annotation, vars(typing))  # from __future__ annotations
     if annotation is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                raise ConfigError(f"{key} expects a number, got {value!r}") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key} expects a number, got {value!r}")
         return float(value)

@@ -1,0 +1,40 @@
+# Two commands on a fresh machine:
+#   make demo   create .venv, install, build the embedded corpus, pretrain a small ELECTRA, export, summarise
+#   make test   create .venv, install, run the test suite
+# CPU machines get the local CPU build of torch (torch==2.13.0); a machine that already has torch keeps it.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+DEMO_DATA := data/default
+DEMO_RUN := runs/demo
+# A downsized ELECTRA-Small that trains for a few minutes on a CPU (the full size wants a GPU).
+DEMO_SETTINGS ?= --set model.num_layers=4 --set model.hidden_size=128 --set model.num_heads=2 \
+	--set model.intermediate_size=512 --set model.generator_fraction=0.5 --set train.global_batch_size=32 \
+	--set train.max_steps=300 --set train.warmup_steps=30 --set train.lr=1e-3 --set train.save_every=100 \
+	--set train.log_every=10 --set data.seq_len=128 --set train.deepspeed_config=configs/deepspeed/zero0.json
+
+.PHONY: install test demo clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# pytest exits 5 when it collects no tests; make treats every non-zero exit as a failure.
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+demo: $(STAMP)
+	$(PY) -m electra_fast.cli prepare --default --out $(DEMO_DATA)
+	$(PY) -m electra_fast.train --config configs/electra-small.yaml --run-dir $(DEMO_RUN) \
+		--set data.path=$(DEMO_DATA) $(DEMO_SETTINGS)
+	$(PY) -m electra_fast.demo $(DEMO_RUN)
+
+clean:
+	rm -rf $(VENV) runs data build *.egg-info

@@ -1,0 +1,127 @@
+import pytest
+import torch
+
+from electra_fast.model import ElectraPretrainingModel
+
+from helpers import random_batch, tiny_config
+
+
+def test_shapes_and_outputs():
+    cfg = tiny_config()
+    model = ElectraPretrainingModel(cfg)
+    input_ids, attention_mask, token_type_ids = random_batch(cfg, batch=3, seq_len=24)
+    out = model(input_ids, attention_mask, token_type_ids)
+    assert out.loss.shape == () and torch.isfinite(out.loss)
+    expected = cfg.objective.gen_weight * out.mlm_loss + cfg.objective.disc_weight * out.disc_loss
+    assert torch.allclose(out.loss.detach(), expected)
+    for key in ("gen_accuracy", "disc_accuracy", "disc_precision", "disc_recall"):
+        assert 0.0 <= out.metrics[key].item() <= 1.0
+    assert model.discriminator_logits(input_ids, attention_mask).shape == (3, 24)
+    assert model.generator_logits(input_ids, attention_mask).shape == (3, 24, cfg.model.vocab_size)
+
+
+def test_embeddings_are_shared_once():
+    cfg = tiny_config()
+    model = ElectraPretrainingModel(cfg)
+    names = [n for n, _ in model.named_parameters()]
+    assert sum("word_embeddings" in n for n in names) == 1
+    assert not any(n.startswith(("generator.embeddings.", "discriminator.embeddings.")) for n in names)
+    # both networks project from the shared embedding width
+    assert not hasattr(model.generator, "embeddings_project")  # tiny: generator width == embedding width
+    assert model.discriminator.embeddings_project.out_features == cfg.model.hidden_size
+    # the shared matrix gets gradient from the generator's MLM head and from both encoders
+    out = model(*random_batch(cfg))
+    grads = torch.autograd.grad(out.loss, [
+        model.embeddings.word_embeddings.weight, model.generator_lm_head_bias])
+    assert all(g.abs().sum() > 0 for g in grads)
+
+
+def test_generator_and_discriminator_sizes():
+    cfg = tiny_config()
+    model = ElectraPretrainingModel(cfg)
+    assert model.generator.hidden_size == cfg.model.generator_hidden_size == 32
+    assert len(model.generator.encoder.layer) == len(model.discriminator.encoder.layer) == cfg.model.num_layers
+    assert model.generator.encoder.layer[0].intermediate.dense.out_features == 4 * 32
+
+
+def test_sequence_longer_than_position_table_is_a_clear_error():
+    cfg = tiny_config()
+    model = ElectraPretrainingModel(cfg)
+    too_long = torch.full((1, cfg.model.max_position_embeddings + 1), 7)
+    with pytest.raises(ValueError, match="longer than the position table"):
+        model(too_long)
+
+
+def test_seeded_forward_is_reproducible():
+    cfg = tiny_config()
+    batch = random_batch(cfg)
+    losses = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        model = ElectraPretrainingModel(cfg)
+        losses.append(model(*batch).loss)
+    assert torch.equal(losses[0], losses[1])
+
+
+def test_padding_does_not_change_real_tokens():
+    cfg = tiny_config("model.dropout=0.0", "model.attention_dropout=0.0")
+    model = ElectraPretrainingModel(cfg).eval()
+    input_ids, attention_mask, token_type_ids = random_batch(cfg, batch=2, seq_len=20, min_len=10)
+    length = int(attention_mask[1].sum())
+    alone = model.discriminator_logits(input_ids[1:, :length], attention_mask[1:, :length], token_type_ids[1:, :length])
+    padded = model.discriminator_logits(input_ids, attention_mask, token_type_ids)[1:, :length]
+    torch.testing.assert_close(alone, padded, atol=1e-5, rtol=1e-5)
+
+
+def test_activation_checkpointing_matches():
+    cfg = tiny_config("model.dropout=0.0", "model.attention_dropout=0.0")
+    batch = random_batch(cfg)
+    results = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        cfg.model.activation_checkpointing = checkpointing
+        model = ElectraPretrainingModel(cfg)
+        loss = model(*batch).loss
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    torch.testing.assert_close(results[0][0], results[1][0])
+    for a, b in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(a, b)
+
+
+def test_packed_layout_matches_padded():
+    """The unpadded (varlen) encoder path gives the padded path's logits and loss."""
+    padded_cfg = tiny_config("model.dropout=0.0", "model.attention_dropout=0.0")
+    packed_cfg = tiny_config("model.dropout=0.0", "model.attention_dropout=0.0", impl="triton")
+    torch.manual_seed(0)
+    padded = ElectraPretrainingModel(padded_cfg)
+    packed = ElectraPretrainingModel(packed_cfg)
+    packed.load_state_dict(padded.state_dict())
+    batch = random_batch(padded_cfg, batch=3, seq_len=16)
+    assert packed._layout(batch[1]).packed and not padded._layout(batch[1]).packed
+    a = padded.discriminator_logits(*batch)
+    b = packed.discriminator_logits(*batch)
+    mask = batch[1].bool()
+    torch.testing.assert_close(a[mask], b[mask], atol=2e-4, rtol=2e-4)
+    torch.testing.assert_close(padded(*batch).disc_loss, packed(*batch).disc_loss, atol=2e-4, rtol=2e-4)
+
+
+def test_tiny_model_learns_within_100_steps():
+    cfg = tiny_config("model.dropout=0.0", "model.attention_dropout=0.0")
+    torch.manual_seed(0)
+    model = ElectraPretrainingModel(cfg)
+    # A learnable toy language: each sequence repeats a short random motif.
+    gen = torch.Generator().manual_seed(0)
+    motifs = torch.randint(5, 40, (16, 4), generator=gen)
+    input_ids = motifs.repeat(1, 8)
+    input_ids[:, 0], input_ids[:, -1] = cfg.model.cls_token_id, cfg.model.sep_token_id
+    attention_mask = torch.ones_like(input_ids)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    losses = []
+    for _ in range(100):
+        out = model(input_ids, attention_mask)
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+        losses.append(out.mlm_loss.item())
+    assert sum(losses[-10:]) / 10 < 0.7 * sum(losses[:10]) / 10
