@@ -143,13 +143,19 @@ class TrainConfig:
     max_nonfinite_steps: int = 5  # consecutive skipped updates before the run stops
     peak_tflops: float = 0.0  # device peak for MFU; 0 = look the device up
     export_at_end: bool = True
+    # Test hook: optimizer steps (1-based) whose loss is made NaN on rank 0, to exercise the skip/abort path.
+    inject_nonfinite_at: list[int] = field(default_factory=list)
 
     def validate(self) -> None:
+        if not isinstance(self.inject_nonfinite_at, list) or not all(
+                isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in self.inject_nonfinite_at):
+            raise ConfigError(f"train.inject_nonfinite_at must be a list of positive step numbers, "
+                              f"got {self.inject_nonfinite_at!r}")
         if self.optimizer not in ("adamw", "lamb"):
             raise ConfigError(f"train.optimizer must be adamw or lamb, got {self.optimizer!r}")
         if self.precision not in ("auto", "bf16", "fp16", "fp32"):
             raise ConfigError(f"train.precision must be auto/bf16/fp16/fp32, got {self.precision!r}")
-        for key in ("global_batch_size", "max_steps", "log_every", "save_every", "keep_last"):
+        for key in ("global_batch_size", "max_steps", "log_every", "save_every", "keep_last", "max_nonfinite_steps"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"train.{key} must be positive, got {getattr(self, key)}")
         if self.micro_batch_size < 0 or self.gradient_accumulation_steps < 0:

@@ -4,24 +4,52 @@ Imports torch and triton only. Every public function runs its Triton kernel on C
 CPU tensors under ``TRITON_INTERPRET=1``) and its ``*_ref`` reference elsewhere.
 """
 
-from .attention import attention, attention_ref, attention_varlen, attention_varlen_ref
+from .attention import (
+    FusedAttention,
+    attention,
+    attention_dropout_mask,
+    attention_ref,
+    attention_varlen,
+    attention_varlen_ref,
+)
 from .bert_padding import index_first_axis, index_put_first_axis, pad_input, unpad_input
-from .disc_head import replaced_token_bce, replaced_token_bce_ref
-from .mlm_head import IGNORE_INDEX, mlm_head_loss, mlm_head_loss_ref
+from .disc_head import (
+    ReplacedTokenBCE,
+    replaced_token_bce,
+    replaced_token_bce_ref,
+    replaced_token_bce_with_stats,
+    replaced_token_bce_with_stats_ref,
+)
+from .mlm_head import IGNORE_INDEX, MLMHeadLoss, mlm_head_loss, mlm_head_loss_ref
+from .bias_gelu import LinearGELU, bias_gelu, bias_gelu_ref
+from .layer_norm import DropoutAddLayerNorm, FusedLayerNorm, layer_norm, layer_norm_ref
 
 __all__ = [
+    "DropoutAddLayerNorm",
+    "FusedLayerNorm",
+    "LinearGELU",
+    "bias_gelu",
+    "bias_gelu_ref",
+    "layer_norm",
+    "layer_norm_ref",
+    "FusedAttention",
     "IGNORE_INDEX",
     "attention",
+    "attention_dropout_mask",
     "attention_ref",
     "attention_varlen",
     "attention_varlen_ref",
     "index_first_axis",
     "index_put_first_axis",
+    "MLMHeadLoss",
     "mlm_head_loss",
     "mlm_head_loss_ref",
     "pad_input",
+    "ReplacedTokenBCE",
     "replaced_token_bce",
     "replaced_token_bce_ref",
+    "replaced_token_bce_with_stats",
+    "replaced_token_bce_with_stats_ref",
     "unpad_input",
 ]
 __version__ = "0.1.0"

@@ -1,69 +1,972 @@
 """Bidirectional (non-causal) attention for encoders, padded and variable-length layouts.
 
-Reading order: Triton kernels -> launchers -> autograd Function -> public functions -> references.
-(The Triton kernels are added by the fused-attention issue; until then the public functions run the
-reference on every device.)
+    out = dropout(softmax(Q·Kᵀ·scale + key_padding)) · V        per (batch, head)
+
+One set of Triton kernels serves both layouts (flash-attention style, Dao et al. 2022/2023):
+
+* padded   q, k, v: (batch, seq, heads, head_dim), optional key_padding_mask (batch, seq) bool;
+* packed   q, k, v: (total_tokens, heads, head_dim) with cu_seqlens (batch + 1,) int32, so that padding
+  costs no work at all (the encoder unpads once with :func:`electra_kernels.unpad_input`).
+
+The forward pass keeps only the output and the per-row log-sum-exp (LSE); the backward pass recomputes
+the probabilities block by block from Q, K and the LSE. No (seq × seq) matrix ever exists in memory:
+
+* ``_attn_fwd_kernel``           one program per (query block, head, sequence); online softmax over
+                                 key blocks in the log2 domain (exp2 is one MUFU instruction);
+* ``_attn_bwd_preprocess_kernel`` delta_i = rowsum(dO_i * O_i)  (= Σ_j P_ij dP_ij, see below);
+* ``_attn_bwd_dkdv_kernel``      one program per key block, loops over query blocks, owns dK and dV;
+* ``_attn_bwd_dq_kernel``        one program per query block, loops over key blocks, owns dQ.
+  Splitting dK/dV from dQ costs one extra Q·Kᵀ recomputation but needs no atomics, so the result is
+  deterministic.
+
+Dropout on the attention probabilities is drawn inside the kernels with Philox (``tl.rand``) from a
+(seed, offset) pair. Element (b, h, i, j) of the keep-mask uses the counter
+``offset + ((b·H + h)·Sq + i)·Sk + j`` with i, j the positions inside the sequence (Sq = Sk = max_seqlen
+for the packed layout), so the forward and both backward kernels regenerate exactly the same mask, and
+the padded and packed layouts of the same batch drop the same probabilities. ``attention_dropout_mask``
+materialises that mask for tests.
+
+Backward math (P = softmax(S), Z = keep / (1 - p) the dropout scaling, O = (P∘Z)·V):
+    dV = (P∘Z)ᵀ·dO,   dP = (dO·Vᵀ)∘Z,   dS = P∘(dP - delta),   delta_i = Σ_j P_ij dP_ij = dO_i·O_i,
+    dQ = scale · dS·K,   dK = scale · dSᵀ·Q.
+
+Dtypes: fp16/bf16 inputs go through the tensor cores with fp32 accumulation; fp32 inputs use exact
+fp32 products (``input_precision="ieee"``, no TF32) — correct but several times slower, meant for
+checks, not for training. Head dims up to 128 (any size; non-powers of two are padded in registers).
+
+Reading order: Triton kernels -> launchers -> torch.library custom ops (autograd, fake) -> public
+functions and ``FusedAttention`` -> references.
 """
 
-from __future__ import annotations
-
 import math
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from ._dispatch import use_triton  # noqa: F401  (used once the Triton path lands)
+from ._dispatch import HAS_TRITON, interpreter_enabled, use_triton
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+LOG2E = 1.4426950408889634  # log2(e): exp(x) = exp2(x * LOG2E)
+LN2 = 0.6931471805599453
+MAX_HEAD_DIM = 128
+
+# Tests set this to True: every output buffer is then allocated full of NaN, so an element a kernel
+# forgets to write fails the comparison instead of silently holding whatever was in memory.
+POISON_OUTPUTS = False
 
 
-def attention(q, k, v, key_padding_mask=None, dropout_p: float = 0.0, softmax_scale=None):
+def _alloc(shape, like: torch.Tensor, dtype=None) -> torch.Tensor:
+    dtype = like.dtype if dtype is None else dtype
+    if POISON_OUTPUTS:
+        return torch.full(shape, float("nan"), dtype=dtype, device=like.device)
+    return torch.empty(shape, dtype=dtype, device=like.device)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Triton kernels
+# ----------------------------------------------------------------------------------------------------
+if HAS_TRITON:
+    _INTERPRET = interpreter_enabled()
+
+    def _configs(space, names):
+        return [triton.Config(dict(zip(names, c[:-2])), num_warps=c[-2], num_stages=c[-1]) for c in space]
+
+    # Candidates: (BLOCK_M, BLOCK_N, num_warps, num_stages). BLOCK_M=128/BLOCK_N=64 with 4-8 warps is the
+    # Hopper sweet spot for d=64 (Triton tutorial 06); BLOCK_M=64 doubles the programs for short
+    # sequences (S=128: B·H programs only with BLOCK_M=128). The interpreter runs a single small
+    # config so the CPU tests stay fast and still cross several block boundaries.
+    _FWD_SPACE = [
+        (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 32, 4, 4),
+        (64, 64, 4, 3), (64, 64, 4, 4), (64, 32, 4, 3),
+    ]
+    # dK/dV: BLOCK_N1 keys stay in registers (two fp32 accumulators) while BLOCK_M1 queries stream by.
+    _DKDV_SPACE = [(32, 128, 4, 3), (32, 128, 8, 3), (64, 128, 8, 3), (32, 64, 4, 3), (64, 64, 4, 3), (16, 64, 4, 4)]
+    # dQ: BLOCK_M2 queries stay, BLOCK_N2 keys stream (the mirror image of dK/dV).
+    _DQ_SPACE = [(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3), (128, 32, 8, 4)]
+
+    if _INTERPRET:
+        _FWD_CONFIGS = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
+        _DKDV_CONFIGS = [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
+        _DQ_CONFIGS = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
+    else:  # pragma: no cover - GPU only
+        _FWD_CONFIGS = _configs(_FWD_SPACE, ("BLOCK_M", "BLOCK_N"))
+        _DKDV_CONFIGS = _configs(_DKDV_SPACE, ("BLOCK_M", "BLOCK_N"))
+        _DQ_CONFIGS = _configs(_DQ_SPACE, ("BLOCK_M", "BLOCK_N"))
+
+    # Triton's interpreter multiplies bf16 operands of tl.dot as their raw uint16 bits (triton 3.9), so
+    # under the interpreter the operands are widened to fp32 first. bf16/fp16 products are exact in
+    # fp32, so this matches the tensor-core result up to summation order.
+    _INTERPRET_DOT_UPCAST = tl.constexpr(_INTERPRET)
+
+    @triton.jit
+    def _mma(a, b, acc, DOT_PRECISION: tl.constexpr):
+        """acc + a·b with fp32 accumulation (acc may be None)."""
+        if _INTERPRET_DOT_UPCAST:
+            return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+        else:
+            return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+    _TUNE_KEY = ["SEQ_BUCKET", "BLOCK_D", "IS_VARLEN", "HAS_KPM", "DROPOUT"]
+
+    def _prune(stationary: str):
+        """Drop configs that cannot pay off for this shape: a stationary block (the one a program
+        keeps in registers) much longer than the sequence only computes masked rows, and 128-wide
+        streamed blocks at head dim 128 overflow shared memory with >2 stages."""
+
+        def prune(configs, named_args, **kwargs):
+            seq_bucket = named_args.get("SEQ_BUCKET", kwargs.get("SEQ_BUCKET"))
+            block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
+            kept = []
+            for cfg in configs:
+                block_m, block_n = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
+                stat = block_m if stationary == "M" else block_n
+                if seq_bucket is not None and stat > max(64, seq_bucket):
+                    continue
+                if block_d is not None and block_d > 64 and max(block_m, block_n) * block_d * cfg.num_stages > 128 * 128 * 3:
+                    continue
+                kept.append(cfg)
+            return kept or configs[:1]
+
+        return {"early_config_prune": prune}
+
+    @triton.jit
+    def _sequence_bounds(CU_SEQLENS, KV_LEN, off_b, seqlen_q, seqlen_k,
+                         IS_VARLEN: tl.constexpr, HAS_KPM: tl.constexpr):
+        """(first token of the sequence, its query rows, its key rows, keys that can be real).
+
+        Packed layout: the sequence is tokens [cu[b], cu[b+1]) and query rows == key rows.
+        Padded layout: rows start at 0; with a key-padding mask, KV_LEN[b] is one past the last real
+        key, so the trailing padding (the usual right padding) is skipped without any work.
+        """
+        if IS_VARLEN:
+            seq_start = tl.load(CU_SEQLENS + off_b).to(tl.int64)
+            rows_q = (tl.load(CU_SEQLENS + off_b + 1) - seq_start).to(tl.int32)
+            rows_k = rows_q
+            live_k = rows_q
+        else:
+            seq_start = tl.zeros([], dtype=tl.int64)
+            rows_q = seqlen_q
+            rows_k = seqlen_k
+            if HAS_KPM:
+                live_k = tl.load(KV_LEN + off_b)
+            else:
+                live_k = seqlen_k
+        return seq_start, rows_q, rows_k, live_k
+
+    @triton.jit
+    def _keep_mask(seed, rng_base, rows, cols, rng_stride_m, dropout_p):
+        # rows/cols are positions inside the sequence; see the module docstring for the counter.
+        rng_offs = rng_base + (rows * rng_stride_m + cols)
+        return tl.rand(seed, rng_offs) >= dropout_p
+
+    @triton.jit
+    def _attn_fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, kpm_ptr, lo, hi, live_k,
+                        offs_m, offs_n, offs_d, stride_kn, stride_vn,
+                        qk_scale, dropout_p, seed, rng_base, rng_stride_m,
+                        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BOUNDARY: tl.constexpr, HAS_KPM: tl.constexpr, DROPOUT: tl.constexpr,
+                        DOT_PRECISION: tl.constexpr):
+        EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
+        d_ok = offs_d < HEAD_DIM
+        for start_n in range(lo, hi, BLOCK_N):
+            cols = start_n + offs_n
+            if BOUNDARY:
+                kv_mask = (cols < live_k)[:, None] & d_ok[None, :]
+                k = tl.load(k_ptrs + start_n * stride_kn, mask=kv_mask, other=0.0)
+                v = tl.load(v_ptrs + start_n * stride_vn, mask=kv_mask, other=0.0)
+            elif EVEN_D:
+                k = tl.load(k_ptrs + start_n * stride_kn)
+                v = tl.load(v_ptrs + start_n * stride_vn)
+            else:
+                k = tl.load(k_ptrs + start_n * stride_kn, mask=d_ok[None, :], other=0.0)
+                v = tl.load(v_ptrs + start_n * stride_vn, mask=d_ok[None, :], other=0.0)
+            qk = _mma(q, tl.trans(k), None, DOT_PRECISION)
+            if HAS_KPM:
+                key_ok = tl.load(kpm_ptr + cols, mask=cols < live_k, other=0) != 0
+                qk = tl.where(key_ok[None, :], qk, float("-inf"))
+            elif BOUNDARY:
+                qk = tl.where((cols < live_k)[None, :], qk, float("-inf"))
+            # Online softmax in the log2 domain: m is the running max of scale·log2(e)·qk.
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+            if HAS_KPM:
+                # A row whose keys so far are all padding has m = -inf; subtracting 0 instead keeps
+                # exp2(-inf) = 0 rather than exp2(-inf + inf) = NaN.
+                m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+            else:
+                m_sub = m_new
+            p = tl.math.exp2(qk * qk_scale - m_sub[:, None])
+            alpha = tl.math.exp2(m_i - m_sub)
+            # The normaliser sums the probabilities *before* dropout (dropout acts on softmax(S)).
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None]
+            if DROPOUT:
+                keep = _keep_mask(seed, rng_base, offs_m[:, None], cols[None, :], rng_stride_m, dropout_p)
+                p = tl.where(keep, p, 0.0)  # the 1/(1-p) rescale is applied once, at the end
+            acc = _mma(p.to(v.dtype), v, acc, DOT_PRECISION)
+            m_i = m_new
+        return acc, l_i, m_i
+
+    @triton.autotune(configs=_FWD_CONFIGS, key=_TUNE_KEY, prune_configs_by=_prune("M"))
+    @triton.jit(do_not_specialize=["seqlen_q", "seqlen_k", "seed", "rng_offset", "rng_stride_m", "rng_stride_bh"])
+    def _attn_fwd_kernel(
+        Q, K, V, Out, LSE, CU_SEQLENS, KV_LEN, KPM,
+        stride_qb, stride_qm, stride_qh,
+        stride_kb, stride_kn, stride_kh,
+        stride_vb, stride_vn, stride_vh,
+        stride_ob, stride_om, stride_oh,
+        stride_lb, stride_lh, stride_kpmb,
+        n_heads, seqlen_q, seqlen_k, qk_scale, dropout_p, seed, rng_offset, rng_stride_m, rng_stride_bh,
+        SEQ_BUCKET,  # autotune key only: next power of two of the longest sequence
+        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+        IS_VARLEN: tl.constexpr, HAS_KPM: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):
+        tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and BLOCK_D >= 16, "tl.dot needs every dim >= 16")
+        start_m = tl.program_id(0) * BLOCK_M
+        off_h = tl.program_id(1)
+        off_b = tl.program_id(2)
+        seq_start, rows_q, rows_k, live_k = _sequence_bounds(
+            CU_SEQLENS, KV_LEN, off_b, seqlen_q, seqlen_k, IS_VARLEN, HAS_KPM)
+        if start_m >= rows_q:
+            return  # packed layout: this sequence is shorter than max_seqlen
+
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        d_ok = offs_d < HEAD_DIM
+        row_ok = offs_m < rows_q
+        b64 = off_b.to(tl.int64)
+        h64 = off_h.to(tl.int64)
+
+        q_ptrs = (Q + b64 * stride_qb + h64 * stride_qh + (seq_start + offs_m[:, None]) * stride_qm
+                  + offs_d[None, :])
+        k_ptrs = (K + b64 * stride_kb + h64 * stride_kh + (seq_start + offs_n[:, None]) * stride_kn
+                  + offs_d[None, :])
+        v_ptrs = (V + b64 * stride_vb + h64 * stride_vh + (seq_start + offs_n[:, None]) * stride_vn
+                  + offs_d[None, :])
+        kpm_ptr = KPM + b64 * stride_kpmb
+        rng_base = (b64 * n_heads + h64) * rng_stride_bh + rng_offset
+
+        q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+        # Full key blocks without bounds checks, then the one ragged block with them.
+        full_end = (live_k // BLOCK_N) * BLOCK_N
+        acc, l_i, m_i = _attn_fwd_inner(
+            acc, l_i, m_i, q, k_ptrs, v_ptrs, kpm_ptr, 0, full_end, live_k,
+            offs_m, offs_n, offs_d, stride_kn, stride_vn, qk_scale, dropout_p, seed, rng_base, rng_stride_m,
+            HEAD_DIM, BLOCK_D, BLOCK_N, False, HAS_KPM, DROPOUT, DOT_PRECISION)
+        acc, l_i, m_i = _attn_fwd_inner(
+            acc, l_i, m_i, q, k_ptrs, v_ptrs, kpm_ptr, full_end, live_k, live_k,
+            offs_m, offs_n, offs_d, stride_kn, stride_vn, qk_scale, dropout_p, seed, rng_base, rng_stride_m,
+            HEAD_DIM, BLOCK_D, BLOCK_N, True, HAS_KPM, DROPOUT, DOT_PRECISION)
+
+        # A row with no real key (l = 0) gets output 0 and LSE -inf, like the reference.
+        l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+        inv_l = 1.0 / l_safe
+        if DROPOUT:
+            inv_l = inv_l / (1.0 - dropout_p)
+        out = acc * inv_l[:, None]
+        lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453  # back to natural log: ln(Σ exp(scale·qk))
+
+        o_ptrs = (Out + b64 * stride_ob + h64 * stride_oh + (seq_start + offs_m[:, None]) * stride_om
+                  + offs_d[None, :])
+        tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+        tl.store(LSE + b64 * stride_lb + h64 * stride_lh + seq_start + offs_m, lse, mask=row_ok)
+
+    @triton.jit
+    def _attn_bwd_preprocess_kernel(
+        Out, DO, Delta, CU_SEQLENS,
+        stride_ob, stride_om, stride_oh, stride_dob, stride_dom, stride_doh, stride_lb, stride_lh,
+        seqlen_q,
+        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, IS_VARLEN: tl.constexpr, BLOCK_M: tl.constexpr,
+    ):
+        """delta_i = Σ_d O_id · dO_id in fp32, laid out like the LSE."""
+        start_m = tl.program_id(0) * BLOCK_M
+        off_h = tl.program_id(1).to(tl.int64)
+        off_b = tl.program_id(2).to(tl.int64)
+        if IS_VARLEN:
+            seq_start = tl.load(CU_SEQLENS + off_b).to(tl.int64)
+            rows_q = (tl.load(CU_SEQLENS + off_b + 1) - seq_start).to(tl.int32)
+        else:
+            seq_start = tl.zeros([], dtype=tl.int64)
+            rows_q = seqlen_q
+        if start_m >= rows_q:
+            return
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        mask = (offs_m < rows_q)[:, None] & (offs_d < HEAD_DIM)[None, :]
+        rows = seq_start + offs_m[:, None]
+        o = tl.load(Out + off_b * stride_ob + off_h * stride_oh + rows * stride_om + offs_d[None, :],
+                    mask=mask, other=0.0).to(tl.float32)
+        do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + rows * stride_dom + offs_d[None, :],
+                     mask=mask, other=0.0).to(tl.float32)
+        tl.store(Delta + off_b * stride_lb + off_h * stride_lh + seq_start + offs_m, tl.sum(o * do, 1),
+                 mask=offs_m < rows_q)
+
+    @triton.jit
+    def _load_lse2(LSE_row_ptr, rows, rows_q):
+        # LSE in log2 units; a row without any real key (LSE = -inf) becomes +inf so that
+        # P = exp2(s - lse2) = 0 for it instead of NaN.
+        lse = tl.load(LSE_row_ptr + rows, mask=rows < rows_q, other=0.0)
+        return tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+
+    @triton.jit
+    def _attn_bwd_dkdv_inner(dk, dv, k, v, key_ok, q_ptrs, do_ptrs, lse_ptr, delta_ptr, lo, hi, rows_q,
+                             offs_m, offs_n, offs_d, stride_qm, stride_dom,
+                             qk_scale, dropout_p, seed, rng_base, rng_stride_m,
+                             HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                             BOUNDARY: tl.constexpr, HAS_KPM: tl.constexpr, DROPOUT: tl.constexpr,
+                             DOT_PRECISION: tl.constexpr):
+        EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
+        d_ok = offs_d < HEAD_DIM
+        for start_m in range(lo, hi, BLOCK_M):
+            rows = start_m + offs_m
+            # Qᵀ is loaded transposed straight from memory: (BLOCK_D, BLOCK_M).
+            if BOUNDARY:
+                r_ok = rows < rows_q
+                qT = tl.load(q_ptrs + start_m * stride_qm, mask=d_ok[:, None] & r_ok[None, :], other=0.0)
+                do = tl.load(do_ptrs + start_m * stride_dom, mask=r_ok[:, None] & d_ok[None, :], other=0.0)
+            elif EVEN_D:
+                qT = tl.load(q_ptrs + start_m * stride_qm)
+                do = tl.load(do_ptrs + start_m * stride_dom)
+            else:
+                qT = tl.load(q_ptrs + start_m * stride_qm, mask=d_ok[:, None], other=0.0)
+                do = tl.load(do_ptrs + start_m * stride_dom, mask=d_ok[None, :], other=0.0)
+            lse2 = _load_lse2(lse_ptr, rows, rows_q)
+            delta = tl.load(delta_ptr + rows, mask=rows < rows_q, other=0.0)
+            # Rows past the sequence load q = dO = 0, lse2 = delta = 0: they add exactly zero below.
+            qkT = _mma(k, qT, None, DOT_PRECISION)  # (BLOCK_N, BLOCK_M)
+            pT = tl.math.exp2(qkT * qk_scale - lse2[None, :])
+            if HAS_KPM:
+                pT = tl.where(key_ok[:, None], pT, 0.0)
+            dpT = _mma(v, tl.trans(do), None, DOT_PRECISION)
+            if DROPOUT:
+                keep = _keep_mask(seed, rng_base, rows[None, :], offs_n[:, None], rng_stride_m, dropout_p)
+                scale_keep = 1.0 / (1.0 - dropout_p)
+                pT_drop = tl.where(keep, pT * scale_keep, 0.0)
+                dpT = tl.where(keep, dpT * scale_keep, 0.0)
+            else:
+                pT_drop = pT
+            dv = _mma(pT_drop.to(do.dtype), do, dv, DOT_PRECISION)
+            dsT = pT * (dpT - delta[None, :])
+            dk = _mma(dsT.to(qT.dtype), tl.trans(qT), dk, DOT_PRECISION)
+        return dk, dv
+
+    @triton.autotune(configs=_DKDV_CONFIGS, key=_TUNE_KEY, prune_configs_by=_prune("N"))
+    @triton.jit(do_not_specialize=["seqlen_q", "seqlen_k", "seed", "rng_offset", "rng_stride_m", "rng_stride_bh"])
+    def _attn_bwd_dkdv_kernel(
+        Q, K, V, DO, LSE, Delta, DK, DV, CU_SEQLENS, KV_LEN, KPM,
+        stride_qb, stride_qm, stride_qh,
+        stride_kb, stride_kn, stride_kh,
+        stride_vb, stride_vn, stride_vh,
+        stride_dob, stride_dom, stride_doh,
+        stride_dkb, stride_dkn, stride_dkh,
+        stride_dvb, stride_dvn, stride_dvh,
+        stride_lb, stride_lh, stride_kpmb,
+        n_heads, seqlen_q, seqlen_k, sm_scale, qk_scale, dropout_p, seed, rng_offset, rng_stride_m, rng_stride_bh,
+        SEQ_BUCKET,
+        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+        IS_VARLEN: tl.constexpr, HAS_KPM: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):
+        tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and BLOCK_D >= 16, "tl.dot needs every dim >= 16")
+        start_n = tl.program_id(0) * BLOCK_N
+        off_h = tl.program_id(1)
+        off_b = tl.program_id(2)
+        seq_start, rows_q, rows_k, live_k = _sequence_bounds(
+            CU_SEQLENS, KV_LEN, off_b, seqlen_q, seqlen_k, IS_VARLEN, HAS_KPM)
+        if start_n >= rows_k:
+            return
+
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        offs_m = tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        d_ok = offs_d < HEAD_DIM
+        kv_mask = (offs_n < rows_k)[:, None] & d_ok[None, :]
+        b64 = off_b.to(tl.int64)
+        h64 = off_h.to(tl.int64)
+        kv_rows = seq_start + offs_n[:, None]
+        k = tl.load(K + b64 * stride_kb + h64 * stride_kh + kv_rows * stride_kn + offs_d[None, :],
+                    mask=kv_mask, other=0.0)
+        v = tl.load(V + b64 * stride_vb + h64 * stride_vh + kv_rows * stride_vn + offs_d[None, :],
+                    mask=kv_mask, other=0.0)
+        if HAS_KPM:
+            key_ok = tl.load(KPM + b64 * stride_kpmb + offs_n, mask=offs_n < rows_k, other=0) != 0
+        else:
+            key_ok = offs_n < rows_k
+
+        q_ptrs = Q + b64 * stride_qb + h64 * stride_qh + (seq_start + offs_m[None, :]) * stride_qm + offs_d[:, None]
+        do_ptrs = DO + b64 * stride_dob + h64 * stride_doh + (seq_start + offs_m[:, None]) * stride_dom + offs_d[None, :]
+        lse_ptr = LSE + b64 * stride_lb + h64 * stride_lh + seq_start
+        delta_ptr = Delta + b64 * stride_lb + h64 * stride_lh + seq_start
+        rng_base = (b64 * n_heads + h64) * rng_stride_bh + rng_offset
+
+        dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        # Key blocks that hold only trailing padding get no probability mass: dK = dV = 0, no loop.
+        q_hi = tl.where(start_n < live_k, rows_q, 0)
+        full_end = (q_hi // BLOCK_M) * BLOCK_M
+        dk, dv = _attn_bwd_dkdv_inner(
+            dk, dv, k, v, key_ok, q_ptrs, do_ptrs, lse_ptr, delta_ptr, 0, full_end, rows_q,
+            offs_m, offs_n, offs_d, stride_qm, stride_dom, qk_scale, dropout_p, seed, rng_base, rng_stride_m,
+            HEAD_DIM, BLOCK_D, BLOCK_M, False, HAS_KPM, DROPOUT, DOT_PRECISION)
+        dk, dv = _attn_bwd_dkdv_inner(
+            dk, dv, k, v, key_ok, q_ptrs, do_ptrs, lse_ptr, delta_ptr, full_end, q_hi, rows_q,
+            offs_m, offs_n, offs_d, stride_qm, stride_dom, qk_scale, dropout_p, seed, rng_base, rng_stride_m,
+            HEAD_DIM, BLOCK_D, BLOCK_M, True, HAS_KPM, DROPOUT, DOT_PRECISION)
+        dk = dk * sm_scale
+
+        tl.store(DK + b64 * stride_dkb + h64 * stride_dkh + kv_rows * stride_dkn + offs_d[None, :],
+                 dk.to(DK.dtype.element_ty), mask=kv_mask)
+        tl.store(DV + b64 * stride_dvb + h64 * stride_dvh + kv_rows * stride_dvn + offs_d[None, :],
+                 dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+    @triton.jit
+    def _attn_bwd_dq_inner(dq, q, do, lse2, delta, k_ptrs, v_ptrs, kpm_ptr, lo, hi, live_k,
+                           offs_m, offs_n, offs_d, stride_kn, stride_vn,
+                           qk_scale, dropout_p, seed, rng_base, rng_stride_m,
+                           HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                           BOUNDARY: tl.constexpr, HAS_KPM: tl.constexpr, DROPOUT: tl.constexpr,
+                           DOT_PRECISION: tl.constexpr):
+        EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
+        d_ok = offs_d < HEAD_DIM
+        for start_n in range(lo, hi, BLOCK_N):
+            cols = start_n + offs_n
+            # Kᵀ and Vᵀ loaded transposed: (BLOCK_D, BLOCK_N).
+            if BOUNDARY:
+                kv_mask = d_ok[:, None] & (cols < live_k)[None, :]
+                kT = tl.load(k_ptrs + start_n * stride_kn, mask=kv_mask, other=0.0)
+                vT = tl.load(v_ptrs + start_n * stride_vn, mask=kv_mask, other=0.0)
+            elif EVEN_D:
+                kT = tl.load(k_ptrs + start_n * stride_kn)
+                vT = tl.load(v_ptrs + start_n * stride_vn)
+            else:
+                kT = tl.load(k_ptrs + start_n * stride_kn, mask=d_ok[:, None], other=0.0)
+                vT = tl.load(v_ptrs + start_n * stride_vn, mask=d_ok[:, None], other=0.0)
+            qk = _mma(q, kT, None, DOT_PRECISION)
+            p = tl.math.exp2(qk * qk_scale - lse2[:, None])
+            if HAS_KPM:
+                key_ok = tl.load(kpm_ptr + cols, mask=cols < live_k, other=0) != 0
+                p = tl.where(key_ok[None, :], p, 0.0)
+            elif BOUNDARY:
+                p = tl.where((cols < live_k)[None, :], p, 0.0)
+            dp = _mma(do, vT, None, DOT_PRECISION)
+            if DROPOUT:
+                keep = _keep_mask(seed, rng_base, offs_m[:, None], cols[None, :], rng_stride_m, dropout_p)
+                dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
+            ds = p * (dp - delta[:, None])
+            dq = _mma(ds.to(kT.dtype), tl.trans(kT), dq, DOT_PRECISION)
+        return dq
+
+    @triton.autotune(configs=_DQ_CONFIGS, key=_TUNE_KEY, prune_configs_by=_prune("M"))
+    @triton.jit(do_not_specialize=["seqlen_q", "seqlen_k", "seed", "rng_offset", "rng_stride_m", "rng_stride_bh"])
+    def _attn_bwd_dq_kernel(
+        Q, K, V, DO, LSE, Delta, DQ, CU_SEQLENS, KV_LEN, KPM,
+        stride_qb, stride_qm, stride_qh,
+        stride_kb, stride_kn, stride_kh,
+        stride_vb, stride_vn, stride_vh,
+        stride_dob, stride_dom, stride_doh,
+        stride_dqb, stride_dqm, stride_dqh,
+        stride_lb, stride_lh, stride_kpmb,
+        n_heads, seqlen_q, seqlen_k, sm_scale, qk_scale, dropout_p, seed, rng_offset, rng_stride_m, rng_stride_bh,
+        SEQ_BUCKET,
+        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+        IS_VARLEN: tl.constexpr, HAS_KPM: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):
+        tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and BLOCK_D >= 16, "tl.dot needs every dim >= 16")
+        start_m = tl.program_id(0) * BLOCK_M
+        off_h = tl.program_id(1)
+        off_b = tl.program_id(2)
+        seq_start, rows_q, rows_k, live_k = _sequence_bounds(
+            CU_SEQLENS, KV_LEN, off_b, seqlen_q, seqlen_k, IS_VARLEN, HAS_KPM)
+        if start_m >= rows_q:
+            return
+
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        d_ok = offs_d < HEAD_DIM
+        row_ok = offs_m < rows_q
+        qo_mask = row_ok[:, None] & d_ok[None, :]
+        b64 = off_b.to(tl.int64)
+        h64 = off_h.to(tl.int64)
+        rows = seq_start + offs_m[:, None]
+        q = tl.load(Q + b64 * stride_qb + h64 * stride_qh + rows * stride_qm + offs_d[None, :],
+                    mask=qo_mask, other=0.0)
+        do = tl.load(DO + b64 * stride_dob + h64 * stride_doh + rows * stride_dom + offs_d[None, :],
+                     mask=qo_mask, other=0.0)
+        lse2 = _load_lse2(LSE + b64 * stride_lb + h64 * stride_lh + seq_start, offs_m, rows_q)
+        delta = tl.load(Delta + b64 * stride_lb + h64 * stride_lh + seq_start + offs_m, mask=row_ok, other=0.0)
+
+        k_ptrs = K + b64 * stride_kb + h64 * stride_kh + (seq_start + offs_n[None, :]) * stride_kn + offs_d[:, None]
+        v_ptrs = V + b64 * stride_vb + h64 * stride_vh + (seq_start + offs_n[None, :]) * stride_vn + offs_d[:, None]
+        kpm_ptr = KPM + b64 * stride_kpmb
+        rng_base = (b64 * n_heads + h64) * rng_stride_bh + rng_offset
+
+        dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        full_end = (live_k // BLOCK_N) * BLOCK_N
+        dq = _attn_bwd_dq_inner(
+            dq, q, do, lse2, delta, k_ptrs, v_ptrs, kpm_ptr, 0, full_end, live_k,
+            offs_m, offs_n, offs_d, stride_kn, stride_vn, qk_scale, dropout_p, seed, rng_base, rng_stride_m,
+            HEAD_DIM, BLOCK_D, BLOCK_N, False, HAS_KPM, DROPOUT, DOT_PRECISION)
+        dq = _attn_bwd_dq_inner(
+            dq, q, do, lse2, delta, k_ptrs, v_ptrs, kpm_ptr, full_end, live_k, live_k,
+            offs_m, offs_n, offs_d, stride_kn, stride_vn, qk_scale, dropout_p, seed, rng_base, rng_stride_m,
+            HEAD_DIM, BLOCK_D, BLOCK_N, True, HAS_KPM, DROPOUT, DOT_PRECISION)
+        dq = dq * sm_scale
+        tl.store(DQ + b64 * stride_dqb + h64 * stride_dqh + rows * stride_dqm + offs_d[None, :],
+                 dq.to(DQ.dtype.element_ty), mask=qo_mask)
+
+    @triton.jit(do_not_specialize=["seed", "rng_offset"])
+    def _dropout_mask_kernel(Mask, seqlen_q, seqlen_k, dropout_p, seed, rng_offset,
+                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """Writes the keep-mask the attention kernels use, (batch·heads, Sq, Sk) uint8 (1 = keep)."""
+        offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        off_bh = tl.program_id(1).to(tl.int64)
+        rng_base = off_bh * seqlen_q * seqlen_k + rng_offset
+        for start_n in range(0, seqlen_k, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            keep = _keep_mask(seed, rng_base, offs_m[:, None], offs_n[None, :], seqlen_k, dropout_p)
+            ptrs = Mask + rng_base - rng_offset + offs_m[:, None] * seqlen_k + offs_n[None, :]
+            tl.store(ptrs, keep.to(tl.uint8), mask=(offs_m < seqlen_q)[:, None] & (offs_n < seqlen_k)[None, :])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------------
+class _Layout:
+    """Strides and sizes the kernels need, for either layout.
+
+    Padded (B, S, H, D): batch stride is real, rows start at 0. Packed (T, H, D): batch stride 0, the
+    first row of sequence b is cu_seqlens[b]. The LSE/delta is (B, H, S) padded, (H, T) packed.
+    """
+
+    def __init__(self, q, k, cu_seqlens, max_seqlen):
+        self.is_varlen = cu_seqlens is not None
+        if self.is_varlen:
+            self.batch = cu_seqlens.shape[0] - 1
+            self.heads = q.shape[1]
+            self.seqlen_q = self.seqlen_k = int(max_seqlen)
+            self.lse_shape = (q.shape[1], q.shape[0])
+        else:
+            self.batch, self.seqlen_q, self.heads = q.shape[0], q.shape[1], q.shape[2]
+            self.seqlen_k = k.shape[1]
+            self.lse_shape = (self.batch, self.heads, self.seqlen_q)
+        self.head_dim = q.shape[-1]
+        self.block_d = max(16, triton.next_power_of_2(self.head_dim))
+        self.seq_bucket = triton.next_power_of_2(max(self.seqlen_q, self.seqlen_k, 16))
+
+    def strides(self, t):
+        """(batch, row, head) strides."""
+        if self.is_varlen:
+            return 0, t.stride(0), t.stride(1)
+        return t.stride(0), t.stride(1), t.stride(2)
+
+    def lse_strides(self, lse):
+        if self.is_varlen:
+            return 0, lse.stride(0)
+        return lse.stride(0), lse.stride(1)
+
+
+def _dot_precision(dtype):
+    # fp32 inputs: exact fp32 products; TF32 would lose 3 decimal digits relative to the reference.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _last_dim_contiguous(t):
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _key_padding_args(key_padding_mask, layout, device):
+    """uint8 view of the mask and, per batch element, one past the position of its last real key."""
+    if key_padding_mask is None:
+        dummy = torch.empty(1, dtype=torch.int32, device=device)
+        return dummy, dummy, 0
+    kpm = key_padding_mask
+    if kpm.dtype != torch.bool:
+        kpm = kpm != 0
+    kpm = kpm.contiguous().view(torch.uint8)
+    positions = torch.arange(1, kpm.shape[1] + 1, device=device, dtype=torch.int32)
+    kv_len = (kpm.to(torch.int32) * positions).amax(dim=1).to(torch.int32)
+    return kpm, kv_len, kpm.stride(0)
+
+
+def _scale(softmax_scale, head_dim):
+    return float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
+
+
+def attention_forward(q, k, v, key_padding_mask=None, cu_seqlens=None, max_seqlen=None,
+                      dropout_p: float = 0.0, softmax_scale=None, seed: int = 0, rng_offset: int = 0):
+    """Launch the forward kernel. Returns (out like q, lse fp32: (B, H, S) padded / (H, T) packed).
+
+    Inputs are assumed checked by the public functions (same dtype/device, head_dim <= 128).
+    """
+    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    layout = _Layout(q, k, cu_seqlens, max_seqlen)
+    out = _alloc(q.shape, q)
+    lse = _alloc(layout.lse_shape, q, torch.float32)
+    if q.numel() == 0:
+        return out.zero_(), lse.fill_(float("-inf"))
+    kpm, kv_len, stride_kpmb = _key_padding_args(key_padding_mask, layout, q.device)
+    cu = cu_seqlens if cu_seqlens is not None else kv_len
+    scale = _scale(softmax_scale, layout.head_dim)
+    rng_stride_m = layout.seqlen_k
+
+    def grid(meta):
+        return (triton.cdiv(layout.seqlen_q, meta["BLOCK_M"]), layout.heads, layout.batch)
+
+    _attn_fwd_kernel[grid](
+        q, k, v, out, lse, cu, kv_len, kpm,
+        *layout.strides(q), *layout.strides(k), *layout.strides(v), *layout.strides(out),
+        *layout.lse_strides(lse), stride_kpmb,
+        layout.heads, layout.seqlen_q, layout.seqlen_k, scale * LOG2E, float(dropout_p), int(seed), int(rng_offset),
+        rng_stride_m, layout.seqlen_q * layout.seqlen_k,
+        layout.seq_bucket,
+        HEAD_DIM=layout.head_dim, BLOCK_D=layout.block_d,
+        IS_VARLEN=layout.is_varlen, HAS_KPM=key_padding_mask is not None, DROPOUT=dropout_p > 0.0,
+        DOT_PRECISION=_dot_precision(q.dtype),
+    )
+    return out, lse
+
+
+def attention_backward(dout, q, k, v, out, lse, key_padding_mask=None, cu_seqlens=None, max_seqlen=None,
+                       dropout_p: float = 0.0, softmax_scale=None, seed: int = 0, rng_offset: int = 0):
+    """Launch the three backward kernels. Returns (dq, dk, dv) shaped and typed like q, k, v."""
+    q, k, v, out, dout = (_last_dim_contiguous(t) for t in (q, k, v, out, dout))
+    layout = _Layout(q, k, cu_seqlens, max_seqlen)
+    dq, dk, dv = _alloc(q.shape, q), _alloc(k.shape, k), _alloc(v.shape, v)
+    if q.numel() == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    delta = _alloc(layout.lse_shape, q, torch.float32)
+    kpm, kv_len, stride_kpmb = _key_padding_args(key_padding_mask, layout, q.device)
+    cu = cu_seqlens if cu_seqlens is not None else kv_len
+    scale = _scale(softmax_scale, layout.head_dim)
+    common = dict(HEAD_DIM=layout.head_dim, BLOCK_D=layout.block_d, IS_VARLEN=layout.is_varlen)
+
+    pre_block = 64
+    _attn_bwd_preprocess_kernel[(triton.cdiv(layout.seqlen_q, pre_block), layout.heads, layout.batch)](
+        out, dout, delta, cu, *layout.strides(out), *layout.strides(dout), *layout.lse_strides(delta),
+        layout.seqlen_q, BLOCK_M=pre_block, num_warps=4, **common,
+    )
+    scalars = (layout.heads, layout.seqlen_q, layout.seqlen_k, scale, scale * LOG2E, float(dropout_p),
+               int(seed), int(rng_offset), layout.seqlen_k, layout.seqlen_q * layout.seqlen_k, layout.seq_bucket)
+    flags = dict(common, HAS_KPM=key_padding_mask is not None, DROPOUT=dropout_p > 0.0,
+                 DOT_PRECISION=_dot_precision(q.dtype))
+
+    def grid_k(meta):
+        return (triton.cdiv(layout.seqlen_k, meta["BLOCK_N"]), layout.heads, layout.batch)
+
+    _attn_bwd_dkdv_kernel[grid_k](
+        q, k, v, dout, lse, delta, dk, dv, cu, kv_len, kpm,
+        *layout.strides(q), *layout.strides(k), *layout.strides(v), *layout.strides(dout),
+        *layout.strides(dk), *layout.strides(dv), *layout.lse_strides(lse), stride_kpmb,
+        *scalars, **flags,
+    )
+
+    def grid_q(meta):
+        return (triton.cdiv(layout.seqlen_q, meta["BLOCK_M"]), layout.heads, layout.batch)
+
+    _attn_bwd_dq_kernel[grid_q](
+        q, k, v, dout, lse, delta, dq, cu, kv_len, kpm,
+        *layout.strides(q), *layout.strides(k), *layout.strides(v), *layout.strides(dout),
+        *layout.strides(dq), *layout.lse_strides(lse), stride_kpmb,
+        *scalars, **flags,
+    )
+    return dq, dk, dv
+
+
+def attention_dropout_mask(batch: int, heads: int, seqlen_q: int, seqlen_k: int, dropout_p: float,
+                           seed: int, rng_offset: int = 0, device="cuda") -> torch.Tensor:
+    """The keep-mask (batch, heads, seqlen_q, seqlen_k) bool the kernels apply for (seed, rng_offset).
+
+    For the packed layout, seqlen_q = seqlen_k = max_seqlen and [b, h, i, j] is the pair of tokens
+    i, j inside sequence b. Materialises B·H·S² bytes: for tests and debugging only.
+    """
+    mask = torch.empty((batch, heads, seqlen_q, seqlen_k), dtype=torch.uint8, device=device)
+    if mask.numel() == 0:
+        return mask.view(torch.bool)
+    block = 32
+    _dropout_mask_kernel[(triton.cdiv(seqlen_q, block), batch * heads)](
+        mask, seqlen_q, seqlen_k, float(dropout_p), int(seed), int(rng_offset), BLOCK_M=block, BLOCK_N=block,
+    )
+    return mask.view(torch.bool)
+
+
+# ----------------------------------------------------------------------------------------------------
+# torch.library custom ops: opaque to torch.compile (fake implementations give the output metadata),
+# differentiable through register_autograd. The dropout seed is a 1-element int64 CPU tensor, so a
+# compiled graph neither specialises on it nor breaks on .item(); reading it on the host is free.
+# ----------------------------------------------------------------------------------------------------
+_FWD_SCHEMA = ("(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, Tensor? cu_seqlens, int max_seqlen, "
+               "float dropout_p, float softmax_scale, Tensor? rng_seed, int rng_offset) -> (Tensor, Tensor)")
+_BWD_SCHEMA = ("(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? key_padding_mask, "
+               "Tensor? cu_seqlens, int max_seqlen, float dropout_p, float softmax_scale, Tensor? rng_seed, "
+               "int rng_offset) -> (Tensor, Tensor, Tensor)")
+
+
+def _seed_value(rng_seed) -> int:
+    return int(rng_seed.item()) if rng_seed is not None else 0
+
+
+@torch.library.custom_op("electra_kernels::attention_fwd", mutates_args=(), schema=_FWD_SCHEMA)
+def _attention_fwd_op(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, dropout_p, softmax_scale, rng_seed,
+                      rng_offset):
+    return attention_forward(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, dropout_p, softmax_scale,
+                             _seed_value(rng_seed), rng_offset)
+
+
+@_attention_fwd_op.register_fake
+def _attention_fwd_fake(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, dropout_p, softmax_scale, rng_seed,
+                        rng_offset):
+    if cu_seqlens is not None:
+        lse_shape = (q.shape[1], q.shape[0])
+    else:
+        lse_shape = (q.shape[0], q.shape[2], q.shape[1])
+    return q.new_empty(q.shape), q.new_empty(lse_shape, dtype=torch.float32)
+
+
+@torch.library.custom_op("electra_kernels::attention_bwd", mutates_args=(), schema=_BWD_SCHEMA)
+def _attention_bwd_op(dout, q, k, v, out, lse, key_padding_mask, cu_seqlens, max_seqlen, dropout_p, softmax_scale,
+                      rng_seed, rng_offset):
+    return attention_backward(dout, q, k, v, out, lse, key_padding_mask, cu_seqlens, max_seqlen, dropout_p,
+                              softmax_scale, _seed_value(rng_seed), rng_offset)
+
+
+@_attention_bwd_op.register_fake
+def _attention_bwd_fake(dout, q, k, v, out, lse, key_padding_mask, cu_seqlens, max_seqlen, dropout_p,
+                        softmax_scale, rng_seed, rng_offset):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _attention_setup_context(ctx, inputs, output):
+    q, k, v, key_padding_mask, cu_seqlens, max_seqlen, dropout_p, softmax_scale, rng_seed, rng_offset = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, key_padding_mask, cu_seqlens, rng_seed)
+    ctx.max_seqlen, ctx.dropout_p, ctx.softmax_scale, ctx.rng_offset = max_seqlen, dropout_p, softmax_scale, rng_offset
+
+
+def _attention_backward(ctx, dout, dlse):
+    # The LSE is an auxiliary output for the backward pass; no gradient flows through it.
+    q, k, v, out, lse, key_padding_mask, cu_seqlens, rng_seed = ctx.saved_tensors
+    dq, dk, dv = torch.ops.electra_kernels.attention_bwd(
+        dout, q, k, v, out, lse, key_padding_mask, cu_seqlens, ctx.max_seqlen, ctx.dropout_p, ctx.softmax_scale,
+        rng_seed, ctx.rng_offset)
+    return dq, dk, dv, None, None, None, None, None, None, None
+
+
+torch.library.register_autograd("electra_kernels::attention_fwd", _attention_backward,
+                                setup_context=_attention_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Public functions and module
+# ----------------------------------------------------------------------------------------------------
+def _check_common(q, k, v, dropout_p, what):
+    for name, t in (("k", k), ("v", v)):
+        if t.device != q.device:
+            raise ValueError(f"{what}: q is on {q.device} but {name} is on {t.device}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"{what}: q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype} "
+                         "(under torch.autocast they are cast to the autocast dtype)")
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        raise ValueError(f"{what}: unsupported dtype {q.dtype} (fp16, bf16 or fp32)")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"{what}: dropout_p must be in [0, 1), got {dropout_p}")
+    if q.shape[-1] > MAX_HEAD_DIM or q.shape[-1] < 1:
+        raise ValueError(f"{what}: head_dim {q.shape[-1]} not supported (1..{MAX_HEAD_DIM})")
+    if k.shape != v.shape or k.shape[-1] != q.shape[-1]:
+        raise ValueError(f"{what}: k {tuple(k.shape)} and v {tuple(v.shape)} must match each other and "
+                         f"q's head_dim ({tuple(q.shape)})")
+
+
+def _autocast(q, k, v):
+    """Inside torch.autocast, fp32 q/k/v (e.g. from an fp32 op) become the autocast dtype, as matmul would."""
+    device_type = q.device.type
+    if device_type in ("cuda", "cpu") and torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        q, k, v = (t.to(dtype) if t.is_floating_point() and t.dtype != dtype else t for t in (q, k, v))
+    return q, k, v
+
+
+def _draw_seed() -> torch.Tensor:
+    # From torch's default CPU generator: torch.manual_seed governs reproducibility, and
+    # torch.utils.checkpoint (which restores the CPU RNG state) replays the same dropout mask.
+    return torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64)
+
+
+def attention(q, k, v, key_padding_mask=None, dropout_p: float = 0.0, softmax_scale=None, *,
+              return_dropout_mask: bool = False):
     """softmax(Q·Kᵀ·scale + key padding) · V per head, no causal mask.
 
-    q, k, v: (batch, seq, heads, head_dim), fp32/bf16/fp16. key_padding_mask: (batch, seq) bool,
-    True = real token (the Hugging Face ``attention_mask`` meaning) or None. Returns (batch, seq,
-    heads, head_dim) in q's dtype. Rows of padded queries are computed like any other row (their
-    values are never used by a correct model).
+    q: (batch, seq_q, heads, head_dim); k, v: (batch, seq_k, heads, head_dim); fp16/bf16 (fp32 works, exact
+    but slow on the GPU); head_dim <= 128. key_padding_mask: (batch, seq_k) bool, True = real token (the
+    Hugging Face ``attention_mask`` meaning) or None. dropout_p: probability of zeroing an attention
+    probability (the survivors are scaled by 1/(1-p)); the seed is drawn from torch's default CPU
+    generator. softmax_scale: defaults to 1/sqrt(head_dim).
+    Returns (batch, seq_q, heads, head_dim) in q's dtype. Rows of padded queries are computed like any
+    other row (their values are never used by a correct model); a row with no real key returns zeros.
+    With ``return_dropout_mask=True`` returns (out, keep_mask (batch, heads, seq_q, seq_k) bool) — the
+    mask the kernel applied (debug/test only: it materialises B·H·S² bytes).
+    Trailing key padding costs no work; for varying lengths prefer :func:`attention_varlen`.
     """
-    return attention_ref(q, k, v, key_padding_mask, dropout_p, softmax_scale)
+    q, k, v = _autocast(q, k, v)
+    if q.dim() != 4 or k.dim() != 4:
+        raise ValueError(f"attention: q, k, v must be (batch, seq, heads, head_dim), got {tuple(q.shape)}")
+    _check_common(q, k, v, dropout_p, "attention")
+    batch, seq_q, heads, _ = q.shape
+    if k.shape[0] != batch or k.shape[2] != heads:
+        raise ValueError(f"attention: k/v {tuple(k.shape)} do not match q {tuple(q.shape)} in batch or heads")
+    seq_k = k.shape[1]
+    if key_padding_mask is not None and tuple(key_padding_mask.shape) != (batch, seq_k):
+        raise ValueError(f"attention: key_padding_mask must be (batch, seq_k) = {(batch, seq_k)}, "
+                         f"got {tuple(key_padding_mask.shape)}")
+
+    if not use_triton(q, k, v) or q.dtype == torch.float64:
+        keep = None
+        if dropout_p > 0.0:
+            keep = torch.rand((batch, heads, seq_q, seq_k), device=q.device) >= dropout_p
+        out = attention_ref(q, k, v, key_padding_mask, dropout_p, softmax_scale, dropout_mask=keep)
+        return (out, keep) if return_dropout_mask else out
+
+    scale = _scale(softmax_scale, q.shape[-1])
+    rng_seed = _draw_seed() if dropout_p > 0.0 else None
+    out, _ = torch.ops.electra_kernels.attention_fwd(
+        q, k, v, key_padding_mask, None, max(seq_q, seq_k), float(dropout_p), scale, rng_seed, 0)
+    if return_dropout_mask:
+        keep = (attention_dropout_mask(batch, heads, seq_q, seq_k, dropout_p, _seed_value(rng_seed), 0, q.device)
+                if dropout_p > 0.0 else None)
+        return out, keep
+    return out
 
 
-def attention_varlen(q, k, v, cu_seqlens, max_seqlen: int, dropout_p: float = 0.0, softmax_scale=None):
+def attention_varlen(q, k, v, cu_seqlens, max_seqlen: int, dropout_p: float = 0.0, softmax_scale=None, *,
+                     return_dropout_mask: bool = False):
     """Attention over packed sequences with no padding.
 
-    q, k, v: (total_tokens, heads, head_dim); cu_seqlens: (batch + 1,) int32 prefix sums of the
-    sequence lengths; max_seqlen: the longest length (python int). Returns (total_tokens, heads, head_dim).
+    q, k, v: (total_tokens, heads, head_dim) fp16/bf16 (fp32 works); cu_seqlens: (batch + 1,) int32 prefix
+    sums of the sequence lengths, on q's device, cu_seqlens[-1] == total_tokens; max_seqlen: the longest
+    length (python int, >= every length). Returns (total_tokens, heads, head_dim) in q's dtype.
+    Dropout as in :func:`attention`; ``return_dropout_mask=True`` adds the keep-mask
+    (batch, heads, max_seqlen, max_seqlen) indexed by positions inside each sequence.
     """
-    return attention_varlen_ref(q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale)
+    q, k, v = _autocast(q, k, v)
+    if q.dim() != 3 or k.shape[0] != q.shape[0] or k.shape[1] != q.shape[1]:
+        raise ValueError(f"attention_varlen: q, k, v must be (total_tokens, heads, head_dim) with equal "
+                         f"token and head counts, got q {tuple(q.shape)}, k {tuple(k.shape)}")
+    _check_common(q, k, v, dropout_p, "attention_varlen")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1 or cu_seqlens.dtype != torch.int32:
+        raise ValueError(f"attention_varlen: cu_seqlens must be a 1-D int32 tensor (batch + 1,), "
+                         f"got {cu_seqlens.dtype} {tuple(cu_seqlens.shape)}")
+    if cu_seqlens.device != q.device:
+        raise ValueError(f"attention_varlen: cu_seqlens is on {cu_seqlens.device}, q on {q.device}")
+    max_seqlen = int(max_seqlen)
+    if max_seqlen < 0:
+        raise ValueError(f"attention_varlen: max_seqlen must be >= 0, got {max_seqlen}")
+    batch, heads = cu_seqlens.shape[0] - 1, q.shape[1]
+
+    if not use_triton(q, k, v) or q.dtype == torch.float64:
+        keep = None
+        if dropout_p > 0.0:
+            keep = torch.rand((batch, heads, max_seqlen, max_seqlen), device=q.device) >= dropout_p
+        out = attention_varlen_ref(q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale, dropout_mask=keep)
+        return (out, keep) if return_dropout_mask else out
+
+    scale = _scale(softmax_scale, q.shape[-1])
+    rng_seed = _draw_seed() if dropout_p > 0.0 else None
+    out, _ = torch.ops.electra_kernels.attention_fwd(
+        q, k, v, None, cu_seqlens, max_seqlen, float(dropout_p), scale, rng_seed, 0)
+    if return_dropout_mask:
+        keep = (attention_dropout_mask(batch, heads, max_seqlen, max_seqlen, dropout_p, _seed_value(rng_seed), 0,
+                                       q.device) if dropout_p > 0.0 else None)
+        return out, keep
+    return out
 
 
+class FusedAttention(nn.Module):
+    """Attention core of an encoder layer: q, k, v already projected and split into heads.
+
+    forward(q, k, v, key_padding_mask=None) for (batch, seq, heads, head_dim) tensors, or
+    forward(q, k, v, cu_seqlens=..., max_seqlen=...) for packed (total_tokens, heads, head_dim) ones.
+    Dropout on the probabilities applies only in training mode (``module.train()``), like nn.Dropout.
+    """
+
+    def __init__(self, dropout_p: float = 0.0, softmax_scale: Optional[float] = None):
+        super().__init__()
+        if not 0.0 <= dropout_p < 1.0:
+            raise ValueError(f"FusedAttention: dropout_p must be in [0, 1), got {dropout_p}")
+        self.dropout_p = dropout_p
+        self.softmax_scale = softmax_scale
+
+    def forward(self, q, k, v, key_padding_mask=None, cu_seqlens=None, max_seqlen: Optional[int] = None):
+        dropout_p = self.dropout_p if self.training else 0.0
+        if cu_seqlens is not None:
+            if key_padding_mask is not None:
+                raise ValueError("FusedAttention: pass either key_padding_mask (padded) or cu_seqlens (packed)")
+            if max_seqlen is None:
+                raise ValueError("FusedAttention: cu_seqlens needs max_seqlen")
+            return attention_varlen(q, k, v, cu_seqlens, max_seqlen, dropout_p, self.softmax_scale)
+        return attention(q, k, v, key_padding_mask, dropout_p, self.softmax_scale)
+
+    def extra_repr(self) -> str:
+        return f"dropout_p={self.dropout_p}, softmax_scale={self.softmax_scale}"
+
+
+# ----------------------------------------------------------------------------------------------------
+# References
+# ----------------------------------------------------------------------------------------------------
 def attention_ref(q, k, v, key_padding_mask=None, dropout_p: float = 0.0, softmax_scale=None,
                   return_lse: bool = False, dropout_mask=None):
-    """Plain PyTorch attention in fp32 (or q's dtype when that is wider).
+    """Plain PyTorch attention in fp32 (float64 when q is float64: the tests' ground truth).
 
-    dropout_mask: optional (batch, heads, seq, seq) bool, True = keep, used instead of sampling one
-    (lets tests replay a kernel's own mask). return_lse adds the (batch, heads, seq) log-sum-exp of
-    the scaled scores.
+    dropout_mask: optional (batch, heads, seq_q, seq_k) bool, True = keep, used instead of sampling one
+    (lets tests replay a kernel's own mask). return_lse adds the (batch, heads, seq_q) log-sum-exp of
+    the scaled scores (-inf for a row without real keys, whose output is 0). Autocast is turned off
+    inside, so the math stays in the stated precision.
     """
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     compute_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    qf, kf, vf = (t.to(compute_dtype).transpose(1, 2) for t in (q, k, v))  # (b, h, s, d)
-    scores = torch.matmul(qf, kf.transpose(-1, -2)) * scale
-    if key_padding_mask is not None:
-        scores = scores.masked_fill(~key_padding_mask[:, None, None, :].bool(), float("-inf"))
-    lse = torch.logsumexp(scores, dim=-1)
-    probs = torch.exp(scores - lse[..., None]).nan_to_num(0.0)  # fully padded rows -> zeros
-    if dropout_mask is not None:
-        probs = probs * dropout_mask.to(probs.dtype) / (1.0 - dropout_p)
-    elif dropout_p > 0.0:
-        probs = F.dropout(probs, p=dropout_p, training=True)
-    out = torch.matmul(probs, vf).transpose(1, 2).to(q.dtype)
+    with torch.autocast(q.device.type, enabled=False):
+        qf, kf, vf = (t.to(compute_dtype).transpose(1, 2) for t in (q, k, v))  # (b, h, s, d)
+        scores = torch.matmul(qf, kf.transpose(-1, -2)) * scale
+        if key_padding_mask is not None:
+            scores = scores.masked_fill(~key_padding_mask[:, None, None, :].bool(), float("-inf"))
+        lse = torch.logsumexp(scores, dim=-1)
+        probs = torch.exp(scores - lse[..., None]).nan_to_num(0.0)  # fully padded rows -> zeros
+        if dropout_mask is not None:
+            probs = probs * dropout_mask.to(probs.dtype) / (1.0 - dropout_p)
+        elif dropout_p > 0.0:
+            probs = F.dropout(probs, p=dropout_p, training=True)
+        out = torch.matmul(probs, vf).transpose(1, 2).to(q.dtype)
     return (out, lse) if return_lse else out
 
 
-def attention_varlen_ref(q, k, v, cu_seqlens, max_seqlen: int, dropout_p: float = 0.0, softmax_scale=None):
-    """Reference for :func:`attention_varlen`: each sequence attended on its own."""
+def attention_varlen_ref(q, k, v, cu_seqlens, max_seqlen: int, dropout_p: float = 0.0, softmax_scale=None,
+                         return_lse: bool = False, dropout_mask=None):
+    """Reference for :func:`attention_varlen`: each sequence attended on its own.
+
+    dropout_mask: optional (batch, heads, max_seqlen, max_seqlen) bool indexed by in-sequence positions
+    (the layout :func:`attention_dropout_mask` returns). return_lse adds the (heads, total_tokens) LSE.
+    """
     bounds = cu_seqlens.tolist()
-    outs = [
-        attention_ref(q[s:e][None], k[s:e][None], v[s:e][None], None, dropout_p, softmax_scale)[0]
-        for s, e in zip(bounds[:-1], bounds[1:])
-    ]
-    return torch.cat(outs, dim=0) if outs else q.new_zeros(q.shape)
+    outs, lses = [], []
+    for b, (s, e) in enumerate(zip(bounds[:-1], bounds[1:])):
+        mask_b = dropout_mask[b:b + 1, :, : e - s, : e - s] if dropout_mask is not None else None
+        out_b, lse_b = attention_ref(q[s:e][None], k[s:e][None], v[s:e][None], None, dropout_p, softmax_scale,
+                                     return_lse=True, dropout_mask=mask_b)
+        outs.append(out_b[0])
+        lses.append(lse_b[0])
+    out = torch.cat(outs, dim=0) if outs else q.new_zeros(q.shape)
+    if not return_lse:
+        return out
+    compute_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    lse = torch.cat(lses, dim=1) if lses else q.new_zeros((q.shape[1], 0), dtype=compute_dtype)
+    return out, lse

@@ -1,19 +1,614 @@
 """The generator's masked-LM head at the gathered (masked) positions: vocabulary projection,
 cross-entropy, arg-max accuracy and Gumbel-max sampling, without keeping (M, V) logits.
 
-Reading order: Triton kernels -> launchers -> autograd Function -> public function -> reference.
-(The Triton kernels are added by the fused-heads issue; until then the public function runs the
-reference on every device.)
+For M gathered rows h_m (E features), the tied embedding matrix W (V, E) and bias b (V):
+
+    z_mv  = h_m · w_v + b_v                                   logits, never stored
+    lse_m = log Σ_v exp(z_mv)                                 online, one pass over the vocabulary
+    loss  = (1/U) Σ_{m used} (lse_m - z_{m,t_m})              U = number of used rows (t_m != -100)
+    argmax_m = argmax_v z_mv              correct_m = used_m and argmax_m == t_m
+    sample_m = argmax_v (z_mv / T + g_mv),  g_mv = -log(-log u_mv),  u_mv = philox(seed, m·V + v)
+
+The Gumbel-max trick makes ``sample_m`` an exact draw from softmax(z_m / T); the uniforms come from
+``tl.rand`` keyed on the flat (row, column) index, so no noise tensor exists and the same seed gives
+the same samples whatever the block sizes or the number of programs.
+
+Forward. Programs tile (row block) x (vocabulary split). Each one walks its vocabulary split in
+BLOCK_V columns, computes the (BLOCK_M, BLOCK_V) logit tile with ``tl.dot`` over E in BLOCK_E chunks
+(fp32 accumulation), and folds the tile into per-row running statistics: max and rescaled sum of
+exponentials (flash-attention's online softmax), the target logit, the best logit and its column, the
+best Gumbel score and its column. A second, tiny kernel merges the splits (log-sum-exp of partial
+sums, first-column tie-break for the arg-maxes) and writes lse, the per-row loss, the sample and the
+correct flag. Splitting the vocabulary gives the GPU enough programs when M is small (Base: 20 row
+blocks of 128 rows on 132 SMs) at the cost of (splits, M) partials, a few hundred KiB.
+
+Backward. With p = softmax(z) and s = grad_loss / U on used rows (0 on unused rows):
+
+    dz = s · (p - onehot(t))          dH = dz W          dW = dzᵀ H          db = Σ_m dz
+
+The softmax gradient of a row needs that row's final lse, known only after the whole vocabulary has
+been seen, so it cannot be produced inside the forward sweep. The alternatives are to keep the logits
+(an (M, V) tensor: what this op exists to avoid, and as much memory traffic per element as the
+recompute costs in tensor-core time) or Liger's scheme (cuBLAS logits chunk, then read it twice more
+to turn it into a gradient in place: bf16 logits for the loss and three extra passes over M x V).
+Here the backward recomputes each logit tile in fp32 from H and W (one more M·E·V matmul on tensor
+cores), forms dz in registers with lse saved by the forward (M floats), and writes it once in the
+compute dtype into a chunk of at most ``_DLOGITS_CHUNK_BYTES``; cuBLAS then does dH += dz_c W_c and
+dW_c = dz_cᵀ H for that vocabulary chunk (dW slices are disjoint, so only dH accumulates, in fp32).
+db comes from per-program column sums in the same kernel. grad_loss / U is read from device memory
+inside that kernel, so there is no separate rescale pass to skip (Liger's ``grad_output == 1``
+shortcut exists because it computes gradients in the forward and rescales them afterwards), and no
+host synchronisation.
+
+Dtypes: the matmuls run in the compute dtype (the autocast dtype under autocast, else hidden's dtype;
+the weight is cast to it like ``F.linear`` under autocast would); logits, statistics and dz are formed
+in fp32; bias stays in its own dtype and is added in fp32. fp32 inputs use TF32 in ``tl.dot`` exactly
+when ``torch.backends.cuda.matmul.allow_tf32`` allows it for torch's own matmuls.
+
+Targets outside [0, V) other than -100 are not detected (that would need a host sync); such a row's
+target logit counts as 0.
+
+Reading order: Triton kernels -> launchers -> torch.library custom ops + autograd -> public function
+and module -> reference.
 """
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
+import contextlib
+import functools
+from typing import Optional
 
-from ._dispatch import use_triton  # noqa: F401  (used once the Triton path lands)
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from ._dispatch import HAS_TRITON, interpreter_enabled, use_triton
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+else:  # pragma: no cover - the reference path needs no triton
+    triton = None
 
 IGNORE_INDEX = -100
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# Temperatures below this behave as this (1/T stays finite); the reference applies the same floor.
+_MIN_TEMPERATURE = 1e-6
+# The backward writes dlogits for at most this many bytes of vocabulary columns at a time (Base:
+# 2457 rows x 6.8k columns in bf16). Smaller chunks cost more launches; larger ones more memory.
+_DLOGITS_CHUNK_BYTES = 32 << 20
+# Every kernel output is allocated through this name, so tests can make it return NaN-filled memory.
+_new_empty = torch.empty
+
+
+# --------------------------------------------------------------------------------------------------
+# 1. Triton kernels
+# --------------------------------------------------------------------------------------------------
+def _next_pow2(n: int) -> int:
+    return 1 << max(int(n) - 1, 0).bit_length()
+
+
+def _matmul_configs():
+    """A small search space for the (BLOCK_M x BLOCK_V) logit tiles; one config in the interpreter."""
+    if interpreter_enabled():
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_V": 128, "BLOCK_E": 32}, num_warps=4, num_stages=1)]
+    return [
+        triton.Config({"BLOCK_M": 128, "BLOCK_V": 128, "BLOCK_E": 64}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_M": 128, "BLOCK_V": 256, "BLOCK_E": 64}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_M": 64, "BLOCK_V": 128, "BLOCK_E": 64}, num_warps=4, num_stages=4),
+        triton.Config({"BLOCK_M": 128, "BLOCK_V": 64, "BLOCK_E": 128}, num_warps=4, num_stages=3),
+        triton.Config({"BLOCK_M": 64, "BLOCK_V": 256, "BLOCK_E": 32}, num_warps=8, num_stages=4),
+    ]
+
+
+def _prune_matmul_configs(configs, named_args, **kwargs):
+    """Drop tiles far larger than the problem (tiny M or E); keep at least one config."""
+    m_cap = max(64, _next_pow2(named_args["M"]))
+    e_cap = max(32, _next_pow2(named_args["E"]))
+    kept = [c for c in configs if c.kwargs["BLOCK_M"] <= m_cap and c.kwargs["BLOCK_E"] <= e_cap]
+    return kept or configs[:1]
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _gumbel(seed, rows, cols, V, RNG_OFFSET_64: tl.constexpr):
+        """Gumbel(0, 1) noise for the (rows x cols) tile, keyed on the flat index row * V + col."""
+        if RNG_OFFSET_64:
+            offsets = rows.to(tl.int64)[:, None] * V + cols[None, :]
+        else:
+            offsets = rows[:, None] * V + cols[None, :]
+        u = tl.rand(seed, offsets)
+        # u = 0 would give -inf and u -> 1 +inf; the same clamp as gumbel_noise_ref.
+        u = tl.minimum(tl.maximum(u, 1.1754943508222875e-38), 1.0 - 1.1920928955078125e-07)
+        return -tl.log(-tl.log(u))
+
+    @triton.jit
+    def _logit_tile(H, W, rows, cols, row_ok, col_ok, E, stride_hm, stride_wv,
+                    INPUT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, EVEN_E: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_E: tl.constexpr):
+        """(BLOCK_M, BLOCK_V) fp32 tile of H[rows] @ W[cols]ᵀ, looping over E in BLOCK_E chunks."""
+        offs_e = tl.arange(0, BLOCK_E)
+        h_ptrs = H + rows.to(tl.int64)[:, None] * stride_hm + offs_e[None, :]
+        # W is (V, E) row-major: loading the (BLOCK_E, BLOCK_V) tile transposed feeds tl.dot directly.
+        w_ptrs = W + cols.to(tl.int64)[None, :] * stride_wv + offs_e[:, None]
+        acc = tl.zeros((BLOCK_M, BLOCK_V), dtype=tl.float32)
+        for e0 in range(0, E, BLOCK_E):
+            if EVEN_E:
+                h = tl.load(h_ptrs, mask=row_ok[:, None], other=0.0)
+                w = tl.load(w_ptrs, mask=col_ok[None, :], other=0.0)
+            else:
+                e_ok = (e0 + offs_e) < E
+                h = tl.load(h_ptrs, mask=row_ok[:, None] & e_ok[None, :], other=0.0)
+                w = tl.load(w_ptrs, mask=e_ok[:, None] & col_ok[None, :], other=0.0)
+            if DOT_UPCAST:  # interpreter only: its tl.dot multiplies bf16's raw uint16 storage
+                h = h.to(tl.float32)
+                w = w.to(tl.float32)
+            acc = tl.dot(h, w, acc, input_precision=INPUT_PRECISION)
+            h_ptrs += BLOCK_E
+            w_ptrs += BLOCK_E
+        return acc
+
+    @triton.autotune(
+        configs=_matmul_configs(),
+        key=["M_BUCKET", "V", "E"],
+        prune_configs_by={"early_config_prune": _prune_matmul_configs},
+    )
+    @triton.heuristics({"EVEN_E": lambda args: args["E"] % args["BLOCK_E"] == 0})
+    @triton.jit
+    def _mlm_head_fwd_kernel(
+        H, W, BIAS, TARGETS,
+        PART_MAX, PART_SUMEXP, PART_TARGET, PART_BEST, PART_BEST_COL, PART_DRAW, PART_DRAW_COL,
+        M, V, E, M_BUCKET, stride_hm, stride_wv, seed, inv_temperature,
+        HAS_BIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
+        RNG_OFFSET_64: tl.constexpr, EVEN_E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_E: tl.constexpr,
+    ):
+        tl.static_assert(BLOCK_M >= 16 and BLOCK_V >= 16 and BLOCK_E >= 16)  # tl.dot minimum
+        pid_m = tl.program_id(0)
+        split = tl.program_id(1)
+        num_splits = tl.num_programs(1)
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = rows < M
+        targets = tl.load(TARGETS + rows, mask=row_ok, other=-100)
+
+        # This split's columns: a contiguous run of whole BLOCK_V blocks (the last split may be short
+        # or empty; an empty split writes neutral partials).
+        blocks_per_split = tl.cdiv(tl.cdiv(V, BLOCK_V), num_splits)
+        v_begin = split * blocks_per_split * BLOCK_V
+        v_end = tl.minimum(v_begin + blocks_per_split * BLOCK_V, V)
+
+        run_max = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+        run_sumexp = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        target_logit = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        best = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+        best_col = tl.zeros((BLOCK_M,), dtype=tl.int32)
+        draw = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+        draw_col = tl.zeros((BLOCK_M,), dtype=tl.int32)
+
+        for v0 in range(v_begin, v_end, BLOCK_V):
+            cols = v0 + tl.arange(0, BLOCK_V)
+            col_ok = cols < V
+            logits = _logit_tile(H, W, rows, cols, row_ok, col_ok, E, stride_hm, stride_wv,
+                                 INPUT_PRECISION, DOT_UPCAST, EVEN_E, BLOCK_M, BLOCK_V, BLOCK_E)
+            if HAS_BIAS:
+                logits += tl.load(BIAS + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+            logits = tl.where(col_ok[None, :], logits, float("-inf"))
+
+            # Online log-sum-exp: rescale the running sum to the new maximum. Every block holds at
+            # least one real column, so tile_max is finite and exp(-inf - finite) = 0 starts the sum.
+            tile_max = tl.max(logits, axis=1)
+            new_max = tl.maximum(run_max, tile_max)
+            run_sumexp = run_sumexp * tl.exp(run_max - new_max) + tl.sum(
+                tl.exp(logits - new_max[:, None]), axis=1)
+            run_max = new_max
+
+            target_logit += tl.sum(tl.where(cols[None, :] == targets[:, None], logits, 0.0), axis=1)
+
+            # Arg-max: tl.argmax keeps the first column on ties, and a later block must be strictly
+            # greater to win, which is torch.argmax's first-occurrence rule.
+            tile_best_col = tl.argmax(logits, axis=1).to(tl.int32) + v0
+            better = tile_max > best
+            best_col = tl.where(better, tile_best_col, best_col)
+            best = tl.where(better, tile_max, best)
+
+            scores = logits * inv_temperature + _gumbel(seed, rows, cols, V, RNG_OFFSET_64)
+            scores = tl.where(col_ok[None, :], scores, float("-inf"))
+            tile_draw = tl.max(scores, axis=1)
+            tile_draw_col = tl.argmax(scores, axis=1).to(tl.int32) + v0
+            better = tile_draw > draw
+            draw_col = tl.where(better, tile_draw_col, draw_col)
+            draw = tl.where(better, tile_draw, draw)
+
+        out = split * M + rows
+        tl.store(PART_MAX + out, run_max, mask=row_ok)
+        tl.store(PART_SUMEXP + out, run_sumexp, mask=row_ok)
+        tl.store(PART_TARGET + out, target_logit, mask=row_ok)
+        tl.store(PART_BEST + out, best, mask=row_ok)
+        tl.store(PART_BEST_COL + out, best_col, mask=row_ok)
+        tl.store(PART_DRAW + out, draw, mask=row_ok)
+        tl.store(PART_DRAW_COL + out, draw_col, mask=row_ok)
+
+    @triton.jit
+    def _mlm_head_fwd_reduce_kernel(
+        PART_MAX, PART_SUMEXP, PART_TARGET, PART_BEST, PART_BEST_COL, PART_DRAW, PART_DRAW_COL,
+        TARGETS, LSE, ROW_LOSS, SAMPLED, CORRECT, M, num_splits,
+        BLOCK_S: tl.constexpr, BLOCK_R: tl.constexpr,
+    ):
+        """Merge the (num_splits, M) partials of the forward into per-row results."""
+        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        splits = tl.arange(0, BLOCK_S)
+        row_ok = rows < M
+        ok = (splits[:, None] < num_splits) & row_ok[None, :]
+        idx = splits[:, None] * M + rows[None, :]
+
+        part_max = tl.load(PART_MAX + idx, mask=ok, other=float("-inf"))
+        part_sumexp = tl.load(PART_SUMEXP + idx, mask=ok, other=0.0)
+        row_max = tl.max(part_max, axis=0)
+        # lse = max + log Σ_k sumexp_k · exp(max_k - max); empty splits have max_k = -inf -> weight 0.
+        safe_max = tl.where(row_ok, row_max, 0.0)
+        weights = tl.where(ok, tl.exp(part_max - safe_max[None, :]), 0.0)
+        lse = safe_max + tl.log(tl.where(row_ok, tl.sum(part_sumexp * weights, axis=0), 1.0))
+        target_logit = tl.sum(tl.load(PART_TARGET + idx, mask=ok, other=0.0), axis=0)
+
+        # Splits hold increasing column ranges, so the first split among equal maxima holds the first
+        # column: tl.argmax's left tie-break over splits keeps torch.argmax's rule.
+        part_best = tl.load(PART_BEST + idx, mask=ok, other=float("-inf"))
+        winner = tl.argmax(part_best, axis=0)
+        best_col = tl.sum(tl.where(splits[:, None] == winner[None, :],
+                                   tl.load(PART_BEST_COL + idx, mask=ok, other=0), 0), axis=0)
+        part_draw = tl.load(PART_DRAW + idx, mask=ok, other=float("-inf"))
+        winner = tl.argmax(part_draw, axis=0)
+        draw_col = tl.sum(tl.where(splits[:, None] == winner[None, :],
+                                   tl.load(PART_DRAW_COL + idx, mask=ok, other=0), 0), axis=0)
+
+        targets = tl.load(TARGETS + rows, mask=row_ok, other=-100)
+        used = targets != -100
+        tl.store(LSE + rows, lse, mask=row_ok)
+        tl.store(ROW_LOSS + rows, tl.where(used, lse - target_logit, 0.0), mask=row_ok)
+        tl.store(SAMPLED + rows, draw_col.to(tl.int64), mask=row_ok)
+        tl.store(CORRECT + rows, (used & (best_col == targets)).to(tl.uint8), mask=row_ok)
+
+    @triton.autotune(
+        configs=_matmul_configs(),
+        key=["M_BUCKET", "V", "E", "chunk_cols"],
+        prune_configs_by={"early_config_prune": _prune_matmul_configs},
+    )
+    @triton.heuristics({"EVEN_E": lambda args: args["E"] % args["BLOCK_E"] == 0})
+    @triton.jit
+    def _mlm_head_dlogits_kernel(
+        H, W, BIAS, TARGETS, LSE, SCALE, DLOGITS, PART_DBIAS,
+        M, V, E, M_BUCKET, col_begin, chunk_cols, stride_hm, stride_wv, stride_dm,
+        HAS_BIAS: tl.constexpr, WRITE_DBIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+        DOT_UPCAST: tl.constexpr, EVEN_E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_E: tl.constexpr,
+    ):
+        """dz = s·(softmax(z) - onehot(t)) for columns [col_begin, col_begin + chunk_cols).
+
+        Program (vocab block, row split) walks its rows, writes dz into DLOGITS (M, chunk_cols) and
+        the column sums of dz (the bias gradient) into PART_DBIAS[row split]."""
+        tl.static_assert(BLOCK_M >= 16 and BLOCK_V >= 16 and BLOCK_E >= 16)
+        pid_v = tl.program_id(0)
+        row_split = tl.program_id(1)
+        num_row_splits = tl.num_programs(1)
+        local_cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+        col_ok = local_cols < chunk_cols
+        cols = col_begin + local_cols
+        # grad_loss / max(used rows, 1), computed on the device: no host sync, no rescale pass.
+        scale = tl.load(SCALE).to(tl.float32)
+        if HAS_BIAS:
+            bias = tl.load(BIAS + cols, mask=col_ok, other=0.0).to(tl.float32)
+
+        blocks_per_split = tl.cdiv(tl.cdiv(M, BLOCK_M), num_row_splits)
+        r_begin = row_split * blocks_per_split * BLOCK_M
+        r_end = tl.minimum(r_begin + blocks_per_split * BLOCK_M, M)
+        dbias = tl.zeros((BLOCK_V,), dtype=tl.float32)
+        for r0 in range(r_begin, r_end, BLOCK_M):
+            rows = r0 + tl.arange(0, BLOCK_M)
+            row_ok = rows < r_end
+            logits = _logit_tile(H, W, rows, cols, row_ok, col_ok, E, stride_hm, stride_wv,
+                                 INPUT_PRECISION, DOT_UPCAST, EVEN_E, BLOCK_M, BLOCK_V, BLOCK_E)
+            if HAS_BIAS:
+                logits += bias[None, :]
+            lse = tl.load(LSE + rows, mask=row_ok, other=0.0)
+            targets = tl.load(TARGETS + rows, mask=row_ok, other=-100)
+            # Unused slots (and rows past the end) get s = 0: they contribute nothing anywhere.
+            row_scale = tl.where(targets != -100, scale, 0.0)
+            probs = tl.exp(logits - lse[:, None])
+            dz = (probs - tl.where(cols[None, :] == targets[:, None], 1.0, 0.0)) * row_scale[:, None]
+            if WRITE_DBIAS:
+                dbias += tl.sum(tl.where(col_ok[None, :], dz, 0.0), axis=0)
+            out = DLOGITS + rows.to(tl.int64)[:, None] * stride_dm + local_cols[None, :]
+            tl.store(out, dz.to(DLOGITS.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+        if WRITE_DBIAS:
+            tl.store(PART_DBIAS + row_split * V + cols, dbias, mask=col_ok)
+
+    @triton.jit
+    def _gumbel_noise_kernel(OUT, M, V, seed, RNG_OFFSET_64: tl.constexpr,
+                             BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr):
+        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+        noise = _gumbel(seed, rows, cols, V, RNG_OFFSET_64)
+        ok = (rows[:, None] < M) & (cols[None, :] < V)
+        tl.store(OUT + rows.to(tl.int64)[:, None] * V + cols[None, :], noise, mask=ok)
+
+
+# --------------------------------------------------------------------------------------------------
+# 2. Launchers
+# --------------------------------------------------------------------------------------------------
+def _device_guard(t: Tensor):
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+@functools.lru_cache(maxsize=None)
+def _target_programs(device: torch.device) -> int:
+    """Programs to aim for per launch: two waves of the GPU's SMs (few in the interpreter, which
+    runs programs one after another)."""
+    if device.type == "cuda":
+        return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def _input_precision(dtype: torch.dtype) -> str:
+    # TF32 only touches fp32 operands; follow torch's own switch for fp32 matmuls.
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def _dot_upcast(dtype: torch.dtype) -> bool:
+    # Triton's interpreter (3.9) runs tl.dot as np.matmul on bf16's uint16 storage: give it fp32
+    # operands there (bf16 products are exact in fp32, so the result is what the GPU computes).
+    return dtype == torch.bfloat16 and interpreter_enabled()
+
+
+def _rng_offset_64(M: int, V: int) -> bool:
+    # Philox counters of row * V + col: 64-bit only where 32 bits would overflow (same values below).
+    return M * V >= 2**31
+
+
+def _check_kernel_inputs(hidden, weight, bias, targets):
+    if hidden.dim() != 2 or weight.dim() != 2:
+        raise ValueError(f"mlm_head_loss: hidden must be (M, E) and weight (V, E), got "
+                         f"{tuple(hidden.shape)} and {tuple(weight.shape)}")
+    M, E = hidden.shape
+    V = weight.shape[0]
+    if weight.shape[1] != E:
+        raise ValueError(f"mlm_head_loss: hidden has {E} features but weight is {tuple(weight.shape)}")
+    if bias is not None and tuple(bias.shape) != (V,):
+        raise ValueError(f"mlm_head_loss: bias must be ({V},), got {tuple(bias.shape)}")
+    if tuple(targets.shape) != (M,):
+        raise ValueError(f"mlm_head_loss: targets must be ({M},), got {tuple(targets.shape)}")
+    if targets.dtype.is_floating_point or targets.dtype == torch.bool:
+        raise ValueError(f"mlm_head_loss: targets must be integer ids, got {targets.dtype}")
+    if V >= 2**31:
+        raise ValueError(f"mlm_head_loss: vocabulary of {V} does not fit int32 column indices")
+
+
+def mlm_head_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor,
+                     temperature: float, seed: int):
+    """Launch the forward: returns (loss () fp32, sampled (M,) int64, correct (M,) bool, lse (M,) fp32).
+
+    hidden (M, E) and weight (V, E) share one of fp32/bf16/fp16; bias (V,) any float dtype or None;
+    targets (M,) int32/int64 with -100 for unused slots."""
+    _check_kernel_inputs(hidden, weight, bias, targets)
+    M, E = hidden.shape
+    V = weight.shape[0]
+    device = hidden.device
+    loss = torch.zeros((), dtype=torch.float32, device=device)
+    sampled = _new_empty((M,), dtype=torch.int64, device=device)
+    correct = _new_empty((M,), dtype=torch.bool, device=device)
+    lse = _new_empty((M,), dtype=torch.float32, device=device)
+    if M == 0:
+        return loss, sampled, correct, lse
+
+    # Vocabulary splits: enough (row blocks x splits) programs to fill the GPU, each split at least a
+    # few hundred columns so the merge stays negligible.
+    row_blocks_hint = triton.cdiv(M, 128)
+    max_splits = 3 if interpreter_enabled() else max(1, triton.cdiv(V, 256))
+    num_splits = max(1, min(max_splits, triton.cdiv(_target_programs(device), row_blocks_hint)))
+    parts_f = _new_empty((5, num_splits, M), dtype=torch.float32, device=device)
+    parts_i = _new_empty((2, num_splits, M), dtype=torch.int32, device=device)
+    part_max, part_sumexp, part_target, part_best, part_draw = parts_f.unbind(0)
+    part_best_col, part_draw_col = parts_i.unbind(0)
+    row_loss = _new_empty((M,), dtype=torch.float32, device=device)
+
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), num_splits)  # noqa: E731
+    with _device_guard(hidden):
+        _mlm_head_fwd_kernel[grid](
+            hidden, weight, bias if bias is not None else hidden, targets,
+            part_max, part_sumexp, part_target, part_best, part_best_col, part_draw, part_draw_col,
+            M, V, E, _next_pow2(M), hidden.stride(0), weight.stride(0), int(seed),
+            1.0 / max(float(temperature), _MIN_TEMPERATURE),
+            HAS_BIAS=bias is not None, INPUT_PRECISION=_input_precision(hidden.dtype),
+            DOT_UPCAST=_dot_upcast(hidden.dtype),
+            RNG_OFFSET_64=_rng_offset_64(M, V),
+        )
+        BLOCK_R = 128
+        _mlm_head_fwd_reduce_kernel[(triton.cdiv(M, BLOCK_R),)](
+            part_max, part_sumexp, part_target, part_best, part_best_col, part_draw, part_draw_col,
+            targets, lse, row_loss, sampled, correct.view(torch.uint8), M, num_splits,
+            BLOCK_S=_next_pow2(num_splits), BLOCK_R=BLOCK_R, num_warps=4,
+        )
+    loss = row_loss.sum() / (targets != IGNORE_INDEX).sum().clamp(min=1)
+    return loss, sampled, correct, lse
+
+
+_fp32_out_mm_ok = True
+
+
+def _accumulate_mm(acc: Tensor, a: Tensor, b: Tensor) -> None:
+    """acc (fp32) += a @ b, with a and b in the compute dtype."""
+    global _fp32_out_mm_ok
+    if a.dtype == torch.float32:
+        acc.addmm_(a, b)
+        return
+    if a.is_cuda and _fp32_out_mm_ok:
+        try:  # cuBLAS with an fp32 output (torch >= 2.8): no bf16 rounding of each chunk's product
+            acc.add_(torch.mm(a, b, out_dtype=torch.float32))
+            return
+        except (TypeError, RuntimeError, NotImplementedError):
+            _fp32_out_mm_ok = False
+    acc.add_(torch.mm(a, b))
+
+
+def mlm_head_backward(grad_loss: Tensor, hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
+                      targets: Tensor, lse: Tensor, need_hidden: bool, need_weight: bool,
+                      need_bias: bool, chunk_bytes: Optional[int] = None):
+    """Gradients (dH in hidden's dtype, dW in weight's dtype, db fp32) of the mean loss, or None
+    where not needed; see the module docstring for the math and the vocabulary chunking."""
+    M, E = hidden.shape
+    V = weight.shape[0]
+    device = hidden.device
+    if M == 0 or not (need_hidden or need_weight or need_bias):
+        return (torch.zeros_like(hidden) if need_hidden else None,
+                torch.zeros_like(weight) if need_weight else None,
+                torch.zeros(V, dtype=torch.float32, device=device) if need_bias else None)
+    grad_hidden = _new_empty(hidden.shape, dtype=hidden.dtype, device=device) if need_hidden else None
+    grad_weight = _new_empty(weight.shape, dtype=weight.dtype, device=device) if need_weight else None
+    grad_bias = None
+
+    n_used = (targets != IGNORE_INDEX).sum()
+    scale = (grad_loss.reshape(1).to(torch.float32) / n_used.clamp(min=1)).contiguous()
+
+    chunk_bytes = _DLOGITS_CHUNK_BYTES if chunk_bytes is None else chunk_bytes
+    chunk_cols = max(chunk_bytes // (M * hidden.element_size()), 256) // 256 * 256
+    chunk_cols = min(chunk_cols, V)
+    num_chunks = triton.cdiv(V, chunk_cols)
+    dlogits = _new_empty((M, chunk_cols), dtype=hidden.dtype, device=device)
+    num_row_splits = max(1, min(triton.cdiv(M, 64),
+                                triton.cdiv(_target_programs(device), triton.cdiv(chunk_cols, 128))))
+    if interpreter_enabled():
+        num_row_splits = min(num_row_splits, 2)
+    part_dbias = _new_empty((num_row_splits, V), dtype=torch.float32, device=device) if need_bias else None
+    # dH sums over vocabulary chunks: accumulate in fp32 when there is more than one.
+    dh_acc = None
+    if need_hidden and num_chunks > 1:
+        dh_acc = torch.zeros((M, E), dtype=torch.float32, device=device)
+
+    with _device_guard(hidden):
+        for c0 in range(0, V, chunk_cols):
+            width = min(chunk_cols, V - c0)
+            dz = dlogits[:, :width]
+            grid = lambda meta: (triton.cdiv(width, meta["BLOCK_V"]), num_row_splits)  # noqa: E731
+            _mlm_head_dlogits_kernel[grid](
+                hidden, weight, bias if bias is not None else hidden, targets, lse, scale, dz,
+                part_dbias if part_dbias is not None else lse,
+                M, V, E, _next_pow2(M), c0, width, hidden.stride(0), weight.stride(0), dz.stride(0),
+                HAS_BIAS=bias is not None, WRITE_DBIAS=need_bias, INPUT_PRECISION=_input_precision(hidden.dtype),
+            DOT_UPCAST=_dot_upcast(hidden.dtype),
+            )
+            w_chunk = weight[c0:c0 + width]
+            if need_weight:
+                torch.mm(dz.t(), hidden, out=grad_weight[c0:c0 + width])
+            if need_hidden:
+                if dh_acc is not None:
+                    _accumulate_mm(dh_acc, dz, w_chunk)
+                else:
+                    torch.mm(dz, w_chunk, out=grad_hidden)
+    if dh_acc is not None:
+        grad_hidden.copy_(dh_acc)
+    if need_bias:
+        grad_bias = part_dbias.sum(0)
+    return grad_hidden, grad_weight, grad_bias
+
+
+def gumbel_noise(shape, seed: int, device) -> Tensor:
+    """The (M, V) Gumbel noise the Triton kernels draw for ``seed`` (fp32), materialised: for tests and
+    debugging only; the kernels never store it. Needs the Triton path (CUDA or the interpreter)."""
+    M, V = shape
+    out = torch.empty((M, V), dtype=torch.float32, device=device)
+    if M == 0 or V == 0:
+        return out
+    BLOCK_M, BLOCK_V = 32, 64
+    with _device_guard(out):
+        _gumbel_noise_kernel[(triton.cdiv(M, BLOCK_M), triton.cdiv(V, BLOCK_V))](
+            out, M, V, int(seed), RNG_OFFSET_64=_rng_offset_64(M, V), BLOCK_M=BLOCK_M, BLOCK_V=BLOCK_V,
+        )
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# 3. torch.library custom ops (opaque to torch.compile, with fake shapes) and their autograd
+# --------------------------------------------------------------------------------------------------
+_EMPTY = (0,)
+
+
+@torch.library.custom_op("electra_kernels::mlm_head_fwd", mutates_args=())
+def _mlm_head_fwd_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor,
+                     temperature: float, seed: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    with torch.autocast(hidden.device.type, enabled=False):
+        return mlm_head_forward(hidden, weight, bias, targets, temperature, seed)
+
+
+@_mlm_head_fwd_op.register_fake
+def _(hidden, weight, bias, targets, temperature, seed):
+    M = hidden.shape[0]
+    return (
+        hidden.new_empty((), dtype=torch.float32),
+        hidden.new_empty((M,), dtype=torch.int64),
+        hidden.new_empty((M,), dtype=torch.bool),
+        hidden.new_empty((M,), dtype=torch.float32),
+    )
+
+
+@torch.library.custom_op("electra_kernels::mlm_head_bwd", mutates_args=())
+def _mlm_head_bwd_op(grad_loss: Tensor, hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
+                     targets: Tensor, lse: Tensor, need_hidden: bool, need_weight: bool,
+                     need_bias: bool) -> tuple[Tensor, Tensor, Tensor]:
+    with torch.autocast(hidden.device.type, enabled=False):
+        dh, dw, db = mlm_head_backward(grad_loss, hidden, weight, bias, targets, lse,
+                                       need_hidden, need_weight, need_bias)
+    # Custom ops may not return None: empty placeholders stand for "not needed".
+    empty = hidden.new_empty(_EMPTY)
+    return (
+        dh if dh is not None else empty,
+        dw if dw is not None else empty,
+        db.to(bias.dtype) if db is not None else empty,
+    )
+
+
+@_mlm_head_bwd_op.register_fake
+def _(grad_loss, hidden, weight, bias, targets, lse, need_hidden, need_weight, need_bias):
+    return (
+        hidden.new_empty(hidden.shape if need_hidden else _EMPTY),
+        weight.new_empty(weight.shape if need_weight else _EMPTY),
+        hidden.new_empty(bias.shape if need_bias else _EMPTY, dtype=bias.dtype if need_bias else None),
+    )
+
+
+def _mlm_setup_context(ctx, inputs, output):
+    hidden, weight, bias, targets, _temperature, _seed = inputs
+    _, sampled, correct, lse = output
+    ctx.mark_non_differentiable(sampled, correct, lse)
+    # The weight is saved through autograd only (never .data), so a ZeRO-3 partitioned parameter is
+    # gathered again by DeepSpeed's hooks before this backward runs.
+    ctx.save_for_backward(hidden, weight, bias, targets, lse)
+    ctx.has_bias = bias is not None
+
+
+def _mlm_backward(ctx, grad_loss, _grad_sampled, _grad_correct, _grad_lse):
+    hidden, weight, bias, targets, lse = ctx.saved_tensors
+    need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+    need_bias = need_bias and ctx.has_bias
+    if grad_loss is None or not (need_hidden or need_weight or need_bias):
+        return None, None, None, None, None, None
+    dh, dw, db = torch.ops.electra_kernels.mlm_head_bwd(
+        grad_loss, hidden, weight, bias, targets, lse, need_hidden, need_weight, need_bias)
+    return (dh if need_hidden else None, dw if need_weight else None, db if need_bias else None,
+            None, None, None)
+
+
+_mlm_head_fwd_op.register_autograd(_mlm_backward, setup_context=_mlm_setup_context)
+
+
+# --------------------------------------------------------------------------------------------------
+# 4. Public function and module
+# --------------------------------------------------------------------------------------------------
+def _compute_dtype(hidden: Tensor) -> torch.dtype:
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return hidden.dtype
 
 
 def mlm_head_loss(hidden, weight, bias, targets, *, temperature: float = 1.0, seed: int = 0):
@@ -27,10 +622,54 @@ def mlm_head_loss(hidden, weight, bias, targets, *, temperature: float = 1.0, se
     Returns loss: () fp32, mean cross-entropy over used slots (0 when none is used);
     sampled: (M,) int64 draws from softmax(logits / temperature), no gradient;
     correct: (M,) bool, arg-max == target (False on unused slots).
+
+    On CUDA (or under TRITON_INTERPRET=1) this runs the fused Triton kernels, which draw their noise
+    from Philox in-kernel: for a given seed they sample different (identically distributed) ids than
+    ``mlm_head_loss_ref``. Matmuls run in the autocast dtype under autocast, else in hidden's dtype
+    (the weight is cast to it); gradients come back in each input's own dtype.
     """
-    return mlm_head_loss_ref(hidden, weight, bias, targets, temperature=temperature, seed=seed)
+    if not temperature > 0.0:
+        raise ValueError(f"mlm_head_loss: temperature must be > 0, got {temperature}")
+    _check_kernel_inputs(hidden, weight, bias, targets)
+    if not use_triton(hidden, weight, bias, targets):
+        return mlm_head_loss_ref(hidden, weight, bias, targets, temperature=temperature, seed=seed)
+    dtype = _compute_dtype(hidden)
+    if dtype not in _KERNEL_DTYPES:
+        raise ValueError(f"mlm_head_loss: unsupported dtype {dtype} (fp32, bf16 or fp16)")
+    hidden = hidden.to(dtype)
+    weight = weight.to(dtype)
+    if hidden.stride(-1) != 1:
+        hidden = hidden.contiguous()
+    if weight.stride(-1) != 1:
+        weight = weight.contiguous()
+    if bias is not None:
+        bias = bias.contiguous()
+    loss, sampled, correct, _lse = torch.ops.electra_kernels.mlm_head_fwd(
+        hidden, weight, bias, targets.contiguous(), float(temperature), int(seed))
+    return loss, sampled, correct
 
 
+class MLMHeadLoss(nn.Module):
+    """``mlm_head_loss`` as a module holding the sampling temperature (the weight is the tied word
+    embedding and the bias belongs to the generator head, so both are passed in)."""
+
+    def __init__(self, temperature: float = 1.0):
+        super().__init__()
+        if not temperature > 0.0:
+            raise ValueError(f"MLMHeadLoss: temperature must be > 0, got {temperature}")
+        self.temperature = float(temperature)
+
+    def forward(self, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor,
+                seed: int = 0):
+        return mlm_head_loss(hidden, weight, bias, targets, temperature=self.temperature, seed=seed)
+
+    def extra_repr(self) -> str:
+        return f"temperature={self.temperature}"
+
+
+# --------------------------------------------------------------------------------------------------
+# 5. Reference
+# --------------------------------------------------------------------------------------------------
 def gumbel_noise_ref(shape, seed: int, device) -> torch.Tensor:
     """-log(-log(U)) with U uniform in (0, 1), from a generator seeded with ``seed``."""
     gen = torch.Generator(device=device)
@@ -48,6 +687,6 @@ def mlm_head_loss_ref(hidden, weight, bias, targets, *, temperature: float = 1.0
     loss = loss_sum / used.sum().clamp(min=1)
     with torch.no_grad():
         noise = gumbel_noise_ref(logits.shape, seed, logits.device)
-        sampled = torch.argmax(logits.detach() / max(temperature, 1e-6) + noise, dim=-1)
+        sampled = torch.argmax(logits.detach() / max(temperature, _MIN_TEMPERATURE) + noise, dim=-1)
         correct = (logits.detach().argmax(dim=-1) == targets) & used
     return loss, sampled, correct
