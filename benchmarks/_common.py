@@ -33,12 +33,14 @@ def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
-def _version(module: str) -> str | None:
+def _version(distribution: str) -> str | None:
+    """Installed version from the package metadata, without importing it (deepspeed takes seconds)."""
+    from importlib import metadata
+
     try:
-        mod = __import__(module)
-    except Exception:  # an optional dependency that is absent or broken is simply not reported
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
         return None
-    return getattr(mod, "__version__", "unknown")
 
 
 def git_commit() -> str | None:
@@ -81,15 +83,9 @@ def machine_info(optional_modules: Sequence[str] = ("transformers", "deepspeed")
                         cpu_threads=torch.get_num_threads())
         _MACHINE = info
     info = dict(_MACHINE)
-    for module in optional_modules:
-        info[module] = _version(module) if module in sys.modules or _importable(module) else None
+    for distribution in optional_modules:
+        info[distribution] = _version(distribution)
     return info
-
-
-def _importable(module: str) -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec(module) is not None
 
 
 def append_rows(args: argparse.Namespace, benchmark: str, rows: Iterable[dict[str, Any]]) -> Path | None:

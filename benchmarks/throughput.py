@@ -154,6 +154,7 @@ def _free_port() -> int:
 def _deepspeed_step(model, cfg, batch_inputs, args, device):
     if device.type != "cuda":
         raise Skip("the DeepSpeed engine variant needs a CUDA device")
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")  # DeepSpeed's op builder chokes on "9.0a"
     try:
         import deepspeed
     except ImportError:
@@ -162,7 +163,6 @@ def _deepspeed_step(model, cfg, batch_inputs, args, device):
     for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
         os.environ.setdefault(key, value)
     os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")  # DeepSpeed's op builder chokes on "9.0a"
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl", verbose=False)
     ds_config = {
@@ -219,6 +219,8 @@ def run_variant(variant, size, batch_inputs, lengths, args, device, peak_tflops)
 
 
 def _cleanup(device):
+    # Compiled graphs keep their modules (and so their weights and optimizer state) alive.
+    torch._dynamo.reset()
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -227,7 +229,7 @@ def _cleanup(device):
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    parser.add_argument("--sizes", default="small,base,large", help="comma-separated named sizes")
+    parser.add_argument("--sizes", default=None, help="comma-separated: small,base,large (default), or tiny")
     parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
                         help=f"comma-separated, from: {', '.join(VARIANTS)}")
     parser.add_argument("--batch", type=int, default=None, help="override every size's batch")
@@ -247,8 +249,7 @@ def main(argv=None) -> int:
 
     if args.cpu_smoke:
         args.device = "cpu"
-        if "--sizes" not in " ".join(argv if argv is not None else sys.argv):
-            args.sizes = "tiny"
+        args.sizes = args.sizes or "tiny"
         args.warmup, args.iters = min(args.warmup, 1), min(args.iters, 2)
         if args.compile_backend == "inductor":  # no C++ toolchain needed, and seconds instead of minutes
             args.compile_backend = "eager"
@@ -257,7 +258,7 @@ def main(argv=None) -> int:
     unknown = sorted(set(variants) - set(VARIANTS))
     if unknown:
         parser.error(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
-    sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
+    sizes = [s.strip() for s in (args.sizes or "small,base,large").split(",") if s.strip()]
     for s in sizes:
         if s not in SHAPES:
             parser.error(f"unknown size {s!r}; choose from {', '.join(SHAPES)}")

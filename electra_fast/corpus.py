@@ -62,7 +62,9 @@ _ABBREVIATIONS = frozenset({
     "ca.", "resp.", "incl.", "esp.", "viz.", "ver.", "vol.", "jan.", "feb.", "aug.", "sep.", "sept.",
     "oct.", "nov.", "dec.",
 })
-_SYMBOLS = frozenset("()[]{}=<>;*+/%|&^~@#\\$`")
+_SYMBOLS = "()[]{}=<>;*+/%|&^~@#\\$`"
+_SYMBOL_RUN = re.compile("[" + re.escape(_SYMBOLS) + "]")
+_LETTER_RUNS = re.compile(r"[^\W\d_]+")  # letters of any script
 _UNDERLINE = re.compile(r"^([*=\-~^\"'#+`])\1{2,}\s*$")
 _SIGNATURE = re.compile(r"^[A-Za-z_][\w.]*\s*\(.*\)\s*(->.*)?:?$")
 _ASSIGNMENT = re.compile(r"^[A-Za-z_][\w.\[\]'\"]*\s*(=|\+=|-=|\*=|/=|:=)\s*\S")
@@ -83,6 +85,10 @@ class Document:
 # --------------------------------------------------------------------------------------------------
 # Text clean-up: paragraphs -> prose paragraphs -> sentences
 # --------------------------------------------------------------------------------------------------
+
+
+def _count_letters(text: str) -> int:
+    return sum(map(len, _LETTER_RUNS.findall(text)))
 
 
 def _indent(line: str) -> int:
@@ -117,19 +123,20 @@ def _is_code_line(stripped: str) -> bool:
     if _SIGNATURE.match(stripped) or _ASSIGNMENT.match(stripped) or _IMPORT.match(stripped):
         return True
     first = stripped.split(None, 1)[0]
-    if first in _PY_KEYWORDS and (stripped.endswith(":") or any(c in _SYMBOLS for c in stripped)):
+    symbols = len(_SYMBOL_RUN.findall(stripped))
+    if first in _PY_KEYWORDS and (stripped.endswith(":") or symbols):
         return True
-    visible = [c for c in stripped if not c.isspace()]
-    symbols = sum(c in _SYMBOLS for c in visible)
+    visible = len(stripped) - stripped.count(" ")
     # Prose has few brackets/operators; 1 in 10 visible characters is already code or a table.
-    return symbols > 0.1 * len(visible)
+    return symbols > 0.1 * visible
 
 
 def _is_prose(block: list[str]) -> bool:
     """Whether a paragraph is English text and not code, a table, a grammar rule or reST mark-up."""
-    stripped = [line.strip() for line in block]
-    if any(_DIRECTIVE.match(s) for s in stripped[:1]):
+    if _DIRECTIVE.match(block[0].strip()):
         return False
+    # Judged after mark-up removal: "*emphasis*" and ``literals`` are prose, not operators.
+    stripped = [_remove_markup(line) for line in block]
     if sum(_is_code_line(s) for s in stripped) * 2 >= len(stripped):
         return False
     if any(s.startswith((">>>", "...")) or "::=" in s for s in stripped):
@@ -142,7 +149,7 @@ def _is_prose(block: list[str]) -> bool:
             if _indent(line) < base or _indent(line) > base + 4:
                 return False
     words = " ".join(stripped).split()
-    letters = sum(c.isalpha() for c in "".join(words))
+    letters = _count_letters("".join(words))
     return letters >= 0.6 * max(1, sum(len(w) for w in words))
 
 
@@ -198,7 +205,7 @@ def _is_good_sentence(sentence: str) -> bool:
     words = sentence.split()
     if len(words) < 3:
         return False
-    letters = sum(c.isalpha() for c in sentence)
+    letters = _count_letters(sentence)
     return letters >= 0.5 * len(sentence) and not _is_code_line(sentence)
 
 
@@ -210,7 +217,7 @@ def text_to_sentences(text: str) -> list[str]:
             # A heading ("Basic customization"): keep it as a short line of its own, as titles are
             # kept in the reference corpora, unless it is code ("object.__new__(cls[, ...])").
             heading = _remove_markup(block[0].strip())
-            if heading and not _is_code_line(heading) and sum(c.isalpha() for c in heading) >= 3:
+            if heading and not _is_code_line(heading) and _count_letters(heading) >= 3:
                 sentences.append(heading)
             continue
         if not _is_prose(block):
@@ -321,6 +328,17 @@ def _c_module_names() -> list[str]:
     return names
 
 
+def _defined_in_c_module(obj: object, module) -> bool:
+    """A function or class the C module itself defines, not a constant (its __doc__ is its type's) or a
+    replacement installed at run time (pytest swaps ``sys.unraisablehook`` for a Python function),
+    which would make the corpus depend on the process that builds it."""
+    if inspect.isbuiltin(obj):
+        return getattr(obj, "__self__", None) is module
+    if isinstance(obj, type):
+        return obj.__module__ in (module.__name__, module.__name__.lstrip("_"))
+    return False
+
+
 def c_module_documents(seen: set[str] | None = None) -> list[Document]:
     """One document per C module: the module's docstring, then its public functions, classes and methods."""
     seen = set() if seen is None else seen
@@ -336,9 +354,11 @@ def c_module_documents(seen: set[str] | None = None) -> list[Document]:
         for attribute in sorted(vars(module)):
             if attribute.startswith("_"):
                 continue
-            obj = getattr(module, attribute)
-            if not (isinstance(obj, type) or callable(obj)):
-                continue  # constants: their __doc__ is their type's
+            # sys keeps the original of each hook a program may replace (sys.__excepthook__, ...).
+            original = getattr(module, f"__{attribute}__", None) if name == "sys" else None
+            obj = original or getattr(module, attribute)
+            if not _defined_in_c_module(obj, module):
+                continue
             docs.append(getattr(obj, "__doc__", None))
             if isinstance(obj, type):
                 for member in sorted(vars(obj)):

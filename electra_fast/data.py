@@ -302,6 +302,8 @@ def _jsonl_documents(path: str, compressed: bool) -> Iterator[tuple[int, list[st
 def _report_error(error_dir: str, key: tuple[int, int], error: DataError) -> None:
     """Leave a worker's DataError where the parent finds it: datasets re-raises worker failures as a
     generic DatasetGenerationError with only a traceback string, losing the message and its type."""
+    if not error_dir:  # running in the parent process: the exception itself arrives
+        return
     os.makedirs(error_dir, exist_ok=True)
     with open(os.path.join(error_dir, f"{key[0]:08d}-{key[1]:020d}.txt"), "w", encoding="utf-8") as handle:
         handle.write(str(error))
@@ -893,22 +895,25 @@ def _prepare_into(staging: Path, out: Path, *, inputs: list[str], vocab_path: st
                      parallel_tokenizer=num_proc == 1)
     features = _example_features(seq_len, actual_vocab_size)
     parts = []
+    if shards and not _any_text(shards):
+        shards = []  # datasets cannot build a dataset from a generator that yields nothing
     with _worker_errors(error_dir):
         if shards and use_streaming:
             _log(verbose, f"tokenising and packing (streaming, {num_proc} process(es))")
-            parts.append(Dataset.from_generator(
-                packer.generate_examples, gen_kwargs={"shards": shards}, features=features,
+            parts.append(_from_generator(
+                packer.generate_examples, error_dir, gen_kwargs={"shards": shards}, features=features,
                 cache_dir=str(cache_dir), num_proc=min(num_proc, len(shards))))
         elif shards:
             _log(verbose, f"reading documents ({len(shards)} shard(s), {num_proc} process(es))")
-            documents = Dataset.from_generator(
-                _generate_documents, gen_kwargs={"shards": shards, "error_dir": str(error_dir)},
-                cache_dir=str(cache_dir), num_proc=min(num_proc, len(shards)))
-            _log(verbose, f"tokenising and packing {len(documents)} documents ({num_proc} process(es))")
-            parts.append(documents.map(
-                packer.map_documents, batched=True, batch_size=DOCUMENTS_PER_BATCH, features=features,
-                remove_columns=documents.column_names, num_proc=_useful_procs(num_proc, len(documents)),
-                cache_file_name=str(cache_dir / "examples-text.arrow"), desc="packing"))
+            documents = _from_generator(
+                _generate_documents, error_dir, gen_kwargs={"shards": shards, "error_dir": str(error_dir)},
+                features=_DOCUMENT_FEATURES(), cache_dir=str(cache_dir), num_proc=min(num_proc, len(shards)))
+            if documents is not None:
+                _log(verbose, f"tokenising and packing {len(documents)} documents ({num_proc} process(es))")
+                parts.append(documents.map(
+                    packer.map_documents, batched=True, batch_size=DOCUMENTS_PER_BATCH, features=features,
+                    remove_columns=documents.column_names, num_proc=_useful_procs(num_proc, len(documents)),
+                    cache_file_name=str(cache_dir / "examples-text.arrow"), desc="packing"))
         for source in arrow_sources:
             rows = _load_text_dataset(source)
             _log(verbose, f"tokenising and packing {len(rows)} rows of {source.path}")
@@ -917,7 +922,7 @@ def _prepare_into(staging: Path, out: Path, *, inputs: list[str], vocab_path: st
                 fn_kwargs={"input_index": source.index, "name": source.path}, features=features,
                 remove_columns=rows.column_names, num_proc=_useful_procs(num_proc, len(rows)),
                 cache_file_name=str(cache_dir / f"examples-{source.index}.arrow"), desc="packing"))
-    parts = [part for part in parts if len(part)]
+    parts = [part for part in parts if part is not None and len(part)]
     if not parts:
         raise DataError(_empty_corpus_message(sources))
     examples = concatenate_datasets(parts) if len(parts) > 1 else parts[0]
@@ -955,6 +960,31 @@ def _prepare_into(staging: Path, out: Path, *, inputs: list[str], vocab_path: st
     # Written last: a folder with a manifest is a finished one.
     (staging / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     return manifest
+
+
+def _DOCUMENT_FEATURES():
+    from datasets import Features, Value
+
+    return Features({"text": Value("string"), "input": Value("int32"), "offset": Value("int64")})
+
+
+def _any_text(shards: list[tuple]) -> bool:
+    """Whether the text inputs hold at least one non-blank line (reads only up to the first one)."""
+    return next(iter(_generate_documents(shards, error_dir="")), None) is not None
+
+
+def _from_generator(generator, error_dir: Path, **kwargs):
+    """``Dataset.from_generator``, or None when the generator yielded no row at all (datasets raises on
+    an empty split; an input whose text tokenises to nothing gets there)."""
+    from datasets import Dataset
+
+    try:
+        return Dataset.from_generator(generator, **kwargs)
+    except Exception as exc:  # noqa: BLE001
+        reported = error_dir.is_dir() and any(error_dir.iterdir())
+        if "corresponds to no data" in str(exc) and not reported:
+            return None
+        raise
 
 
 def _useful_procs(num_proc: int, rows: int) -> int | None:

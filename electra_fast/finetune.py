@@ -15,7 +15,8 @@ Task names and file layouts: see :mod:`electra_fast.tasks`.
 The recipe defaults are the paper's (Clark et al. 2020, Appendix; google-research/electra
 ``configure_finetuning.py`` and ``model/optimization.py``):
 
-* AdamW (β=0.9/0.999, ε=1e-6), weight decay 0.01 except LayerNorm and bias, gradient clipping at 1.0;
+* AdamW (β=0.9/0.999, ε=1e-6), weight decay 0.01 (the reference code's value) except on LayerNorm
+  and bias parameters, gradient clipping at global norm 1.0;
 * lr 3e-4 (small) / 1e-4 (base) / 5e-5 (large), size read from the hidden width;
 * layer-wise lr decay 0.8 (0.9 for large) exactly as ``_get_layer_lrs``: embeddings (and
   ``embeddings_project``) have depth 0, encoder layer i depth i+1, the task head depth L+2, and each
@@ -38,8 +39,8 @@ CUDA (on packed real tokens, with ``model.unpad``) and PyTorch SDPA on the CPU; 
 runs under bf16 autocast. Plain PyTorch, one device: no DeepSpeed.
 
 Outputs in ``--out``: ``metrics.json`` (per seed: the final dev metrics, the best eval and the eval
-history; the median over seeds of the final metrics as the paper reports, and of the best) rewritten
-after every seed, and ``model/``: the best checkpoint by the selecting dev metric over all seeds and
+history; the median over seeds of the final metrics as the paper reports, and of the best; extra dev
+sets are prefixed, e.g. MNLI's ``mismatched_accuracy``) rewritten after every seed, and ``model/``: the best checkpoint by the selecting dev metric over all seeds and
 evals, as an ``ElectraForSequenceClassification`` / ``ElectraForTokenClassification`` folder
 (config.json with num_labels, id2label, label2id, problem_type; model.safetensors; tokenizer files),
 written to a temporary folder and renamed into place.
@@ -118,12 +119,13 @@ __all__ = [
     "load_encoder",
     "load_tokenizer",
     "lr_multiplier",
+    "make_optimizer",
     "parameter_depth",
     "run_finetune",
     "save_hf_model",
 ]
 
-# The paper's per-size fine-tuning hyper-parameters (ELECTRA Appendix, Table 7).
+# Per-size fine-tuning hyper-parameters: the paper's appendix and configure_finetuning.py.
 PAPER_RECIPE = {
     "small": {"lr": 3e-4, "layerwise_lr_decay": 0.8},
     "base": {"lr": 1e-4, "layerwise_lr_decay": 0.8},
@@ -760,29 +762,44 @@ def _epoch_order(num_examples: int, batch_size: int, generator: torch.Generator)
     return [order[i:i + batch_size] for i in range(0, num_examples, batch_size)]
 
 
+def make_optimizer(model: nn.Module, lr: float, decay: float, total_steps: int, warmup_steps: int,
+                   options: TrainOptions, device: torch.device):
+    """AdamW over :func:`layerwise_param_groups` and a LambdaLR applying :func:`lr_multiplier`, so
+    group g's lr at update t is lr · decay^(L+2−depth_g) · min(1, (t+1)/W) · (1 − t/T)."""
+    optimizer = torch.optim.AdamW(
+        layerwise_param_groups(model, lr, decay, options.weight_decay),
+        lr=lr, betas=(options.adam_beta1, options.adam_beta2), eps=options.adam_eps,
+        **({"fused": True} if device.type == "cuda" else {}),
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_multiplier(step, total_steps, warmup_steps))
+    return optimizer, scheduler
+
+
+# The loss is read back (a device sync) only every this many steps, and at evaluations.
+_SYNC_EVERY = 10
+
+
 def _train_seed(model: nn.Module, encoder_state: dict, spec: TaskSpec, train_features: _Features,
                 dev_features: dict[str, _Features], recipe: _Recipe, config: FinetuneConfig, seed: int,
                 device: torch.device, pad_id: int, selecting: str, on_eval) -> dict:
     options = config.train
-    torch.manual_seed(seed)
+    torch.manual_seed(seed)  # head init and dropout
     model.electra.load_state_dict(encoder_state)
     model.reset_head()
     model.train()
-    optimizer = torch.optim.AdamW(
-        layerwise_param_groups(model, recipe.lr, recipe.layerwise_lr_decay, options.weight_decay),
-        lr=recipe.lr, betas=(options.adam_beta1, options.adam_beta2), eps=options.adam_eps,
-        **({"fused": True} if device.type == "cuda" else {}),
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_multiplier(step, recipe.total_steps, recipe.warmup_steps))
-    generator = torch.Generator().manual_seed(seed)
+    optimizer, scheduler = make_optimizer(model, recipe.lr, recipe.layerwise_lr_decay, recipe.total_steps,
+                                          recipe.warmup_steps, options, device)
+    generator = torch.Generator().manual_seed(seed)  # data order
     parameters = [p for p in model.parameters() if p.requires_grad]
+    sign = 1.0 if _higher_is_better(selecting) else -1.0
 
     from tqdm.auto import tqdm
 
     bar = tqdm(total=recipe.total_steps, desc=f"{spec.name} seed {seed}", unit="step", dynamic_ncols=True,
                disable=not options.progress, file=sys.stderr)
     history, best, smoothed_loss, step = [], None, None, 0
+    loss_sum, loss_count = torch.zeros((), device=device), 0
     postfix: dict[str, str] = {}
     started = time.perf_counter()
     try:
@@ -791,9 +808,6 @@ def _train_seed(model: nn.Module, encoder_state: dict, spec: TaskSpec, train_fea
                 batch = _collate(train_features, indices, pad_id, device, spec.kind)
                 with _autocast(device, options.precision):
                     loss = _forward_loss(model, batch, spec.kind)
-                if not torch.isfinite(loss):
-                    raise FinetuneError(f"seed {seed}: the loss became {loss.item()} at step {step} "
-                                        f"(lr {recipe.lr:g}; try a lower train.lr)")
                 loss.backward()
                 if options.grad_clip > 0:
                     torch.nn.utils.clip_grad_norm_(parameters, options.grad_clip)
@@ -801,16 +815,24 @@ def _train_seed(model: nn.Module, encoder_state: dict, spec: TaskSpec, train_fea
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
-                value = loss.item()
-                smoothed_loss = value if smoothed_loss is None else 0.9 * smoothed_loss + 0.1 * value
+                loss_sum += loss.detach()
+                loss_count += 1
                 bar.update(1)
-                postfix["loss"] = f"{smoothed_loss:.4f}"
-                if step % recipe.eval_every == 0 or step == recipe.total_steps:
+                evaluate_now = step % recipe.eval_every == 0 or step == recipe.total_steps
+                if loss_count == _SYNC_EVERY or evaluate_now:
+                    mean_loss = loss_sum.item() / loss_count
+                    if not math.isfinite(mean_loss):
+                        raise FinetuneError(f"seed {seed}: the training loss became {mean_loss} by step {step} "
+                                            f"(lr {recipe.lr:g}; try a lower train.lr)")
+                    smoothed_loss = mean_loss if smoothed_loss is None else 0.7 * smoothed_loss + 0.3 * mean_loss
+                    loss_sum.zero_()
+                    loss_count = 0
+                    postfix["loss"] = f"{smoothed_loss:.4f}"
+                if evaluate_now:
                     metrics = _evaluate(model, dev_features, spec, options, device, pad_id)
-                    entry = {"step": step, "epoch": round(step / recipe.steps_per_epoch, 3), "train_loss": smoothed_loss,
-                             "metrics": metrics}
+                    entry = {"step": step, "epoch": round(step / recipe.steps_per_epoch, 3),
+                             "train_loss": smoothed_loss, "metrics": metrics}
                     history.append(entry)
-                    sign = 1.0 if _higher_is_better(selecting) else -1.0
                     if best is None or sign * metrics[selecting] > sign * best["metrics"][selecting]:
                         best = entry
                     on_eval(seed, entry)
@@ -841,7 +863,7 @@ def _hf_task_config(base: dict, spec: TaskSpec) -> dict:
         finetuning_task=spec.name,
         model_type="electra",
     )
-    config.setdefault("classifier_dropout", None)
+    config["classifier_dropout"] = None  # the heads were trained with hidden_dropout_prob
     return config
 
 
@@ -865,7 +887,8 @@ def save_hf_model(state: dict[str, torch.Tensor], out_dir: str | os.PathLike, sp
                     copied = True
         if not copied and tokenizer is not None and hasattr(tokenizer, "save"):
             tokenizer.save(str(tmp / "tokenizer.json"))
-        if not (tmp / "tokenizer_config.json").exists() and ((tmp / "vocab.txt").exists() or (tmp / "tokenizer.json").exists()):
+        has_tokenizer = (tmp / "vocab.txt").exists() or (tmp / "tokenizer.json").exists()
+        if has_tokenizer and not (tmp / "tokenizer_config.json").exists():
             (tmp / "tokenizer_config.json").write_text(json.dumps({
                 "tokenizer_class": "ElectraTokenizerFast" if (tmp / "tokenizer.json").exists() else "ElectraTokenizer",
                 "do_lower_case": True, "model_max_length": base_config.get("max_position_embeddings", 512),
@@ -914,12 +937,12 @@ def finetune_task(encoder_source, tokenizer, data: TaskData, config: FinetuneCon
     if not data.dev or not data.dev.get("dev"):
         raise FinetuneError("no dev examples")
     spec = data.spec
-    tokenizer_dir = None
+    tokenizer_dir = None  # where the saved model's tokenizer files are copied from
     if isinstance(encoder_source, (str, os.PathLike)):
-        tokenizer_dir = resolve_model_dir(encoder_source)
+        folder = resolve_model_dir(encoder_source)
         if tokenizer is None:
-            tokenizer = load_tokenizer(tokenizer_dir)
-        model_name = model_name or str(tokenizer_dir)
+            tokenizer, tokenizer_dir = load_tokenizer(folder), folder
+        model_name = model_name or str(folder)
     if tokenizer is None:
         raise FinetuneError("a tokenizer is required when the encoder is not a model folder")
     tokenizer = load_tokenizer(tokenizer)
@@ -969,12 +992,12 @@ def finetune_task(encoder_source, tokenizer, data: TaskData, config: FinetuneCon
         result["per_seed"][str(seed)] = run
         result["median"] = _median(result["per_seed"], "final")
         result["median_best"] = _median(result["per_seed"], "best")
-        result["best_checkpoint"] = {"seed": best["seed"], "step": best["step"], "metrics": best["metrics"]}
+        if out is not None and best["state"] is not None:
+            save_hf_model(best["state"], out / "model", spec, base_config, tokenizer, tokenizer_dir)
+            best["state"] = None  # written; the next improvement makes a new copy
+            best["path"] = str(out / "model")
+        result["best_checkpoint"] = {k: best.get(k) for k in ("seed", "step", "metrics", "path")}
         if out is not None:
-            if best["state"] is not None:
-                save_hf_model(best["state"], out / "model", spec, base_config, tokenizer, tokenizer_dir)
-                best["state"] = None  # written; the next improvement makes a new copy
-                result["best_checkpoint"]["path"] = str(out / "model")
             _write_json(out / "metrics.json", result)
     return result
 
@@ -1034,7 +1057,8 @@ def finetune_classifier(encoder, train_examples: Sequence, dev_examples: Sequenc
         spec = TaskSpec(task_name, "regression", [], ("spearman", "pearson", "mse"))
     else:
         names = list(label_names) if label_names is not None else [str(i) for i in range(num_labels)]
-        spec = TaskSpec(task_name, "classification", names, ("accuracy", "f1", "mcc") if num_labels == 2 else ("accuracy",))
+        metrics = ("accuracy", "f1", "mcc") if num_labels == 2 else ("accuracy",)
+        spec = TaskSpec(task_name, "classification", names, metrics)
     data = TaskData(spec, convert(train_examples, "train"), {"dev": convert(dev_examples, "dev")})
     if config is not None and config.task.metric:
         if config.task.metric not in spec.metrics:

@@ -6,19 +6,23 @@ checkpoints, metrics and the Hugging Face export):
     # one process: the CPU (fp32) or one GPU (bf16)
     python -m electra_fast.train --config configs/electra-small.yaml --set data.path=data/default --run-dir runs/small
 
-    # eight GPUs on one node
-    deepspeed --num_gpus 8 -m electra_fast.train --config configs/electra-small.yaml \\
+    # eight GPUs on one node (DeepSpeed's launcher spells `python -m` as --module)
+    deepspeed --num_gpus 8 --module electra_fast.train --config configs/electra-small.yaml \
         --set data.path=data/owt --run-dir runs/small
 
     # many nodes (hostfile lines look like "node1 slots=8"; the run dir must be on a shared filesystem)
-    deepspeed --hostfile hostfile --num_nodes 4 --num_gpus 8 -m electra_fast.train \\
+    deepspeed --hostfile hostfile --num_nodes 4 --num_gpus 8 --module electra_fast.train \
         --config configs/electra-base.yaml --set data.path=/data/owt --run-dir /shared/runs/base
 
     # torchrun works as well (it sets LOCAL_RANK instead of passing --local_rank)
     torchrun --nproc_per_node 8 -m electra_fast.train --config configs/electra-small.yaml --run-dir runs/small
 
     # continue after a crash, a kill or a preemption: the same command with --resume
-    deepspeed --num_gpus 8 -m electra_fast.train --run-dir runs/small --resume
+    deepspeed --num_gpus 8 --module electra_fast.train --run-dir runs/small --resume
+
+    # ZeRO-3, a bigger batch, 10k steps: any key, from the command line
+    deepspeed --num_gpus 8 --module electra_fast.train --config configs/electra-base.yaml --run-dir runs/base \
+        --set train.deepspeed_config=configs/deepspeed/zero3.json train.global_batch_size=2048 train.max_steps=10000
 
     # the same through the CLI, and the export of any checkpoint to Hugging Face folders
     electra-fast pretrain --config configs/electra-small.yaml --run-dir runs/small --set train.max_steps=10000
@@ -64,7 +68,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, NamedTuple
 
 import numpy as np
 import torch
@@ -754,6 +758,9 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, local_rank:
     # Identical initial weights on every rank (DeepSpeed also broadcasts rank 0's for ZeRO 0-2).
     torch.manual_seed(cfg.train.seed)
     model = ElectraPretrainingModel(cfg)
+    num_parameters = model.num_parameters()
+    # Registered before DeepSpeed's own hooks, so it runs first: see _output_as_tuple.
+    model.register_forward_hook(_output_as_tuple)
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=weight_decay_groups(model, cfg.train.weight_decay),
                                            config=ds_config)
     module = engine.module
@@ -769,6 +776,7 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, local_rank:
     accelerator.manual_seed(cfg.train.seed + rank)
     # A plain torch optimizer (ZeRO-0, fp32) has no overflow check of its own: see _guard_plain_optimizer.
     plain_optimizer = not hasattr(engine.optimizer, "overflow")
+    plain_grad_norm = None
 
     loader = PretrainingLoader(cfg.data.path, micro_batch_size=micro, rank=rank, world_size=world_size,
                                seed=cfg.train.seed, num_workers=cfg.data.num_workers,
@@ -806,7 +814,7 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, local_rank:
     peak = _peak_tflops(cfg, device, precision)
     log.say(f"[electra-fast] {world_size} rank(s) on {device.type}, {precision}, ZeRO-{zero_stage}; global batch "
             f"{cfg.train.global_batch_size} = {micro} x {accumulation} accumulation x {world_size}; "
-            f"{module.num_parameters() / 1e6:.2f}M parameters; data {cfg.data.path} ({manifest['num_examples']} "
+            f"{num_parameters / 1e6:.2f}M parameters; data {cfg.data.path} ({manifest['num_examples']} "
             f"examples of {manifest['seq_len']} tokens); FLOPs/step {flops_per_step:.3g} ({flops_source})"
             + (f"; resumed from {resumed_from} at step {step}" if resumed_from else ""))
 
@@ -846,7 +854,7 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, local_rank:
                 stats.add(loss, out, attention_mask)
                 engine.backward(loss)
                 if plain_optimizer and engine.is_gradient_accumulation_boundary():
-                    _guard_plain_optimizer(engine)
+                    plain_grad_norm = _guard_plain_optimizer(engine)
                 engine.step()
             step += 1
 
@@ -881,7 +889,7 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, local_rank:
                 seconds = max(now - window_start, 1e-9)
                 step_seconds = seconds / window_steps
                 tflops = flops_per_step / step_seconds / world_size / 1e12
-                grad_norm = engine.get_global_grad_norm()
+                grad_norm = plain_grad_norm if plain_optimizer else engine.get_global_grad_norm()
                 last = {
                     "step": step, **values, "lr": float(engine.get_lr()[0]),
                     "grad_norm": None if grad_norm is None else float(grad_norm),
@@ -919,20 +927,52 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, local_rank:
             "export": None if export_dir is None else str(export_dir)}
 
 
-def _guard_plain_optimizer(engine) -> None:
-    """Skip a non-finite update the way DeepSpeed's own optimizer wrappers do.
+class EngineOutput(NamedTuple):
+    """The model's PretrainingOutput as a named tuple (same fields), for DeepSpeed ZeRO-3."""
+
+    loss: torch.Tensor
+    mlm_loss: torch.Tensor
+    disc_loss: torch.Tensor
+    metrics: dict
+
+
+def _output_as_tuple(module, args, output):
+    """Forward hook: hand DeepSpeed the model's output as a named tuple.
+
+    ZeRO-3 re-gathers a module's parameters for the backward pass from hooks it attaches to the
+    tensors of the module's output, and it finds them only inside tuples, lists and dicts. Given the
+    PretrainingOutput dataclass it attaches none to the top-level module, whose forward uses the tied
+    word embeddings and the discriminator head's weights directly; the backward then meets released
+    (empty) parameters. Attribute access is unchanged.
+    """
+    if isinstance(output, tuple):
+        return output
+    return EngineOutput(output.loss, output.mlm_loss, output.disc_loss, output.metrics)
+
+
+def _guard_plain_optimizer(engine) -> torch.Tensor:
+    """Skip a non-finite update the way DeepSpeed's own optimizer wrappers do; returns the gradient norm.
 
     ZeRO-0 with fp32 hands the gradients to a plain torch optimizer, which has no overflow check. The
     engine reads an ``overflow`` attribute after ``optimizer.step()`` and, when it is set, counts a
-    skipped step and leaves the LR schedule alone; clearing the gradients makes the step a no-op. The
-    gradients are already all-reduced, so every rank reaches the same decision. This is the one
-    configuration with a host sync per step (it is mostly the CPU path, where that costs nothing).
+    skipped step and leaves the LR schedule alone; the one ``step()`` call of this update is made a
+    no-op (the engine clears the gradients afterwards). The gradients are already all-reduced, so every
+    rank reaches the same decision. This is the one configuration with a host sync per optimizer step
+    (it is mostly the CPU path, where that costs nothing).
     """
+    optimizer = engine.optimizer
     grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
-    finite = bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()) if grads else True
-    engine.optimizer.overflow = not finite
-    if not finite:
-        engine.optimizer.zero_grad(set_to_none=True)
+    if not grads:
+        optimizer.overflow = False
+        return torch.zeros(())
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+    optimizer.overflow = not bool(torch.isfinite(norm))
+    if optimizer.overflow:
+        def skip_this_step(*args, **kwargs):
+            del optimizer.step  # the class's step() again from the next update on
+
+        optimizer.step = skip_this_step
+    return norm
 
 
 # ==================================================================================================

@@ -23,6 +23,7 @@ from .disc_head import (
 from .mlm_head import IGNORE_INDEX, MLMHeadLoss, mlm_head_loss, mlm_head_loss_ref
 from .bias_gelu import LinearGELU, bias_gelu, bias_gelu_ref
 from .layer_norm import DropoutAddLayerNorm, FusedLayerNorm, layer_norm, layer_norm_ref
+from .hf_patch import patch_hf
 
 __all__ = [
     "DropoutAddLayerNorm",
@@ -32,6 +33,7 @@ __all__ = [
     "bias_gelu_ref",
     "layer_norm",
     "layer_norm_ref",
+    "patch_hf",
     "FusedAttention",
     "IGNORE_INDEX",
     "attention",

@@ -98,15 +98,28 @@ if HAS_TRITON:
         _DKDV_CONFIGS = _configs(_DKDV_SPACE, ("BLOCK_M", "BLOCK_N"))
         _DQ_CONFIGS = _configs(_DQ_SPACE, ("BLOCK_M", "BLOCK_N"))
 
-    # Triton's interpreter multiplies bf16 operands of tl.dot as their raw uint16 bits (triton 3.9), so
-    # under the interpreter the operands are widened to fp32 first. bf16/fp16 products are exact in
-    # fp32, so this matches the tensor-core result up to summation order.
-    _INTERPRET_DOT_UPCAST = tl.constexpr(_INTERPRET)
+    # Interpreter work-arounds (constexpr False on the GPU, where none of this is compiled). Triton's
+    # interpreter (3.9) multiplies bf16 operands of tl.dot as their raw uint16 bits, so there the operands
+    # are widened to fp32 first: bf16/fp16 products are exact in fp32, so this matches the tensor-core
+    # result up to summation order.
+    _INTERPRET_FIXUPS = tl.constexpr(_INTERPRET)
+
+    @triton.jit
+    def _cast(x, DTYPE: tl.constexpr):
+        """x.to(DTYPE) with round-to-nearest-even. The GPU always rounds so; Triton's interpreter (3.9)
+        truncates fp32 -> bf16, which would double the CPU tests' errors, so there the rounding is done
+        by hand on the bits (add half an ulp of bf16, ties to even, then drop the low 16 bits)."""
+        if _INTERPRET_FIXUPS:
+            if DTYPE == tl.bfloat16:
+                bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+                bits = bits + 0x7FFF + ((bits >> 16) & 1)
+                x = (bits & 0xFFFF0000).to(tl.float32, bitcast=True)
+        return x.to(DTYPE)
 
     @triton.jit
     def _mma(a, b, acc, DOT_PRECISION: tl.constexpr):
         """acc + a·b with fp32 accumulation (acc may be None)."""
-        if _INTERPRET_DOT_UPCAST:
+        if _INTERPRET_FIXUPS:
             return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
         else:
             return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
@@ -207,7 +220,7 @@ if HAS_TRITON:
             if DROPOUT:
                 keep = _keep_mask(seed, rng_base, offs_m[:, None], cols[None, :], rng_stride_m, dropout_p)
                 p = tl.where(keep, p, 0.0)  # the 1/(1-p) rescale is applied once, at the end
-            acc = _mma(p.to(v.dtype), v, acc, DOT_PRECISION)
+            acc = _mma(_cast(p, v.dtype), v, acc, DOT_PRECISION)
             m_i = m_new
         return acc, l_i, m_i
 
@@ -274,11 +287,12 @@ if HAS_TRITON:
         if DROPOUT:
             inv_l = inv_l / (1.0 - dropout_p)
         out = acc * inv_l[:, None]
-        lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453  # back to natural log: ln(Σ exp(scale·qk))
+        # Back to the natural log: lse = ln Σ_j exp(scale·qk_j) = (m + log2 l)·ln 2.
+        lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
 
         o_ptrs = (Out + b64 * stride_ob + h64 * stride_oh + (seq_start + offs_m[:, None]) * stride_om
                   + offs_d[None, :])
-        tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+        tl.store(o_ptrs, _cast(out, Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
         tl.store(LSE + b64 * stride_lb + h64 * stride_lh + seq_start + offs_m, lse, mask=row_ok)
 
     @triton.jit
@@ -355,9 +369,9 @@ if HAS_TRITON:
                 dpT = tl.where(keep, dpT * scale_keep, 0.0)
             else:
                 pT_drop = pT
-            dv = _mma(pT_drop.to(do.dtype), do, dv, DOT_PRECISION)
+            dv = _mma(_cast(pT_drop, do.dtype), do, dv, DOT_PRECISION)
             dsT = pT * (dpT - delta[None, :])
-            dk = _mma(dsT.to(qT.dtype), tl.trans(qT), dk, DOT_PRECISION)
+            dk = _mma(_cast(dsT, qT.dtype), tl.trans(qT), dk, DOT_PRECISION)
         return dk, dv
 
     @triton.autotune(configs=_DKDV_CONFIGS, key=_TUNE_KEY, prune_configs_by=_prune("N"))
@@ -425,9 +439,9 @@ if HAS_TRITON:
         dk = dk * sm_scale
 
         tl.store(DK + b64 * stride_dkb + h64 * stride_dkh + kv_rows * stride_dkn + offs_d[None, :],
-                 dk.to(DK.dtype.element_ty), mask=kv_mask)
+                 _cast(dk, DK.dtype.element_ty), mask=kv_mask)
         tl.store(DV + b64 * stride_dvb + h64 * stride_dvh + kv_rows * stride_dvn + offs_d[None, :],
-                 dv.to(DV.dtype.element_ty), mask=kv_mask)
+                 _cast(dv, DV.dtype.element_ty), mask=kv_mask)
 
     @triton.jit
     def _attn_bwd_dq_inner(dq, q, do, lse2, delta, k_ptrs, v_ptrs, kpm_ptr, lo, hi, live_k,
@@ -463,7 +477,7 @@ if HAS_TRITON:
                 keep = _keep_mask(seed, rng_base, offs_m[:, None], cols[None, :], rng_stride_m, dropout_p)
                 dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
             ds = p * (dp - delta[:, None])
-            dq = _mma(ds.to(kT.dtype), tl.trans(kT), dq, DOT_PRECISION)
+            dq = _mma(_cast(ds, kT.dtype), tl.trans(kT), dq, DOT_PRECISION)
         return dq
 
     @triton.autotune(configs=_DQ_CONFIGS, key=_TUNE_KEY, prune_configs_by=_prune("M"))
@@ -524,7 +538,7 @@ if HAS_TRITON:
             HEAD_DIM, BLOCK_D, BLOCK_N, True, HAS_KPM, DROPOUT, DOT_PRECISION)
         dq = dq * sm_scale
         tl.store(DQ + b64 * stride_dqb + h64 * stride_dqh + rows * stride_dqm + offs_d[None, :],
-                 dq.to(DQ.dtype.element_ty), mask=qo_mask)
+                 _cast(dq, DQ.dtype.element_ty), mask=qo_mask)
 
     @triton.jit(do_not_specialize=["seed", "rng_offset"])
     def _dropout_mask_kernel(Mask, seqlen_q, seqlen_k, dropout_p, seed, rng_offset,

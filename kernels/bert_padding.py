@@ -56,6 +56,10 @@ def unpad_input(hidden: torch.Tensor, attention_mask: torch.Tensor):
     Returns (packed (total_tokens, ...), indices (total_tokens,) int64 into batch*seq,
     cu_seqlens (batch + 1,) int32, max_seqlen python int).
     """
+    if attention_mask.dim() != 2 or tuple(attention_mask.shape) != tuple(hidden.shape[:2]):
+        raise ValueError(f"unpad_input: attention_mask {tuple(attention_mask.shape)} must be (batch, seq) = "
+                         f"{tuple(hidden.shape[:2])}")
+    # One host sync (nonzero, max) per encoder pass; every layer after it works on real tokens only.
     seqlens = attention_mask.sum(dim=-1, dtype=torch.int32)
     indices = torch.nonzero(attention_mask.flatten(), as_tuple=False).flatten()
     max_seqlen = int(seqlens.max().item()) if seqlens.numel() else 0
@@ -66,5 +70,7 @@ def unpad_input(hidden: torch.Tensor, attention_mask: torch.Tensor):
 
 def pad_input(packed: torch.Tensor, indices: torch.Tensor, batch: int, seqlen: int) -> torch.Tensor:
     """Inverse of :func:`unpad_input`: (total_tokens, ...) -> (batch, seq, ...) with zeros at padding."""
+    if packed.shape[0] != indices.shape[0]:
+        raise ValueError(f"pad_input: {packed.shape[0]} packed rows but {indices.shape[0]} indices")
     out = index_put_first_axis(packed, indices, batch * seqlen)
     return out.view(batch, seqlen, *packed.shape[1:])

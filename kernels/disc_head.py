@@ -66,6 +66,17 @@ _new_empty = torch.empty
 if HAS_TRITON:
 
     @triton.jit
+    def _cast_for_store(x, PTR, EMULATE_RTNE: tl.constexpr):
+        """fp32 x converted to PTR's element type. The GPU rounds fp32 -> bf16 to nearest even;
+        Triton's interpreter (3.9) truncates, so there the bits are rounded first (tests only)."""
+        if EMULATE_RTNE:
+            if PTR.dtype.element_ty == tl.bfloat16:
+                bits = x.to(tl.uint32, bitcast=True)
+                bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+                x = bits.to(tl.float32, bitcast=True)
+        return x.to(PTR.dtype.element_ty)
+
+    @triton.jit
     def _disc_head_fwd_kernel(
         HIDDEN, W, BIAS, LABELS, MASK,
         LOGITS, DLOGITS, PART_DW, PART_SUMS, PART_COUNTS,
@@ -154,7 +165,8 @@ if HAS_TRITON:
         GRAD_LOSS, GRAD_LOGITS, NUM_TOKENS, DLOGITS, W, DW_SUM, DB_SUM,
         DHIDDEN, DW, DB, N, HID, stride_dn,
         HAS_GRAD_LOSS: tl.constexpr, HAS_GRAD_LOGITS: tl.constexpr, WRITE_DH: tl.constexpr,
-        WRITE_DW: tl.constexpr, WRITE_DB: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr,
+        WRITE_DW: tl.constexpr, WRITE_DB: tl.constexpr, EMULATE_RTNE: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr,
     ):
         """dH = (g/R · dz + grad_logits) ⊗ w; program 0 also writes dw = g/R · Σ dz h, db = g/R · Σ dz."""
         pid = tl.program_id(0)
@@ -173,14 +185,14 @@ if HAS_TRITON:
                 dz += tl.load(GRAD_LOGITS + rows, mask=row_ok, other=0.0).to(tl.float32)
             w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
             tl.store(DHIDDEN + rows.to(tl.int64)[:, None] * stride_dn + cols[None, :],
-                     (dz[:, None] * w[None, :]).to(DHIDDEN.dtype.element_ty),
+                     _cast_for_store(dz[:, None] * w[None, :], DHIDDEN, EMULATE_RTNE),
                      mask=row_ok[:, None] & col_ok[None, :])
         if pid == 0:
             if WRITE_DW:
                 dw = tl.load(DW_SUM + cols, mask=col_ok, other=0.0) * scale
-                tl.store(DW + cols, dw, mask=col_ok)
+                tl.store(DW + cols, _cast_for_store(dw, DW, EMULATE_RTNE), mask=col_ok)
             if WRITE_DB:
-                tl.store(DB, tl.load(DB_SUM) * scale)
+                tl.store(DB, _cast_for_store(tl.load(DB_SUM) * scale, DB, EMULATE_RTNE))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -293,6 +305,7 @@ def disc_head_backward(grad_loss: Optional[Tensor], grad_logits: Optional[Tensor
             N, HID, HID,
             HAS_GRAD_LOSS=grad_loss is not None, HAS_GRAD_LOGITS=grad_logits is not None,
             WRITE_DH=need_hidden and N > 0, WRITE_DW=need_weight, WRITE_DB=need_bias,
+            EMULATE_RTNE=interpreter_enabled(),
             BLOCK_N=block_n, BLOCK_H=block_h, num_warps=num_warps,
         )
     if grad_logits is not None:

@@ -92,7 +92,7 @@ def _next_pow2(n: int) -> int:
 def _matmul_configs():
     """A small search space for the (BLOCK_M x BLOCK_V) logit tiles; one config in the interpreter."""
     if interpreter_enabled():
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_V": 128, "BLOCK_E": 32}, num_warps=4, num_stages=1)]
+        return [triton.Config({"BLOCK_M": 64, "BLOCK_V": 256, "BLOCK_E": 32}, num_warps=4, num_stages=1)]
     return [
         triton.Config({"BLOCK_M": 128, "BLOCK_V": 128, "BLOCK_E": 64}, num_warps=8, num_stages=3),
         triton.Config({"BLOCK_M": 128, "BLOCK_V": 256, "BLOCK_E": 64}, num_warps=8, num_stages=3),
@@ -111,6 +111,17 @@ def _prune_matmul_configs(configs, named_args, **kwargs):
 
 
 if HAS_TRITON:
+
+    @triton.jit
+    def _cast_for_store(x, PTR, EMULATE_RTNE: tl.constexpr):
+        """fp32 x converted to PTR's element type. The GPU rounds fp32 -> bf16 to nearest even;
+        Triton's interpreter (3.9) truncates, so there the bits are rounded first (tests only)."""
+        if EMULATE_RTNE:
+            if PTR.dtype.element_ty == tl.bfloat16:
+                bits = x.to(tl.uint32, bitcast=True)
+                bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+                x = bits.to(tl.float32, bitcast=True)
+        return x.to(PTR.dtype.element_ty)
 
     @triton.jit
     def _gumbel(seed, rows, cols, V, RNG_OFFSET_64: tl.constexpr):
@@ -280,7 +291,7 @@ if HAS_TRITON:
         H, W, BIAS, TARGETS, LSE, SCALE, DLOGITS, PART_DBIAS,
         M, V, E, M_BUCKET, col_begin, chunk_cols, stride_hm, stride_wv, stride_dm,
         HAS_BIAS: tl.constexpr, WRITE_DBIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-        DOT_UPCAST: tl.constexpr, EVEN_E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_E: tl.constexpr,
+        DOT_UPCAST: tl.constexpr, EMULATE_RTNE: tl.constexpr, EVEN_E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_E: tl.constexpr,
     ):
         """dz = s·(softmax(z) - onehot(t)) for columns [col_begin, col_begin + chunk_cols).
 
@@ -318,7 +329,7 @@ if HAS_TRITON:
             if WRITE_DBIAS:
                 dbias += tl.sum(tl.where(col_ok[None, :], dz, 0.0), axis=0)
             out = DLOGITS + rows.to(tl.int64)[:, None] * stride_dm + local_cols[None, :]
-            tl.store(out, dz.to(DLOGITS.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+            tl.store(out, _cast_for_store(dz, DLOGITS, EMULATE_RTNE), mask=row_ok[:, None] & col_ok[None, :])
         if WRITE_DBIAS:
             tl.store(PART_DBIAS + row_split * V + cols, dbias, mask=col_ok)
 
@@ -495,7 +506,7 @@ def mlm_head_backward(grad_loss: Tensor, hidden: Tensor, weight: Tensor, bias: O
                 part_dbias if part_dbias is not None else lse,
                 M, V, E, _next_pow2(M), c0, width, hidden.stride(0), weight.stride(0), dz.stride(0),
                 HAS_BIAS=bias is not None, WRITE_DBIAS=need_bias, INPUT_PRECISION=_input_precision(hidden.dtype),
-            DOT_UPCAST=_dot_upcast(hidden.dtype),
+                DOT_UPCAST=_dot_upcast(hidden.dtype), EMULATE_RTNE=interpreter_enabled(),
             )
             w_chunk = weight[c0:c0 + width]
             if need_weight:

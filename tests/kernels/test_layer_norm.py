@@ -8,6 +8,7 @@ small atol (the flash-attn layer-norm test rule).
 from __future__ import annotations
 
 import importlib
+import os
 
 import pytest
 import torch
@@ -21,10 +22,17 @@ ATOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 
 
 def _assert_within_torch_error(name, actual, truth, baseline, dtype):
-    """max|actual - truth| <= 2 * max|baseline - truth| + atol, baseline = PyTorch in the same dtype."""
+    """max|actual - truth| <= 2 * max|baseline - truth| + atol, baseline = PyTorch in the same dtype.
+
+    Triton's interpreter casts fp32 -> bf16 by truncation where the GPU rounds to nearest, so under
+    the interpreter bf16 results get one more ulp (2^-7 relative) of slack.
+    """
     err = (actual.double() - truth).abs().max().item()
     base = (baseline.double() - truth).abs().max().item()
-    assert err <= 2 * base + ATOL[dtype], f"{name}: kernel error {err:.3g} vs PyTorch {dtype} error {base:.3g}"
+    slack = ATOL[dtype]
+    if dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1":
+        slack += truth.abs().max().item() * 2**-7
+    assert err <= 2 * base + slack, f"{name}: kernel error {err:.3g} vs PyTorch {dtype} error {base:.3g}"
 
 
 def _torch_same_dtype(x, weight, bias, residual, dropout_p, mask, eps):

@@ -1,0 +1,377 @@
+"""Does ELECTRA beat BERT masked-LM for the same pre-training compute?  The paper's claim, at our scale.
+
+    python benchmarks/equal_compute.py                       # tiny models on the CPU, a few minutes
+    python benchmarks/equal_compute.py --size small          # ELECTRA-Small-sized, on a GPU
+    python benchmarks/equal_compute.py --size small --electra-steps 3000 --seeds 1,2,3,4,5
+    python benchmarks/equal_compute.py --corpus my_corpus.txt --heldout-every 20
+
+1. Corpus: ``--corpus`` (text in the reference layout: one sentence a line, a blank line between
+   documents) or the embedded default corpus (electra_fast/corpus.py: Python's own documentation
+   prose, no download). Every ``--heldout-every``-th document is held out for the probe; the rest
+   is the pre-training corpus.
+2. Prepared once, used by both models: a lower-cased WordPiece vocabulary trained with `tokenizers`
+   on the pre-training documents, and the documents packed into [CLS] ... [SEP] examples of
+   ``seq_len`` tokens. (Prepared in process rather than with ``electra-fast prepare`` so that it
+   needs no `datasets`, which the GPU machines may lack.) Both models see the same batches in the
+   same order.
+3. Pre-training: ElectraPretrainingModel and BertMLMModel (electra_fast/mlm_baseline.py) with the
+   same discriminator size, in a plain PyTorch loop (AdamW, linear warm-up and decay to 0, gradient
+   clipping 1.0, bf16 autocast on CUDA). ELECTRA runs ``--electra-steps``; BERT runs as many steps as
+   cost the same FLOPs (electra_fast/flops.py, ``--convention``, default the paper's method), so it
+   sees more tokens. Encoders are snapshotted at the ``--checkpoints`` fractions of that budget.
+4. Probe: a CoLA-like acceptability task from held-out sentences: half keep their words, half have
+   two words swapped; the model says which. Every snapshot (and a randomly initialised encoder, at 0
+   FLOPs) is fine-tuned identically with electra_fast.finetune.finetune_classifier (the paper's
+   recipe: layer-wise lr decay, warm-up, the ELECTRA classification head) for each of ``--seeds``;
+   the table reports the dev accuracy's median and spread.
+
+Rows go to results/equal_compute.jsonl, the plot (probe accuracy vs pre-training FLOPs) to
+results/equal_compute.png. Small runs are noisy: compare the curves, and use more seeds and steps
+before drawing conclusions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import add_common_args, append_rows, print_table, save_plot  # noqa: E402
+
+import torch  # noqa: E402
+
+from electra_fast.config import build_config  # noqa: E402
+from electra_fast.flops import bert_mlm_flops, electra_flops  # noqa: E402
+
+SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")  # ids 0..4, the ModelConfig defaults
+
+# Per-size defaults (every one can be overridden on the command line).
+PRESETS = {
+    "tiny": dict(vocab_size=2048, batch=32, electra_steps=300, probe_train=1000, probe_dev=400, probe_epochs=3,
+                 probe_lr=1e-3, seeds="1,2,3"),
+    "small": dict(vocab_size=8192, batch=128, electra_steps=1500, probe_train=2000, probe_dev=500, probe_epochs=3,
+                  probe_lr=3e-4, seeds="1,2,3"),
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# Corpus, tokenizer, examples
+# ----------------------------------------------------------------------------------------------
+def read_documents(path: str | None) -> list[list[str]]:
+    """Documents as lists of sentences: from a text file (blank line between documents) or the
+    embedded default corpus."""
+    if path is None:
+        from electra_fast.corpus import build_default_corpus
+
+        return [list(d.sentences) for d in build_default_corpus()]
+    documents, current = [], []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            line = line.strip()
+            if line:
+                current.append(line)
+            elif current:
+                documents.append(current)
+                current = []
+    if current:
+        documents.append(current)
+    if not documents:
+        raise SystemExit(f"error: {path} holds no text")
+    return documents
+
+
+def train_tokenizer(documents: list[list[str]], vocab_size: int):
+    """BERT's lower-cased WordPiece, trained on the pre-training documents; specials at ids 0..4."""
+    from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, trainers
+    from tokenizers.models import WordPiece
+
+    tokenizer = Tokenizer(WordPiece(unk_token="[UNK]", continuing_subword_prefix="##"))
+    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tokenizer.decoder = decoders.WordPiece(prefix="##")
+    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
+                                        continuing_subword_prefix="##", show_progress=False,
+                                        limit_alphabet=min(1000, max(32, vocab_size // 4)))
+    tokenizer.train_from_iterator((s for doc in documents for s in doc), trainer=trainer)
+    for expected, token in enumerate(SPECIAL_TOKENS):
+        if tokenizer.token_to_id(token) != expected:
+            raise RuntimeError(f"tokenizers put {token} at id {tokenizer.token_to_id(token)}, expected {expected}")
+    return tokenizer
+
+
+def pack_examples(tokenizer, documents: list[list[str]], seq_len: int) -> torch.Tensor:
+    """(N, seq_len) int64: consecutive sentences of a document packed into [CLS] ... [SEP], padded."""
+    cls_id, sep_id, pad_id = (tokenizer.token_to_id(t) for t in ("[CLS]", "[SEP]", "[PAD]"))
+    budget = seq_len - 2
+    examples: list[list[int]] = []
+    for doc in documents:
+        current: list[int] = []
+        for encoding in tokenizer.encode_batch(doc, add_special_tokens=False):
+            ids = encoding.ids[:budget]
+            if current and len(current) + len(ids) > budget:
+                examples.append(current)
+                current = []
+            current = current + ids
+        if current:
+            examples.append(current)
+    out = torch.full((len(examples), seq_len), pad_id, dtype=torch.long)
+    for row, ids in enumerate(examples):
+        out[row, : len(ids) + 2] = torch.tensor([cls_id, *ids, sep_id])
+    return out
+
+
+def swap_two_words(sentence: str, rng: random.Random) -> str | None:
+    """The sentence with two different words exchanged (None when it has too few distinct words)."""
+    words = sentence.split()
+    candidates = [(i, j) for i in range(len(words)) for j in range(i + 1, len(words)) if words[i] != words[j]]
+    if not candidates:
+        return None
+    i, j = rng.choice(candidates)
+    words[i], words[j] = words[j], words[i]
+    return " ".join(words)
+
+
+def build_probe(documents: list[list[str]], n_train: int, n_dev: int, seed: int):
+    """(train, dev) lists of (text, None, label): 1 = the sentence as written, 0 = two words swapped."""
+    rng = random.Random(seed)
+    sentences = sorted({s for doc in documents for s in doc if 6 <= len(s.split()) <= 40})
+    rng.shuffle(sentences)
+    examples = []
+    for sentence in sentences:
+        if rng.random() < 0.5:
+            examples.append((sentence, None, 1))
+        else:
+            swapped = swap_two_words(sentence, rng)
+            if swapped is not None:
+                examples.append((swapped, None, 0))
+        if len(examples) == n_train + n_dev:
+            break
+    if len(examples) < n_train + n_dev:
+        raise SystemExit(f"error: the held-out documents give {len(examples)} probe sentences, fewer than "
+                         f"--probe-train {n_train} + --probe-dev {n_dev}; lower them or --heldout-every")
+    return examples[:n_train], examples[n_train:]
+
+
+# ----------------------------------------------------------------------------------------------
+# Pre-training
+# ----------------------------------------------------------------------------------------------
+def lr_at(step: int, total: int, warmup: int) -> float:
+    """Linear warm-up to 1 over ``warmup`` steps, then linear decay to 0 at ``total``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return max(0.0, (total - step) / max(1, total - warmup))
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if p.ndim < 2 or "LayerNorm" in name or name.endswith("bias") else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def encoder_snapshot(model, cfg):
+    """The fine-tunable encoder (embeddings + discriminator-size body) as a CPU finetune.ElectraModel."""
+    from electra_fast.finetune import ElectraModel
+
+    body_prefix = "discriminator." if hasattr(model, "discriminator") else "electra."
+    state = {}
+    for name, tensor in model.state_dict().items():
+        if name.startswith("embeddings."):
+            state[name] = tensor
+        elif name.startswith(body_prefix):
+            state[name[len(body_prefix):]] = tensor
+    encoder = ElectraModel(cfg.model)
+    encoder.load_state_dict({k: v.detach().float().cpu() for k, v in state.items()})
+    return encoder
+
+
+def pretrain(kind: str, cfg, examples: torch.Tensor, steps: int, snapshot_steps: list[int], args, device):
+    """Train ``kind`` ("electra" | "bert_mlm") for ``steps``; returns ({step: encoder}, log)."""
+    from electra_fast.mlm_baseline import BertMLMModel
+    from electra_fast.model import ElectraPretrainingModel
+
+    torch.manual_seed(args.seed)
+    model = (ElectraPretrainingModel(cfg) if kind == "electra" else BertMLMModel(cfg)).to(device).train()
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr,
+                                  betas=(cfg.train.adam_beta1, cfg.train.adam_beta2), eps=cfg.train.adam_eps,
+                                  **({"fused": True} if device.type == "cuda" else {}))
+    warmup = max(1, min(cfg.train.warmup_steps, steps // 10))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, steps, warmup))
+    # The same example order for both models: one seeded permutation per epoch.
+    order = torch.Generator().manual_seed(args.seed)
+    pad_id = cfg.model.pad_token_id
+    batch, permutation, cursor = args.batch, torch.randperm(len(examples), generator=order), 0
+    snapshots, losses, started = {}, [], time.perf_counter()
+    for step in range(1, steps + 1):
+        if cursor + batch > len(permutation):
+            permutation, cursor = torch.randperm(len(examples), generator=order), 0
+        input_ids = examples[permutation[cursor: cursor + batch]].to(device, non_blocking=True)
+        cursor += batch
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            out = model(input_ids, input_ids != pad_id, torch.zeros_like(input_ids))
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(float(out.loss.detach()))
+        if not math.isfinite(losses[-1]):
+            raise RuntimeError(f"{kind}: the pre-training loss became {losses[-1]} at step {step}")
+        if step in snapshot_steps:
+            snapshots[step] = encoder_snapshot(model, cfg)
+        if args.log_every and step % args.log_every == 0:
+            print(f"  {kind:8s} step {step:6d}/{steps}  loss {statistics.fmean(losses[-args.log_every:]):.4f}",
+                  flush=True)
+    log = {"seconds": time.perf_counter() - started, "final_loss": statistics.fmean(losses[-max(1, steps // 20):])}
+    return snapshots, log
+
+
+# ----------------------------------------------------------------------------------------------
+# Probe
+# ----------------------------------------------------------------------------------------------
+def probe_accuracy(encoder, tokenizer, train, dev, args, device) -> list[float]:
+    """Dev accuracy per seed after identical fine-tuning (electra_fast.finetune's recipe)."""
+    from electra_fast.finetune import FinetuneConfig, finetune_classifier
+
+    config = FinetuneConfig.from_overrides([
+        f"train.epochs={args.probe_epochs}", f"train.lr={args.probe_lr}", "train.progress=false",
+        "train.save_model=false", f"train.device={device}", f"task.max_seq_length={args.seq_len}",
+        f"train.batch_size={args.probe_batch}",
+    ])
+    result = finetune_classifier(encoder, train, dev, num_labels=2, tokenizer=tokenizer, config=config,
+                                 seeds=args.seed_list, task_name="word-order")
+    return [float(result["per_seed"][str(s)]["final"]["accuracy"]) for s in args.seed_list]
+
+
+# ----------------------------------------------------------------------------------------------
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--size", default="tiny", choices=sorted(PRESETS), help="discriminator size (named config)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="config override, e.g. --set train.lr=1e-3 (repeatable)")
+    parser.add_argument("--corpus", default=None, help="text file (default: the embedded default corpus)")
+    parser.add_argument("--max-documents", type=int, default=0, help="use only the first N documents (0 = all)")
+    parser.add_argument("--heldout-every", type=int, default=10, help="every N-th document is held out for the probe")
+    parser.add_argument("--vocab-size", type=int, default=None)
+    parser.add_argument("--seq-len", type=int, default=None, help="default: the config's data.seq_len")
+    parser.add_argument("--batch", type=int, default=None, help="pre-training batch (sequences per step)")
+    parser.add_argument("--electra-steps", type=int, default=None, help="ELECTRA's steps; BERT gets equal FLOPs")
+    parser.add_argument("--convention", default="paper", choices=("paper", "modern"),
+                        help="FLOPs convention that equalises the budgets (default: the paper's)")
+    parser.add_argument("--checkpoints", default="0.25,0.5,1.0", help="fractions of the budget to probe at")
+    parser.add_argument("--probe-train", type=int, default=None)
+    parser.add_argument("--probe-dev", type=int, default=None)
+    parser.add_argument("--probe-epochs", type=float, default=None)
+    parser.add_argument("--probe-lr", type=float, default=None)
+    parser.add_argument("--probe-batch", type=int, default=32)
+    parser.add_argument("--seeds", default=None, help="fine-tuning seeds, comma-separated")
+    parser.add_argument("--seed", type=int, default=1234, help="pre-training seed (initialisation, data order)")
+    parser.add_argument("--no-random-init", action="store_true", help="skip the 0-FLOPs random encoder row")
+    parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    parser.add_argument("--log-every", type=int, default=100)
+    add_common_args(parser)
+    args = parser.parse_args(argv)
+    for key, value in PRESETS[args.size].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.seed_list = [int(s) for s in args.seeds.split(",") if s.strip()]
+    fractions = sorted({float(f) for f in args.checkpoints.split(",") if f.strip()})
+    if not fractions or any(not 0 < f <= 1 for f in fractions):
+        parser.error("--checkpoints must be fractions in (0, 1]")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+    # 1-2. Corpus, split, tokenizer, examples.
+    started = time.perf_counter()
+    documents = read_documents(args.corpus)
+    if args.max_documents:
+        documents = documents[: args.max_documents]
+    heldout = documents[:: args.heldout_every]
+    pretraining_docs = [d for i, d in enumerate(documents) if i % args.heldout_every]
+    if not pretraining_docs or not heldout:
+        parser.error(f"{len(documents)} documents cannot be split with --heldout-every {args.heldout_every}")
+    tokenizer = train_tokenizer(pretraining_docs, args.vocab_size)
+    vocab_size = tokenizer.get_vocab_size()
+    overrides = [f"model.vocab_size={vocab_size}", *args.overrides]
+    if args.seq_len:
+        overrides.append(f"data.seq_len={args.seq_len}")
+    cfg = build_config(args.size, overrides=overrides)
+    args.seq_len = cfg.data.seq_len
+    examples = pack_examples(tokenizer, pretraining_docs, args.seq_len)
+    probe_train, probe_dev = build_probe(heldout, args.probe_train, args.probe_dev, seed=args.seed)
+    real_tokens = int((examples != cfg.model.pad_token_id).sum())
+    print(f"corpus: {len(documents)} documents ({len(heldout)} held out), {len(examples)} examples of "
+          f"{args.seq_len} tokens ({real_tokens:,} real), vocab {vocab_size}; probe {len(probe_train)} train / "
+          f"{len(probe_dev)} dev; prepared in {time.perf_counter() - started:.1f}s", flush=True)
+    if len(examples) < args.batch:
+        parser.error(f"only {len(examples)} pre-training examples for --batch {args.batch}")
+
+    # 3. Equal budgets.
+    electra_step = electra_flops(cfg, seq_len=args.seq_len, batch=args.batch, convention=args.convention)
+    bert_step = bert_mlm_flops(cfg, seq_len=args.seq_len, batch=args.batch, convention=args.convention)
+    budget = electra_step.training_per_step * args.electra_steps
+    bert_steps = max(1, round(budget / bert_step.training_per_step))
+    plan = {"electra": (args.electra_steps, electra_step), "bert_mlm": (bert_steps, bert_step)}
+    print(f"budget: {budget:.3e} FLOPs ({args.convention} convention) = ELECTRA {args.electra_steps} steps "
+          f"x {electra_step.training_per_step:.3e} = BERT-MLM {bert_steps} steps x "
+          f"{bert_step.training_per_step:.3e}", flush=True)
+
+    rows = []
+    if not args.no_random_init:
+        from electra_fast.finetune import ElectraModel
+
+        torch.manual_seed(args.seed)
+        accs = probe_accuracy(ElectraModel(cfg.model), tokenizer, probe_train, probe_dev, args, device)
+        rows.append({"model": "random_init", "fraction": 0.0, "steps": 0, "flops": 0.0, "accuracies": accs})
+    for kind, (steps, step_flops) in plan.items():
+        snapshot_steps = sorted({max(1, round(f * steps)) for f in fractions})
+        snapshots, log = pretrain(kind, cfg, examples, steps, snapshot_steps, args, device)
+        print(f"pre-trained {kind} for {steps} steps in {log['seconds']:.1f}s (final loss {log['final_loss']:.4f})",
+              flush=True)
+        for step in snapshot_steps:
+            accs = probe_accuracy(snapshots.pop(step), tokenizer, probe_train, probe_dev, args, device)
+            rows.append({"model": kind, "fraction": step / steps, "steps": step,
+                         "flops": step * step_flops.training_per_step, "accuracies": accs,
+                         "pretrain_seconds": log["seconds"], "final_pretrain_loss": log["final_loss"]})
+            print(f"  probe {kind} @ step {step}: accuracy {statistics.median(accs):.4f} {accs}", flush=True)
+
+    for row in rows:
+        accs = row["accuracies"]
+        row.update(size=args.size, convention=args.convention, batch=args.batch, seq_len=args.seq_len,
+                   vocab_size=vocab_size, corpus=args.corpus or "default", seeds=args.seed_list,
+                   accuracy_median=statistics.median(accs), accuracy_mean=statistics.fmean(accs),
+                   accuracy_std=statistics.stdev(accs) if len(accs) > 1 else 0.0,
+                   probe_train=len(probe_train), probe_dev=len(probe_dev), device_type=device.type)
+    print()
+    print_table(["model", "budget", "steps", "pre-train FLOPs", "probe acc (median)", "mean ± std", "seeds"],
+                [[r["model"], f"{r['fraction']:.0%}", r["steps"], r["flops"], f"{r['accuracy_median']:.4f}",
+                  f"{r['accuracy_mean']:.4f} ± {r['accuracy_std']:.4f}", len(r["accuracies"])] for r in rows],
+                f"Word-order probe accuracy vs pre-training FLOPs ({args.size}, {args.convention} FLOPs, "
+                f"ELECTRA {args.electra_steps} steps = BERT-MLM {bert_steps} steps)")
+    path = append_rows(args, "equal_compute", rows)
+    if path:
+        print(f"rows: {path}")
+
+    def draw(plt):
+        for kind, label in (("electra", "ELECTRA"), ("bert_mlm", "BERT-MLM")):
+            series = [r for r in rows if r["model"] in (kind, "random_init")]
+            series.sort(key=lambda r: r["flops"])
+            plt.errorbar([r["flops"] for r in series], [r["accuracy_median"] for r in series],
+                         yerr=[r["accuracy_std"] for r in series], marker="o", capsize=3, label=label)
+        plt.xlabel(f"pre-training FLOPs ({args.convention} convention)")
+        plt.ylabel("word-order probe dev accuracy (median over seeds)")
+        plt.title(f"Equal compute, {args.size}: ELECTRA vs BERT-MLM")
+        plt.legend()
+
+    save_plot(args, "equal_compute", draw)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

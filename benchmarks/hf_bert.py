@@ -1,0 +1,216 @@
+"""How fast is a Hugging Face BERT training step before and after ``electra_kernels.patch_hf``?
+
+    python benchmarks/hf_bert.py                          # bert-base shape, 32 x 512, bf16 autocast
+    python benchmarks/hf_bert.py --batch 64 --seq 128 --steps 30
+    python benchmarks/hf_bert.py --hf-attn eager          # compare against HF's eager attention instead of SDPA
+    python benchmarks/hf_bert.py --cpu-smoke              # tiny config on the CPU: the script runs (tests use it)
+
+One process builds a randomly initialised ``BertForMaskedLM`` from a bert-base config (no download), copies
+it, patches the copy, and times full training steps (forward + MLM loss + backward + AdamW) of both on the
+same batches: a padded batch whose sequence lengths are drawn between ``(1 - pad_fraction)·seq`` and
+``seq``, 15% of real tokens as MLM targets, dropout on. Steps are timed with CUDA events after warm-up;
+the table gives medians, tokens/s (real tokens) and peak memory, and one CSV row per variant is appended to
+``benchmarks/results/hf_bert.csv`` with the GPU name, versions, date and commit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import datetime
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_CSV = REPO / "benchmarks" / "results" / "hf_bert.csv"
+CSV_FIELDS = ["date", "commit", "device", "torch", "triton", "transformers", "variant", "hf_attention", "batch",
+              "seq", "real_tokens", "dtype", "steps", "median_ms", "p20_ms", "p80_ms", "tokens_per_s",
+              "peak_mem_gib", "speedup_vs_hf", "first_loss"]
+BERT_BASE = dict(vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                 intermediate_size=3072, max_position_embeddings=512)
+TINY = dict(vocab_size=99, hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
+            max_position_embeddings=32)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--seq", type=int, default=512)
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per variant")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (Triton autotuning, caches)")
+    parser.add_argument("--pad-fraction", type=float, default=0.25,
+                        help="sequence lengths are drawn uniformly in [(1 - f)·seq, seq]")
+    parser.add_argument("--hf-attn", default="sdpa", choices=["sdpa", "eager"], help="baseline attention")
+    parser.add_argument("--csv", type=Path, default=DEFAULT_CSV, help="CSV file the rows are appended to")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cpu-smoke", action="store_true",
+                        help="tiny config, 2 steps on the CPU, fp32: checks that the script works")
+    args = parser.parse_args(argv)
+    if args.cpu_smoke:
+        args.batch, args.seq, args.steps, args.warmup = 2, 16, 2, 1
+    if not 0.0 <= args.pad_fraction < 1.0:
+        parser.error("--pad-fraction must be in [0, 1)")
+    return args
+
+
+def make_batches(n, batch, seq, vocab, pad_fraction, device, generator):
+    """n padded MLM batches (input_ids, attention_mask, labels) with random lengths."""
+    batches = []
+    shortest = max(1, int(round(seq * (1.0 - pad_fraction))))
+    for _ in range(n):
+        lengths = torch.randint(shortest, seq + 1, (batch,), generator=generator)
+        attention_mask = (torch.arange(seq)[None, :] < lengths[:, None]).long()
+        input_ids = torch.randint(5, vocab, (batch, seq), generator=generator) * attention_mask
+        is_target = (torch.rand(batch, seq, generator=generator) < 0.15) & attention_mask.bool()
+        is_target[:, 0] = True  # at least one target per sequence
+        labels = torch.where(is_target, input_ids, torch.full_like(input_ids, -100))
+        batches.append({k: v.to(device) for k, v in
+                        dict(input_ids=input_ids, attention_mask=attention_mask, labels=labels).items()})
+    return batches
+
+
+def time_training(model, batches, warmup, device, autocast_dtype):
+    """Per-step milliseconds (timed steps only), peak memory in GiB, and the first step's loss."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda")
+    model.train()
+    times_ms, first_loss = [], None
+
+    def step(batch):
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    for i, batch in enumerate(batches):
+        if i == warmup and device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats(device)
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            loss = step(batch)
+            end.record()
+            if i >= warmup:
+                times_ms.append((start, end))
+        else:
+            t0 = time.perf_counter()
+            loss = step(batch)
+            if i >= warmup:
+                times_ms.append((time.perf_counter() - t0) * 1e3)
+        if first_loss is None:
+            first_loss = float(loss.detach())
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        times_ms = [s.elapsed_time(e) for s, e in times_ms]
+        peak = torch.cuda.max_memory_allocated(device) / 2**30
+    else:
+        peak = float("nan")
+    return times_ms, peak, first_loss
+
+
+def _versions():
+    import transformers
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:  # pragma: no cover
+        triton_version = "none"
+    return torch.__version__, triton_version, transformers.__version__
+
+
+def _commit():
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                               capture_output=True, text=True, check=True).stdout.strip()
+        return sha + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _quantile(values, q):
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if not args.cpu_smoke and not torch.cuda.is_available():
+        raise SystemExit("hf_bert.py measures GPU training steps and needs CUDA; use --cpu-smoke to check the "
+                         "script on a CPU")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import transformers
+
+    import electra_kernels
+
+    device = torch.device("cpu" if args.cpu_smoke else "cuda")
+    autocast_dtype = None if args.cpu_smoke else torch.bfloat16
+    shape = TINY if args.cpu_smoke else BERT_BASE
+    if args.seq > shape["max_position_embeddings"]:
+        raise SystemExit(f"--seq {args.seq} exceeds max_position_embeddings {shape['max_position_embeddings']}")
+    torch.manual_seed(args.seed)
+    config = transformers.BertConfig(**shape, attn_implementation=args.hf_attn)
+    reference = transformers.BertForMaskedLM(config).to(device)
+    patched, replaced = electra_kernels.patch_hf(copy.deepcopy(reference))
+    generator = torch.Generator().manual_seed(args.seed)
+    batches = make_batches(args.warmup + args.steps, args.batch, args.seq, shape["vocab_size"], args.pad_fraction,
+                           device, generator)
+    real_tokens = int(sum(int(b["attention_mask"].sum()) for b in batches[args.warmup:]) / max(args.steps, 1))
+
+    results = {}
+    for variant, model in (("hf", reference), ("patched", patched)):
+        times, peak, first_loss = time_training(model, batches, args.warmup, device, autocast_dtype)
+        results[variant] = dict(median_ms=statistics.median(times), p20_ms=_quantile(times, 0.2),
+                                p80_ms=_quantile(times, 0.8), peak_mem_gib=peak, first_loss=first_loss)
+        del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (smoke)"
+    torch_v, triton_v, transformers_v = _versions()
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    commit = _commit()
+    rows = []
+    for variant, r in results.items():
+        rows.append(dict(
+            date=date, commit=commit, device=device_name, torch=torch_v, triton=triton_v,
+            transformers=transformers_v, variant=variant, hf_attention=args.hf_attn, batch=args.batch, seq=args.seq,
+            real_tokens=real_tokens, dtype="bf16-autocast" if autocast_dtype else "fp32", steps=args.steps,
+            median_ms=f"{r['median_ms']:.3f}", p20_ms=f"{r['p20_ms']:.3f}", p80_ms=f"{r['p80_ms']:.3f}",
+            tokens_per_s=f"{real_tokens / (r['median_ms'] / 1e3):.0f}", peak_mem_gib=f"{r['peak_mem_gib']:.3f}",
+            speedup_vs_hf=f"{results['hf']['median_ms'] / r['median_ms']:.3f}", first_loss=f"{r['first_loss']:.4f}",
+        ))
+    args.csv.parent.mkdir(parents=True, exist_ok=True)
+    new_file = not args.csv.exists() or args.csv.stat().st_size == 0
+    with args.csv.open("a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+        if new_file:
+            writer.writeheader()
+        writer.writerows(rows)
+
+    print(f"BertForMaskedLM {shape['hidden_size']}h x {shape['num_hidden_layers']}L, batch {args.batch} x seq "
+          f"{args.seq} ({real_tokens} real tokens/step), {rows[0]['dtype']}, {device_name}; "
+          f"{len(replaced)} modules patched; rows appended to {args.csv}")
+    print(f"{'variant':<10}{'median ms':>12}{'p20-p80 ms':>18}{'tokens/s':>12}{'peak GiB':>10}{'speedup':>9}"
+          f"{'loss@1':>9}")
+    for row in rows:
+        print(f"{row['variant']:<10}{row['median_ms']:>12}{row['p20_ms'] + '-' + row['p80_ms']:>18}"
+              f"{row['tokens_per_s']:>12}{row['peak_mem_gib']:>10}{row['speedup_vs_hf']:>9}{row['first_loss']:>9}")
+    return rows
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

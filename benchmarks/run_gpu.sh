@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# Every benchmark on one GPU machine, in under 10 minutes, with all results in one folder.
+#
+#   benchmarks/run_gpu.sh                     # -> benchmarks/results/gpu-<UTC date>/
+#   benchmarks/run_gpu.sh /path/to/out        # or an explicit folder ($OUT on the lent GPU machine)
+#   QUICK=1 benchmarks/run_gpu.sh             # fewer steps everywhere (about 5 minutes)
+#
+# The folder receives each script's .jsonl rows and .png plot (through $ELECTRA_BENCH_RESULTS, which
+# benchmarks/_common.py reads) and its printed tables as <script>.log; summary.txt lists what ran, how
+# long it took and how it ended. Each script runs under its own time limit so one overrun cannot eat
+# the others' time; a failure is recorded and the next script still runs.
+#
+# On the lent H100 (shared/GPU.md): DeepSpeed is not installed there; carry its wheels in .whl/
+# (../shared/tools/gpu-wheels) and this script installs them into /tmp/site. The project itself is
+# installed editable when `import electra_fast, electra_kernels` fails.
+set -uo pipefail
+
+cd "$(dirname "$0")/.."
+OUT_DIR=${1:-${OUT:-benchmarks/results/gpu-$(date -u +%Y%m%dT%H%M%SZ)}}
+mkdir -p "$OUT_DIR"
+OUT_DIR=$(cd "$OUT_DIR" && pwd)
+export ELECTRA_BENCH_RESULTS="$OUT_DIR"
+PY=${PYTHON:-python3}
+# DeepSpeed's op builder fails to parse Hopper's "9.0a" arch (shared/GPU.md).
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
+export TOKENIZERS_PARALLELISM=false
+
+if ! $PY -c "import deepspeed" 2>/dev/null && compgen -G ".whl/*.whl" >/dev/null; then
+    $PY -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+fi
+if ! $PY -c "import electra_fast, electra_kernels" 2>/dev/null; then
+    $PY -m pip install -q --no-deps --no-build-isolation -e . >/dev/null
+fi
+
+SUMMARY="$OUT_DIR/summary.txt"
+{
+    echo "electra-fast GPU benchmarks, $(date -u +%FT%TZ), commit $(git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)"
+    $PY -c "import torch; print('device:', torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu', '| torch', torch.__version__)"
+} | tee "$SUMMARY"
+
+# run NAME SECONDS SCRIPT [ARGS...]
+run() {
+    local name=$1 limit=$2 script=$3
+    shift 3
+    if [ ! -f "benchmarks/$script" ]; then
+        echo "$name: skipped (benchmarks/$script does not exist)" | tee -a "$SUMMARY"
+        return
+    fi
+    echo "== $name: python benchmarks/$script $* (limit ${limit}s)"
+    local start=$SECONDS status
+    timeout --kill-after=10 "$limit" $PY "benchmarks/$script" "$@" > >(tee "$OUT_DIR/$name.log") 2>&1
+    status=$?
+    local took=$((SECONDS - start))
+    case $status in
+        0) echo "$name: ok in ${took}s" ;;
+        124|137) echo "$name: TIMED OUT after ${took}s (limit ${limit}s)" ;;
+        *) echo "$name: FAILED (exit $status) after ${took}s" ;;
+    esac | tee -a "$SUMMARY"
+}
+
+if [ "${QUICK:-0}" = 1 ]; then
+    STEPS=300; ITERS=5; SEEDS=1,2
+else
+    STEPS=600; ITERS=10; SEEDS=1,2,3
+fi
+
+# Limits (seconds) add up to 9.5 minutes; typical runs end well inside them.
+run flops 60 flops.py --counted-size small --batch 4
+# ELECTRA step variants at every size; BERT-MLM compiled where ANCHORS.md has it (eager at large).
+run throughput 200 throughput.py --iters "$ITERS" --variants ours-torch,ours-triton,ours-deepspeed,hf-eager,hf-compile
+run throughput_bert 50 throughput.py --iters "$ITERS" --sizes small,base --variants hf-bert-mlm-compile
+run throughput_bert_large 20 throughput.py --iters "$ITERS" --sizes large --variants hf-bert-mlm
+run attention 40 attention.py
+run heads 40 heads.py
+run hf_bert 40 hf_bert.py
+run equal_compute 120 equal_compute.py --size small --electra-steps "$STEPS" --seeds "$SEEDS" --probe-epochs 2
+
+echo "results in $OUT_DIR" | tee -a "$SUMMARY"

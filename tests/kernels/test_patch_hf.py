@@ -1,0 +1,214 @@
+"""electra_kernels.patch_hf on tiny randomly initialised Hugging Face models (no download, CPU).
+
+The patched copy must give the unpatched model's outputs and gradients (fp32, eval mode so dropout is
+off); our kernels run in Triton's interpreter here (tests/conftest.py sets TRITON_INTERPRET=1), so the
+models are tiny. Also: configurations the kernels cannot honour are refused before anything changes,
+``import electra_kernels`` stays free of transformers / electra_fast / deepspeed, and the HF benchmark
+script runs its CPU smoke mode.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+transformers = pytest.importorskip("transformers")
+
+import electra_kernels  # noqa: E402
+from electra_kernels import FusedLayerNorm, patch_hf  # noqa: E402
+
+hf_patch = importlib.import_module("electra_kernels.hf_patch")
+REPO = Path(__file__).resolve().parents[2]
+TINY = dict(vocab_size=99, hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
+            max_position_embeddings=40)
+
+
+def _tiny_model(kind: str, **overrides):
+    if kind == "bert":
+        config = transformers.BertConfig(**{**TINY, **overrides})
+        return transformers.BertForMaskedLM(config)
+    if kind == "roberta":
+        config = transformers.RobertaConfig(**{**TINY, "pad_token_id": 1, **overrides})
+        return transformers.RobertaForMaskedLM(config)
+    if kind == "electra":  # embedding_size != hidden_size: exercises embeddings_project too
+        config = transformers.ElectraConfig(**{**TINY, "embedding_size": 32, **overrides})
+        return transformers.ElectraForPreTraining(config)
+    raise AssertionError(kind)
+
+
+def _batch(kind: str, batch: int = 2, seq: int = 16):
+    input_ids = torch.randint(3, TINY["vocab_size"], (batch, seq))
+    attention_mask = torch.ones(batch, seq, dtype=torch.long)
+    attention_mask[1, 11:] = 0  # the second sequence is padded
+    input_ids = input_ids.masked_fill(attention_mask == 0, 1 if kind == "roberta" else 0)
+    if kind == "electra":
+        labels = (torch.rand(batch, seq) < 0.3).long()
+    else:
+        labels = torch.where(torch.rand(batch, seq) < 0.3, input_ids, torch.full_like(input_ids, -100))
+        labels[0, 0] = input_ids[0, 0]  # at least one target
+    return dict(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+
+
+@pytest.fixture
+def attention_calls(monkeypatch):
+    """Counts calls into electra_kernels.attention made by the patched models."""
+    calls = []
+    real = hf_patch.attention
+
+    def counting_attention(*args, **kwargs):
+        calls.append(args[3])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(hf_patch, "attention", counting_attention)
+    return calls
+
+
+@pytest.mark.parametrize("kind", ["bert", "roberta", "electra"])
+def test_patched_model_matches_unpatched(kind, attention_calls):
+    reference = _tiny_model(kind).eval()
+    patched = copy.deepcopy(reference)
+    params_before = {name: p for name, p in patched.named_parameters()}
+    patched, replaced = patch_hf(patched)
+
+    # Same parameter objects under the same names; same state-dict keys as the original.
+    assert {name: p for name, p in patched.named_parameters()}.keys() == params_before.keys()
+    assert all(p is params_before[name] for name, p in patched.named_parameters())
+    assert patched.state_dict().keys() == reference.state_dict().keys()
+    layers = TINY["num_hidden_layers"]
+    assert sum("-> electra_kernels.attention" in r for r in replaced) == layers
+    assert sum("FusedDenseDropoutAddLayerNorm" in r for r in replaced) == 2 * layers
+    assert sum("FusedDenseBiasGELU" in r for r in replaced) == layers
+    assert any(r.endswith("embeddings.LayerNorm: LayerNorm -> FusedLayerNorm") for r in replaced)
+    assert not any(type(m) is torch.nn.LayerNorm for m in patched.modules())
+    assert isinstance(patched.get_submodule(replaced[-1].split(":")[0]), FusedLayerNorm)
+
+    batch = _batch(kind)
+    ref_out = reference(**batch)
+    out = patched(**batch)
+    assert len(attention_calls) == layers and attention_calls[0].dtype == torch.bool
+    assert attention_calls[0].shape == batch["attention_mask"].shape
+    torch.testing.assert_close(out.logits, ref_out.logits, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(out.loss, ref_out.loss, atol=2e-5, rtol=1e-4)
+    ref_out.loss.backward()
+    out.loss.backward()
+    for (name, p), (_, ref_p) in zip(patched.named_parameters(), reference.named_parameters()):
+        if ref_p.grad is None:
+            assert p.grad is None, name
+            continue
+        torch.testing.assert_close(p.grad, ref_p.grad, atol=2e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
+def test_train_mode_dropout_runs_and_masks_key_padding():
+    torch.manual_seed(1)
+    model, _ = patch_hf(_tiny_model("bert"))
+    model.train()
+    batch = _batch("bert")
+    first = model(**batch)
+    first.loss.backward()
+    second = model(**batch)
+    assert torch.isfinite(first.logits).all() and torch.isfinite(second.logits).all()
+    assert not torch.allclose(first.logits, second.logits)  # fresh dropout masks per call
+    # Padded keys are invisible: changing the ids at padded positions changes nothing for real tokens.
+    model.eval()
+    changed = dict(batch, input_ids=batch["input_ids"].clone())
+    changed["input_ids"][1, 11:] = 7
+    a = model(**batch).logits[1, :11]
+    b = model(**changed).logits[1, :11]
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_prebuilt_4d_masks(attention_calls):
+    reference = _tiny_model("bert").eval()
+    patched, _ = patch_hf(copy.deepcopy(reference))
+    batch = _batch("bert")
+    pad = batch["attention_mask"]
+    additive = (1.0 - pad[:, None, None, :].float()) * torch.finfo(torch.float32).min
+    additive = additive.expand(2, 1, 16, 16)
+    torch.testing.assert_close(patched(input_ids=batch["input_ids"], attention_mask=additive).logits,
+                               reference(input_ids=batch["input_ids"], attention_mask=additive).logits,
+                               atol=2e-5, rtol=1e-4)
+    causal = torch.ones(16, 16, dtype=torch.bool).tril().expand(2, 1, 16, 16)
+    with pytest.raises(ValueError, match="only key-padding masks"):
+        patched(input_ids=batch["input_ids"], attention_mask=causal)
+    biased = torch.randn(2, 1, 16, 16)
+    with pytest.raises(ValueError, match="attention bias"):
+        patched(input_ids=batch["input_ids"], attention_mask=biased)
+
+
+def test_output_attentions_at_call_time_is_refused():
+    model, _ = patch_hf(_tiny_model("bert").eval())
+    with pytest.raises(ValueError, match="output_attentions"):
+        model(input_ids=torch.randint(3, 99, (1, 8)), output_attentions=True)
+
+
+@pytest.mark.parametrize(
+    "kind, overrides, match",
+    [
+        ("bert", dict(position_embedding_type="relative_key"), "position_embedding_type"),
+        ("bert", dict(output_attentions=True), "output_attentions"),
+        ("bert", dict(is_decoder=True), "decoder"),
+        ("roberta", dict(is_decoder=True, add_cross_attention=True), "cross-attention"),
+        ("electra", dict(hidden_size=256, num_attention_heads=1), "head dim 256"),
+    ],
+)
+def test_unsupported_configurations_are_refused(kind, overrides, match):
+    model = _tiny_model(kind, **overrides)
+    before = copy.deepcopy(model.state_dict())
+    implementation = model.config._attn_implementation
+    with pytest.raises(ValueError, match=match):
+        patch_hf(model)
+    # Nothing changed.
+    assert model.config._attn_implementation == implementation
+    assert any(type(m) is torch.nn.LayerNorm for m in model.modules())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_unknown_model_type_is_refused():
+    config = transformers.DistilBertConfig(vocab_size=99, dim=64, n_layers=1, n_heads=2, hidden_dim=128)
+    with pytest.raises(ValueError, match="model types"):
+        patch_hf(transformers.DistilBertModel(config))
+    with pytest.raises(ValueError, match="PreTrainedModel"):
+        patch_hf(torch.nn.Linear(2, 2))
+
+
+def test_partial_patch_keeps_the_rest():
+    model, replaced = patch_hf(_tiny_model("bert"), attention=False, bias_gelu=False)
+    assert all("LayerNorm" in r for r in replaced) and replaced
+    assert model.config._attn_implementation != hf_patch.IMPLEMENTATION_NAME
+    assert type(model.bert.encoder.layer[0].intermediate).__name__ == "BertIntermediate"
+
+
+def test_import_does_not_pull_heavy_packages():
+    code = (
+        "import sys, electra_kernels\n"
+        "heavy = [m for m in ('transformers', 'electra_fast', 'deepspeed', 'datasets') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+        "assert callable(electra_kernels.patch_hf)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+
+
+def test_hf_bert_benchmark_cpu_smoke(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("hf_bert_benchmark", REPO / "benchmarks" / "hf_bert.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    csv_path = tmp_path / "hf_bert.csv"
+    module.main(["--cpu-smoke", "--csv", str(csv_path)])
+    printed = capsys.readouterr().out
+    assert "patched" in printed and "hf" in printed
+    rows = csv_path.read_text().strip().splitlines()
+    assert len(rows) == 3 and rows[0].startswith("date,")  # header + one row per variant
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="CUDA"):
+            module.main(["--csv", str(csv_path)])
