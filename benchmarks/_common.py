@@ -16,7 +16,6 @@ import os
 import platform
 import statistics
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 

@@ -33,7 +33,6 @@ before drawing conclusions.
 from __future__ import annotations
 
 import argparse
-import math
 import random
 import statistics
 import sys
@@ -220,16 +219,17 @@ def pretrain(kind: str, cfg, examples: torch.Tensor, steps: int, snapshot_steps:
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(float(out.loss.detach()))
-        if not math.isfinite(losses[-1]):
-            raise RuntimeError(f"{kind}: the pre-training loss became {losses[-1]} at step {step}")
+        losses.append(out.loss.detach())  # read back only when logging: no host sync per step
         if step in snapshot_steps:
             snapshots[step] = encoder_snapshot(model, cfg)
-        if args.log_every and step % args.log_every == 0:
-            print(f"  {kind:8s} step {step:6d}/{steps}  loss {statistics.fmean(losses[-args.log_every:]):.4f}",
-                  flush=True)
-    log = {"seconds": time.perf_counter() - started, "final_loss": statistics.fmean(losses[-max(1, steps // 20):])}
-    return snapshots, log
+        if (args.log_every and step % args.log_every == 0) or step == steps:
+            recent = torch.stack(losses[-(args.log_every or 1):]).float()
+            if not torch.isfinite(recent).all():
+                raise RuntimeError(f"{kind}: the pre-training loss became non-finite before step {step}")
+            if args.log_every and step % args.log_every == 0:
+                print(f"  {kind:8s} step {step:6d}/{steps}  loss {recent.mean().item():.4f}", flush=True)
+    final_loss = torch.stack(losses[-max(1, steps // 20):]).float().mean().item()
+    return snapshots, {"seconds": time.perf_counter() - started, "final_loss": final_loss}
 
 
 # ----------------------------------------------------------------------------------------------

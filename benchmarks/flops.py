@@ -6,6 +6,7 @@
     python benchmarks/flops.py --compare           # 2. ELECTRA vs BERT-MLM for our small/base/large
     python benchmarks/flops.py --counted           # 3. FlopCounterMode on real steps vs the formulas
     python benchmarks/flops.py --counted --counted-size small --batch 8   # a bigger counted check
+    python benchmarks/flops.py --config configs/electra-base.yaml --set data.seq_len=128   # any config
 
 1. The analytic method of Clark et al. (2020), Appendix D (electra_fast/flops.py, convention
    "paper"), for BERT-Small/Base/Large and ELECTRA-Small/Base/400K/1.75M, against the totals printed
@@ -19,6 +20,9 @@
    under torch.utils.flop_counter.FlopCounterMode, against the "modern" matmul count. Attention runs
    on SDPA's math backend there, so its two matmuls are visible to the counter (fused SDPA kernels
    are counted only on CUDA, and with a recompute in the backward).
+4. ``--config``: the breakdown of one YAML config (ELECTRA and BERT-MLM at its discriminator size),
+   by component, in both conventions, per step (the config's global batch), per token and to train
+   (its max_steps).
 """
 
 from __future__ import annotations
@@ -30,12 +34,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import add_common_args, append_rows, format_table, print_table, save_plot  # noqa: E402
+from _common import add_common_args, append_rows, print_table, save_plot  # noqa: E402
 
-from electra_fast.config import build_config  # noqa: E402
+from electra_fast.config import build_config, load_config  # noqa: E402
 from electra_fast.flops import (  # noqa: E402
     CONVENTIONS,
-    MATMUL,
     PAPER_MODELS,
     PAPER_REPORTED,
     bert_mlm_flops,
@@ -195,6 +198,32 @@ def counted_section(args) -> list[dict]:
     return rows
 
 
+# ----------------------------------------------------------------------------------------------
+# 4. One config, by component
+# ----------------------------------------------------------------------------------------------
+def config_section(args) -> list[dict]:
+    cfg = load_config(args.config, overrides=args.overrides)
+    steps = cfg.train.max_steps
+    rows = []
+    for model, fn in (("electra", electra_flops), ("bert_mlm", bert_mlm_flops)):
+        paper, modern = (fn(cfg, convention=c) for c in ("paper", "modern"))
+        components = list(dict.fromkeys(t.component for t in paper.terms))
+        by_paper, by_modern = paper.by_component(), modern.by_component()
+        table = [[c, by_paper.get(c, 0.0), by_modern.get(c, 0.0)] for c in components]
+        table += [["forward, per step", paper.forward_per_step, modern.forward_per_step],
+                  ["backward, per step", paper.backward_per_step, modern.backward_per_step],
+                  ["training, per step", paper.training_per_step, modern.training_per_step],
+                  ["training, per token", paper.training_per_token, modern.training_per_token],
+                  [f"to train ({steps:,} steps)", paper.training_flops(steps), modern.training_flops(steps)]]
+        print_table(["forward FLOPs per step by component", "paper", "modern"], table,
+                    f"4. {model} at {args.config} (batch {paper.batch} x seq {paper.seq_len})")
+        for fl in (paper, modern):
+            rows.append({"section": "config", "config": str(args.config), "overrides": list(args.overrides),
+                         **fl.as_dict(), "steps": steps, "train_flops": fl.training_flops(steps),
+                         "forward_by_component": fl.by_component()})
+    return rows
+
+
 def draw(rows):
     def _draw(plt):
         paper = [r for r in rows if r["section"] == "paper"]
@@ -228,6 +257,9 @@ def main(argv=None) -> int:
     parser.add_argument("--paper", action="store_true", help="section 1: the paper's seven models")
     parser.add_argument("--compare", action="store_true", help="section 2: ELECTRA vs BERT-MLM, our configs")
     parser.add_argument("--counted", action="store_true", help="section 3: FlopCounterMode vs the formulas")
+    parser.add_argument("--config", default=None, help="section 4: the breakdown of this YAML config")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override for --config (repeatable), e.g. --set data.seq_len=256")
     parser.add_argument("--json", action="store_true",
                         help="print only JSON: with --paper {name: total training FLOPs}, else the rows")
     parser.add_argument("--counted-size", default="tiny", help="named size for --counted (default tiny)")
@@ -235,10 +267,10 @@ def main(argv=None) -> int:
     parser.add_argument("--seq-len", type=int, default=None, help="sequence length for --counted (default: config)")
     add_common_args(parser)
     args = parser.parse_args(argv)
-    if not (args.paper or args.compare or args.counted):
+    if not (args.paper or args.compare or args.counted or args.config):
         args.paper = args.compare = args.counted = True
 
-    if args.json and args.paper and not (args.compare or args.counted):
+    if args.json and args.paper and not (args.compare or args.counted or args.config):
         print(json.dumps(paper_training_flops("paper")))
         return 0
     if args.json:  # tables go to stderr so stdout stays one JSON document
@@ -250,6 +282,8 @@ def main(argv=None) -> int:
         rows += compare_section(args)
     if args.counted:
         rows += counted_section(args)
+    if args.config:
+        rows += config_section(args)
     path = append_rows(args, "flops", rows)
     if path:
         print(f"rows: {path}")

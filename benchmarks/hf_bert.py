@@ -9,8 +9,10 @@ One process builds a randomly initialised ``BertForMaskedLM`` from a bert-base c
 it, patches the copy, and times full training steps (forward + MLM loss + backward + AdamW) of both on the
 same batches: a padded batch whose sequence lengths are drawn between ``(1 - pad_fraction)·seq`` and
 ``seq``, 15% of real tokens as MLM targets, dropout on. Steps are timed with CUDA events after warm-up;
-the table gives medians, tokens/s (real tokens) and peak memory, and one CSV row per variant is appended to
-``benchmarks/results/hf_bert.csv`` with the GPU name, versions, date and commit.
+the table gives medians, tokens/s (real tokens), peak memory and the speed-up over the unpatched model.
+One row per variant goes to ``<results dir>/hf_bert.csv`` and ``hf_bert.jsonl`` (GPU name, versions,
+date, commit; see benchmarks/README.md), and a bar chart to ``hf_bert.png``. The defaults fit the 40 s
+that ``run_gpu.sh`` gives this script (bert-base, 3 + 10 steps per variant).
 """
 
 from __future__ import annotations
@@ -18,43 +20,43 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
-import datetime
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_CSV = REPO / "benchmarks" / "results" / "hf_bert.csv"
-CSV_FIELDS = ["date", "commit", "device", "torch", "triton", "transformers", "variant", "hf_attention", "batch",
+from _common import add_common_args, append_rows, machine_info, print_table, save_plot
+
+CSV_FIELDS = ["date", "commit", "gpu", "torch", "triton", "transformers", "variant", "hf_attention", "batch",
               "seq", "real_tokens", "dtype", "steps", "median_ms", "p20_ms", "p80_ms", "tokens_per_s",
               "peak_mem_gib", "speedup_vs_hf", "first_loss"]
 BERT_BASE = dict(vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
                  intermediate_size=3072, max_position_embeddings=512)
+# The smoke config also turns dropout off: Triton's interpreter spends most of a CPU step drawing it.
 TINY = dict(vocab_size=99, hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
-            max_position_embeddings=32)
+            max_position_embeddings=32, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--seq", type=int, default=512)
-    parser.add_argument("--steps", type=int, default=20, help="timed steps per variant")
-    parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (Triton autotuning, caches)")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per variant")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (Triton autotuning, caches)")
     parser.add_argument("--pad-fraction", type=float, default=0.25,
                         help="sequence lengths are drawn uniformly in [(1 - f)·seq, seq]")
     parser.add_argument("--hf-attn", default="sdpa", choices=["sdpa", "eager"], help="baseline attention")
-    parser.add_argument("--csv", type=Path, default=DEFAULT_CSV, help="CSV file the rows are appended to")
+    parser.add_argument("--csv", type=Path, default=None, help="CSV file (default <results dir>/hf_bert.csv)")
     parser.add_argument("--seed", type=int, default=0)
+    add_common_args(parser)
     parser.add_argument("--cpu-smoke", action="store_true",
-                        help="tiny config, 2 steps on the CPU, fp32: checks that the script works")
+                        help="tiny config, one step per variant on the CPU, fp32: checks that the script works")
     args = parser.parse_args(argv)
     if args.cpu_smoke:
-        args.batch, args.seq, args.steps, args.warmup = 2, 16, 2, 1
+        args.batch, args.seq, args.steps, args.warmup = 2, 16, 1, 0
     if not 0.0 <= args.pad_fraction < 1.0:
         parser.error("--pad-fraction must be in [0, 1)")
     return args
@@ -118,29 +120,6 @@ def time_training(model, batches, warmup, device, autocast_dtype):
     return times_ms, peak, first_loss
 
 
-def _versions():
-    import transformers
-
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:  # pragma: no cover
-        triton_version = "none"
-    return torch.__version__, triton_version, transformers.__version__
-
-
-def _commit():
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                             check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
-                               capture_output=True, text=True, check=True).stdout.strip()
-        return sha + ("+dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def _quantile(values, q):
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
@@ -179,37 +158,54 @@ def main(argv=None):
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (smoke)"
-    torch_v, triton_v, transformers_v = _versions()
-    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-    commit = _commit()
+    machine = machine_info()
+    device_name = machine.get("gpu") or "cpu (smoke)"
     rows = []
     for variant, r in results.items():
         rows.append(dict(
-            date=date, commit=commit, device=device_name, torch=torch_v, triton=triton_v,
-            transformers=transformers_v, variant=variant, hf_attention=args.hf_attn, batch=args.batch, seq=args.seq,
-            real_tokens=real_tokens, dtype="bf16-autocast" if autocast_dtype else "fp32", steps=args.steps,
-            median_ms=f"{r['median_ms']:.3f}", p20_ms=f"{r['p20_ms']:.3f}", p80_ms=f"{r['p80_ms']:.3f}",
-            tokens_per_s=f"{real_tokens / (r['median_ms'] / 1e3):.0f}", peak_mem_gib=f"{r['peak_mem_gib']:.3f}",
-            speedup_vs_hf=f"{results['hf']['median_ms'] / r['median_ms']:.3f}", first_loss=f"{r['first_loss']:.4f}",
+            date=machine["date"], commit=machine["commit"], gpu=device_name, torch=machine["torch"],
+            triton=machine["triton"], transformers=machine["transformers"], variant=variant,
+            hf_attention=args.hf_attn, batch=args.batch, seq=args.seq, real_tokens=real_tokens,
+            dtype="bf16-autocast" if autocast_dtype else "fp32", steps=args.steps,
+            median_ms=round(r["median_ms"], 3), p20_ms=round(r["p20_ms"], 3), p80_ms=round(r["p80_ms"], 3),
+            tokens_per_s=round(real_tokens / (r["median_ms"] / 1e3)), peak_mem_gib=round(r["peak_mem_gib"], 3),
+            speedup_vs_hf=round(results["hf"]["median_ms"] / r["median_ms"], 3), first_loss=round(r["first_loss"], 4),
         ))
-    args.csv.parent.mkdir(parents=True, exist_ok=True)
-    new_file = not args.csv.exists() or args.csv.stat().st_size == 0
-    with args.csv.open("a", newline="") as f:
+    write_csv(args, rows)
+    append_rows(args, "hf_bert", rows)
+    save_plot(args, "hf_bert", lambda plt: _draw(plt, rows))
+
+    print(f"BertForMaskedLM {shape['hidden_size']}h x {shape['num_hidden_layers']}L, batch {args.batch} x seq "
+          f"{args.seq} ({real_tokens} real tokens/step), {rows[0]['dtype']}, {device_name}; "
+          f"{len(replaced)} modules patched by electra_kernels.patch_hf")
+    print_table(["variant", "median ms", "p20 ms", "p80 ms", "tokens/s", "peak GiB", "speed-up", "loss @ step 1"],
+                [[r["variant"], r["median_ms"], r["p20_ms"], r["p80_ms"], r["tokens_per_s"], r["peak_mem_gib"],
+                  r["speedup_vs_hf"], r["first_loss"]] for r in rows],
+                title=f"HF BERT training step, {args.hf_attn} baseline vs patch_hf")
+    return rows
+
+
+def write_csv(args, rows):
+    if args.no_save:
+        return None
+    path = args.csv or Path(args.results_dir) / "hf_bert.csv"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new_file = not path.exists() or path.stat().st_size == 0
+    with path.open("a", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
         if new_file:
             writer.writeheader()
         writer.writerows(rows)
+    return path
 
-    print(f"BertForMaskedLM {shape['hidden_size']}h x {shape['num_hidden_layers']}L, batch {args.batch} x seq "
-          f"{args.seq} ({real_tokens} real tokens/step), {rows[0]['dtype']}, {device_name}; "
-          f"{len(replaced)} modules patched; rows appended to {args.csv}")
-    print(f"{'variant':<10}{'median ms':>12}{'p20-p80 ms':>18}{'tokens/s':>12}{'peak GiB':>10}{'speedup':>9}"
-          f"{'loss@1':>9}")
-    for row in rows:
-        print(f"{row['variant']:<10}{row['median_ms']:>12}{row['p20_ms'] + '-' + row['p80_ms']:>18}"
-              f"{row['tokens_per_s']:>12}{row['peak_mem_gib']:>10}{row['speedup_vs_hf']:>9}{row['first_loss']:>9}")
-    return rows
+
+def _draw(plt, rows):
+    names = [r["variant"] for r in rows]
+    plt.bar(names, [r["median_ms"] for r in rows], color=["tab:gray", "tab:blue"][: len(rows)])
+    for i, r in enumerate(rows):
+        plt.text(i, r["median_ms"], f"{r['median_ms']:.1f} ms ({r['speedup_vs_hf']:.2f}x)", ha="center", va="bottom")
+    plt.ylabel("training step, median ms")
+    plt.title(f"HF BertForMaskedLM {rows[0]['batch']}x{rows[0]['seq']} on {rows[0]['gpu']}")
 
 
 if __name__ == "__main__":

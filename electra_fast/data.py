@@ -138,9 +138,16 @@ def _sha256_file(path: Path, digest: "hashlib._Hash | None" = None) -> str:
     return digest.hexdigest()
 
 
-def _discover_inputs(inputs: Iterable[str]) -> list[_Source]:
-    """Expand folders (sorted, hidden files skipped), classify and hash every input."""
+def _discover_inputs(inputs: Iterable[str], exclude: Path | None = None) -> list[_Source]:
+    """Expand folders (sorted; hidden files and the output folder ``exclude`` skipped), classify and
+    hash every input."""
     sources: list[_Source] = []
+
+    def wanted(file: Path, root: Path) -> bool:
+        if any(part.startswith(".") for part in file.relative_to(root).parts):
+            return False
+        return exclude is None or not file.absolute().is_relative_to(exclude)
+
     for raw in inputs:
         path = Path(raw).expanduser()
         if not path.exists():
@@ -155,8 +162,7 @@ def _discover_inputs(inputs: Iterable[str]) -> list[_Source]:
                                    digest.hexdigest()))
             continue
         if path.is_dir():
-            files = sorted(p for p in path.rglob("*")
-                           if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts))
+            files = sorted(p for p in path.rglob("*") if p.is_file() and wanted(p, path))
             if not files:
                 raise DataError(f"input folder {raw} holds no files")
         elif path.is_file():
@@ -293,8 +299,9 @@ def _jsonl_documents(path: str, compressed: bool) -> Iterator[tuple[int, list[st
         lines = text.split("\n")
         for number, line in enumerate(lines):
             if len(line) > MAX_LINE_BYTES:
-                raise DataError(f"{path}:{_line_number(path, compressed, offset)}: line {number + 1} of the \"text\" field "
-                                f"is longer than {MAX_LINE_BYTES} characters; a sentence or paragraph is never that long")
+                raise DataError(f"{path}:{_line_number(path, compressed, offset)}: line {number + 1} of the \"text\" "
+                                f"field is longer than {MAX_LINE_BYTES} characters; a sentence or paragraph is never "
+                                "that long")
         for part, (_, document) in enumerate(_documents_from_lines(enumerate(lines))):
             yield offset + part, document
 
@@ -352,7 +359,7 @@ def _generate_documents(shards: list[tuple], error_dir: str) -> Iterator[dict[st
 def _build_tokenizer(vocab: dict[str, int] | None, lowercase: bool):
     """BERT's WordPiece pipeline: BertNormalizer (clean, CJK spacing, lower-case + strip accents),
     BertPreTokenizer (whitespace and punctuation), WordPiece with ``##`` continuations."""
-    from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors
+    from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers
     from tokenizers.models import WordPiece
 
     model = WordPiece(vocab=vocab, unk_token="[UNK]", continuing_subword_prefix="##") if vocab else \
@@ -423,14 +430,16 @@ def _train_tokenizer(texts: Iterable[list[str]], vocab_size: int, lowercase: boo
     if len(vocab) > vocab_size:
         raise DataError(f"--vocab-size {vocab_size} is too small: the corpus's characters alone need {len(vocab)} "
                         "entries")
-    for token, expected in zip(SPECIAL_TOKENS, range(len(SPECIAL_TOKENS))):
-        if vocab.get(token) != expected:  # the trainer puts special_tokens first, in order
-            raise RuntimeError(f"tokenizers put {token} at id {vocab.get(token)}, expected {expected}")
-    if len(vocab) < vocab_size:
-        vocab = dict(vocab)
-        for number in range(vocab_size - len(vocab)):
-            vocab[f"[unused{number}]"] = len(vocab)
-        tokenizer.model = WordPiece(vocab=vocab, unk_token="[UNK]", continuing_subword_prefix="##")
+    # tokenizers numbers the alphabet (and breaks ties between equally frequent merges) in the order of
+    # a randomly seeded hash map, so the same corpus gives other ids in another process. WordPiece's
+    # greedy longest match does not depend on ids: renumber canonically (specials, characters,
+    # "##" characters, then the other pieces, each sorted; [unusedN] padding last).
+    pieces = [token for token in vocab if token not in SPECIAL_TOKENS]
+    order = sorted(pieces, key=lambda t: (0 if len(t) == 1 else 1 if t.startswith("##") and len(t) == 3 else 2, t))
+    canonical = {token: index for index, token in enumerate([*SPECIAL_TOKENS, *order])}
+    for number in range(vocab_size - len(canonical)):
+        canonical[f"[unused{number}]"] = len(canonical)
+    tokenizer.model = WordPiece(vocab=canonical, unk_token="[UNK]", continuing_subword_prefix="##")
     return tokenizer
 
 
@@ -849,7 +858,7 @@ def _prepare_into(staging: Path, out: Path, *, inputs: list[str], vocab_path: st
         corpus_summary = corpus.write_corpus(corpus.build_default_corpus(), corpus_file)
         sources.append(_Source(0, str(corpus_file), "text", corpus_file.stat().st_size, corpus_summary["sha256"],
                                name="<default corpus>"))
-    for source in _discover_inputs(inputs):
+    for source in _discover_inputs(inputs, exclude=out):
         source.index = len(sources)
         sources.append(source)
     total_bytes = sum(s.bytes for s in sources)
@@ -1053,21 +1062,22 @@ class EpochPermutation:
     """A seeded pseudo-random permutation of ``range(n)``, evaluated per index in O(1) memory.
 
     A full ``np.random.permutation(n)`` is 8n bytes in every loader worker (400 MB each for 50M
-    examples); this is a 6-round Feistel network on the smallest even-bit domain 2^(2h) >= n, which
-    is a bijection of that domain, restricted to [0, n) by cycle walking (apply it again until the
-    value falls in range; the domain is < 4n, so few steps are needed). Round keys come from
+    examples). This is a Feistel network on the smallest power-of-two domain 2^b >= n (so < 2n):
+    each round maps (hi, lo) -> (lo, hi XOR F(lo)), a bijection whatever F is; with b odd the two
+    halves differ by a bit and swap widths every round, so an even number of rounds returns to the
+    original layout. Restricting it to [0, n) by cycle walking (apply it again until the value is in
+    range) keeps it a bijection; fewer than two steps are needed on average. Round keys come from
     ``SeedSequence([seed, epoch])``, so every rank and worker computes the same order.
     """
 
-    ROUNDS = 6
+    ROUNDS = 4  # even; 4 rounds of a pseudo-random F give a pseudo-random permutation (Luby-Rackoff)
 
     def __init__(self, n: int, seed: int, epoch: int):
         if n <= 0:
             raise ValueError("cannot permute an empty range")
         self.n = n
         bits = max(2, (n - 1).bit_length())
-        self.half_bits = (bits + 1) // 2
-        self.half_mask = np.uint64((1 << self.half_bits) - 1)
+        self.hi_bits, self.lo_bits = (bits + 1) // 2, bits // 2
         self.keys = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(epoch)]).generate_state(
             self.ROUNDS, dtype=np.uint64)
 
@@ -1079,19 +1089,59 @@ class EpochPermutation:
         return z ^ (z >> np.uint64(31))
 
     def _encrypt(self, x: np.ndarray) -> np.ndarray:
-        shift = np.uint64(self.half_bits)
-        left, right = x >> shift, x & self.half_mask
+        hi_bits, lo_bits = self.hi_bits, self.lo_bits
+        hi, lo = x >> np.uint64(lo_bits), x & np.uint64((1 << lo_bits) - 1)
         for key in self.keys:
-            left, right = right, left ^ (self._mix(right ^ key) & self.half_mask)
-        return (left << shift) | right
+            hi, lo = lo, hi ^ (self._mix(lo ^ key) & np.uint64((1 << hi_bits) - 1))
+            hi_bits, lo_bits = lo_bits, hi_bits
+        return (hi << np.uint64(lo_bits)) | lo
 
     def __call__(self, positions: np.ndarray) -> np.ndarray:
         values = self._encrypt(np.asarray(positions, dtype=np.uint64))
-        outside = values >= self.n
-        while outside.any():
+        outside = np.flatnonzero(values >= self.n)
+        while len(outside):
             values[outside] = self._encrypt(values[outside])
-            outside = values >= self.n
+            outside = outside[values[outside] >= self.n]
         return values.astype(np.int64)
+
+
+_BATCH_COLUMNS = ("input_ids", "token_type_ids", "attention_mask")
+
+
+class _RowGather:
+    """Rows by index from the memory-mapped Arrow record batches, as numpy views (no copy of the data).
+
+    ``Dataset.__getitem__`` with a list of indices formats row by row (~20 ms per 128 rows here), and
+    pyarrow's ``take`` on a chunked column concatenates every chunk first, which costs the whole
+    dataset per batch. Here each record batch's fixed-size-list column is viewed as a (rows, seq_len)
+    array over the mapped file, and a batch is gathered with one fancy index per record batch touched.
+    """
+
+    def __init__(self, dataset, seq_len: int):
+        table = dataset.data.table if hasattr(dataset.data, "table") else dataset.data
+        self.batches = table.to_batches()
+        self.offsets = np.cumsum([0] + [batch.num_rows for batch in self.batches])
+        self.seq_len = seq_len
+        self._views: dict[int, dict[str, np.ndarray]] = {}
+
+    def _view(self, index: int) -> dict[str, np.ndarray]:
+        if index not in self._views:
+            batch = self.batches[index]
+            self._views[index] = {
+                name: batch.column(name).flatten().to_numpy(zero_copy_only=True).reshape(-1, self.seq_len)
+                for name in _BATCH_COLUMNS}
+        return self._views[index]
+
+    def __call__(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+        batch_of_row = np.searchsorted(self.offsets, rows, side="right") - 1
+        out = {name: np.empty((len(rows), self.seq_len), dtype=np.int64) for name in _BATCH_COLUMNS}
+        for index in np.unique(batch_of_row):
+            chosen = np.flatnonzero(batch_of_row == index)
+            local = rows[chosen] - self.offsets[index]
+            view = self._view(int(index))
+            for name in _BATCH_COLUMNS:
+                out[name][chosen] = view[name][local]
+        return out
 
 
 class _RankBatches(torch.utils.data.Dataset):
@@ -1105,8 +1155,9 @@ class _RankBatches(torch.utils.data.Dataset):
     """
 
     def __init__(self, dataset, num_examples: int, seed: int, rank: int, world_size: int, micro_batch_size: int,
-                 start: int):
+                 start: int, seq_len: int = 0):
         self.dataset = dataset
+        self.seq_len = seq_len
         self.num_examples = num_examples
         self.seed = seed
         self.rank = rank
@@ -1114,6 +1165,10 @@ class _RankBatches(torch.utils.data.Dataset):
         self.micro_batch_size = micro_batch_size
         self.start = start
         self._permutations: dict[int, EpochPermutation] = {}
+        self._gather: _RowGather | None = None  # built in each worker process, never pickled
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_gather": None}
 
     def example_ids(self, k: int) -> np.ndarray:
         global_batch = self.micro_batch_size * self.world_size
@@ -1134,9 +1189,9 @@ class _RankBatches(torch.utils.data.Dataset):
         return self._permutations[epoch]
 
     def __getitem__(self, k: int) -> dict[str, torch.Tensor]:
-        rows = self.dataset[self.example_ids(k).tolist()]
-        return {name: torch.from_numpy(np.ascontiguousarray(rows[name], dtype=np.int64)) for name in
-                ("input_ids", "token_type_ids", "attention_mask")}
+        if self._gather is None:
+            self._gather = _RowGather(self.dataset, self.seq_len)
+        return {name: torch.from_numpy(rows) for name, rows in self._gather(self.example_ids(k)).items()}
 
     def __len__(self) -> int:  # the stream is endless; DataLoader only needs a number
         return sys.maxsize
@@ -1179,7 +1234,6 @@ class PretrainingLoader:
         self.prefetch_factor = prefetch_factor
         self.pin_memory = pin_memory and torch.cuda.is_available()
         self._dataset = load_from_disk(str(Path(data_dir).expanduser() / self.manifest.get("dataset_dir", "dataset")))
-        self._dataset = self._dataset.with_format("numpy", columns=["input_ids", "token_type_ids", "attention_mask"])
         if len(self._dataset) != self.manifest["num_examples"]:
             raise DataError(f"{data_dir}: the dataset has {len(self._dataset)} examples but the manifest says "
                             f"{self.manifest['num_examples']}; prepare it again")
@@ -1229,12 +1283,11 @@ class PretrainingLoader:
 
     def _batches(self, start: int) -> torch.utils.data.DataLoader:
         batches = _RankBatches(self._dataset, self.num_examples, self.seed, self.rank, self.world_size,
-                               self.micro_batch_size, start)
+                               self.micro_batch_size, start, self.seq_len)
         workers = self.num_workers
         return torch.utils.data.DataLoader(
             batches, batch_size=None, sampler=_Forever(), num_workers=workers, pin_memory=self.pin_memory,
-            prefetch_factor=self.prefetch_factor if workers else None, persistent_workers=False,
-            multiprocessing_context="spawn" if workers and _threads_started() else None)
+            prefetch_factor=self.prefetch_factor if workers else None, persistent_workers=False)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         generation = self._generation
@@ -1243,11 +1296,6 @@ class PretrainingLoader:
                 raise RuntimeError("load_state_dict() was called while iterating; start a new iteration")
             self._position += self.global_batch_size
             yield batch
-
-
-def _threads_started() -> bool:
-    """Forking a process that runs CUDA would break the child; DataLoader then needs 'spawn'."""
-    return torch.cuda.is_available() and torch.cuda.is_initialized()
 
 
 # ==================================================================================================

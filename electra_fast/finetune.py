@@ -441,32 +441,38 @@ def load_encoder(source, options: ModelOptions | None = None) -> tuple[ElectraMo
 def load_tokenizer(source):
     """A ``tokenizers.Tokenizer`` from a folder (``tokenizer.json`` preferred, else ``vocab.txt`` as a
     BERT WordPiece vocabulary, lower-cased unless tokenizer_config.json says do_lower_case=false), a
-    path to either file, or an existing tokenizer (returned as it is). Truncation and padding are
-    switched off: sequences are assembled here."""
+    path to either file, or an existing tokenizer. Sequences are assembled here, so the result never
+    pads or truncates (a tokenizer that does is copied with both switched off)."""
+    from tokenizers import BertWordPieceTokenizer, Tokenizer
+
     if not isinstance(source, (str, os.PathLike)):
         if not hasattr(source, "encode_batch"):
             raise FinetuneError(f"tokenizer must be a tokenizers.Tokenizer or a path, got {type(source).__name__}")
+        if getattr(source, "padding", None) is None and getattr(source, "truncation", None) is None:
+            return source
+        # A copy with padding and truncation off (pad ids inside the pieces would corrupt the
+        # assembled sequences); the caller's tokenizer is left as it is.
+        source = Tokenizer.from_str(source.to_str())
+        source.no_truncation()
+        source.no_padding()
         return source
-    from tokenizers import BertWordPieceTokenizer, Tokenizer
 
     path = Path(source)
     folder = path if path.is_dir() else path.parent
-    tokenizer_json = path if path.suffix == ".json" else folder / "tokenizer.json"
-    vocab = path if path.suffix == ".txt" else folder / "vocab.txt"
+    candidates = [folder / "tokenizer.json", folder / "vocab.txt"] if path.is_dir() else [path]
+    chosen = next((c for c in candidates if c.is_file()), None)
+    if chosen is None:
+        raise FinetuneError(f"{path}: no tokenizer.json or vocab.txt (the tokenizer belongs beside the model)")
     try:
-        if tokenizer_json.is_file():
-            tokenizer = Tokenizer.from_file(str(tokenizer_json))
-        elif vocab.is_file():
+        if chosen.suffix == ".json":
+            tokenizer = Tokenizer.from_file(str(chosen))
+        else:
             lowercase = True
             if (folder / "tokenizer_config.json").is_file():
                 lowercase = bool(json.loads((folder / "tokenizer_config.json").read_text()).get("do_lower_case", True))
-            tokenizer = BertWordPieceTokenizer(str(vocab), lowercase=lowercase)
-        else:
-            raise FinetuneError(f"{folder}: no tokenizer.json or vocab.txt beside the model")
-    except FinetuneError:
-        raise
+            tokenizer = BertWordPieceTokenizer(str(chosen), lowercase=lowercase)
     except Exception as exc:  # tokenizers raises plain Exceptions for malformed files
-        raise FinetuneError(f"{folder}: cannot load the tokenizer: {exc}") from None
+        raise FinetuneError(f"{chosen}: cannot load the tokenizer: {exc}") from None
     tokenizer.no_truncation()
     tokenizer.no_padding()
     return tokenizer
@@ -510,15 +516,27 @@ def _truncate_pair(a: list[int], b: list[int], budget: int) -> None:
         (a if len(a) > len(b) else b).pop()
 
 
+# Texts are encoded this many at a time: tokenizers' Encoding objects carry strings and offsets, and
+# holding all of MNLI's at once would take gigabytes; only the ids (and word ids) are kept.
+_ENCODE_CHUNK = 8192
+
+
+def _encoded(tokenizer, inputs: Sequence, **kwargs) -> Iterable:
+    for start in range(0, len(inputs), _ENCODE_CHUNK):
+        yield from tokenizer.encode_batch(list(inputs[start:start + _ENCODE_CHUNK]), add_special_tokens=False,
+                                          **kwargs)
+
+
 def _encode_sequences(tokenizer, examples: Sequence[Example], max_len: int, specials: _Specials) -> _Features:
-    pieces_a = tokenizer.encode_batch([e.text_a for e in examples], add_special_tokens=False)
+    pieces_a = [encoding.ids for encoding in _encoded(tokenizer, [e.text_a for e in examples])]
+    # As the reference, an empty second text makes a single-sentence example.
     pair_index = [i for i, e in enumerate(examples) if e.text_b]
-    pieces_b = dict(zip(pair_index, tokenizer.encode_batch([examples[i].text_b for i in pair_index],
-                                                           add_special_tokens=False)))
+    pieces_b = dict(zip(pair_index, (encoding.ids for encoding in
+                                     _encoded(tokenizer, [examples[i].text_b for i in pair_index]))))
     input_ids, token_types = [], []
-    for i, example in enumerate(examples):
-        a = list(pieces_a[i].ids)
-        b = list(pieces_b[i].ids) if i in pieces_b else []
+    for i in range(len(examples)):
+        a = list(pieces_a[i])
+        b = list(pieces_b.get(i, ()))
         if b:
             _truncate_pair(a, b, max_len - 3)
             ids = [specials.cls, *a, specials.sep, *b, specials.sep]
@@ -532,8 +550,8 @@ def _encode_sequences(tokenizer, examples: Sequence[Example], max_len: int, spec
 
 
 def _encode_words(tokenizer, sentences: Sequence[TaggedSentence], max_len: int, specials: _Specials) -> _Features:
-    encodings = tokenizer.encode_batch([s.words for s in sentences], is_pretokenized=True, add_special_tokens=False)
     input_ids, token_types, word_positions = [], [], []
+    encodings = _encoded(tokenizer, [s.words for s in sentences], is_pretokenized=True)
     for encoding, sentence in zip(encodings, sentences):
         ids, word_ids = list(encoding.ids[: max_len - 2]), encoding.word_ids[: max_len - 2]
         first = {}

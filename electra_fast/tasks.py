@@ -1,22 +1,26 @@
 """Downstream tasks for ``electra-fast finetune``: file readers, label sets and official metrics.
 
-Supported task names (``--task``):
+Supported task names (``--task``), their files in ``--data-dir``, reported metrics (the first selects
+the best checkpoint) and default epochs:
 
-=========================  =======================================  ==========================  ===========
-task                       files in ``--data-dir``                  metrics (first = selects)   epochs
-=========================  =======================================  ==========================  ===========
-cola                       train.tsv, dev.tsv (no header)           mcc, accuracy               3
-sst-2                      train.tsv, dev.tsv                       accuracy                    3
-mrpc                       train.tsv, dev.tsv                       accuracy, f1                3
-sts-b                      train.tsv, dev.tsv                       spearman, pearson           10
-qqp                        train.tsv, dev.tsv                       accuracy, f1                3
-mnli                       train.tsv, dev_matched.tsv (+ dev_mismatched.tsv)  accuracy          3
-qnli                       train.tsv, dev.tsv                       accuracy                    3
-rte                        train.tsv, dev.tsv                       accuracy                    10
-classification             train/dev .csv/.tsv/.jsonl/.json         accuracy (+ f1, mcc if 2)   3
-regression                 train/dev .csv/.tsv/.jsonl/.json         spearman, pearson, mse      3
-token-classification       train/dev .txt/.conll (CoNLL, BIO tags)  f1, precision, recall       3
-=========================  =======================================  ==========================  ===========
+====================  ===============================================  ===========================  ======
+task                  files                                            metrics                      epochs
+====================  ===============================================  ===========================  ======
+cola                  train.tsv, dev.tsv (no header)                   mcc, accuracy                3
+sst-2                 train.tsv, dev.tsv                               accuracy                     3
+mrpc                  train.tsv, dev.tsv                               accuracy, f1                 3
+sts-b                 train.tsv, dev.tsv                               spearman, pearson            10
+qqp                   train.tsv, dev.tsv                               accuracy, f1                 3
+mnli                  train.tsv, dev_matched.tsv, [dev_mismatched.tsv]  accuracy                    3
+qnli                  train.tsv, dev.tsv                               accuracy                     3
+rte                   train.tsv, dev.tsv                               accuracy                     10
+classification        train.* and dev.* (.jsonl .json .csv .tsv)      accuracy (+ f1, mcc if 2)    3
+regression            train.* and dev.* (.jsonl .json .csv .tsv)      spearman, pearson, mse       3
+token-classification  train.* and dev.* (.txt .conll .bio .iob .tsv)  f1, precision, recall, acc.  3
+====================  ===============================================  ===========================  ======
+
+(``dev`` may also be named ``validation``, ``valid`` or ``val``; ``task.train_file`` / ``task.dev_file``
+name other files. Aliases: sst2, stsb, sts, ner, tagging.)
 
 The selecting metric follows the ELECTRA paper (Matthews correlation for CoLA, Spearman for STS-B,
 accuracy elsewhere; entity-level F1 for tagging); ``--set task.metric=f1`` picks another reported one.
@@ -34,7 +38,8 @@ test file without labels, is an error naming the file and the columns it lacks:
 
 As in the reference implementation (google-research/electra ``finetune/classification``), MRPC and
 STS-B training sets are doubled with the two sentences swapped (``task.double_unordered``), and QQP
-rows with missing fields (a handful exist in the published files) are skipped with a warning.
+rows with missing fields are skipped with a warning (as the reference and Hugging Face's GLUE
+processors do; more than 1% of them is an error).
 
 Generic files: CSV/TSV with a header, or JSON lines / a JSON list of objects; columns named by
 ``task.text_column`` (default ``text``), ``task.text_pair_column`` (none by default) and
@@ -277,21 +282,20 @@ def _glue_dir(data_dir: Path, layout: _GlueLayout) -> Path:
 def _load_glue(task: str, data_dir: Path, options: TaskOptions) -> TaskData:
     layout = GLUE_TASKS[task]
     folder = _glue_dir(data_dir, layout)
-    train_path = folder / (options.train_file or "train.tsv")
-    dev_files = ((("dev", options.dev_file),) if options.dev_file else layout.dev_files)
-    for split, name in (("train", train_path.name), *dev_files):
-        required = split in ("train", "dev")
-        if required and not (folder / name).is_file():
-            raise FinetuneError(f"{folder / name}: missing ({task} needs {train_path.name} and "
-                                f"{dev_files[0][1]} in --data-dir)")
+    train_name = options.train_file or "train.tsv"
+    dev_files = (("dev", options.dev_file),) if options.dev_file else layout.dev_files
+    for name in (train_name, dev_files[0][1]):  # the first dev file selects; later ones are optional
+        if not (folder / name).is_file():
+            raise FinetuneError(f"{folder / name}: missing ({task} needs {train_name} and {dev_files[0][1]} "
+                                "in --data-dir)")
     spec = TaskSpec(task, "regression" if not layout.labels else "classification", list(layout.labels),
                     layout.metrics, layout.epochs)
-    train = _read_glue_file(train_path, layout, task)
+    train = _read_glue_file(folder / train_name, layout, task)
     if layout.swap_pairs and options.double_unordered:
         train = train + [Example(e.text_b, e.text_a, e.label, e.source + " (swapped)") for e in train]
-    dev = {split: _read_glue_file(folder / name, layout, task) for split, name in dev_files
-           if (folder / name).is_file()}
-    files = {"train": str(train_path), **{split: str(folder / name) for split, name in dev_files}}
+    present = [(split, folder / name) for split, name in dev_files if (folder / name).is_file()]
+    dev = {split: _read_glue_file(path, layout, task) for split, path in present}
+    files = {"train": str(folder / train_name), **{split: str(path) for split, path in present}}
     return TaskData(spec, train, dev, files)
 
 

@@ -841,7 +841,12 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, local_rank:
         while step < cfg.train.max_steps:
             poison = (step + 1) in inject and rank == 0
             for _ in range(accumulation):
+                # torch's DataLoader draws its workers' base seed from the global CPU generator when an
+                # iterator starts, i.e. at the first batch after a start or a resume; the training
+                # streams (dropout) must not depend on when that happened.
+                cpu_rng = torch.get_rng_state()
                 batch = next(batches)
+                torch.set_rng_state(cpu_rng)
                 input_ids = batch["input_ids"].to(device, non_blocking=True)
                 attention_mask = batch["attention_mask"].to(device, non_blocking=True)
                 token_type_ids = batch["token_type_ids"].to(device, non_blocking=True)

@@ -39,6 +39,7 @@ functions and ``FusedAttention`` -> references.
 """
 
 import math
+import os
 from typing import Optional, Tuple
 
 import torch
@@ -89,14 +90,19 @@ if HAS_TRITON:
     # dQ: BLOCK_M2 queries stay, BLOCK_N2 keys stream (the mirror image of dK/dV).
     _DQ_SPACE = [(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3), (128, 32, 8, 4)]
 
+    # ELECTRA_KERNELS_AUTOTUNE=0 keeps only the first candidate of each space: no tuning pass (which
+    # compiles every candidate on the first call of a new shape bucket), for quick starts and benchmarks
+    # under a tight time limit.
+    _AUTOTUNE = os.environ.get("ELECTRA_KERNELS_AUTOTUNE", "1") != "0"
+
     if _INTERPRET:
         _FWD_CONFIGS = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
         _DKDV_CONFIGS = [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
         _DQ_CONFIGS = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
     else:  # pragma: no cover - GPU only
-        _FWD_CONFIGS = _configs(_FWD_SPACE, ("BLOCK_M", "BLOCK_N"))
-        _DKDV_CONFIGS = _configs(_DKDV_SPACE, ("BLOCK_M", "BLOCK_N"))
-        _DQ_CONFIGS = _configs(_DQ_SPACE, ("BLOCK_M", "BLOCK_N"))
+        _FWD_CONFIGS = _configs(_FWD_SPACE if _AUTOTUNE else _FWD_SPACE[:1], ("BLOCK_M", "BLOCK_N"))
+        _DKDV_CONFIGS = _configs(_DKDV_SPACE if _AUTOTUNE else _DKDV_SPACE[:1], ("BLOCK_M", "BLOCK_N"))
+        _DQ_CONFIGS = _configs(_DQ_SPACE if _AUTOTUNE else _DQ_SPACE[:1], ("BLOCK_M", "BLOCK_N"))
 
     # Interpreter work-arounds (constexpr False on the GPU, where none of this is compiled). Triton's
     # interpreter (3.9) multiplies bf16 operands of tl.dot as their raw uint16 bits, so there the operands
@@ -184,7 +190,6 @@ if HAS_TRITON:
                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                         BOUNDARY: tl.constexpr, HAS_KPM: tl.constexpr, DROPOUT: tl.constexpr,
                         DOT_PRECISION: tl.constexpr):
-        EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
         d_ok = offs_d < HEAD_DIM
         for start_n in range(lo, hi, BLOCK_N):
             cols = start_n + offs_n
@@ -192,7 +197,7 @@ if HAS_TRITON:
                 kv_mask = (cols < live_k)[:, None] & d_ok[None, :]
                 k = tl.load(k_ptrs + start_n * stride_kn, mask=kv_mask, other=0.0)
                 v = tl.load(v_ptrs + start_n * stride_vn, mask=kv_mask, other=0.0)
-            elif EVEN_D:
+            elif HEAD_DIM == BLOCK_D:  # no head-dim mask: plain vectorised loads
                 k = tl.load(k_ptrs + start_n * stride_kn)
                 v = tl.load(v_ptrs + start_n * stride_vn)
             else:
@@ -339,7 +344,6 @@ if HAS_TRITON:
                              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                              BOUNDARY: tl.constexpr, HAS_KPM: tl.constexpr, DROPOUT: tl.constexpr,
                              DOT_PRECISION: tl.constexpr):
-        EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
         d_ok = offs_d < HEAD_DIM
         for start_m in range(lo, hi, BLOCK_M):
             rows = start_m + offs_m
@@ -348,7 +352,7 @@ if HAS_TRITON:
                 r_ok = rows < rows_q
                 qT = tl.load(q_ptrs + start_m * stride_qm, mask=d_ok[:, None] & r_ok[None, :], other=0.0)
                 do = tl.load(do_ptrs + start_m * stride_dom, mask=r_ok[:, None] & d_ok[None, :], other=0.0)
-            elif EVEN_D:
+            elif HEAD_DIM == BLOCK_D:  # no head-dim mask: plain vectorised loads
                 qT = tl.load(q_ptrs + start_m * stride_qm)
                 do = tl.load(do_ptrs + start_m * stride_dom)
             else:
@@ -450,7 +454,6 @@ if HAS_TRITON:
                            HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                            BOUNDARY: tl.constexpr, HAS_KPM: tl.constexpr, DROPOUT: tl.constexpr,
                            DOT_PRECISION: tl.constexpr):
-        EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
         d_ok = offs_d < HEAD_DIM
         for start_n in range(lo, hi, BLOCK_N):
             cols = start_n + offs_n
@@ -459,7 +462,7 @@ if HAS_TRITON:
                 kv_mask = d_ok[:, None] & (cols < live_k)[None, :]
                 kT = tl.load(k_ptrs + start_n * stride_kn, mask=kv_mask, other=0.0)
                 vT = tl.load(v_ptrs + start_n * stride_vn, mask=kv_mask, other=0.0)
-            elif EVEN_D:
+            elif HEAD_DIM == BLOCK_D:  # no head-dim mask: plain vectorised loads
                 kT = tl.load(k_ptrs + start_n * stride_kn)
                 vT = tl.load(v_ptrs + start_n * stride_vn)
             else:

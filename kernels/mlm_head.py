@@ -173,9 +173,13 @@ if HAS_TRITON:
         PART_MAX, PART_SUMEXP, PART_TARGET, PART_BEST, PART_BEST_COL, PART_DRAW, PART_DRAW_COL,
         M, V, E, M_BUCKET, stride_hm, stride_wv, seed, inv_temperature,
         HAS_BIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
-        RNG_OFFSET_64: tl.constexpr, EVEN_E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_E: tl.constexpr,
+        RNG_OFFSET_64: tl.constexpr, EVEN_E: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_E: tl.constexpr,
     ):
-        tl.static_assert(BLOCK_M >= 16 and BLOCK_V >= 16 and BLOCK_E >= 16)  # tl.dot minimum
+        # tl.dot needs every operand dimension >= 16.
+        tl.static_assert(BLOCK_M >= 16)
+        tl.static_assert(BLOCK_V >= 16)
+        tl.static_assert(BLOCK_E >= 16)
         pid_m = tl.program_id(0)
         split = tl.program_id(1)
         num_splits = tl.num_programs(1)
@@ -280,6 +284,21 @@ if HAS_TRITON:
         tl.store(SAMPLED + rows, draw_col.to(tl.int64), mask=row_ok)
         tl.store(CORRECT + rows, (used & (best_col == targets)).to(tl.uint8), mask=row_ok)
 
+    @triton.jit
+    def _mlm_head_loss_kernel(ROW_LOSS, TARGETS, LOSS, NUM_USED, M, BLOCK: tl.constexpr):
+        """One program: loss = Σ row losses / max(used rows, 1) and the used-row count, in a fixed
+        order (no atomics: the same inputs give the same bits)."""
+        loss_sum = tl.zeros((BLOCK,), dtype=tl.float32)
+        used = tl.zeros((BLOCK,), dtype=tl.int32)
+        for r0 in range(0, M, BLOCK):
+            rows = r0 + tl.arange(0, BLOCK)
+            row_ok = rows < M
+            loss_sum += tl.load(ROW_LOSS + rows, mask=row_ok, other=0.0)
+            used += (tl.load(TARGETS + rows, mask=row_ok, other=-100) != -100).to(tl.int32)
+        num_used = tl.sum(used, axis=0)
+        tl.store(LOSS, tl.sum(loss_sum, axis=0) / tl.maximum(num_used, 1).to(tl.float32))
+        tl.store(NUM_USED, num_used)
+
     @triton.autotune(
         configs=_matmul_configs(),
         key=["M_BUCKET", "V", "E", "chunk_cols"],
@@ -288,24 +307,27 @@ if HAS_TRITON:
     @triton.heuristics({"EVEN_E": lambda args: args["E"] % args["BLOCK_E"] == 0})
     @triton.jit
     def _mlm_head_dlogits_kernel(
-        H, W, BIAS, TARGETS, LSE, SCALE, DLOGITS, PART_DBIAS,
+        H, W, BIAS, TARGETS, LSE, GRAD_LOSS, NUM_USED, DLOGITS, PART_DBIAS,
         M, V, E, M_BUCKET, col_begin, chunk_cols, stride_hm, stride_wv, stride_dm,
         HAS_BIAS: tl.constexpr, WRITE_DBIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-        DOT_UPCAST: tl.constexpr, EMULATE_RTNE: tl.constexpr, EVEN_E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_E: tl.constexpr,
+        DOT_UPCAST: tl.constexpr, EMULATE_RTNE: tl.constexpr, EVEN_E: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_E: tl.constexpr,
     ):
         """dz = s·(softmax(z) - onehot(t)) for columns [col_begin, col_begin + chunk_cols).
 
         Program (vocab block, row split) walks its rows, writes dz into DLOGITS (M, chunk_cols) and
         the column sums of dz (the bias gradient) into PART_DBIAS[row split]."""
-        tl.static_assert(BLOCK_M >= 16 and BLOCK_V >= 16 and BLOCK_E >= 16)
+        tl.static_assert(BLOCK_M >= 16)
+        tl.static_assert(BLOCK_V >= 16)
+        tl.static_assert(BLOCK_E >= 16)
         pid_v = tl.program_id(0)
         row_split = tl.program_id(1)
         num_row_splits = tl.num_programs(1)
         local_cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
         col_ok = local_cols < chunk_cols
         cols = col_begin + local_cols
-        # grad_loss / max(used rows, 1), computed on the device: no host sync, no rescale pass.
-        scale = tl.load(SCALE).to(tl.float32)
+        # s = grad_loss / max(used rows, 1), read on the device: no host sync, no rescale pass.
+        scale = tl.load(GRAD_LOSS).to(tl.float32) / tl.maximum(tl.load(NUM_USED), 1).to(tl.float32)
         if HAS_BIAS:
             bias = tl.load(BIAS + cols, mask=col_ok, other=0.0).to(tl.float32)
 
@@ -397,7 +419,8 @@ def _check_kernel_inputs(hidden, weight, bias, targets):
 
 def mlm_head_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor,
                      temperature: float, seed: int):
-    """Launch the forward: returns (loss () fp32, sampled (M,) int64, correct (M,) bool, lse (M,) fp32).
+    """Launch the forward: returns (loss () fp32, sampled (M,) int64, correct (M,) bool, lse (M,) fp32,
+    num_used () int32); lse and num_used are what the backward needs.
 
     hidden (M, E) and weight (V, E) share one of fp32/bf16/fp16; bias (V,) any float dtype or None;
     targets (M,) int32/int64 with -100 for unused slots."""
@@ -405,12 +428,14 @@ def mlm_head_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], tar
     M, E = hidden.shape
     V = weight.shape[0]
     device = hidden.device
-    loss = torch.zeros((), dtype=torch.float32, device=device)
     sampled = _new_empty((M,), dtype=torch.int64, device=device)
     correct = _new_empty((M,), dtype=torch.bool, device=device)
     lse = _new_empty((M,), dtype=torch.float32, device=device)
     if M == 0:
-        return loss, sampled, correct, lse
+        return (torch.zeros((), dtype=torch.float32, device=device), sampled, correct, lse,
+                torch.zeros((), dtype=torch.int32, device=device))
+    loss = _new_empty((), dtype=torch.float32, device=device)
+    num_used = _new_empty((), dtype=torch.int32, device=device)
 
     # Vocabulary splits: enough (row blocks x splits) programs to fill the GPU, each split at least a
     # few hundred columns so the merge stays negligible.
@@ -434,14 +459,15 @@ def mlm_head_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], tar
             DOT_UPCAST=_dot_upcast(hidden.dtype),
             RNG_OFFSET_64=_rng_offset_64(M, V),
         )
-        BLOCK_R = 128
-        _mlm_head_fwd_reduce_kernel[(triton.cdiv(M, BLOCK_R),)](
+        block_s = _next_pow2(num_splits)
+        block_r = min(128, max(1, 4096 // block_s))  # (splits x rows) tiles of <= 4096 values
+        _mlm_head_fwd_reduce_kernel[(triton.cdiv(M, block_r),)](
             part_max, part_sumexp, part_target, part_best, part_best_col, part_draw, part_draw_col,
             targets, lse, row_loss, sampled, correct.view(torch.uint8), M, num_splits,
-            BLOCK_S=_next_pow2(num_splits), BLOCK_R=BLOCK_R, num_warps=4,
+            BLOCK_S=block_s, BLOCK_R=block_r, num_warps=4,
         )
-    loss = row_loss.sum() / (targets != IGNORE_INDEX).sum().clamp(min=1)
-    return loss, sampled, correct, lse
+        _mlm_head_loss_kernel[(1,)](row_loss, targets, loss, num_used, M, BLOCK=1024, num_warps=4)
+    return loss, sampled, correct, lse, num_used
 
 
 _fp32_out_mm_ok = True
@@ -463,8 +489,8 @@ def _accumulate_mm(acc: Tensor, a: Tensor, b: Tensor) -> None:
 
 
 def mlm_head_backward(grad_loss: Tensor, hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
-                      targets: Tensor, lse: Tensor, need_hidden: bool, need_weight: bool,
-                      need_bias: bool, chunk_bytes: Optional[int] = None):
+                      targets: Tensor, lse: Tensor, num_used: Tensor, need_hidden: bool,
+                      need_weight: bool, need_bias: bool, chunk_bytes: Optional[int] = None):
     """Gradients (dH in hidden's dtype, dW in weight's dtype, db fp32) of the mean loss, or None
     where not needed; see the module docstring for the math and the vocabulary chunking."""
     M, E = hidden.shape
@@ -477,9 +503,6 @@ def mlm_head_backward(grad_loss: Tensor, hidden: Tensor, weight: Tensor, bias: O
     grad_hidden = _new_empty(hidden.shape, dtype=hidden.dtype, device=device) if need_hidden else None
     grad_weight = _new_empty(weight.shape, dtype=weight.dtype, device=device) if need_weight else None
     grad_bias = None
-
-    n_used = (targets != IGNORE_INDEX).sum()
-    scale = (grad_loss.reshape(1).to(torch.float32) / n_used.clamp(min=1)).contiguous()
 
     chunk_bytes = _DLOGITS_CHUNK_BYTES if chunk_bytes is None else chunk_bytes
     chunk_cols = max(chunk_bytes // (M * hidden.element_size()), 256) // 256 * 256
@@ -502,11 +525,12 @@ def mlm_head_backward(grad_loss: Tensor, hidden: Tensor, weight: Tensor, bias: O
             dz = dlogits[:, :width]
             grid = lambda meta: (triton.cdiv(width, meta["BLOCK_V"]), num_row_splits)  # noqa: E731
             _mlm_head_dlogits_kernel[grid](
-                hidden, weight, bias if bias is not None else hidden, targets, lse, scale, dz,
+                hidden, weight, bias if bias is not None else hidden, targets, lse, grad_loss, num_used, dz,
                 part_dbias if part_dbias is not None else lse,
                 M, V, E, _next_pow2(M), c0, width, hidden.stride(0), weight.stride(0), dz.stride(0),
-                HAS_BIAS=bias is not None, WRITE_DBIAS=need_bias, INPUT_PRECISION=_input_precision(hidden.dtype),
-                DOT_UPCAST=_dot_upcast(hidden.dtype), EMULATE_RTNE=interpreter_enabled(),
+                HAS_BIAS=bias is not None, WRITE_DBIAS=need_bias,
+                INPUT_PRECISION=_input_precision(hidden.dtype), DOT_UPCAST=_dot_upcast(hidden.dtype),
+                EMULATE_RTNE=interpreter_enabled(),
             )
             w_chunk = weight[c0:c0 + width]
             if need_weight:
@@ -546,7 +570,7 @@ _EMPTY = (0,)
 
 @torch.library.custom_op("electra_kernels::mlm_head_fwd", mutates_args=())
 def _mlm_head_fwd_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor,
-                     temperature: float, seed: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                     temperature: float, seed: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     with torch.autocast(hidden.device.type, enabled=False):
         return mlm_head_forward(hidden, weight, bias, targets, temperature, seed)
 
@@ -559,16 +583,17 @@ def _(hidden, weight, bias, targets, temperature, seed):
         hidden.new_empty((M,), dtype=torch.int64),
         hidden.new_empty((M,), dtype=torch.bool),
         hidden.new_empty((M,), dtype=torch.float32),
+        hidden.new_empty((), dtype=torch.int32),
     )
 
 
 @torch.library.custom_op("electra_kernels::mlm_head_bwd", mutates_args=())
 def _mlm_head_bwd_op(grad_loss: Tensor, hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
-                     targets: Tensor, lse: Tensor, need_hidden: bool, need_weight: bool,
-                     need_bias: bool) -> tuple[Tensor, Tensor, Tensor]:
+                     targets: Tensor, lse: Tensor, num_used: Tensor, need_hidden: bool,
+                     need_weight: bool, need_bias: bool) -> tuple[Tensor, Tensor, Tensor]:
     with torch.autocast(hidden.device.type, enabled=False):
-        dh, dw, db = mlm_head_backward(grad_loss, hidden, weight, bias, targets, lse,
-                                       need_hidden, need_weight, need_bias)
+        dh, dw, db = mlm_head_backward(grad_loss.contiguous(), hidden, weight, bias, targets, lse,
+                                       num_used, need_hidden, need_weight, need_bias)
     # Custom ops may not return None: empty placeholders stand for "not needed".
     empty = hidden.new_empty(_EMPTY)
     return (
@@ -579,7 +604,7 @@ def _mlm_head_bwd_op(grad_loss: Tensor, hidden: Tensor, weight: Tensor, bias: Op
 
 
 @_mlm_head_bwd_op.register_fake
-def _(grad_loss, hidden, weight, bias, targets, lse, need_hidden, need_weight, need_bias):
+def _(grad_loss, hidden, weight, bias, targets, lse, num_used, need_hidden, need_weight, need_bias):
     return (
         hidden.new_empty(hidden.shape if need_hidden else _EMPTY),
         weight.new_empty(weight.shape if need_weight else _EMPTY),
@@ -589,22 +614,22 @@ def _(grad_loss, hidden, weight, bias, targets, lse, need_hidden, need_weight, n
 
 def _mlm_setup_context(ctx, inputs, output):
     hidden, weight, bias, targets, _temperature, _seed = inputs
-    _, sampled, correct, lse = output
-    ctx.mark_non_differentiable(sampled, correct, lse)
+    _, sampled, correct, lse, num_used = output
+    ctx.mark_non_differentiable(sampled, correct, lse, num_used)
     # The weight is saved through autograd only (never .data), so a ZeRO-3 partitioned parameter is
     # gathered again by DeepSpeed's hooks before this backward runs.
-    ctx.save_for_backward(hidden, weight, bias, targets, lse)
+    ctx.save_for_backward(hidden, weight, bias, targets, lse, num_used)
     ctx.has_bias = bias is not None
 
 
-def _mlm_backward(ctx, grad_loss, _grad_sampled, _grad_correct, _grad_lse):
-    hidden, weight, bias, targets, lse = ctx.saved_tensors
+def _mlm_backward(ctx, grad_loss, *_non_differentiable):
+    hidden, weight, bias, targets, lse, num_used = ctx.saved_tensors
     need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
     need_bias = need_bias and ctx.has_bias
     if grad_loss is None or not (need_hidden or need_weight or need_bias):
         return None, None, None, None, None, None
     dh, dw, db = torch.ops.electra_kernels.mlm_head_bwd(
-        grad_loss, hidden, weight, bias, targets, lse, need_hidden, need_weight, need_bias)
+        grad_loss, hidden, weight, bias, targets, lse, num_used, need_hidden, need_weight, need_bias)
     return (dh if need_hidden else None, dw if need_weight else None, db if need_bias else None,
             None, None, None)
 
@@ -655,7 +680,7 @@ def mlm_head_loss(hidden, weight, bias, targets, *, temperature: float = 1.0, se
         weight = weight.contiguous()
     if bias is not None:
         bias = bias.contiguous()
-    loss, sampled, correct, _lse = torch.ops.electra_kernels.mlm_head_fwd(
+    loss, sampled, correct, _lse, _num_used = torch.ops.electra_kernels.mlm_head_fwd(
         hidden, weight, bias, targets.contiguous(), float(temperature), int(seed))
     return loss, sampled, correct
 

@@ -346,6 +346,28 @@ def test_conll_reader_and_first_subword_labels(tmp_path, run_dir):
     assert short.word_positions[0] == [1, 2, -1, -1]
 
 
+def test_sequence_features_layout_and_pair_truncation(run_dir):
+    """[CLS] a [SEP] b [SEP] with token types 0/1; the reference's truncation pops the longer side."""
+    from electra_fast.finetune import _encode_sequences
+    from electra_fast.tasks import Example
+
+    tokenizer = load_tokenizer(run_dir / "export" / "discriminator")
+    tokenizer.enable_padding(length=16)  # a caller's tokenizer set up to pad / truncate still works
+    tokenizer.enable_truncation(3)
+    tokenizer = load_tokenizer(tokenizer)
+    specials = _special_ids(tokenizer, load_encoder(run_dir)[0].config)
+    v = VOCAB.index
+    examples = [Example("good movies", "bad film", 0), Example("the the the the the", "a plot", 1),
+                Example("the plot", "", 0), Example("a " * 20, None, 1)]
+    features = _encode_sequences(tokenizer, examples, 8, specials)
+    assert features.input_ids[0] == [2, v("good"), v("movie"), v("##s"), 3, v("bad"), v("film"), 3]
+    assert features.token_type_ids[0] == [0, 0, 0, 0, 0, 1, 1, 1]
+    assert features.input_ids[1] == [2, v("the"), v("the"), v("the"), 3, v("a"), v("plot"), 3]  # a: 5 -> 3
+    assert features.input_ids[2] == [2, v("the"), v("plot"), 3]  # empty second text: single sentence
+    assert features.input_ids[3] == [2, *[v("a")] * 6, 3] and features.token_type_ids[3] == [0] * 8
+    assert features.labels == [0, 1, 0, 1]
+
+
 # --------------------------------------------------------------------------------------------
 # End to end: learn, save the best checkpoint, load it in transformers
 # --------------------------------------------------------------------------------------------

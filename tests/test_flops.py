@@ -213,3 +213,18 @@ def test_counted_matches_modern_count():
         assert math.isclose(backward, 2 * forward, rel_tol=tol)
         seen.add(name.split(":")[0])
     assert "ours" in seen
+
+
+def test_config_breakdown_cli():
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "flops.py"), "--config",
+                          str(ROOT / "configs" / "electra-tiny.yaml"), "--set", "data.seq_len=32", "--json",
+                          "--no-save"],
+                         capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    rows = json.loads(out.stdout)
+    assert {(r["model"], r["convention"]) for r in rows} == {("electra", "paper"), ("electra", "modern"),
+                                                             ("bert_mlm", "paper"), ("bert_mlm", "modern")}
+    cfg = build_config("tiny", overrides=["data.seq_len=32"])
+    electra_modern = next(r for r in rows if r["model"] == "electra" and r["convention"] == "modern")
+    assert electra_modern["training_per_step"] == pytest.approx(training_flops_per_step(cfg))
+    assert sum(electra_modern["forward_by_component"].values()) == pytest.approx(electra_modern["forward_per_step"])

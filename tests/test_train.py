@@ -87,8 +87,8 @@ def _args(run_dir, *sets, config=TINY, resume=False) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def run_inprocess(data, run_dir, *sets, resume=False) -> int:
-    return trainer.run_train(_args(run_dir, f"data.path={data}", *sets, resume=resume))
+def run_inprocess(data, run_dir, *sets, resume=False, config=TINY) -> int:
+    return trainer.run_train(_args(run_dir, f"data.path={data}", *sets, resume=resume, config=config))
 
 
 def child_env() -> dict:
@@ -332,7 +332,7 @@ def test_kill9_then_resume_matches_uninterrupted_run(corpus_dir, tmp_path, clean
     # A save that died half-way leaves a .tmp folder that resume removes and never loads.
     (run / "checkpoints" / "step-00000006.tmp").mkdir()
 
-    assert run_inprocess(corpus_dir, run, resume=True) == 0  # config from the run dir
+    assert run_inprocess(corpus_dir, run, resume=True, config=None) == 0  # the run dir's config.yaml
     assert not (run / "checkpoints" / "step-00000006.tmp").exists()
     assert [r["step"] for r in trainer.read_metrics(run)] == list(range(1, 8))
     assert losses(run) == losses(reference)  # bit for bit: weights, optimizer, LR, data, masks, dropout

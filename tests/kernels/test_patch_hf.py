@@ -13,6 +13,7 @@ import copy
 import importlib
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -109,7 +110,7 @@ def test_patched_model_matches_unpatched(kind, attention_calls):
 
 def test_train_mode_dropout_runs_and_masks_key_padding():
     torch.manual_seed(1)
-    model, _ = patch_hf(_tiny_model("bert"))
+    model, _ = patch_hf(_tiny_model("bert", num_hidden_layers=1))
     model.train()
     batch = _batch("bert")
     first = model(**batch)
@@ -199,16 +200,17 @@ def test_import_does_not_pull_heavy_packages():
     assert result.returncode == 0, result.stderr
 
 
-def test_hf_bert_benchmark_cpu_smoke(tmp_path, capsys):
+def test_hf_bert_benchmark_cpu_smoke(tmp_path, capsys, monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))  # the script imports benchmarks/_common.py
     spec = importlib.util.spec_from_file_location("hf_bert_benchmark", REPO / "benchmarks" / "hf_bert.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    csv_path = tmp_path / "hf_bert.csv"
-    module.main(["--cpu-smoke", "--csv", str(csv_path)])
+    module.main(["--cpu-smoke", "--results-dir", str(tmp_path), "--no-plot"])
     printed = capsys.readouterr().out
-    assert "patched" in printed and "hf" in printed
-    rows = csv_path.read_text().strip().splitlines()
+    assert re.search(r"\|\s+hf \|", printed) and re.search(r"\|\s+patched \|", printed)
+    rows = (tmp_path / "hf_bert.csv").read_text().strip().splitlines()
     assert len(rows) == 3 and rows[0].startswith("date,")  # header + one row per variant
+    assert len((tmp_path / "hf_bert.jsonl").read_text().strip().splitlines()) == 2
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit, match="CUDA"):
-            module.main(["--csv", str(csv_path)])
+            module.main(["--no-save"])
