@@ -51,6 +51,8 @@ class ModelConfig:
     attention_impl: str = "auto"
     mlm_head_impl: str = "auto"
     disc_head_impl: str = "auto"
+    # Fused residual-add + dropout + LayerNorm and bias + GELU kernels inside the encoder layers.
+    elementwise_impl: str = "auto"
     # Run the encoder on packed real tokens (unpad once, varlen attention) instead of padded batches.
     unpad: bool = True
     # Recompute each encoder layer in the backward pass (non-reentrant torch.utils.checkpoint).
@@ -86,7 +88,7 @@ class ModelConfig:
                 f"generator hidden size {self.generator_hidden_size} (model.hidden_size x "
                 f"model.generator_fraction) is not divisible by its {self.generator_num_heads} heads"
             )
-        for key in ("attention_impl", "mlm_head_impl", "disc_head_impl"):
+        for key in ("attention_impl", "mlm_head_impl", "disc_head_impl", "elementwise_impl"):
             if getattr(self, key) not in ("auto", "torch", "triton"):
                 raise ConfigError(f"model.{key} must be one of auto/torch/triton, got {getattr(self, key)!r}")
         specials = {k: getattr(self, k) for k in

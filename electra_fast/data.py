@@ -916,7 +916,7 @@ def _prepare_into(staging: Path, out: Path, *, inputs: list[str], vocab_path: st
             _log(verbose, f"reading documents ({len(shards)} shard(s), {num_proc} process(es))")
             documents = _from_generator(
                 _generate_documents, error_dir, gen_kwargs={"shards": shards, "error_dir": str(error_dir)},
-                features=_DOCUMENT_FEATURES(), cache_dir=str(cache_dir), num_proc=min(num_proc, len(shards)))
+                features=_document_features(), cache_dir=str(cache_dir), num_proc=min(num_proc, len(shards)))
             if documents is not None:
                 _log(verbose, f"tokenising and packing {len(documents)} documents ({num_proc} process(es))")
                 parts.append(documents.map(
@@ -971,7 +971,7 @@ def _prepare_into(staging: Path, out: Path, *, inputs: list[str], vocab_path: st
     return manifest
 
 
-def _DOCUMENT_FEATURES():
+def _document_features():
     from datasets import Features, Value
 
     return Features({"text": Value("string"), "input": Value("int32"), "offset": Value("int64")})
@@ -1041,6 +1041,15 @@ def check_vocab(manifest: dict[str, Any], model_vocab_size: int) -> None:
         raise DataError(f"vocabulary mismatch: the prepared data uses {data_vocab_size} tokens but the model has "
                         f"vocab_size={model_vocab_size}; set model.vocab_size={data_vocab_size} or prepare the data "
                         f"with --vocab-size {model_vocab_size}")
+
+
+def check_seq_len(manifest: dict[str, Any], seq_len: int) -> None:
+    """Examples are packed to one length at prepare time; the config must ask for that length."""
+    data_seq_len = int(manifest["seq_len"])
+    if data_seq_len != int(seq_len):
+        raise DataError(f"sequence length mismatch: the prepared data holds examples of {data_seq_len} tokens but the "
+                        f"config has data.seq_len={seq_len}; set data.seq_len={data_seq_len} or prepare the data "
+                        f"with --seq-len {seq_len}")
 
 
 def load_tokenizer(data_dir: str):

@@ -240,6 +240,22 @@ class ElectraModel(ElectraBody):
         super().__init__(cfg.hidden_size, cfg.num_heads, cfg.intermediate_size, cfg.num_layers, cfg)
         self.config = cfg
         self.embeddings = ElectraEmbeddings(cfg)
+        # A fresh encoder is initialised as HF's / the pretraining model's (a random-init baseline is
+        # meaningful); loading a checkpoint overwrites all of it.
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            _init_linear(module, std)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.padding_idx is not None:
+                with torch.no_grad():
+                    module.weight[module.padding_idx].zero_()
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
 
     def layout(self, attention_mask: torch.Tensor) -> TokenLayout:
         packed = self.config.unpad and resolve_impl(self.config.attention_impl, attention_mask.device) == "triton"
@@ -352,6 +368,26 @@ def resolve_model_dir(path: str | os.PathLike) -> Path:
     )
 
 
+def _check_model_folder(path: str | os.PathLike) -> Path:
+    """The discriminator folder, after the cheap checks (config.json says ELECTRA and not a
+    generator); the weights are checked when they are loaded."""
+    folder = resolve_model_dir(path)
+    try:
+        hf_config = json.loads((folder / "config.json").read_text())
+    except (ValueError, OSError) as exc:
+        raise FinetuneError(f"{folder / 'config.json'}: cannot read it: {exc}") from None
+    if not isinstance(hf_config, dict) or hf_config.get("model_type") != "electra":
+        found = hf_config.get("model_type") if isinstance(hf_config, dict) else type(hf_config).__name__
+        raise FinetuneError(f"not an ELECTRA discriminator: {folder}: model_type is {found!r}, expected 'electra'")
+    architectures = hf_config.get("architectures") or []
+    if any(a in ("ElectraForMaskedLM", "ElectraForCausalLM") for a in architectures):
+        raise FinetuneError(f"{folder}: this is an ELECTRA generator ({architectures[0]}); fine-tune the "
+                            "discriminator (the export's discriminator/ folder)")
+    if hf_config.get("hidden_act", "gelu") != "gelu":
+        raise FinetuneError(f"{folder}: hidden_act {hf_config['hidden_act']!r} is not supported (ELECTRA uses gelu)")
+    return folder
+
+
 def _encoder_state(state: dict[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]:
     """HF names (``electra.`` prefix, or a bare ElectraModel) -> ElectraModel's, heads dropped."""
     prefixed = any(k.startswith("electra.") for k in state)
@@ -411,19 +447,13 @@ def load_encoder(source, options: ModelOptions | None = None) -> tuple[ElectraMo
         raise FinetuneError(f"cannot fine-tune a {type(source).__name__}: give a model folder, an "
                             "ElectraPretrainingModel or an ElectraModel")
 
-    folder = resolve_model_dir(source)
+    folder = _check_model_folder(source)
     try:
         hf_config, state = _read_folder(folder)
     except ExportError as exc:
         raise FinetuneError(f"not an ELECTRA discriminator: {exc}") from None
-    except (ValueError, OSError, RuntimeError) as exc:  # bad JSON, unreadable or corrupt weights
+    except (ValueError, OSError, RuntimeError) as exc:  # unreadable or corrupt weights
         raise FinetuneError(f"{folder}: cannot read the model: {exc}") from None
-    architectures = hf_config.get("architectures") or []
-    if any(a in ("ElectraForMaskedLM", "ElectraForCausalLM") for a in architectures):
-        raise FinetuneError(f"{folder}: this is an ELECTRA generator ({architectures[0]}); fine-tune the "
-                            "discriminator (the export's discriminator/ folder)")
-    if hf_config.get("hidden_act", "gelu") != "gelu":
-        raise FinetuneError(f"{folder}: hidden_act {hf_config['hidden_act']!r} is not supported (ELECTRA uses gelu)")
     try:
         cfg = _model_config(hf_config, None)
     except KeyError as exc:
@@ -978,6 +1008,14 @@ def finetune_task(encoder_source, tokenizer, data: TaskData, config: FinetuneCon
     encoder_state = {k: v.detach().clone() for k, v in encoder.state_dict().items()}
     del encoder
 
+    if config.train.progress:
+        packed = cfg.unpad and resolve_impl(cfg.attention_impl, device) == "triton"
+        print(f"{spec.name}: {len(data.train)} train / {len(data.dev['dev'])} dev examples; {recipe.size} recipe: "
+              f"lr {recipe.lr:g}, layer decay {recipe.layerwise_lr_decay:g}, {recipe.epochs:g} epochs = "
+              f"{recipe.total_steps} steps (warm-up {recipe.warmup_steps}), batch {recipe.batch_size}, max length "
+              f"{recipe.max_seq_length}; {device}, {'bf16' if _amp_dtype(device, config.train.precision) else 'fp32'}, "
+              f"{resolve_impl(cfg.attention_impl, device)} attention{' on packed tokens' if packed else ''}",
+              file=sys.stderr)
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
@@ -1030,7 +1068,7 @@ def finetune(model: str | os.PathLike, task: str, data_dir: str | os.PathLike, o
              config: FinetuneConfig | None = None, seeds: Sequence[int] = (1,)) -> dict:
     """Read ``task`` from ``data_dir`` and fine-tune ``model`` (a run / export / HF folder) on it."""
     config = (config or FinetuneConfig()).validate()
-    folder = resolve_model_dir(model)  # fail on a wrong --model before reading large task files
+    folder = _check_model_folder(model)  # fail on a wrong --model before reading large task files
     data = load_task(task, data_dir, config.task)
     return finetune_task(model, None, data, config, seeds, out_dir, model_name=str(folder))
 

@@ -136,15 +136,28 @@ class ElectraSelfAttention(nn.Module):
         return out.reshape(rows.shape)
 
 
-class ElectraSelfOutput(nn.Module):
-    def __init__(self, hidden: int, cfg: ModelConfig):
+class _DropoutAddLayerNorm(nn.Module):
+    """``LayerNorm(dropout(dense(h)) + residual)``, the tail of both halves of a post-LN layer; one
+    fused kernel (dropout, add, normalise) when ``elementwise_impl`` resolves to Triton."""
+
+    def __init__(self, in_features: int, hidden: int, cfg: ModelConfig):
         super().__init__()
-        self.dense = nn.Linear(hidden, hidden)
+        self.dense = nn.Linear(in_features, hidden)
         self.LayerNorm = nn.LayerNorm(hidden, eps=cfg.layer_norm_eps)
         self.dropout = nn.Dropout(cfg.dropout)
+        self.impl = cfg.elementwise_impl
 
     def forward(self, hidden_states, input_tensor):
+        if resolve_impl(self.impl, hidden_states.device) == "triton":
+            return ek.layer_norm(self.dense(hidden_states), self.LayerNorm.weight, self.LayerNorm.bias,
+                                 self.LayerNorm.eps, residual=input_tensor,
+                                 dropout_p=self.dropout.p if self.training else 0.0)
         return self.LayerNorm(self.dropout(self.dense(hidden_states)) + input_tensor)
+
+
+class ElectraSelfOutput(_DropoutAddLayerNorm):
+    def __init__(self, hidden: int, cfg: ModelConfig):
+        super().__init__(hidden, hidden, cfg)
 
 
 class ElectraAttention(nn.Module):
@@ -158,23 +171,20 @@ class ElectraAttention(nn.Module):
 
 
 class ElectraIntermediate(nn.Module):
-    def __init__(self, hidden: int, intermediate: int):
+    def __init__(self, hidden: int, intermediate: int, cfg: ModelConfig):
         super().__init__()
         self.dense = nn.Linear(hidden, intermediate)
+        self.impl = cfg.elementwise_impl
 
     def forward(self, hidden_states):
+        if resolve_impl(self.impl, hidden_states.device) == "triton":  # bias joins inside the GELU kernel
+            return ek.bias_gelu(F.linear(hidden_states, self.dense.weight), self.dense.bias)
         return F.gelu(self.dense(hidden_states))
 
 
-class ElectraOutput(nn.Module):
+class ElectraOutput(_DropoutAddLayerNorm):
     def __init__(self, hidden: int, intermediate: int, cfg: ModelConfig):
-        super().__init__()
-        self.dense = nn.Linear(intermediate, hidden)
-        self.LayerNorm = nn.LayerNorm(hidden, eps=cfg.layer_norm_eps)
-        self.dropout = nn.Dropout(cfg.dropout)
-
-    def forward(self, hidden_states, input_tensor):
-        return self.LayerNorm(self.dropout(self.dense(hidden_states)) + input_tensor)
+        super().__init__(intermediate, hidden, cfg)
 
 
 class ElectraLayer(nn.Module):
@@ -183,7 +193,7 @@ class ElectraLayer(nn.Module):
     def __init__(self, hidden: int, heads: int, intermediate: int, cfg: ModelConfig):
         super().__init__()
         self.attention = ElectraAttention(hidden, heads, cfg)
-        self.intermediate = ElectraIntermediate(hidden, intermediate)
+        self.intermediate = ElectraIntermediate(hidden, intermediate, cfg)
         self.output = ElectraOutput(hidden, intermediate, cfg)
 
     def forward(self, rows, layout):

@@ -11,7 +11,7 @@ sst-2                 train.tsv, dev.tsv                               accuracy 
 mrpc                  train.tsv, dev.tsv                               accuracy, f1                 3
 sts-b                 train.tsv, dev.tsv                               spearman, pearson            10
 qqp                   train.tsv, dev.tsv                               accuracy, f1                 3
-mnli                  train.tsv, dev_matched.tsv, [dev_mismatched.tsv]  accuracy                    3
+mnli                  train.tsv, dev_matched.tsv (+ dev_mismatched)    accuracy                     3
 qnli                  train.tsv, dev.tsv                               accuracy                     3
 rte                   train.tsv, dev.tsv                               accuracy                     10
 classification        train.* and dev.* (.jsonl .json .csv .tsv)      accuracy (+ f1, mcc if 2)    3

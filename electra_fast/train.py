@@ -784,8 +784,8 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, local_rank:
 
     checkpoints = Checkpoints(run_dir, rank, local_rank, cfg.train.keep_last)
     step, tokens_seen, resumed_from = 0, 0, None
+    checkpoints.clean_partial()
     if resume:
-        checkpoints.clean_partial()
         if read_latest(root) is not None:
             resumed_from, client, rank_state = checkpoints.load(engine, world_size)
             step, tokens_seen = int(client["step"]), int(client["tokens_seen"])

@@ -87,6 +87,10 @@ if HAS_TRITON:
     ]
     # dK/dV: BLOCK_N1 keys stay in registers (two fp32 accumulators) while BLOCK_M1 queries stream by.
     _DKDV_SPACE = [(32, 128, 4, 3), (32, 128, 8, 3), (64, 128, 8, 3), (32, 64, 4, 3), (64, 64, 4, 3), (16, 64, 4, 4)]
+    # Fused dK/dV/dQ for short sequences: BLOCK_N = FUSED_BLOCK_N covers the whole sequence.
+    FUSED_BLOCK_N = 128
+    _FUSED_SPACE = [(32, FUSED_BLOCK_N, 4, 3), (32, FUSED_BLOCK_N, 8, 3), (64, FUSED_BLOCK_N, 8, 3),
+                    (16, FUSED_BLOCK_N, 4, 4)]
     # dQ: BLOCK_M2 queries stay, BLOCK_N2 keys stream (the mirror image of dK/dV).
     _DQ_SPACE = [(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3), (128, 32, 8, 4)]
 
@@ -99,10 +103,13 @@ if HAS_TRITON:
         _FWD_CONFIGS = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
         _DKDV_CONFIGS = [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
         _DQ_CONFIGS = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
+        FUSED_BLOCK_N = 32  # sequences <= 32 take the fused path in the tests, longer ones the split one
+        _FUSED_CONFIGS = [triton.Config({"BLOCK_M": 16, "BLOCK_N": FUSED_BLOCK_N}, num_warps=4, num_stages=1)]
     else:  # pragma: no cover - GPU only
         _FWD_CONFIGS = _configs(_FWD_SPACE if _AUTOTUNE else _FWD_SPACE[:1], ("BLOCK_M", "BLOCK_N"))
         _DKDV_CONFIGS = _configs(_DKDV_SPACE if _AUTOTUNE else _DKDV_SPACE[:1], ("BLOCK_M", "BLOCK_N"))
         _DQ_CONFIGS = _configs(_DQ_SPACE if _AUTOTUNE else _DQ_SPACE[:1], ("BLOCK_M", "BLOCK_N"))
+        _FUSED_CONFIGS = _configs(_FUSED_SPACE if _AUTOTUNE else _FUSED_SPACE[:1], ("BLOCK_M", "BLOCK_N"))
 
     # Interpreter work-arounds (constexpr False on the GPU, where none of this is compiled). Triton's
     # interpreter (3.9) multiplies bf16 operands of tl.dot as their raw uint16 bits, so there the operands
@@ -338,12 +345,12 @@ if HAS_TRITON:
         return tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
 
     @triton.jit
-    def _attn_bwd_dkdv_inner(dk, dv, k, v, key_ok, q_ptrs, do_ptrs, lse_ptr, delta_ptr, lo, hi, rows_q,
-                             offs_m, offs_n, offs_d, stride_qm, stride_dom,
-                             qk_scale, dropout_p, seed, rng_base, rng_stride_m,
+    def _attn_bwd_dkdv_inner(dk, dv, k, v, key_ok, q_ptrs, do_ptrs, dq_ptrs, lse_ptr, delta_ptr, lo, hi, rows_q,
+                             offs_m, offs_n, offs_d, stride_qm, stride_dom, stride_dqm,
+                             sm_scale, qk_scale, dropout_p, seed, rng_base, rng_stride_m,
                              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                              BOUNDARY: tl.constexpr, HAS_KPM: tl.constexpr, DROPOUT: tl.constexpr,
-                             DOT_PRECISION: tl.constexpr):
+                             FUSE_DQ: tl.constexpr, DOT_PRECISION: tl.constexpr):
         d_ok = offs_d < HEAD_DIM
         for start_m in range(lo, hi, BLOCK_M):
             rows = start_m + offs_m
@@ -363,7 +370,9 @@ if HAS_TRITON:
             # Rows past the sequence load q = dO = 0, lse2 = delta = 0: they add exactly zero below.
             qkT = _mma(k, qT, None, DOT_PRECISION)  # (BLOCK_N, BLOCK_M)
             pT = tl.math.exp2(qkT * qk_scale - lse2[None, :])
-            if HAS_KPM:
+            if HAS_KPM or FUSE_DQ:
+                # Padding keys (and, for the fused dQ, keys past the sequence, whose k = 0 would
+                # otherwise give P = exp2(-lse2) and leak into dQ) carry no probability.
                 pT = tl.where(key_ok[:, None], pT, 0.0)
             dpT = _mma(v, tl.trans(do), None, DOT_PRECISION)
             if DROPOUT:
@@ -374,27 +383,34 @@ if HAS_TRITON:
             else:
                 pT_drop = pT
             dv = _mma(_cast(pT_drop, do.dtype), do, dv, DOT_PRECISION)
-            dsT = pT * (dpT - delta[None, :])
-            dk = _mma(_cast(dsT, qT.dtype), tl.trans(qT), dk, DOT_PRECISION)
+            dsT = _cast(pT * (dpT - delta[None, :]), qT.dtype)
+            dk = _mma(dsT, tl.trans(qT), dk, DOT_PRECISION)
+            if FUSE_DQ:
+                # This program holds every key of the sequence, so dQ of these query rows is complete:
+                # dQ = scale · dS · K, written once, no atomics, no second kernel.
+                dq = _mma(tl.trans(dsT), k, None, DOT_PRECISION) * sm_scale
+                dq_mask = (rows < rows_q)[:, None] & d_ok[None, :]
+                tl.store(dq_ptrs + start_m * stride_dqm, _cast(dq, qT.dtype), mask=dq_mask)
         return dk, dv
 
-    @triton.autotune(configs=_DKDV_CONFIGS, key=_TUNE_KEY, prune_configs_by=_prune("N"))
     @triton.jit(do_not_specialize=["seqlen_q", "seqlen_k", "seed", "rng_offset", "rng_stride_m", "rng_stride_bh"])
-    def _attn_bwd_dkdv_kernel(
-        Q, K, V, DO, LSE, Delta, DK, DV, CU_SEQLENS, KV_LEN, KPM,
+    def _attn_bwd_dkdv_jit(
+        Q, K, V, DO, LSE, Delta, DK, DV, DQ, CU_SEQLENS, KV_LEN, KPM,
         stride_qb, stride_qm, stride_qh,
         stride_kb, stride_kn, stride_kh,
         stride_vb, stride_vn, stride_vh,
         stride_dob, stride_dom, stride_doh,
         stride_dkb, stride_dkn, stride_dkh,
         stride_dvb, stride_dvn, stride_dvh,
+        stride_dqb, stride_dqm, stride_dqh,
         stride_lb, stride_lh, stride_kpmb,
         n_heads, seqlen_q, seqlen_k, sm_scale, qk_scale, dropout_p, seed, rng_offset, rng_stride_m, rng_stride_bh,
         SEQ_BUCKET,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-        IS_VARLEN: tl.constexpr, HAS_KPM: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        IS_VARLEN: tl.constexpr, HAS_KPM: tl.constexpr, DROPOUT: tl.constexpr, FUSE_DQ: tl.constexpr,
+        DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ):
+        """dK, dV of one key block (and with FUSE_DQ, when one block holds the whole sequence, dQ too)."""
         tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and BLOCK_D >= 16, "tl.dot needs every dim >= 16")
         start_n = tl.program_id(0) * BLOCK_N
         off_h = tl.program_id(1)
@@ -423,29 +439,41 @@ if HAS_TRITON:
 
         q_ptrs = Q + b64 * stride_qb + h64 * stride_qh + (seq_start + offs_m[None, :]) * stride_qm + offs_d[:, None]
         do_ptrs = DO + b64 * stride_dob + h64 * stride_doh + (seq_start + offs_m[:, None]) * stride_dom + offs_d[None, :]
+        dq_ptrs = DQ + b64 * stride_dqb + h64 * stride_dqh + (seq_start + offs_m[:, None]) * stride_dqm + offs_d[None, :]
         lse_ptr = LSE + b64 * stride_lb + h64 * stride_lh + seq_start
         delta_ptr = Delta + b64 * stride_lb + h64 * stride_lh + seq_start
         rng_base = (b64 * n_heads + h64) * rng_stride_bh + rng_offset
 
         dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-        # Key blocks that hold only trailing padding get no probability mass: dK = dV = 0, no loop.
-        q_hi = tl.where(start_n < live_k, rows_q, 0)
+        # Key blocks that hold only trailing padding get no probability mass: dK = dV = 0, no loop
+        # (unless this program also owes dQ for every query row).
+        if FUSE_DQ:
+            q_hi = rows_q
+        else:
+            q_hi = tl.where(start_n < live_k, rows_q, 0)
         full_end = (q_hi // BLOCK_M) * BLOCK_M
         dk, dv = _attn_bwd_dkdv_inner(
-            dk, dv, k, v, key_ok, q_ptrs, do_ptrs, lse_ptr, delta_ptr, 0, full_end, rows_q,
-            offs_m, offs_n, offs_d, stride_qm, stride_dom, qk_scale, dropout_p, seed, rng_base, rng_stride_m,
-            HEAD_DIM, BLOCK_D, BLOCK_M, False, HAS_KPM, DROPOUT, DOT_PRECISION)
+            dk, dv, k, v, key_ok, q_ptrs, do_ptrs, dq_ptrs, lse_ptr, delta_ptr, 0, full_end, rows_q,
+            offs_m, offs_n, offs_d, stride_qm, stride_dom, stride_dqm, sm_scale, qk_scale, dropout_p, seed, rng_base,
+            rng_stride_m, HEAD_DIM, BLOCK_D, BLOCK_M, False, HAS_KPM, DROPOUT, FUSE_DQ, DOT_PRECISION)
         dk, dv = _attn_bwd_dkdv_inner(
-            dk, dv, k, v, key_ok, q_ptrs, do_ptrs, lse_ptr, delta_ptr, full_end, q_hi, rows_q,
-            offs_m, offs_n, offs_d, stride_qm, stride_dom, qk_scale, dropout_p, seed, rng_base, rng_stride_m,
-            HEAD_DIM, BLOCK_D, BLOCK_M, True, HAS_KPM, DROPOUT, DOT_PRECISION)
+            dk, dv, k, v, key_ok, q_ptrs, do_ptrs, dq_ptrs, lse_ptr, delta_ptr, full_end, q_hi, rows_q,
+            offs_m, offs_n, offs_d, stride_qm, stride_dom, stride_dqm, sm_scale, qk_scale, dropout_p, seed, rng_base,
+            rng_stride_m, HEAD_DIM, BLOCK_D, BLOCK_M, True, HAS_KPM, DROPOUT, FUSE_DQ, DOT_PRECISION)
         dk = dk * sm_scale
 
         tl.store(DK + b64 * stride_dkb + h64 * stride_dkh + kv_rows * stride_dkn + offs_d[None, :],
                  _cast(dk, DK.dtype.element_ty), mask=kv_mask)
         tl.store(DV + b64 * stride_dvb + h64 * stride_dvh + kv_rows * stride_dvn + offs_d[None, :],
                  _cast(dv, DV.dtype.element_ty), mask=kv_mask)
+
+    _attn_bwd_dkdv_kernel = triton.autotune(configs=_DKDV_CONFIGS, key=_TUNE_KEY,
+                                            prune_configs_by=_prune("N"))(_attn_bwd_dkdv_jit)
+    # Sequences of at most FUSED_BLOCK_N tokens (ELECTRA-Small's 128): one program per (sequence, head)
+    # holds all keys and also writes dQ, which skips the dQ kernel and its Q·Kᵀ, dO·Vᵀ recomputation
+    # (backward = 5 matmuls instead of 7).
+    _attn_bwd_fused_kernel = triton.autotune(configs=_FUSED_CONFIGS, key=_TUNE_KEY)(_attn_bwd_dkdv_jit)
 
     @triton.jit
     def _attn_bwd_dq_inner(dq, q, do, lse2, delta, k_ptrs, v_ptrs, kpm_ptr, lo, hi, live_k,
@@ -682,12 +710,16 @@ def attention_backward(dout, q, k, v, out, lse, key_padding_mask=None, cu_seqlen
     def grid_k(meta):
         return (triton.cdiv(layout.seqlen_k, meta["BLOCK_N"]), layout.heads, layout.batch)
 
-    _attn_bwd_dkdv_kernel[grid_k](
-        q, k, v, dout, lse, delta, dk, dv, cu, kv_len, kpm,
+    fuse_dq = layout.seqlen_k <= FUSED_BLOCK_N
+    dkdv_kernel = _attn_bwd_fused_kernel if fuse_dq else _attn_bwd_dkdv_kernel
+    dkdv_kernel[grid_k](
+        q, k, v, dout, lse, delta, dk, dv, dq, cu, kv_len, kpm,
         *layout.strides(q), *layout.strides(k), *layout.strides(v), *layout.strides(dout),
-        *layout.strides(dk), *layout.strides(dv), *layout.lse_strides(lse), stride_kpmb,
-        *scalars, **flags,
+        *layout.strides(dk), *layout.strides(dv), *layout.strides(dq), *layout.lse_strides(lse), stride_kpmb,
+        *scalars, FUSE_DQ=fuse_dq, **flags,
     )
+    if fuse_dq:
+        return dq, dk, dv
 
     def grid_q(meta):
         return (triton.cdiv(layout.seqlen_q, meta["BLOCK_M"]), layout.heads, layout.batch)

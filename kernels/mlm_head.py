@@ -89,8 +89,22 @@ def _next_pow2(n: int) -> int:
     return 1 << max(int(n) - 1, 0).bit_length()
 
 
-def _matmul_configs():
-    """A small search space for the (BLOCK_M x BLOCK_V) logit tiles; one config in the interpreter."""
+# The forward walks the vocabulary in groups of 4 x 64 columns (see _gumbel4); its tiles are
+# BLOCK_M rows x one group. The backward's dlogits tiles are plain BLOCK_M x BLOCK_V.
+def _fwd_configs():
+    """A small search space for the forward (BLOCK_M x 256-column tiles); one config in the interpreter."""
+    if interpreter_enabled():
+        return [triton.Config({"BLOCK_M": 64, "BLOCK_E": 32}, num_warps=4, num_stages=1)]
+    return [
+        triton.Config({"BLOCK_M": 128, "BLOCK_E": 64}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_M": 64, "BLOCK_E": 64}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_M": 64, "BLOCK_E": 64}, num_warps=4, num_stages=4),
+        triton.Config({"BLOCK_M": 128, "BLOCK_E": 32}, num_warps=8, num_stages=4),
+    ]
+
+
+def _dlogits_configs():
+    """A small search space for the backward's (BLOCK_M x BLOCK_V) logit tiles; one in the interpreter."""
     if interpreter_enabled():
         return [triton.Config({"BLOCK_M": 64, "BLOCK_V": 256, "BLOCK_E": 32}, num_warps=4, num_stages=1)]
     return [
@@ -124,16 +138,61 @@ if HAS_TRITON:
         return x.to(PTR.dtype.element_ty)
 
     @triton.jit
-    def _gumbel(seed, rows, cols, V, RNG_OFFSET_64: tl.constexpr):
-        """Gumbel(0, 1) noise for the (rows x cols) tile, keyed on the flat index row * V + col."""
-        if RNG_OFFSET_64:
-            offsets = rows.to(tl.int64)[:, None] * V + cols[None, :]
-        else:
-            offsets = rows[:, None] * V + cols[None, :]
-        u = tl.rand(seed, offsets)
+    def _uniform_to_gumbel(u):
         # u = 0 would give -inf and u -> 1 +inf; the same clamp as gumbel_noise_ref.
         u = tl.minimum(tl.maximum(u, 1.1754943508222875e-38), 1.0 - 1.1920928955078125e-07)
         return -tl.log(-tl.log(u))
+
+    @triton.jit
+    def _gumbel4(seed, rows, group, counters_per_row, RNG_OFFSET_64: tl.constexpr,
+                 QUARTER: tl.constexpr):
+        """Gumbel(0, 1) noise for the four 64-column quarters of 256-column group ``group``.
+
+        Philox counter (row, 64·group + j) yields four uniforms, for columns 256·group + j + 64·lane,
+        lane = 0..3: one Philox evaluation per four logits (a quarter of tl.rand's integer work, the
+        epilogue's largest cost), and a column -> (counter, lane) map that does not depend on block
+        sizes, so a seed gives the same samples whatever config the autotuner picks."""
+        counters = group * QUARTER + tl.arange(0, QUARTER)
+        if RNG_OFFSET_64:
+            offsets = rows.to(tl.int64)[:, None] * counters_per_row + counters[None, :]
+        else:
+            offsets = rows[:, None] * counters_per_row + counters[None, :]
+        u0, u1, u2, u3 = tl.rand4x(seed, offsets)
+        return (_uniform_to_gumbel(u0), _uniform_to_gumbel(u1), _uniform_to_gumbel(u2),
+                _uniform_to_gumbel(u3))
+
+    @triton.jit
+    def _fold_quarter(logits, first_col, targets, gumbel, inv_temperature,
+                      run_max, run_sumexp, target_logit, best, best_col, draw, draw_col, V,
+                      QUARTER: tl.constexpr):
+        """Fold one (BLOCK_M, 64) logit tile into the running per-row statistics. Tiles arrive in
+        increasing column order, so a strictly greater value is needed to replace a best column:
+        with tl.argmax's first-index tie-break, that is torch.argmax's first-occurrence rule."""
+        cols = first_col + tl.arange(0, QUARTER)
+        col_ok = cols < V
+        logits = tl.where(col_ok[None, :], logits, float("-inf"))
+        # Online log-sum-exp: rescale the running sum to the new maximum. The first quarter of a
+        # split always holds a real column, so run_max is finite from then on, and a quarter past
+        # the vocabulary's end adds exp(-inf) = 0.
+        tile_max = tl.max(logits, axis=1)
+        new_max = tl.maximum(run_max, tile_max)
+        run_sumexp = run_sumexp * tl.exp(run_max - new_max) + tl.sum(
+            tl.exp(logits - new_max[:, None]), axis=1)
+
+        target_logit += tl.sum(tl.where(cols[None, :] == targets[:, None], logits, 0.0), axis=1)
+
+        tile_best_col = first_col + tl.argmax(logits, axis=1).to(tl.int32)
+        better = tile_max > best
+        best_col = tl.where(better, tile_best_col, best_col)
+        best = tl.where(better, tile_max, best)
+
+        scores = tl.where(col_ok[None, :], logits * inv_temperature + gumbel, float("-inf"))
+        tile_draw = tl.max(scores, axis=1)
+        tile_draw_col = first_col + tl.argmax(scores, axis=1).to(tl.int32)
+        better = tile_draw > draw
+        draw_col = tl.where(better, tile_draw_col, draw_col)
+        draw = tl.where(better, tile_draw, draw)
+        return new_max, run_sumexp, target_logit, best, best_col, draw, draw_col
 
     @triton.jit
     def _logit_tile(H, W, rows, cols, row_ok, col_ok, E, stride_hm, stride_wv,
@@ -161,8 +220,52 @@ if HAS_TRITON:
             w_ptrs += BLOCK_E
         return acc
 
+    @triton.jit
+    def _logit_quarters(H, W, rows, row_ok, v0, V, E, stride_hm, stride_wv,
+                        INPUT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, EVEN_E: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, QUARTER: tl.constexpr):
+        """The (BLOCK_M, 64) fp32 logit tiles of columns v0 + 64·q + [0, 64), q = 0..3, bias not
+        added: four tl.dot per BLOCK_E step sharing one load of the hidden tile."""
+        offs_e = tl.arange(0, BLOCK_E)
+        q_cols = v0 + tl.arange(0, QUARTER)
+        h_ptrs = H + rows.to(tl.int64)[:, None] * stride_hm + offs_e[None, :]
+        # W is (V, E) row-major: loading (BLOCK_E, 64) tiles transposed feeds tl.dot directly.
+        w_ptrs = W + q_cols.to(tl.int64)[None, :] * stride_wv + offs_e[:, None]
+        quarter_stride = QUARTER * stride_wv
+        ok0 = q_cols < V
+        ok1 = (q_cols + QUARTER) < V
+        ok2 = (q_cols + 2 * QUARTER) < V
+        ok3 = (q_cols + 3 * QUARTER) < V
+        acc0 = tl.zeros((BLOCK_M, QUARTER), dtype=tl.float32)
+        acc1 = tl.zeros((BLOCK_M, QUARTER), dtype=tl.float32)
+        acc2 = tl.zeros((BLOCK_M, QUARTER), dtype=tl.float32)
+        acc3 = tl.zeros((BLOCK_M, QUARTER), dtype=tl.float32)
+        for e0 in range(0, E, BLOCK_E):
+            if EVEN_E:
+                e_ok = offs_e < BLOCK_E
+            else:
+                e_ok = (e0 + offs_e) < E
+            h = tl.load(h_ptrs, mask=row_ok[:, None] & e_ok[None, :], other=0.0)
+            w0 = tl.load(w_ptrs, mask=e_ok[:, None] & ok0[None, :], other=0.0)
+            w1 = tl.load(w_ptrs + quarter_stride, mask=e_ok[:, None] & ok1[None, :], other=0.0)
+            w2 = tl.load(w_ptrs + 2 * quarter_stride, mask=e_ok[:, None] & ok2[None, :], other=0.0)
+            w3 = tl.load(w_ptrs + 3 * quarter_stride, mask=e_ok[:, None] & ok3[None, :], other=0.0)
+            if DOT_UPCAST:  # interpreter only: its tl.dot multiplies bf16's raw uint16 storage
+                h = h.to(tl.float32)
+                w0 = w0.to(tl.float32)
+                w1 = w1.to(tl.float32)
+                w2 = w2.to(tl.float32)
+                w3 = w3.to(tl.float32)
+            acc0 = tl.dot(h, w0, acc0, input_precision=INPUT_PRECISION)
+            acc1 = tl.dot(h, w1, acc1, input_precision=INPUT_PRECISION)
+            acc2 = tl.dot(h, w2, acc2, input_precision=INPUT_PRECISION)
+            acc3 = tl.dot(h, w3, acc3, input_precision=INPUT_PRECISION)
+            h_ptrs += BLOCK_E
+            w_ptrs += BLOCK_E
+        return acc0, acc1, acc2, acc3
+
     @triton.autotune(
-        configs=_matmul_configs(),
+        configs=_fwd_configs(),
         key=["M_BUCKET", "V", "E"],
         prune_configs_by={"early_config_prune": _prune_matmul_configs},
     )
@@ -171,14 +274,13 @@ if HAS_TRITON:
     def _mlm_head_fwd_kernel(
         H, W, BIAS, TARGETS,
         PART_MAX, PART_SUMEXP, PART_TARGET, PART_BEST, PART_BEST_COL, PART_DRAW, PART_DRAW_COL,
-        M, V, E, M_BUCKET, stride_hm, stride_wv, seed, inv_temperature,
+        M, V, E, M_BUCKET, stride_hm, stride_wv, seed, inv_temperature, counters_per_row,
         HAS_BIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
-        RNG_OFFSET_64: tl.constexpr, EVEN_E: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_E: tl.constexpr,
+        RNG_OFFSET_64: tl.constexpr, EVEN_E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr,
     ):
-        # tl.dot needs every operand dimension >= 16.
-        tl.static_assert(BLOCK_M >= 16)
-        tl.static_assert(BLOCK_V >= 16)
+        QUARTER: tl.constexpr = 64
+        GROUP: tl.constexpr = 256
+        tl.static_assert(BLOCK_M >= 16)  # tl.dot needs every operand dimension >= 16
         tl.static_assert(BLOCK_E >= 16)
         pid_m = tl.program_id(0)
         split = tl.program_id(1)
@@ -186,12 +288,13 @@ if HAS_TRITON:
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = rows < M
         targets = tl.load(TARGETS + rows, mask=row_ok, other=-100)
+        q = tl.arange(0, QUARTER)
 
-        # This split's columns: a contiguous run of whole BLOCK_V blocks (the last split may be short
-        # or empty; an empty split writes neutral partials).
-        blocks_per_split = tl.cdiv(tl.cdiv(V, BLOCK_V), num_splits)
-        v_begin = split * blocks_per_split * BLOCK_V
-        v_end = tl.minimum(v_begin + blocks_per_split * BLOCK_V, V)
+        # This split's columns: a contiguous run of whole 256-column groups (the last split may be
+        # short or empty; an empty split writes neutral partials).
+        groups_per_split = tl.cdiv(tl.cdiv(V, GROUP), num_splits)
+        v_begin = split * groups_per_split * GROUP
+        v_end = tl.minimum(v_begin + groups_per_split * GROUP, V)
 
         run_max = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
         run_sumexp = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -201,39 +304,30 @@ if HAS_TRITON:
         draw = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
         draw_col = tl.zeros((BLOCK_M,), dtype=tl.int32)
 
-        for v0 in range(v_begin, v_end, BLOCK_V):
-            cols = v0 + tl.arange(0, BLOCK_V)
-            col_ok = cols < V
-            logits = _logit_tile(H, W, rows, cols, row_ok, col_ok, E, stride_hm, stride_wv,
-                                 INPUT_PRECISION, DOT_UPCAST, EVEN_E, BLOCK_M, BLOCK_V, BLOCK_E)
+        for v0 in range(v_begin, v_end, GROUP):
+            z0, z1, z2, z3 = _logit_quarters(H, W, rows, row_ok, v0, V, E, stride_hm, stride_wv,
+                                             INPUT_PRECISION, DOT_UPCAST, EVEN_E, BLOCK_M, BLOCK_E, QUARTER)
+            g0, g1, g2, g3 = _gumbel4(seed, rows, v0 // GROUP, counters_per_row, RNG_OFFSET_64, QUARTER)
             if HAS_BIAS:
-                logits += tl.load(BIAS + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-            logits = tl.where(col_ok[None, :], logits, float("-inf"))
-
-            # Online log-sum-exp: rescale the running sum to the new maximum. Every block holds at
-            # least one real column, so tile_max is finite and exp(-inf - finite) = 0 starts the sum.
-            tile_max = tl.max(logits, axis=1)
-            new_max = tl.maximum(run_max, tile_max)
-            run_sumexp = run_sumexp * tl.exp(run_max - new_max) + tl.sum(
-                tl.exp(logits - new_max[:, None]), axis=1)
-            run_max = new_max
-
-            target_logit += tl.sum(tl.where(cols[None, :] == targets[:, None], logits, 0.0), axis=1)
-
-            # Arg-max: tl.argmax keeps the first column on ties, and a later block must be strictly
-            # greater to win, which is torch.argmax's first-occurrence rule.
-            tile_best_col = tl.argmax(logits, axis=1).to(tl.int32) + v0
-            better = tile_max > best
-            best_col = tl.where(better, tile_best_col, best_col)
-            best = tl.where(better, tile_max, best)
-
-            scores = logits * inv_temperature + _gumbel(seed, rows, cols, V, RNG_OFFSET_64)
-            scores = tl.where(col_ok[None, :], scores, float("-inf"))
-            tile_draw = tl.max(scores, axis=1)
-            tile_draw_col = tl.argmax(scores, axis=1).to(tl.int32) + v0
-            better = tile_draw > draw
-            draw_col = tl.where(better, tile_draw_col, draw_col)
-            draw = tl.where(better, tile_draw, draw)
+                c0 = v0 + q
+                z0 += tl.load(BIAS + c0, mask=c0 < V, other=0.0).to(tl.float32)[None, :]
+                z1 += tl.load(BIAS + c0 + QUARTER, mask=c0 + QUARTER < V, other=0.0).to(tl.float32)[None, :]
+                z2 += tl.load(BIAS + c0 + 2 * QUARTER, mask=c0 + 2 * QUARTER < V,
+                              other=0.0).to(tl.float32)[None, :]
+                z3 += tl.load(BIAS + c0 + 3 * QUARTER, mask=c0 + 3 * QUARTER < V,
+                              other=0.0).to(tl.float32)[None, :]
+            run_max, run_sumexp, target_logit, best, best_col, draw, draw_col = _fold_quarter(
+                z0, v0, targets, g0, inv_temperature,
+                run_max, run_sumexp, target_logit, best, best_col, draw, draw_col, V, QUARTER)
+            run_max, run_sumexp, target_logit, best, best_col, draw, draw_col = _fold_quarter(
+                z1, v0 + QUARTER, targets, g1, inv_temperature,
+                run_max, run_sumexp, target_logit, best, best_col, draw, draw_col, V, QUARTER)
+            run_max, run_sumexp, target_logit, best, best_col, draw, draw_col = _fold_quarter(
+                z2, v0 + 2 * QUARTER, targets, g2, inv_temperature,
+                run_max, run_sumexp, target_logit, best, best_col, draw, draw_col, V, QUARTER)
+            run_max, run_sumexp, target_logit, best, best_col, draw, draw_col = _fold_quarter(
+                z3, v0 + 3 * QUARTER, targets, g3, inv_temperature,
+                run_max, run_sumexp, target_logit, best, best_col, draw, draw_col, V, QUARTER)
 
         out = split * M + rows
         tl.store(PART_MAX + out, run_max, mask=row_ok)
@@ -300,7 +394,7 @@ if HAS_TRITON:
         tl.store(NUM_USED, num_used)
 
     @triton.autotune(
-        configs=_matmul_configs(),
+        configs=_dlogits_configs(),
         key=["M_BUCKET", "V", "E", "chunk_cols"],
         prune_configs_by={"early_config_prune": _prune_matmul_configs},
     )
@@ -356,13 +450,20 @@ if HAS_TRITON:
             tl.store(PART_DBIAS + row_split * V + cols, dbias, mask=col_ok)
 
     @triton.jit
-    def _gumbel_noise_kernel(OUT, M, V, seed, RNG_OFFSET_64: tl.constexpr,
-                             BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr):
+    def _gumbel_noise_kernel(OUT, M, V, seed, counters_per_row, RNG_OFFSET_64: tl.constexpr,
+                             BLOCK_M: tl.constexpr):
+        """The forward's noise for one row block and one 256-column group, materialised."""
+        QUARTER: tl.constexpr = 64
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-        cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
-        noise = _gumbel(seed, rows, cols, V, RNG_OFFSET_64)
-        ok = (rows[:, None] < M) & (cols[None, :] < V)
-        tl.store(OUT + rows.to(tl.int64)[:, None] * V + cols[None, :], noise, mask=ok)
+        group = tl.program_id(1)
+        g0, g1, g2, g3 = _gumbel4(seed, rows, group, counters_per_row, RNG_OFFSET_64, QUARTER)
+        cols = group * 4 * QUARTER + tl.arange(0, QUARTER)
+        out = OUT + rows.to(tl.int64)[:, None] * V + cols[None, :]
+        row_ok = rows[:, None] < M
+        tl.store(out, g0, mask=row_ok & (cols[None, :] < V))
+        tl.store(out + QUARTER, g1, mask=row_ok & (cols[None, :] + QUARTER < V))
+        tl.store(out + 2 * QUARTER, g2, mask=row_ok & (cols[None, :] + 2 * QUARTER < V))
+        tl.store(out + 3 * QUARTER, g3, mask=row_ok & (cols[None, :] + 3 * QUARTER < V))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -394,9 +495,14 @@ def _dot_upcast(dtype: torch.dtype) -> bool:
     return dtype == torch.bfloat16 and interpreter_enabled()
 
 
+def _counters_per_row(V: int) -> int:
+    # Philox counters per row: 64 per 256-column group, each giving four uniforms (see _gumbel4).
+    return triton.cdiv(V, 256) * 64
+
+
 def _rng_offset_64(M: int, V: int) -> bool:
-    # Philox counters of row * V + col: 64-bit only where 32 bits would overflow (same values below).
-    return M * V >= 2**31
+    # Counters row * counters_per_row + j: 64-bit only where 32 bits would overflow (same values below).
+    return M * _counters_per_row(V) >= 2**31
 
 
 def _check_kernel_inputs(hidden, weight, bias, targets):
@@ -440,7 +546,7 @@ def mlm_head_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], tar
     # Vocabulary splits: enough (row blocks x splits) programs to fill the GPU, each split at least a
     # few hundred columns so the merge stays negligible.
     row_blocks_hint = triton.cdiv(M, 128)
-    max_splits = 3 if interpreter_enabled() else max(1, triton.cdiv(V, 256))
+    max_splits = 3 if interpreter_enabled() else triton.cdiv(V, 256)
     num_splits = max(1, min(max_splits, triton.cdiv(_target_programs(device), row_blocks_hint)))
     parts_f = _new_empty((5, num_splits, M), dtype=torch.float32, device=device)
     parts_i = _new_empty((2, num_splits, M), dtype=torch.int32, device=device)
@@ -454,7 +560,7 @@ def mlm_head_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], tar
             hidden, weight, bias if bias is not None else hidden, targets,
             part_max, part_sumexp, part_target, part_best, part_best_col, part_draw, part_draw_col,
             M, V, E, _next_pow2(M), hidden.stride(0), weight.stride(0), int(seed),
-            1.0 / max(float(temperature), _MIN_TEMPERATURE),
+            1.0 / max(float(temperature), _MIN_TEMPERATURE), _counters_per_row(V),
             HAS_BIAS=bias is not None, INPUT_PRECISION=_input_precision(hidden.dtype),
             DOT_UPCAST=_dot_upcast(hidden.dtype),
             RNG_OFFSET_64=_rng_offset_64(M, V),
@@ -554,10 +660,11 @@ def gumbel_noise(shape, seed: int, device) -> Tensor:
     out = torch.empty((M, V), dtype=torch.float32, device=device)
     if M == 0 or V == 0:
         return out
-    BLOCK_M, BLOCK_V = 32, 64
+    BLOCK_M = 32
     with _device_guard(out):
-        _gumbel_noise_kernel[(triton.cdiv(M, BLOCK_M), triton.cdiv(V, BLOCK_V))](
-            out, M, V, int(seed), RNG_OFFSET_64=_rng_offset_64(M, V), BLOCK_M=BLOCK_M, BLOCK_V=BLOCK_V,
+        _gumbel_noise_kernel[(triton.cdiv(M, BLOCK_M), triton.cdiv(V, 256))](
+            out, M, V, int(seed), _counters_per_row(V), RNG_OFFSET_64=_rng_offset_64(M, V),
+            BLOCK_M=BLOCK_M,
         )
     return out
 

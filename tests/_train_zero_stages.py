@@ -20,13 +20,15 @@ def main() -> int:
     parser.add_argument("--out", required=True)
     parser.add_argument("--stages", type=int, nargs="+", required=True)
     parser.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[])
+    parser.add_argument("--checkpointing-stages", type=int, nargs="*", default=[],
+                        help="stages that also run with model.activation_checkpointing=true")
     parser.add_argument("--local_rank", type=int, default=-1)
     args = parser.parse_args()
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     for stage in args.stages:
         cfg = load_config(os.path.join(repo, "configs", "electra-tiny.yaml"), [
             f"data.path={args.data}", f"train.deepspeed_config={repo}/configs/deepspeed/zero{stage}.json",
-            *args.overrides])
+            *args.overrides, f"model.activation_checkpointing={str(stage in args.checkpointing_stages).lower()}"])
         train(cfg, os.path.join(args.out, f"zero{stage}"), local_rank=args.local_rank)
     return 0
 

@@ -9,7 +9,7 @@ from electra_fast.config import build_config
 
 def tiny_config(*overrides: str, impl: str = "torch"):
     """The tiny size with the PyTorch reference for every hot spot (kernels have their own tests)."""
-    base = [f"model.attention_impl={impl}", f"model.mlm_head_impl={impl}", f"model.disc_head_impl={impl}"]
+    base = [f"model.{hot_spot}_impl={impl}" for hot_spot in ("attention", "mlm_head", "disc_head", "elementwise")]
     return build_config("tiny", overrides=base + list(overrides))
 
 

@@ -19,8 +19,8 @@ import torch
 
 from electra_fast import data
 from electra_fast.data import (DataError, EpochPermutation, ExampleBuilder, PretrainingLoader, SPECIAL_TOKENS,
-                               add_prepare_arguments, check_vocab, load_tokenizer, prepare, read_manifest,
-                               run_prepare)
+                               add_prepare_arguments, check_seq_len, check_vocab, load_tokenizer, prepare,
+                               read_manifest, run_prepare)
 
 WORDS = ("the quick brown fox jumps over lazy dog and cat runs to house with a big red ball under tree near river "
          "while birds sing songs about summer rain").split()
@@ -381,6 +381,9 @@ def test_read_manifest_and_check_vocab(prepared, tmp_path):
     check_vocab(manifest, 300)
     with pytest.raises(DataError, match=r"300 tokens.*vocab_size=30522"):
         check_vocab(manifest, 30522)
+    check_seq_len(manifest, 32)
+    with pytest.raises(DataError, match=r"32 tokens.*seq_len=128"):
+        check_seq_len(manifest, 128)
     with pytest.raises(DataError, match="not a prepared dataset"):
         read_manifest(str(tmp_path))
     (tmp_path / "manifest.json").write_text("{}", encoding="utf-8")

@@ -9,6 +9,8 @@ CPU; the kernels themselves run in Triton's interpreter.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -122,3 +124,26 @@ def test_fullgraph_compile_matches_eager(name):
     for got, want in zip(inputs, eager_inputs):
         if want.requires_grad:
             torch.testing.assert_close(got.grad, want.grad, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (torch.cuda.is_available() or os.environ.get("ELECTRA_TEST_INDUCTOR") == "1"),
+                    reason="inductor's C++ build takes ~1 min on a CPU box; runs on CUDA or with ELECTRA_TEST_INDUCTOR=1")
+def test_inductor_compiles_a_post_ln_block():
+    """Inductor (real code generation around the opaque custom ops): a post-LN FFN block."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    ffn_in, norm = ek.LinearGELU(64, 128).to(device), ek.DropoutAddLayerNorm(64, p=0.0).to(device)
+    ffn_out = torch.nn.Linear(128, 64).to(device)
+
+    def block(x):
+        return norm(ffn_out(ffn_in(x)) * 0.5, x)
+
+    x = torch.randn(3, 7, 64, device=device, requires_grad=True)
+    x_eager = x.detach().clone().requires_grad_(True)
+    torch._dynamo.reset()
+    out = torch.compile(block, backend="inductor", fullgraph=True)(x)
+    expected = block(x_eager)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    out.square().sum().backward()
+    expected.square().sum().backward()
+    torch.testing.assert_close(x.grad, x_eager.grad, atol=1e-4, rtol=1e-4)
