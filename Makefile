@@ -31,7 +31,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q tests
 
 demo: $(STAMP)
-	$(PY) -m electra_fast.cli prepare --default --out $(DEMO_DATA)
+	$(PY) -m electra_fast.cli prepare --default --out $(DEMO_DATA) --vocab-size 8192 --seq-len 128
 	$(PY) -m electra_fast.train --config configs/electra-small.yaml --run-dir $(DEMO_RUN) \
 		--set data.path=$(DEMO_DATA) $(DEMO_SETTINGS)
 	$(PY) -m electra_fast.demo $(DEMO_RUN)

@@ -329,6 +329,7 @@ def main(argv=None) -> int:
         torch.manual_seed(args.seed)
         accs = probe_accuracy(ElectraModel(cfg.model), tokenizer, probe_train, probe_dev, args, device)
         rows.append({"model": "random_init", "fraction": 0.0, "steps": 0, "flops": 0.0, "accuracies": accs})
+        print(f"  probe random_init: accuracy {statistics.median(accs):.4f} {accs}", flush=True)
     for kind, (steps, step_flops) in plan.items():
         snapshot_steps = sorted({max(1, round(f * steps)) for f in fractions})
         snapshots, log = pretrain(kind, cfg, examples, steps, snapshot_steps, args, device)

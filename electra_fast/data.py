@@ -30,7 +30,10 @@ The pipeline, and which library does each part:
    ``Dataset.from_generator(num_proc=...)``; large files are cut into byte ranges at blank lines so
    that one big file still uses every process. Saved datasets are memory-mapped as they are.
 3. Tokenizer: a lower-cased WordPiece trained with ``tokenizers`` on the first
-   ``TOKENIZER_TRAIN_CHARS`` characters, or the WordPiece of a given ``vocab.txt``.
+   ``TOKENIZER_TRAIN_CHARS`` characters, or the WordPiece of a given ``vocab.txt``. The trained ids
+   are renumbered canonically; ``tokenizers`` breaks ties between equally frequent merges in hash
+   order, so two trainings may still differ in a few tied pieces (2 of 1024 seen on the default
+   corpus). A re-run with the same inputs reuses the saved tokenizer, and ``--vocab`` pins it.
 4. Examples: ``Dataset.map(batched=True, num_proc=...)`` tokenises each document and packs it exactly
    as the reference ``ExampleBuilder`` does (see :class:`ExampleBuilder`). Every document draws its
    random numbers from its own generator, seeded by (seed, input, position in the input), so the

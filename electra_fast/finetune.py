@@ -29,21 +29,26 @@ The recipe defaults are the paper's (Clark et al. 2020, Appendix; google-researc
 Heads follow Hugging Face so the result loads in transformers: ``ElectraClassificationHead`` (dropout,
 dense, GELU, dropout, projection on the [CLS] row) and ``ElectraForTokenClassification``'s dropout +
 linear, labelling each word's first sub-word. Differences from the TF reference, on purpose: PyTorch's
-AdamW applies Adam's bias correction (BERT's optimizer does not; with warm-up the two agree after a few
-steps), and STS-B is trained on the raw 0..5 score (as HF; the reference divides by 5: correlation
-metrics do not change).
+AdamW applies Adam's bias correction (BERT's AdamWeightDecayOptimizer does not, which scales update t
+by (1−β1^t)/sqrt(1−β2^t): about 3 in the first steps, back to 1 over a few thousand; the warm-up keeps
+those steps small in both), and STS-B is trained on the raw 0..5 score as in HF (the reference divides
+it by 5; the correlation metrics do not change).
 
 The encoder is built from the pretraining blocks in :mod:`electra_fast.model` (``ElectraEmbeddings`` +
 ``ElectraBody``), so ``model.attention_impl=auto`` runs the electra_kernels Triton attention on
-CUDA (on packed real tokens, with ``model.unpad``) and PyTorch SDPA on the CPU; on CUDA the forward
-runs under bf16 autocast. Plain PyTorch, one device: no DeepSpeed.
+CUDA (on packed real tokens, with ``model.unpad``) and PyTorch SDPA on the CPU, and
+``model.elementwise_impl=auto`` the fused dropout-add-LayerNorm and bias-GELU kernels on CUDA; on CUDA
+the forward runs under bf16 autocast. Plain PyTorch, one device: no DeepSpeed.
 
-Outputs in ``--out``: ``metrics.json`` (per seed: the final dev metrics, the best eval and the eval
-history; the median over seeds of the final metrics as the paper reports, and of the best; extra dev
-sets are prefixed, e.g. MNLI's ``mismatched_accuracy``) rewritten after every seed, and ``model/``: the best checkpoint by the selecting dev metric over all seeds and
-evals, as an ``ElectraForSequenceClassification`` / ``ElectraForTokenClassification`` folder
-(config.json with num_labels, id2label, label2id, problem_type; model.safetensors; tokenizer files),
-written to a temporary folder and renamed into place.
+Outputs in ``--out``:
+
+* ``metrics.json``, rewritten after every seed: per seed the final dev metrics, the best evaluation and
+  the evaluation history; ``median`` (of the final metrics over seeds: what the paper reports) and
+  ``median_best``; extra dev sets are prefixed (MNLI's ``mismatched_accuracy``); the recipe used.
+* ``model/``: the best checkpoint by the selecting dev metric over all seeds and evaluations, as an
+  ``ElectraForSequenceClassification`` / ``ElectraForTokenClassification`` folder (config.json with
+  num_labels, id2label, label2id, problem_type; model.safetensors; tokenizer files), written to a
+  temporary folder and renamed into place.
 
 Python API (what ``electra-fast finetune`` and ``benchmarks/equal_compute.py`` call)::
 
@@ -178,12 +183,14 @@ class ModelOptions:
     """``--set model.KEY=VALUE``: how the encoder runs (not its shape, which the checkpoint fixes)."""
 
     attention_impl: str = "auto"  # auto (Triton on CUDA, SDPA elsewhere) | torch | triton
+    elementwise_impl: str = "auto"  # fused dropout-add-LayerNorm and bias-GELU: auto | torch | triton
     unpad: bool = True  # packed real tokens + varlen attention when the Triton attention runs
     activation_checkpointing: bool = False
 
     def validate(self) -> None:
-        if self.attention_impl not in ("auto", "torch", "triton"):
-            raise ConfigError(f"model.attention_impl must be auto/torch/triton, got {self.attention_impl!r}")
+        for key in ("attention_impl", "elementwise_impl"):
+            if getattr(self, key) not in ("auto", "torch", "triton"):
+                raise ConfigError(f"model.{key} must be auto/torch/triton, got {getattr(self, key)!r}")
 
 
 @dataclass

@@ -765,9 +765,13 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, local_rank:
                                            config=ds_config)
     module = engine.module
     if zero_stage == 3:
-        # The MLM head multiplies by the tied word-embedding matrix inside the top-level forward, but
-        # the matrix belongs to `embeddings`: ZeRO-3 must gather it for the top-level module too.
-        deepspeed.zero.register_external_parameter(module, module.embeddings.word_embeddings.weight)
+        # The top-level forward uses parameters of its submodules directly, outside their forward: the
+        # tied word-embedding matrix (the MLM head's output projection, owned by `embeddings`) and the
+        # discriminator's output layer (handed to the fused BCE head as tensors). ZeRO-3 gathers a
+        # parameter only around its owner's forward unless it is registered with the module using it.
+        head = module.discriminator_predictions.dense_prediction
+        for parameter in (module.embeddings.word_embeddings.weight, head.weight, head.bias):
+            deepspeed.zero.register_external_parameter(module, parameter)
     # Each rank draws its own masks, samples and dropout: seeded by (seed, rank), restored on resume.
     module.rng = ObjectiveRNG(cfg.train.seed + rank)
     random.seed(cfg.train.seed + rank)

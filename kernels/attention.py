@@ -16,8 +16,9 @@ the probabilities block by block from Q, K and the LSE. No (seq × seq) matrix e
 * ``_attn_bwd_preprocess_kernel`` delta_i = rowsum(dO_i * O_i)  (= Σ_j P_ij dP_ij, see below);
 * ``_attn_bwd_dkdv_kernel``      one program per key block, loops over query blocks, owns dK and dV;
 * ``_attn_bwd_dq_kernel``        one program per query block, loops over key blocks, owns dQ.
-  Splitting dK/dV from dQ costs one extra Q·Kᵀ recomputation but needs no atomics, so the result is
-  deterministic.
+  Splitting dK/dV from dQ costs one extra Q·Kᵀ and dO·Vᵀ recomputation but needs no atomics, so the
+  result is deterministic. When one key block holds the whole sequence (S <= 128, ELECTRA-Small),
+  ``_attn_bwd_fused_kernel`` (the dK/dV kernel with FUSE_DQ) also writes dQ and the dQ kernel is skipped.
 
 Dropout on the attention probabilities is drawn inside the kernels with Philox (``tl.rand``) from a
 (seed, offset) pair. Element (b, h, i, j) of the keep-mask uses the counter
@@ -40,7 +41,7 @@ functions and ``FusedAttention`` -> references.
 
 import math
 import os
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -53,7 +54,6 @@ if HAS_TRITON:
     import triton.language as tl
 
 LOG2E = 1.4426950408889634  # log2(e): exp(x) = exp2(x * LOG2E)
-LN2 = 0.6931471805599453
 MAX_HEAD_DIM = 128
 
 # Tests set this to True: every output buffer is then allocated full of NaN, so an element a kernel
@@ -137,23 +137,33 @@ if HAS_TRITON:
         else:
             return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
 
+    # Values that change from batch to batch in training (lengths, the packed token count in the LSE
+    # strides, the seed) are not specialised on, so they never trigger a recompilation.
+    _NO_SPECIALIZE = ["seqlen_q", "seqlen_k", "seed", "rng_offset", "rng_stride_m", "rng_stride_bh", "stride_lb",
+                      "stride_lh"]
     _TUNE_KEY = ["SEQ_BUCKET", "BLOCK_D", "IS_VARLEN", "HAS_KPM", "DROPOUT"]
 
     def _prune(stationary: str):
-        """Drop configs that cannot pay off for this shape: a stationary block (the one a program
-        keeps in registers) much longer than the sequence only computes masked rows, and 128-wide
-        streamed blocks at head dim 128 overflow shared memory with >2 stages."""
+        """Drop configs that cannot pay off for this shape.
+
+        * a stationary block (the one a program keeps in registers: BLOCK_M for the forward and dQ,
+          BLOCK_N for dK/dV) longer than the sequence only computes masked rows;
+        * at head dim 128 a 128-row stationary block with 4 warps spills registers (ptxas, sm_90),
+          and 128-wide streamed blocks with 4 stages do not fit in shared memory.
+        """
 
         def prune(configs, named_args, **kwargs):
             seq_bucket = named_args.get("SEQ_BUCKET", kwargs.get("SEQ_BUCKET"))
-            block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
+            block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D")) or 0
             kept = []
             for cfg in configs:
                 block_m, block_n = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
-                stat = block_m if stationary == "M" else block_n
+                stat, streamed = (block_m, block_n) if stationary == "M" else (block_n, block_m)
                 if seq_bucket is not None and stat > max(64, seq_bucket):
                     continue
-                if block_d is not None and block_d > 64 and max(block_m, block_n) * block_d * cfg.num_stages > 128 * 128 * 3:
+                if block_d >= 128 and stat >= 128 and cfg.num_warps < 8:
+                    continue
+                if block_d >= 128 and streamed >= 128 and cfg.num_stages > 3:
                     continue
                 kept.append(cfg)
             return kept or configs[:1]
@@ -237,7 +247,7 @@ if HAS_TRITON:
         return acc, l_i, m_i
 
     @triton.autotune(configs=_FWD_CONFIGS, key=_TUNE_KEY, prune_configs_by=_prune("M"))
-    @triton.jit(do_not_specialize=["seqlen_q", "seqlen_k", "seed", "rng_offset", "rng_stride_m", "rng_stride_bh"])
+    @triton.jit(do_not_specialize=_NO_SPECIALIZE)
     def _attn_fwd_kernel(
         Q, K, V, Out, LSE, CU_SEQLENS, KV_LEN, KPM,
         stride_qb, stride_qm, stride_qh,
@@ -307,7 +317,7 @@ if HAS_TRITON:
         tl.store(o_ptrs, _cast(out, Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
         tl.store(LSE + b64 * stride_lb + h64 * stride_lh + seq_start + offs_m, lse, mask=row_ok)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["seqlen_q", "stride_lb", "stride_lh"])
     def _attn_bwd_preprocess_kernel(
         Out, DO, Delta, CU_SEQLENS,
         stride_ob, stride_om, stride_oh, stride_dob, stride_dom, stride_doh, stride_lb, stride_lh,
@@ -393,7 +403,7 @@ if HAS_TRITON:
                 tl.store(dq_ptrs + start_m * stride_dqm, _cast(dq, qT.dtype), mask=dq_mask)
         return dk, dv
 
-    @triton.jit(do_not_specialize=["seqlen_q", "seqlen_k", "seed", "rng_offset", "rng_stride_m", "rng_stride_bh"])
+    @triton.jit(do_not_specialize=_NO_SPECIALIZE)
     def _attn_bwd_dkdv_jit(
         Q, K, V, DO, LSE, Delta, DK, DV, DQ, CU_SEQLENS, KV_LEN, KPM,
         stride_qb, stride_qm, stride_qh,
@@ -437,9 +447,10 @@ if HAS_TRITON:
         else:
             key_ok = offs_n < rows_k
 
-        q_ptrs = Q + b64 * stride_qb + h64 * stride_qh + (seq_start + offs_m[None, :]) * stride_qm + offs_d[:, None]
-        do_ptrs = DO + b64 * stride_dob + h64 * stride_doh + (seq_start + offs_m[:, None]) * stride_dom + offs_d[None, :]
-        dq_ptrs = DQ + b64 * stride_dqb + h64 * stride_dqh + (seq_start + offs_m[:, None]) * stride_dqm + offs_d[None, :]
+        q_rows = seq_start + offs_m
+        q_ptrs = Q + b64 * stride_qb + h64 * stride_qh + q_rows[None, :] * stride_qm + offs_d[:, None]  # Qᵀ
+        do_ptrs = DO + b64 * stride_dob + h64 * stride_doh + q_rows[:, None] * stride_dom + offs_d[None, :]
+        dq_ptrs = DQ + b64 * stride_dqb + h64 * stride_dqh + q_rows[:, None] * stride_dqm + offs_d[None, :]
         lse_ptr = LSE + b64 * stride_lb + h64 * stride_lh + seq_start
         delta_ptr = Delta + b64 * stride_lb + h64 * stride_lh + seq_start
         rng_base = (b64 * n_heads + h64) * rng_stride_bh + rng_offset
@@ -512,7 +523,7 @@ if HAS_TRITON:
         return dq
 
     @triton.autotune(configs=_DQ_CONFIGS, key=_TUNE_KEY, prune_configs_by=_prune("M"))
-    @triton.jit(do_not_specialize=["seqlen_q", "seqlen_k", "seed", "rng_offset", "rng_stride_m", "rng_stride_bh"])
+    @triton.jit(do_not_specialize=_NO_SPECIALIZE)
     def _attn_bwd_dq_kernel(
         Q, K, V, DO, LSE, Delta, DQ, CU_SEQLENS, KV_LEN, KPM,
         stride_qb, stride_qm, stride_qh,
@@ -740,6 +751,8 @@ def attention_dropout_mask(batch: int, heads: int, seqlen_q: int, seqlen_k: int,
     For the packed layout, seqlen_q = seqlen_k = max_seqlen and [b, h, i, j] is the pair of tokens
     i, j inside sequence b. Materialises B·H·S² bytes: for tests and debugging only.
     """
+    if not HAS_TRITON:
+        raise RuntimeError("attention_dropout_mask needs triton (the mask is the kernels' own Philox stream)")
     mask = torch.empty((batch, heads, seqlen_q, seqlen_k), dtype=torch.uint8, device=device)
     if mask.numel() == 0:
         return mask.view(torch.bool)
@@ -880,8 +893,8 @@ def attention(q, k, v, key_padding_mask=None, dropout_p: float = 0.0, softmax_sc
                          f"got {tuple(key_padding_mask.shape)}")
 
     if not use_triton(q, k, v) or q.dtype == torch.float64:
-        keep = None
-        if dropout_p > 0.0:
+        keep = None  # the reference samples its own mask unless the caller wants to see it
+        if dropout_p > 0.0 and return_dropout_mask:
             keep = torch.rand((batch, heads, seq_q, seq_k), device=q.device) >= dropout_p
         out = attention_ref(q, k, v, key_padding_mask, dropout_p, softmax_scale, dropout_mask=keep)
         return (out, keep) if return_dropout_mask else out
@@ -924,7 +937,7 @@ def attention_varlen(q, k, v, cu_seqlens, max_seqlen: int, dropout_p: float = 0.
 
     if not use_triton(q, k, v) or q.dtype == torch.float64:
         keep = None
-        if dropout_p > 0.0:
+        if dropout_p > 0.0 and return_dropout_mask:
             keep = torch.rand((batch, heads, max_seqlen, max_seqlen), device=q.device) >= dropout_p
         out = attention_varlen_ref(q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale, dropout_mask=keep)
         return (out, keep) if return_dropout_mask else out

@@ -2,7 +2,7 @@
 
 Post-LN BERT/ELECTRA ends every sub-layer with ``LayerNorm(dropout(dense_out) + residual)``: three
 elementwise passes over (tokens, hidden) in PyTorch (dropout, add, normalise), each reading and writing
-the whole activation, plus a saved dropout mask. Here one program normalises one row in registers:
+the whole activation, plus a saved dropout mask. Here one program normalises whole rows in registers:
 
     z    = dropout(x) + residual              (dropout mask drawn in-kernel from a seed)
     y    = (z - mean(z)) * rstd(z) * weight + bias,   rstd = 1 / sqrt(var(z) + eps)
@@ -15,7 +15,9 @@ neither residual nor dropout), mean and rstd. For one row, with x̂ = (z - mean)
     dx = dz · keep / (1 - p),   dresidual = dz,   dweight = Σ_rows dy·x̂,   dbias = Σ_rows dy
 
 Weight and bias gradients are accumulated per program over a contiguous block of rows in registers and
-the (programs, N) partial sums reduced once at the end (the flash-attn / Liger backward layout). Narrow rows are processed several to a program.
+the (programs, N) partial sums reduced once at the end (the flash-attn / Liger backward layout). Narrow
+rows go several to a program (a ~4096-element tile), so hidden 256 does not launch one tiny program per
+token. Nothing is saved for backward when no input needs a gradient (inference writes y only).
 
 Reading order: Triton kernels -> launchers -> torch.library custom ops + autograd -> public function and
 modules -> reference.
@@ -189,19 +191,19 @@ def _dropout_scale(dropout_p: float) -> float:
 
 def layer_norm_forward(
     x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], residual: Optional[Tensor],
-    seed: Optional[Tensor], eps: float, dropout_p: float, return_dropout_mask: bool,
+    seed: Optional[Tensor], eps: float, dropout_p: float, return_dropout_mask: bool, keep_for_backward: bool = True,
 ):
     """Launch the forward kernel on 2-D (M, N) rows.
 
     Returns (y, z, mean, rstd, dropout_mask): y in promote(x, residual) dtype; z = dropout(x) +
     residual in that dtype, or an empty tensor when there is neither dropout nor residual (then x
-    itself is what the backward pass needs); mean and rstd (M,) fp32; dropout_mask (M, N) bool
-    (True = kept) when requested, else empty.
+    itself is what the backward pass needs) or when ``keep_for_backward`` is False; mean and rstd (M,)
+    fp32; dropout_mask (M, N) bool (True = kept) when requested, else empty.
     """
     M, N = x.shape
     out_dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
     has_dropout = dropout_p > 0.0
-    store_z = residual is not None or has_dropout
+    store_z = keep_for_backward and (residual is not None or has_dropout)
     y = torch.empty((M, N), dtype=out_dtype, device=x.device)
     z = torch.empty((M, N) if store_z else (0,), dtype=out_dtype, device=x.device)
     mean = torch.empty((M,), dtype=torch.float32, device=x.device)
@@ -273,16 +275,17 @@ _EMPTY = (0,)
 @torch.library.custom_op("electra_kernels::layer_norm_fwd", mutates_args=())
 def _layer_norm_fwd_op(
     x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], residual: Optional[Tensor],
-    seed: Optional[Tensor], eps: float, dropout_p: float, return_dropout_mask: bool,
+    seed: Optional[Tensor], eps: float, dropout_p: float, return_dropout_mask: bool, keep_for_backward: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    return layer_norm_forward(x, weight, bias, residual, seed, eps, dropout_p, return_dropout_mask)
+    return layer_norm_forward(x, weight, bias, residual, seed, eps, dropout_p, return_dropout_mask,
+                              keep_for_backward)
 
 
 @_layer_norm_fwd_op.register_fake
-def _(x, weight, bias, residual, seed, eps, dropout_p, return_dropout_mask):
+def _(x, weight, bias, residual, seed, eps, dropout_p, return_dropout_mask, keep_for_backward):
     M, N = x.shape
     out_dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
-    store_z = residual is not None or dropout_p > 0.0
+    store_z = keep_for_backward and (residual is not None or dropout_p > 0.0)
     store_mask = dropout_p > 0.0 and return_dropout_mask
     return (
         x.new_empty((M, N), dtype=out_dtype),
@@ -326,7 +329,7 @@ def _(dy, z, weight, has_bias, mean, rstd, seed, dropout_p, x_dtype, has_residua
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, residual, seed, eps, dropout_p, _ = inputs
+    x, weight, bias, residual, seed, eps, dropout_p, _, _ = inputs
     _, z, mean, rstd, _ = output
     saved_rows = z if (residual is not None or dropout_p > 0.0) else x
     ctx.save_for_backward(saved_rows, weight, mean, rstd, seed)
@@ -354,7 +357,7 @@ def _backward(ctx, dy, _dz, _dmean, _drstd, _dmask):
         dweight if weight is not None else None,
         dbias if ctx.has_bias else None,
         dresidual if ctx.has_residual else None,
-        None, None, None, None,
+        None, None, None, None, None,
     )
 
 
@@ -420,10 +423,13 @@ def layer_norm(
             seed_tensor = torch.randint(0, 2**31 - 1, (), device=x.device, dtype=torch.int64)
         else:
             seed_tensor = torch.tensor(int(seed), device=x.device, dtype=torch.int64)
+    # z is written only when autograd will need it (inference writes y alone).
+    keep_for_backward = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, weight, bias, residual))
     y, _, _, _, mask = torch.ops.electra_kernels.layer_norm_fwd(
         _rows(x, n), weight.contiguous() if weight is not None else None,
         bias.contiguous() if bias is not None else None, _rows(residual, n), seed_tensor,
-        float(eps), float(dropout_p), bool(return_dropout_mask),
+        float(eps), float(dropout_p), bool(return_dropout_mask), keep_for_backward,
     )
     y = y.view(x.shape)
     if not return_dropout_mask:

@@ -7,20 +7,27 @@ For M gathered rows h_m (E features), the tied embedding matrix W (V, E) and bia
     lse_m = log Σ_v exp(z_mv)                                 online, one pass over the vocabulary
     loss  = (1/U) Σ_{m used} (lse_m - z_{m,t_m})              U = number of used rows (t_m != -100)
     argmax_m = argmax_v z_mv              correct_m = used_m and argmax_m == t_m
-    sample_m = argmax_v (z_mv / T + g_mv),  g_mv = -log(-log u_mv),  u_mv = philox(seed, m·V + v)
+    sample_m = argmax_v (z_mv / T + g_mv),   g_mv = -log(-log u_mv)
 
-The Gumbel-max trick makes ``sample_m`` an exact draw from softmax(z_m / T); the uniforms come from
-``tl.rand`` keyed on the flat (row, column) index, so no noise tensor exists and the same seed gives
-the same samples whatever the block sizes or the number of programs.
+The Gumbel-max trick makes ``sample_m`` an exact draw from softmax(z_m / T). The uniforms u_mv come
+from Philox inside the kernel; no noise tensor exists. One ``tl.rand4x(seed, counter)`` call gives
+four uniforms, so the vocabulary is walked in groups of 256 columns and the counter
+m·(64·groups) + 64·g + j serves the four columns 256·g + j + 64·lane (lane 0..3, j < 64). That costs
+a quarter of the integer work of one ``tl.rand(seed, m·V + v)`` per logit, which at ELECTRA-Base
+(75M logits, ~100 integer ops per Philox-10 draw) would be ~0.5 ms of the head's budget on an H100,
+more than its matmul; the map from column to (counter, lane) is independent of block sizes, so the
+same seed gives the same samples whatever config the autotuner picks. ``gumbel_noise`` materialises
+this noise for tests.
 
-Forward. Programs tile (row block) x (vocabulary split). Each one walks its vocabulary split in
-BLOCK_V columns, computes the (BLOCK_M, BLOCK_V) logit tile with ``tl.dot`` over E in BLOCK_E chunks
-(fp32 accumulation), and folds the tile into per-row running statistics: max and rescaled sum of
-exponentials (flash-attention's online softmax), the target logit, the best logit and its column, the
-best Gumbel score and its column. A second, tiny kernel merges the splits (log-sum-exp of partial
-sums, first-column tie-break for the arg-maxes) and writes lse, the per-row loss, the sample and the
-correct flag. Splitting the vocabulary gives the GPU enough programs when M is small (Base: 20 row
-blocks of 128 rows on 132 SMs) at the cost of (splits, M) partials, a few hundred KiB.
+Forward. Programs tile (row block) x (vocabulary split). Each one walks its split in 256-column
+groups: four (BLOCK_M, 64) logit tiles per group with ``tl.dot`` over E in BLOCK_E chunks (fp32
+accumulation, one load of the hidden tile shared by the four dots), each folded into per-row running
+statistics: max and rescaled sum of exponentials (flash-attention's online softmax), the target
+logit, the best logit and its column, the best Gumbel score and its column. A second, tiny kernel
+merges the splits (log-sum-exp of partial sums, first-column tie-break for the arg-maxes) and writes
+lse, the per-row loss, the sample and the correct flag; a one-program kernel sums the loss in a fixed
+order (bitwise reproducible, no atomics). Splitting the vocabulary gives the GPU enough programs when
+M is small (Base: 20-40 row blocks on 132 SMs) at the cost of (splits, M) partials, a few hundred KiB.
 
 Backward. With p = softmax(z) and s = grad_loss / U on used rows (0 on unused rows):
 
@@ -167,28 +174,28 @@ if HAS_TRITON:
                       QUARTER: tl.constexpr):
         """Fold one (BLOCK_M, 64) logit tile into the running per-row statistics. Tiles arrive in
         increasing column order, so a strictly greater value is needed to replace a best column:
-        with tl.argmax's first-index tie-break, that is torch.argmax's first-occurrence rule."""
+        with tl.max's first-index tie-break, that is torch.argmax's first-occurrence rule."""
         cols = first_col + tl.arange(0, QUARTER)
         col_ok = cols < V
         logits = tl.where(col_ok[None, :], logits, float("-inf"))
         # Online log-sum-exp: rescale the running sum to the new maximum. The first quarter of a
         # split always holds a real column, so run_max is finite from then on, and a quarter past
         # the vocabulary's end adds exp(-inf) = 0.
-        tile_max = tl.max(logits, axis=1)
+        tile_max, tile_arg = tl.max(logits, axis=1, return_indices=True)
         new_max = tl.maximum(run_max, tile_max)
         run_sumexp = run_sumexp * tl.exp(run_max - new_max) + tl.sum(
             tl.exp(logits - new_max[:, None]), axis=1)
 
         target_logit += tl.sum(tl.where(cols[None, :] == targets[:, None], logits, 0.0), axis=1)
 
-        tile_best_col = first_col + tl.argmax(logits, axis=1).to(tl.int32)
+        tile_best_col = first_col + tile_arg.to(tl.int32)
         better = tile_max > best
         best_col = tl.where(better, tile_best_col, best_col)
         best = tl.where(better, tile_max, best)
 
         scores = tl.where(col_ok[None, :], logits * inv_temperature + gumbel, float("-inf"))
-        tile_draw = tl.max(scores, axis=1)
-        tile_draw_col = first_col + tl.argmax(scores, axis=1).to(tl.int32)
+        tile_draw, tile_draw_arg = tl.max(scores, axis=1, return_indices=True)
+        tile_draw_col = first_col + tile_draw_arg.to(tl.int32)
         better = tile_draw > draw
         draw_col = tl.where(better, tile_draw_col, draw_col)
         draw = tl.where(better, tile_draw, draw)
@@ -270,7 +277,7 @@ if HAS_TRITON:
         prune_configs_by={"early_config_prune": _prune_matmul_configs},
     )
     @triton.heuristics({"EVEN_E": lambda args: args["E"] % args["BLOCK_E"] == 0})
-    @triton.jit
+    @triton.jit(do_not_specialize=["seed"])  # a new seed every step must not recompile
     def _mlm_head_fwd_kernel(
         H, W, BIAS, TARGETS,
         PART_MAX, PART_SUMEXP, PART_TARGET, PART_BEST, PART_BEST_COL, PART_DRAW, PART_DRAW_COL,
@@ -449,7 +456,7 @@ if HAS_TRITON:
         if WRITE_DBIAS:
             tl.store(PART_DBIAS + row_split * V + cols, dbias, mask=col_ok)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["seed"])
     def _gumbel_noise_kernel(OUT, M, V, seed, counters_per_row, RNG_OFFSET_64: tl.constexpr,
                              BLOCK_M: tl.constexpr):
         """The forward's noise for one row block and one 256-column group, materialised."""

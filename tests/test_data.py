@@ -438,6 +438,21 @@ def test_loader_batches_are_the_sharded_rows(prepared):
             np.testing.assert_array_equal(tensor.numpy(), arrays[name][shard.example_ids(k)])
 
 
+def test_row_gather_across_shard_files_and_record_batches(prepared, tmp_path):
+    from datasets import load_from_disk
+
+    load_from_disk(str(prepared / "dataset")).save_to_disk(str(tmp_path / "sharded"), num_shards=3,
+                                                           max_shard_size=None)
+    dataset = load_from_disk(str(tmp_path / "sharded"))
+    assert len(dataset.data.table.to_batches()) >= 3
+    rows = np.random.default_rng(0).integers(0, len(dataset), 200)
+    gathered = data._RowGather(dataset, 32)(rows)
+    expected = dataset.with_format("numpy")[rows.tolist()]
+    for name in ("input_ids", "token_type_ids", "attention_mask"):
+        assert gathered[name].dtype == np.int64
+        np.testing.assert_array_equal(gathered[name], expected[name])
+
+
 def test_resume_yields_the_same_batches_across_epochs(prepared):
     micro = 16
     reference = PretrainingLoader(str(prepared), micro_batch_size=micro, seed=1, num_workers=2, prefetch_factor=2)

@@ -519,7 +519,8 @@ def test_python_api_in_memory_regression_and_classification(tmp_path):
 
 def test_hf_discriminator_folder_and_triton_attention_path(tmp_path):
     """Any transformers ElectraForPreTraining folder loads (pytorch_model.bin too); our encoder matches
-    HF's; the packed Triton-attention path (interpreter on CPU) gives the SDPA path's logits."""
+    HF's; the all-Triton path (packed varlen attention, fused LayerNorm / GELU; the interpreter on the
+    CPU) gives the PyTorch path's logits."""
     transformers = pytest.importorskip("transformers")
     hf_config = transformers.ElectraConfig(vocab_size=len(VOCAB), embedding_size=16, hidden_size=32,
                                            num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
@@ -543,7 +544,7 @@ def test_hf_discriminator_folder_and_triton_attention_path(tmp_path):
         expected = hf_model.electra(input_ids=ids, attention_mask=mask.long(), token_type_ids=types).last_hidden_state
     torch.testing.assert_close(layout.unflatten(rows)[mask], expected[mask], rtol=1e-5, atol=1e-5)
 
-    packed, _ = load_encoder(folder, ModelOptions(attention_impl="triton", unpad=True))
+    packed, _ = load_encoder(folder, ModelOptions(attention_impl="triton", elementwise_impl="triton", unpad=True))
     for cls in (ElectraForSequenceClassification, ElectraForTokenClassification):
         reference = cls(encoder.config, 3).eval()
         reference.electra.load_state_dict(encoder.state_dict())
@@ -631,8 +632,8 @@ def test_bad_task_files(tmp_path, case):
         call()
 
 
-@pytest.mark.parametrize("case", ["no_config", "not_electra", "generator", "no_tokenizer", "missing_weights",
-                                  "missing_path"])
+@pytest.mark.parametrize("case", ["no_config", "bad_config", "not_electra", "generator", "no_tokenizer",
+                                  "missing_weights", "wrong_shape", "missing_path"])
 def test_bad_model_folders(tmp_path, run_dir, case):
     data = _glue_dir(tmp_path, "rte")
     model = tmp_path / "model"
@@ -643,6 +644,13 @@ def test_bad_model_folders(tmp_path, run_dir, case):
     if case == "no_config":
         (model / "config.json").unlink()
         match = "not an ELECTRA discriminator: no config.json"
+    elif case == "bad_config":
+        (model / "config.json").write_text("{not json")
+        match = r"config\.json: cannot read it"
+    elif case == "wrong_shape":  # config.json and the weights disagree
+        config = json.loads((model / "config.json").read_text())
+        (model / "config.json").write_text(json.dumps(dict(config, intermediate_size=48)))
+        match = "weights do not fit the model described by config.json"
     elif case == "not_electra":
         config = json.loads((model / "config.json").read_text())
         (model / "config.json").write_text(json.dumps(dict(config, model_type="bert")))

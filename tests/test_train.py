@@ -351,45 +351,53 @@ def _deepspeed_launch(args: list[str], extra_env: dict | None = None, timeout: i
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
 
 
-@pytest.mark.slow
-def test_zero_stages_on_two_ranks_match_single_process(corpus_dir, tmp_path, clean_env):
-    steps = 4
-    sets = (*COMPARE, f"train.max_steps={steps}", "train.log_every=1", f"train.save_every={steps}")
-    single = tmp_path / "single"
-    assert run_inprocess(corpus_dir, single, *sets) == 0
-
+@pytest.fixture(scope="module")
+def two_rank_launch(corpus_dir, tmp_path_factory):
+    """One launch of two ranks: a short run per ZeRO stage (ZeRO-3 with activation checkpointing), then
+    a run in which rank 1 raises after step 2. Returns (launcher process, output folder)."""
+    out = tmp_path_factory.mktemp("two_ranks")
     proc = _deepspeed_launch([str(REPO / "tests" / "_train_zero_stages.py"), "--data", corpus_dir,
-                              "--out", str(tmp_path), "--stages", "0", "1", "2", "3",
-                              "--checkpointing-stages", "3", "--set", *sets])
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
-    runs = {stage: tmp_path / f"zero{stage}" for stage in range(4)}
+                              "--out", str(out), "--stages", "0", "1", "2", "3", "--checkpointing-stages", "3",
+                              "--then-fail-rank", "1", "--set", *STAGE_SETS])
+    return proc, out
+
+
+STAGE_STEPS = 4
+STAGE_SETS = (*COMPARE, f"train.max_steps={STAGE_STEPS}", "train.log_every=1", f"train.save_every={STAGE_STEPS}")
+
+
+@pytest.mark.slow
+def test_zero_stages_on_two_ranks_match_single_process(two_rank_launch, corpus_dir, tmp_path, clean_env):
+    proc, out = two_rank_launch
+    runs = {stage: out / f"zero{stage}" for stage in range(4)}
+    for stage, run in runs.items():
+        assert (run / "checkpoints" / "latest").is_file(), (stage, (proc.stdout + proc.stderr)[-5000:])
     reference = losses(runs[0])
-    assert len(reference) == steps
+    assert len(reference) == STAGE_STEPS
+    assert json.loads((runs[0] / "env.json").read_text())["world_size"] == 2
     # Same ranks, same data, same masks: every ZeRO stage computes the same losses (ZeRO-3 with
     # activation checkpointing: recomputation under partitioned parameters changes nothing either)...
     for stage in (1, 2, 3):
         torch.testing.assert_close(torch.tensor(losses(runs[stage])), torch.tensor(reference), rtol=2e-5, atol=0)
     # ...and the same weights after the last step (ZeRO-3's are consolidated from its partitions).
-    ref_state = trainer.consolidated_state_dict(runs[0] / "checkpoints" / f"step-{steps:08d}")
+    ref_state = trainer.consolidated_state_dict(runs[0] / "checkpoints" / f"step-{STAGE_STEPS:08d}")
     for stage in (1, 2, 3):
-        state = trainer.consolidated_state_dict(runs[stage] / "checkpoints" / f"step-{steps:08d}")
+        state = trainer.consolidated_state_dict(runs[stage] / "checkpoints" / f"step-{STAGE_STEPS:08d}")
         assert state.keys() == ref_state.keys()
         for key in ref_state:
             torch.testing.assert_close(state[key], ref_state[key], rtol=1e-4, atol=1e-6, msg=key)
         assert (runs[stage] / "export" / "generator" / "model.safetensors").is_file()
-    # One process with the same global batch: the same examples, but each rank draws its own masks, so
-    # the losses agree to within the masking noise, not bit for bit.
-    torch.testing.assert_close(torch.tensor(reference), torch.tensor(losses(single)), rtol=0.02, atol=0)
-    ranks = json.loads((runs[0] / "env.json").read_text())["world_size"]
-    assert ranks == 2
+    # One process with the same global batch sees the same examples, but each rank draws its own
+    # masks, so the losses agree to within the masking noise (~0.1%), not bit for bit.
+    single = tmp_path / "single"
+    assert run_inprocess(corpus_dir, single, *STAGE_SETS) == 0
+    torch.testing.assert_close(torch.tensor(reference), torch.tensor(losses(single)), rtol=5e-3, atol=0)
 
 
 @pytest.mark.slow
-def test_a_dying_rank_fails_the_launch_with_its_error(corpus_dir, tmp_path):
-    run = tmp_path / "run"
-    proc = _deepspeed_launch(["--module", "electra_fast.train", "--config", TINY, "--run-dir", str(run),
-                              "--set", f"data.path={corpus_dir}", "train.max_steps=50", "train.export_at_end=false"],
-                             extra_env={trainer.FAULT_ENV: "raise@2:1"})
+def test_a_dying_rank_fails_the_launch_with_its_error(two_rank_launch):
+    proc, out = two_rank_launch
     output = proc.stdout + proc.stderr
     assert proc.returncode != 0
     assert "injected failure on rank 1 after step 2" in output
+    assert (out / "failing" / "metrics.jsonl").is_file()  # the failing run did start

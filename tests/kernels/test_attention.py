@@ -293,7 +293,8 @@ def test_dropout_forward_and_backward_match_reference_with_kernel_mask(layout):
             return attention(q, k, v, mask, dropout_p)
 
         lowp_fn = lambda q, k, v: _lowp_attention(q, k, v, mask, keep, dropout_p)  # noqa: E731
-        ref_fn = lambda q, k, v: electra_kernels.attention_ref(q, k, v, mask, dropout_p, dropout_mask=keep)  # noqa: E731
+        ref_fn = lambda q, k, v: electra_kernels.attention_ref(  # noqa: E731
+            q, k, v, mask, dropout_p, dropout_mask=keep)
     else:
         lengths = [30, 5, 17, 2]
         cu, max_seqlen = _cu_seqlens(lengths), max(lengths)

@@ -173,6 +173,16 @@ def test_dropout_mask_reproducible_and_unbiased():
     assert torch.equal(a, b)
 
 
+def test_inference_saves_nothing_and_matches():
+    x, residual, weight = torch.randn(9, 100), torch.randn(9, 100), torch.randn(100, requires_grad=True)
+    _, z, _, _, _ = layer_norm_forward(x, weight, None, residual, None, 1e-5, 0.0, False, keep_for_backward=False)
+    assert z.numel() == 0
+    with torch.no_grad():
+        y = layer_norm(x, weight, None, 1e-5, residual)
+    assert not y.requires_grad
+    torch.testing.assert_close(y, F.layer_norm(x + residual, (100,), weight, None, 1e-5), atol=1e-5, rtol=1e-5)
+
+
 def test_dropout_everything_leaves_the_residual():
     x, residual = _leaf(torch.randn(5, 32)), torch.randn(5, 32)
     y = layer_norm(x, None, None, 1e-5, residual, 1.0)

@@ -108,6 +108,21 @@ def test_patched_model_matches_unpatched(kind, attention_calls):
         torch.testing.assert_close(p.grad, ref_p.grad, atol=2e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
 
 
+def test_bf16_autocast_mixed_dtypes():
+    """Under autocast the dense outputs are bf16 and the residual stream fp32: the fused LayerNorm takes
+    both, and the loss stays within bf16 noise of the unpatched model's."""
+    reference = _tiny_model("bert", num_hidden_layers=1).eval()
+    patched, _ = patch_hf(copy.deepcopy(reference))
+    batch = _batch("bert")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, ref_out = patched(**batch), reference(**batch)
+    assert out.logits.dtype == ref_out.logits.dtype == torch.bfloat16
+    torch.testing.assert_close(out.loss, ref_out.loss, atol=2e-2, rtol=1e-2)
+    out.loss.backward()
+    assert all(p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all()
+               for p in patched.parameters() if p.grad is not None)
+
+
 def test_train_mode_dropout_runs_and_masks_key_padding():
     torch.manual_seed(1)
     model, _ = patch_hf(_tiny_model("bert", num_hidden_layers=1))
