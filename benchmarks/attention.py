@@ -198,8 +198,9 @@ def time_impl(make, warmup, rep):
     try:
         out = forward()  # also the autotuning pass for our kernels
         out.backward(dout)
-    except RuntimeError as exc:  # e.g. "No available kernel" from an SDPA backend
-        print(f"    refused: {str(exc).splitlines()[0][:120]}", flush=True)
+    except Exception as exc:  # noqa: BLE001 - "No available kernel" from an SDPA backend, a compile error...
+        first_line = (str(exc).splitlines() or [type(exc).__name__])[0]
+        print(f"    failed/refused ({type(exc).__name__}): {first_line[:160]}", flush=True)
         return None
     torch.cuda.synchronize()
 
@@ -274,8 +275,50 @@ def check(args, dtype) -> bool:
                     ok &= passed
                     rows.append([f"{batch}x{heads}x{seqlen}", "yes", f"varlen {name}", err, base,
                                  "ok" if passed else "FAIL"])
+    ok &= _check_dropout(args, dtype, rows)
     print_table(["shape", "padded", "tensor", "max err vs fp32", "torch low-precision err", "verdict"], rows,
                 title="--check: ours vs SDPA math backend (fp32), budget 2x torch's own low-precision error + 1e-3")
+    return ok
+
+
+def _check_dropout(args, dtype, rows) -> bool:
+    """Dropout on the GPU: same seed -> same output, keep rate ~ 1-p, and forward/backward equal to the
+    fp32 reference that applies the kernel's own keep-mask."""
+    import electra_kernels
+
+    batch, heads, seqlen, p_drop = 2, 4, 256, 0.1
+    prob = Problem(batch, heads, seqlen, args.head_dim, dtype, True, args.seed)
+    q, k, v = (t.detach().clone().requires_grad_() for t in (prob.q, prob.k, prob.v))
+    torch.manual_seed(11)
+    out, keep = electra_kernels.attention(q, k, v, prob.mask, p_drop, return_dropout_mask=True)
+    torch.manual_seed(11)
+    again = electra_kernels.attention(q, k, v, prob.mask, p_drop)
+    again.backward(prob.dout)
+    ok = torch.equal(out, again)
+    rows.append([f"{batch}x{heads}x{seqlen}", "yes", "dropout same seed", 0.0 if ok else float("nan"), 0.0,
+                 "ok" if ok else "FAIL"])
+    keep_rate = keep.float().mean().item()
+    rate_ok = abs(keep_rate - (1 - p_drop)) < 0.01
+    ok &= rate_ok
+    rows.append([f"{batch}x{heads}x{seqlen}", "yes", "dropout keep rate", keep_rate, 1 - p_drop,
+                 "ok" if rate_ok else "FAIL"])
+    rq, rk, rv = (t.detach().float().requires_grad_() for t in (prob.q, prob.k, prob.v))
+    ref = electra_kernels.attention_ref(rq, rk, rv, prob.mask, p_drop, dropout_mask=keep)
+    ref.backward(prob.dout.float())
+    lq, lk, lv = (t.detach().clone().requires_grad_() for t in (prob.q, prob.k, prob.v))
+    with torch.autocast("cuda", enabled=False):
+        scores = (lq.transpose(1, 2) @ lk.transpose(1, 2).transpose(-1, -2)) / math.sqrt(args.head_dim)
+        scores = scores.masked_fill(~prob.mask[:, None, None, :], float("-inf"))
+        low = ((scores.softmax(-1) * keep / (1 - p_drop)) @ lv.transpose(1, 2)).transpose(1, 2)
+    low.backward(prob.dout)
+    real = prob.mask
+    for name, ours, want, lowp in zip(("out", "dq", "dk", "dv"), (again, q.grad, k.grad, v.grad),
+                                      (ref, rq.grad, rk.grad, rv.grad), (low, lq.grad, lk.grad, lv.grad)):
+        err = (ours.float() - want)[real].abs().max().item()
+        base = (lowp.float() - want)[real].abs().max().item()
+        passed = math.isfinite(err) and err <= 2 * base + 1e-3
+        ok &= passed
+        rows.append([f"{batch}x{heads}x{seqlen}", "yes", f"dropout {name}", err, base, "ok" if passed else "FAIL"])
     return ok
 
 
