@@ -434,7 +434,7 @@ def load_encoder(source, options: ModelOptions | None = None) -> tuple[ElectraMo
 
     ``source``: a folder (see :func:`resolve_model_dir`), an ``ElectraPretrainingModel`` (embeddings +
     discriminator copied) or an :class:`ElectraModel` (copied)."""
-    from .hf import ExportError, _hf_config, _model_config, _read_folder
+    from .hf import ExportError, hf_config_dict, model_config_from_hf, read_hf_folder
     from .model import ElectraPretrainingModel
 
     if isinstance(source, ElectraPretrainingModel):
@@ -444,25 +444,25 @@ def load_encoder(source, options: ModelOptions | None = None) -> tuple[ElectraMo
         state.update({k[len("discriminator."):]: v for k, v in source.state_dict().items()
                       if k.startswith("discriminator.")})
         _load_state_into(encoder, {k: v.detach().float().cpu() for k, v in state.items()}, "ElectraPretrainingModel")
-        return encoder, _hf_config(cfg, "discriminator")
+        return encoder, hf_config_dict(cfg, "discriminator")
     if isinstance(source, ElectraModel):
         cfg = _apply_model_options(source.config, options)
         encoder = ElectraModel(cfg)
         _load_state_into(encoder, {k: v.detach().float().cpu() for k, v in source.state_dict().items()}, "ElectraModel")
-        return encoder, _hf_config(cfg, "discriminator")
+        return encoder, hf_config_dict(cfg, "discriminator")
     if not isinstance(source, (str, os.PathLike)):
         raise FinetuneError(f"cannot fine-tune a {type(source).__name__}: give a model folder, an "
                             "ElectraPretrainingModel or an ElectraModel")
 
     folder = _check_model_folder(source)
     try:
-        hf_config, state = _read_folder(folder)
+        hf_config, state = read_hf_folder(folder)
     except ExportError as exc:
         raise FinetuneError(f"not an ELECTRA discriminator: {exc}") from None
     except (ValueError, OSError, RuntimeError) as exc:  # unreadable or corrupt weights
         raise FinetuneError(f"{folder}: cannot read the model: {exc}") from None
     try:
-        cfg = _model_config(hf_config, None)
+        cfg = model_config_from_hf(hf_config, None)
     except KeyError as exc:
         raise FinetuneError(f"{folder / 'config.json'}: lacks {exc} (not an ELECTRA config)") from None
     if cfg.hidden_size % cfg.num_heads:

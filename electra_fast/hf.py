@@ -33,7 +33,8 @@ class ExportError(ValueError):
 _TOKENIZER_FILES = ("vocab.txt", "tokenizer.json")
 
 
-def _hf_config(cfg: ModelConfig, network: str) -> dict:
+def hf_config_dict(cfg: ModelConfig, network: str) -> dict:
+    """The HF ``config.json`` of one network ("discriminator" or "generator") of our model."""
     generator = network == "generator"
     return {
         "architectures": ["ElectraForMaskedLM" if generator else "ElectraForPreTraining"],
@@ -115,7 +116,7 @@ def to_hf(model: ElectraPretrainingModel, out_dir: str | os.PathLike, tokenizer_
         for network in ("discriminator", "generator"):
             folder = tmp / network
             folder.mkdir()
-            (folder / "config.json").write_text(json.dumps(_hf_config(model.config, network), indent=2))
+            (folder / "config.json").write_text(json.dumps(hf_config_dict(model.config, network), indent=2))
             save_file(_network_state(model, network), str(folder / "model.safetensors"), metadata={"format": "pt"})
             _write_tokenizer(tokenizer_dir, folder)
         if config is not None:
@@ -134,7 +135,8 @@ def to_hf(model: ElectraPretrainingModel, out_dir: str | os.PathLike, tokenizer_
     return out_dir
 
 
-def _read_folder(folder: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
+def read_hf_folder(folder: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(config.json as a dict, weights) of an HF ELECTRA folder; ExportError when it is not one."""
     folder = Path(folder)
     config_path = folder / "config.json"
     if not config_path.is_file():
@@ -153,7 +155,8 @@ def _read_folder(folder: str | os.PathLike) -> tuple[dict, dict[str, torch.Tenso
     return config, state
 
 
-def _model_config(disc: dict, gen: dict | None) -> ModelConfig:
+def model_config_from_hf(disc: dict, gen: dict | None) -> ModelConfig:
+    """Our ModelConfig from HF discriminator (and optional generator) config dicts."""
     extra = disc.get("electra_fast", {})
     specials = extra.get("special_token_ids", {})
     cfg = ModelConfig(
@@ -191,9 +194,9 @@ def from_hf(discriminator_dir: str | os.PathLike, generator_dir: str | os.PathLi
 
     ``model_overrides`` set ModelConfig fields that are not weights (e.g. attention_impl="torch").
     """
-    disc_config, disc_state = _read_folder(discriminator_dir)
-    gen_config, gen_state = _read_folder(generator_dir) if generator_dir is not None else (None, None)
-    cfg = _model_config(disc_config, gen_config)
+    disc_config, disc_state = read_hf_folder(discriminator_dir)
+    gen_config, gen_state = read_hf_folder(generator_dir) if generator_dir is not None else (None, None)
+    cfg = model_config_from_hf(disc_config, gen_config)
     for key, value in model_overrides.items():
         if not hasattr(cfg, key):
             raise ExportError(f"unknown model option {key!r}")
