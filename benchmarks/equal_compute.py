@@ -19,8 +19,9 @@
    clipping 1.0, bf16 autocast on CUDA). ELECTRA runs ``--electra-steps``; BERT runs as many steps as
    cost the same FLOPs (electra_fast/flops.py, ``--convention``, default the paper's method), so it
    sees more tokens. Encoders are snapshotted at the ``--checkpoints`` fractions of that budget.
-4. Probe: a CoLA-like acceptability task from held-out sentences: half keep their words, half have
-   two words swapped; the model says which. Every snapshot (and a randomly initialised encoder, at 0
+4. Probe: a CoLA-like acceptability task from held-out sentences: half as written, half with their
+   words shuffled (``--corruption swap``: only two words exchanged, a harder task that tiny models do
+   not learn); the model says which. Every snapshot (and a randomly initialised encoder, at 0
    FLOPs) is fine-tuned identically with electra_fast.finetune.finetune_classifier (the paper's
    recipe: layer-wise lr decay, warm-up, the ELECTRA classification head) for each of ``--seeds``;
    the table reports the dev accuracy's median and spread.
@@ -136,8 +137,24 @@ def swap_two_words(sentence: str, rng: random.Random) -> str | None:
     return " ".join(words)
 
 
-def build_probe(documents: list[list[str]], n_train: int, n_dev: int, seed: int):
-    """(train, dev) lists of (text, None, label): 1 = the sentence as written, 0 = two words swapped."""
+def shuffle_words(sentence: str, rng: random.Random) -> str | None:
+    """The sentence's words in a random order that differs from the original (None if impossible)."""
+    words = sentence.split()
+    if len(set(words)) < 2:
+        return None
+    shuffled = words[:]
+    while shuffled == words:
+        rng.shuffle(shuffled)
+    return " ".join(shuffled)
+
+
+CORRUPTIONS = {"shuffle": shuffle_words, "swap": swap_two_words}
+
+
+def build_probe(documents: list[list[str]], n_train: int, n_dev: int, seed: int, corruption: str = "shuffle"):
+    """(train, dev) lists of (text, None, label): 1 = the sentence as written, 0 = its words reordered
+    (``shuffle``: all of them; ``swap``: two, a much harder task)."""
+    corrupt = CORRUPTIONS[corruption]
     rng = random.Random(seed)
     sentences = sorted({s for doc in documents for s in doc if 6 <= len(s.split()) <= 40})
     rng.shuffle(sentences)
@@ -146,9 +163,9 @@ def build_probe(documents: list[list[str]], n_train: int, n_dev: int, seed: int)
         if rng.random() < 0.5:
             examples.append((sentence, None, 1))
         else:
-            swapped = swap_two_words(sentence, rng)
-            if swapped is not None:
-                examples.append((swapped, None, 0))
+            corrupted = corrupt(sentence, rng)
+            if corrupted is not None:
+                examples.append((corrupted, None, 0))
         if len(examples) == n_train + n_dev:
             break
     if len(examples) < n_train + n_dev:
@@ -266,6 +283,8 @@ def main(argv=None) -> int:
     parser.add_argument("--convention", default="paper", choices=("paper", "modern"),
                         help="FLOPs convention that equalises the budgets (default: the paper's)")
     parser.add_argument("--checkpoints", default="0.25,0.5,1.0", help="fractions of the budget to probe at")
+    parser.add_argument("--corruption", default="shuffle", choices=sorted(CORRUPTIONS),
+                        help="probe negatives: the words shuffled (default) or two words swapped (harder)")
     parser.add_argument("--probe-train", type=int, default=None)
     parser.add_argument("--probe-dev", type=int, default=None)
     parser.add_argument("--probe-epochs", type=float, default=None)
@@ -304,7 +323,8 @@ def main(argv=None) -> int:
     cfg = build_config(args.size, overrides=overrides)
     args.seq_len = cfg.data.seq_len
     examples = pack_examples(tokenizer, pretraining_docs, args.seq_len)
-    probe_train, probe_dev = build_probe(heldout, args.probe_train, args.probe_dev, seed=args.seed)
+    probe_train, probe_dev = build_probe(heldout, args.probe_train, args.probe_dev, seed=args.seed,
+                                        corruption=args.corruption)
     real_tokens = int((examples != cfg.model.pad_token_id).sum())
     print(f"corpus: {len(documents)} documents ({len(heldout)} held out), {len(examples)} examples of "
           f"{args.seq_len} tokens ({real_tokens:,} real), vocab {vocab_size}; probe {len(probe_train)} train / "
@@ -348,7 +368,8 @@ def main(argv=None) -> int:
                    vocab_size=vocab_size, corpus=args.corpus or "default", seeds=args.seed_list,
                    accuracy_median=statistics.median(accs), accuracy_mean=statistics.fmean(accs),
                    accuracy_std=statistics.stdev(accs) if len(accs) > 1 else 0.0,
-                   probe_train=len(probe_train), probe_dev=len(probe_dev), device_type=device.type)
+                   probe_train=len(probe_train), probe_dev=len(probe_dev), corruption=args.corruption,
+                   device_type=device.type)
     print()
     print_table(["model", "budget", "steps", "pre-train FLOPs", "probe acc (median)", "mean ± std", "seeds"],
                 [[r["model"], f"{r['fraction']:.0%}", r["steps"], r["flops"], f"{r['accuracy_median']:.4f}",

@@ -127,7 +127,8 @@ def measure(step, leaves, rep_ms):
     torch.cuda.synchronize()
     extra_gib = (torch.cuda.max_memory_allocated() - before) / 2**30
     reset()
-    ms = do_bench(step, warmup=max(rep_ms // 4, 10), rep=rep_ms, grad_to_none=list(leaves), return_mode="median")
+    ms = do_bench(step, warmup=max(rep_ms // 4, 10), rep=rep_ms, grad_to_none=list(leaves),
+                  return_mode="median")
     reset()
     return float(ms), float(extra_gib)
 
@@ -200,7 +201,8 @@ def mlm_rows(size, args):
         try:
             from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
         except ImportError:
-            print("note: liger_kernel does not import; no liger row")
+            if size == args.sizes[0]:
+                print("note: liger_kernel does not import; no liger rows")
         else:
             liger_loss = LigerFusedLinearCrossEntropyLoss(ignore_index=ek.IGNORE_INDEX)
 
@@ -329,7 +331,9 @@ def add_ratios(rows):
 def print_report(rows):
     table = []
     for r in rows:
-        target = TARGETS.get((r["head"], r["size"])) if r["variant"] in ("ours", "ours-head") else None
+        target = None
+        if DEVICE == "cuda" and r["variant"] in ("ours", "ours-head"):
+            target = TARGETS.get((r["head"], r["size"]))
         verdict = "-"
         if target is not None:
             ok = r["median_ms"] <= target[0] and (target[1] is None or r["peak_extra_gib"] <= target[1])
@@ -381,7 +385,7 @@ def draw(rows):
             ax.set_xticklabels(sizes if head == "mlm" else [f"h{DISC_HIDDEN[s]}" for s in sizes])
             ax.set_yscale("log")
             ax.set_ylabel("ms per forward + backward (log)")
-            ax.set_title("MLM head, V=30522" if head == "mlm" else f"Discriminator head, {DISC_TOKENS} tokens")
+            ax.set_title(f"MLM head, V={VOCAB}" if head == "mlm" else f"Discriminator head, {DISC_TOKENS} tokens")
             ax.legend(fontsize=8)
 
     return plot
@@ -399,11 +403,12 @@ def main(argv=None) -> int:
             sys.exit("benchmarks/heads.py needs a CUDA GPU: no GPU is visible here (the Triton interpreter's "
                      "CPU timings would say nothing about the kernels)")
         if os.environ.get("TRITON_INTERPRET", "0") == "1":
-            sys.exit("benchmarks/heads.py: unset TRITON_INTERPRET; the interpreter would be timed, not the kernels")
+            sys.exit("benchmarks/heads.py: unset TRITON_INTERPRET; the interpreter would be timed, "
+                     "not the kernels")
 
     info = machine_info(optional_modules=("liger_kernel",))
-    print(f"{info['gpu'] or 'cpu (smoke run)'} | torch {info['torch']} | triton {info['triton']} | liger_kernel "
-          f"{info.get('liger_kernel') or '-'} | commit {info['commit']}\n", flush=True)
+    print(f"{info['gpu'] or 'cpu (smoke run)'} | torch {info['torch']} | triton {info['triton']} | "
+          f"liger_kernel {info.get('liger_kernel') or '-'} | commit {info['commit']}\n", flush=True)
     rows = []
     for size in args.sizes:
         if "mlm" in args.heads:

@@ -721,219 +721,256 @@ def _parse_fault() -> tuple[str, int, int | None] | None:
 def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, local_rank: int = -1) -> dict:
     """Pretrain under DeepSpeed; returns a summary (steps, final metrics, paths). See the module docstring."""
     run_dir = Path(run_dir)
-    fault = _parse_fault()
     # Everything that can be checked without DeepSpeed is checked first, so a bad config fails in seconds.
+    fault = _parse_fault()
     manifest = apply_data_manifest(cfg)
-    _, _, env_world = _world()
-    cfg.train.batch_layout(env_world)
+    cfg.train.batch_layout(_world()[2])
     ds_user, ds_path = read_deepspeed_json(cfg.train.deepspeed_config)
-    root = checkpoint_root(run_dir)
-    if not resume and read_latest(root) is not None:
+    if not resume and read_latest(checkpoint_root(run_dir)) is not None:
         raise ConfigError(f"{run_dir} already holds checkpoints: pass --resume to continue that run, or choose "
                           "another --run-dir")
+    trainer = Trainer(cfg, run_dir, ds_user, ds_path, manifest, local_rank=local_rank, fault=fault)
+    return trainer.run(resume=resume)
 
-    import deepspeed
-    from deepspeed.accelerator import get_accelerator
 
-    from .model import ElectraPretrainingModel
-    from .objective import ObjectiveRNG
+class Trainer:
+    """One pretraining run on a DeepSpeed engine: set-up, resume, the step loop, checkpoints, logs."""
 
-    from .data import PretrainingLoader
+    def __init__(self, cfg: Config, run_dir: Path, ds_user: dict, ds_path: Path, manifest: dict, *,
+                 local_rank: int, fault: tuple | None):
+        import deepspeed
+        from deepspeed.accelerator import get_accelerator
 
-    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)  # its INFO lines would bury the progress bar
-    rank, world_size, device = init_distributed(local_rank)
-    local_rank = local_rank if local_rank >= 0 else _world()[1]
-    accelerator = get_accelerator()
-    ds_config = build_deepspeed_config(cfg, ds_user, world_size=world_size, device_type=device.type,
-                                       source=str(ds_path), bf16_supported=accelerator.is_bf16_supported(),
-                                       fp16_supported=accelerator.is_fp16_supported())
-    precision = "bf16" if ds_config["bf16"]["enabled"] else "fp16" if ds_config["fp16"]["enabled"] else "fp32"
-    micro, accumulation = ds_config["train_micro_batch_size_per_gpu"], ds_config["gradient_accumulation_steps"]
-    zero_stage = int(_get(ds_config, "zero_optimization.stage") or 0)
-    is_main = rank == 0
-    if cfg.train.warmup_steps > cfg.train.max_steps and is_main:
-        logger.warning("train.warmup_steps=%d > train.max_steps=%d: the learning rate never reaches train.lr",
-                       cfg.train.warmup_steps, cfg.train.max_steps)
+        from .data import PretrainingLoader
+        from .model import ElectraPretrainingModel
+        from .objective import ObjectiveRNG
 
-    # Identical initial weights on every rank (DeepSpeed also broadcasts rank 0's for ZeRO 0-2).
-    torch.manual_seed(cfg.train.seed)
-    model = ElectraPretrainingModel(cfg)
-    num_parameters = model.num_parameters()
-    # Registered before DeepSpeed's own hooks, so it runs first: see _output_as_tuple.
-    model.register_forward_hook(_output_as_tuple)
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=weight_decay_groups(model, cfg.train.weight_decay),
-                                           config=ds_config)
-    module = engine.module
-    if zero_stage == 3:
-        # The top-level forward uses parameters of its submodules directly, outside their forward: the
-        # tied word-embedding matrix (the MLM head's output projection, owned by `embeddings`) and the
-        # discriminator's output layer (handed to the fused BCE head as tensors). ZeRO-3 gathers a
-        # parameter only around its owner's forward unless it is registered with the module using it.
-        head = module.discriminator_predictions.dense_prediction
-        for parameter in (module.embeddings.word_embeddings.weight, head.weight, head.bias):
-            deepspeed.zero.register_external_parameter(module, parameter)
-    # Each rank draws its own masks, samples and dropout: seeded by (seed, rank), restored on resume.
-    module.rng = ObjectiveRNG(cfg.train.seed + rank)
-    random.seed(cfg.train.seed + rank)
-    np.random.seed((cfg.train.seed + rank) % 2**32)
-    torch.manual_seed(cfg.train.seed + rank)
-    accelerator.manual_seed(cfg.train.seed + rank)
-    # A plain torch optimizer (ZeRO-0, fp32) has no overflow check of its own: see _guard_plain_optimizer.
-    plain_optimizer = not hasattr(engine.optimizer, "overflow")
-    plain_grad_norm = None
+        logging.getLogger("DeepSpeed").setLevel(logging.WARNING)  # its INFO lines would bury the progress bar
+        self.cfg, self.run_dir, self.manifest, self.fault = cfg, run_dir, manifest, fault
+        self.rank, self.world_size, self.device = init_distributed(local_rank)
+        self.local_rank = local_rank if local_rank >= 0 else _world()[1]
+        self.is_main = self.rank == 0
+        accelerator = get_accelerator()
+        self.ds_config = build_deepspeed_config(cfg, ds_user, world_size=self.world_size,
+                                                device_type=self.device.type, source=str(ds_path),
+                                                bf16_supported=accelerator.is_bf16_supported(),
+                                                fp16_supported=accelerator.is_fp16_supported())
+        ds = self.ds_config
+        self.precision = "bf16" if ds["bf16"]["enabled"] else "fp16" if ds["fp16"]["enabled"] else "fp32"
+        self.micro, self.accumulation = ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]
+        self.zero_stage = int(_get(ds, "zero_optimization.stage") or 0)
+        if cfg.train.warmup_steps > cfg.train.max_steps and self.is_main:
+            logger.warning("train.warmup_steps=%d > train.max_steps=%d: the learning rate never reaches train.lr",
+                           cfg.train.warmup_steps, cfg.train.max_steps)
 
-    loader = PretrainingLoader(cfg.data.path, micro_batch_size=micro, rank=rank, world_size=world_size,
-                               seed=cfg.train.seed, num_workers=cfg.data.num_workers,
-                               prefetch_factor=cfg.data.prefetch_factor, pin_memory=cfg.data.pin_memory)
+        # Identical initial weights on every rank (DeepSpeed also broadcasts rank 0's for ZeRO 0-2).
+        torch.manual_seed(cfg.train.seed)
+        model = ElectraPretrainingModel(cfg)
+        self.num_parameters = model.num_parameters()
+        # Registered before DeepSpeed's own hooks, so it runs first: see _output_as_tuple.
+        model.register_forward_hook(_output_as_tuple)
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=model, model_parameters=weight_decay_groups(model, cfg.train.weight_decay), config=ds)
+        self.module = self.engine.module
+        if self.zero_stage == 3:
+            # The top-level forward uses parameters of its submodules directly, outside their forward:
+            # the tied word-embedding matrix (the MLM head's output projection, owned by `embeddings`) and
+            # the discriminator's output layer (handed to the fused BCE head as tensors). ZeRO-3 gathers a
+            # parameter only around its owner's forward unless it is registered with the module using it.
+            head = self.module.discriminator_predictions.dense_prediction
+            for parameter in (self.module.embeddings.word_embeddings.weight, head.weight, head.bias):
+                deepspeed.zero.register_external_parameter(self.module, parameter)
+        # Each rank draws its own masks, samples and dropout: seeded by (seed, rank), restored on resume.
+        seed = cfg.train.seed + self.rank
+        self.module.rng = ObjectiveRNG(seed)
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)
+        accelerator.manual_seed(seed)
+        # A plain torch optimizer (ZeRO-0, fp32) has no overflow check of its own: see _guard_plain_optimizer.
+        self.plain_optimizer = not hasattr(self.engine.optimizer, "overflow")
+        self.plain_grad_norm: torch.Tensor | None = None
 
-    checkpoints = Checkpoints(run_dir, rank, local_rank, cfg.train.keep_last)
-    step, tokens_seen, resumed_from = 0, 0, None
-    checkpoints.clean_partial()
-    if resume:
-        if read_latest(root) is not None:
-            resumed_from, client, rank_state = checkpoints.load(engine, world_size)
-            step, tokens_seen = int(client["step"]), int(client["tokens_seen"])
-            if rank_state is not None:
-                _set_rng_state(module, rank_state["rng"])
-                loader.load_state_dict(rank_state["loader"])
-            else:
-                # Another world size: the data position is global and carries over; the random streams
-                # are per rank and are reseeded (the run continues, but not bit for bit).
-                loader.load_state_dict(client["loader"])
-                module.rng = ObjectiveRNG(cfg.train.seed + rank + 1_000_003 * step)
-                if is_main:
-                    logger.warning("checkpoint %s was written by %s ranks, resuming on %d: random streams "
-                                   "reseeded", resumed_from, client.get("world_size"), world_size)
-        elif is_main:
-            logger.warning("--resume: no checkpoint in %s yet, starting from step 0", root)
+        self.loader = PretrainingLoader(cfg.data.path, micro_batch_size=self.micro, rank=self.rank,
+                                        world_size=self.world_size, seed=cfg.train.seed,
+                                        num_workers=cfg.data.num_workers, prefetch_factor=cfg.data.prefetch_factor,
+                                        pin_memory=cfg.data.pin_memory)
+        self.checkpoints = Checkpoints(run_dir, self.rank, self.local_rank, cfg.train.keep_last)
+        self.stats = StepStats(self.device)
+        self.step = self.tokens_seen = 0
+        self.resumed_from: str | None = None
+        self.last_saved: int | None = None
+        self.nonfinite_streak = 0
+        self.log: MetricsLog | None = None
 
-    if is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        (run_dir / "deepspeed.json").write_text(json.dumps(ds_config, indent=2) + "\n")
-        (run_dir / "env.json").write_text(json.dumps(_environment(world_size, device, precision, resumed_from),
-                                                     indent=2) + "\n")
-    log = MetricsLog(run_dir, is_main, step, cfg.train.max_steps, resumed=resumed_from is not None)
-    flops_per_step, flops_source = _model_flops_per_step(cfg)
-    peak = _peak_tflops(cfg, device, precision)
-    log.say(f"[electra-fast] {world_size} rank(s) on {device.type}, {precision}, ZeRO-{zero_stage}; global batch "
-            f"{cfg.train.global_batch_size} = {micro} x {accumulation} accumulation x {world_size}; "
-            f"{num_parameters / 1e6:.2f}M parameters; data {cfg.data.path} ({manifest['num_examples']} "
-            f"examples of {manifest['seq_len']} tokens); FLOPs/step {flops_per_step:.3g} ({flops_source})"
-            + (f"; resumed from {resumed_from} at step {step}" if resumed_from else ""))
+    # ---------------------------------------------------------------------------------------- resume
+    def resume(self) -> None:
+        from .objective import ObjectiveRNG
 
-    stats = StepStats(device)
-    inject = set(cfg.train.inject_nonfinite_at)
-    one = torch.ones((), device=device)
-    nan = torch.full((), float("nan"), device=device)
-    nonfinite_streak, last_saved, last = 0, step if resumed_from else None, {}
-    window_start, window_steps = time.perf_counter(), 0
-    run_start = time.perf_counter()
-    batches: Iterator[dict] = iter(loader)
-    engine.train()
+        root = self.checkpoints.root
+        if read_latest(root) is None:
+            if self.is_main:
+                logger.warning("--resume: no checkpoint in %s yet, starting from step 0", root)
+            return
+        self.resumed_from, client, rank_state = self.checkpoints.load(self.engine, self.world_size)
+        self.step = self.last_saved = int(client["step"])
+        self.tokens_seen = int(client["tokens_seen"])
+        if rank_state is not None:
+            _set_rng_state(self.module, rank_state["rng"])
+            self.loader.load_state_dict(rank_state["loader"])
+        else:
+            # Another world size: the data position is global and carries over; the random streams are
+            # per rank and are reseeded (the run continues, but not bit for bit).
+            self.loader.load_state_dict(client["loader"])
+            self.module.rng = ObjectiveRNG(self.cfg.train.seed + self.rank + 1_000_003 * self.step)
+            if self.is_main:
+                logger.warning("checkpoint %s was written by %s ranks, resuming on %d: random streams reseeded",
+                               self.resumed_from, client.get("world_size"), self.world_size)
 
-    def save(at_step: int) -> None:
-        nonlocal last_saved
-        client = {"step": at_step, "tokens_seen": tokens_seen, "world_size": world_size,
-                  "loader": loader.state_dict(), "format": 1}
-        rank_state = {"rng": _rng_state(module), "loader": loader.state_dict()}
-        tag = checkpoints.save(engine, at_step, client, rank_state, cfg)
-        last_saved = at_step
-        log.say(f"[electra-fast] step {at_step}: saved checkpoint {root / tag}")
+    # ---------------------------------------------------------------------------------------- the loop
+    def run(self, resume: bool = False) -> dict:
+        cfg, run_dir = self.cfg, self.run_dir
+        self.checkpoints.clean_partial()
+        if resume:
+            self.resume()
+        if self.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+            (run_dir / "deepspeed.json").write_text(json.dumps(self.ds_config, indent=2) + "\n")
+            environment = _environment(self.world_size, self.device, self.precision, self.resumed_from)
+            (run_dir / "env.json").write_text(json.dumps(environment, indent=2) + "\n")
+        self.log = MetricsLog(run_dir, self.is_main, self.step, cfg.train.max_steps,
+                              resumed=self.resumed_from is not None)
+        self.flops_per_step, flops_source = _model_flops_per_step(cfg)
+        self.peak_tflops = _peak_tflops(cfg, self.device, self.precision)
+        self.log.say(
+            f"[electra-fast] {self.world_size} rank(s) on {self.device.type}, {self.precision}, ZeRO-{self.zero_stage};"
+            f" global batch {cfg.train.global_batch_size} = {self.micro} x {self.accumulation} accumulation x "
+            f"{self.world_size}; {self.num_parameters / 1e6:.2f}M parameters; data {cfg.data.path} "
+            f"({self.manifest['num_examples']} examples of {self.manifest['seq_len']} tokens); FLOPs/step "
+            f"{self.flops_per_step:.3g} ({flops_source})"
+            + (f"; resumed from {self.resumed_from} at step {self.step}" if self.resumed_from else ""))
 
-    try:
-        while step < cfg.train.max_steps:
-            poison = (step + 1) in inject and rank == 0
-            for _ in range(accumulation):
-                # torch's DataLoader draws its workers' base seed from the global CPU generator when an
-                # iterator starts, i.e. at the first batch after a start or a resume; the training
-                # streams (dropout) must not depend on when that happened.
-                cpu_rng = torch.get_rng_state()
-                batch = next(batches)
-                torch.set_rng_state(cpu_rng)
-                input_ids = batch["input_ids"].to(device, non_blocking=True)
-                attention_mask = batch["attention_mask"].to(device, non_blocking=True)
-                token_type_ids = batch["token_type_ids"].to(device, non_blocking=True)
-                out = engine(input_ids, attention_mask, token_type_ids)
-                loss = out.loss * nan if poison else out.loss
-                # A non-finite loss must give non-finite gradients, so that DeepSpeed's check of the
-                # global gradient norm skips the update on every rank (an inf or NaN loss can otherwise
-                # back-propagate finite gradients, e.g. through a sum). No host sync: a device select.
-                loss = loss * torch.where(torch.isfinite(loss.detach()), one, nan)
-                stats.add(loss, out, attention_mask)
-                engine.backward(loss)
-                if plain_optimizer and engine.is_gradient_accumulation_boundary():
-                    plain_grad_norm = _guard_plain_optimizer(engine)
-                engine.step()
-            step += 1
+        batches: Iterator[dict] = iter(self.loader)
+        inject = set(cfg.train.inject_nonfinite_at)
+        self.window_start, self.window_steps = time.perf_counter(), 0
+        self.run_start = time.perf_counter()
+        last: dict = {}
+        self.engine.train()
+        try:
+            while self.step < cfg.train.max_steps:
+                poison = (self.step + 1) in inject and self.rank == 0
+                for _ in range(self.accumulation):
+                    self._micro_step(batches, poison)
+                self.step += 1
+                self._check_update_applied()
+                self.window_steps += 1
+                self.log.advance()
+                if self.step % cfg.train.log_every == 0 or self.step == cfg.train.max_steps:
+                    last = self._log_window()
+                if self.step % cfg.train.save_every == 0 or self.step == cfg.train.max_steps:
+                    self._save()
+                self._maybe_inject_fault()
+        finally:
+            self.log.close()
 
-            if engine.was_step_applied():
-                nonfinite_streak = 0
-            else:
-                # DeepSpeed skipped the update (non-finite gradient norm, or an fp16 loss-scale overflow).
-                loss_was_nonfinite = stats.any_nonfinite_this_step()
-                if precision != "fp16" or loss_was_nonfinite:
-                    nonfinite_streak += 1
-                    cause = "loss" if loss_was_nonfinite else "gradient"
-                    log.say(f"[electra-fast] step {step}: non-finite {cause}, update skipped "
-                            f"({nonfinite_streak}/{cfg.train.max_nonfinite_steps} in a row)")
-                    log.record({"step": step, "event": "nonfinite_skipped", "cause": cause,
-                                "streak": nonfinite_streak, "time": time.time()})
-                    if nonfinite_streak >= cfg.train.max_nonfinite_steps:
-                        kept = f"checkpoint {root / tag_for(last_saved)}" if last_saved else "no checkpoint"
-                        raise TrainingAborted(
-                            f"stopping at step {step}: {nonfinite_streak} optimizer steps in a row had a non-finite "
-                            f"loss or gradient (train.max_nonfinite_steps={cfg.train.max_nonfinite_steps}); "
-                            f"{kept} is untouched. Try a lower train.lr, more train.warmup_steps, bf16 instead "
-                            "of fp16, or check the data.")
-            stats.end_step()
-            window_steps += 1
-            log.advance()
+        export_dir = None
+        if self.is_main:
+            if cfg.train.export_at_end:
+                export_dir = export_checkpoint(self.checkpoints.root, run_dir / "export", data_dir=cfg.data.path)
+                logger.info("exported %s", export_dir)
+            plot_curves(run_dir)
+        _barrier()
+        return {"step": self.step, "tokens_seen": self.tokens_seen, "last": last, "run_dir": str(run_dir),
+                "export": None if export_dir is None else str(export_dir)}
 
-            if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
-                values = stats.take()  # with take_tokens, the host syncs of a log interval
-                tokens = stats.take_tokens()
-                tokens_seen += tokens
-                now = time.perf_counter()
-                seconds = max(now - window_start, 1e-9)
-                step_seconds = seconds / window_steps
-                tflops = flops_per_step / step_seconds / world_size / 1e12
-                grad_norm = plain_grad_norm if plain_optimizer else engine.get_global_grad_norm()
-                last = {
-                    "step": step, **values, "lr": float(engine.get_lr()[0]),
-                    "grad_norm": None if grad_norm is None else float(grad_norm),
-                    "skipped_steps": int(engine.skipped_steps),
-                    "seq_per_s": cfg.train.global_batch_size * window_steps / seconds,
-                    "tokens_per_s": tokens / seconds, "tflops": tflops,
-                    "mfu": tflops / peak if peak else None, "tokens_seen": tokens_seen,
-                    "eta_s": step_seconds * (cfg.train.max_steps - step),
-                    "elapsed_s": now - run_start, "time": time.time(),
-                }
-                log.record(last)
-                window_start, window_steps = now, 0
+    def _micro_step(self, batches: Iterator[dict], poison: bool) -> None:
+        # torch's DataLoader draws its workers' base seed from the global CPU generator when an iterator
+        # starts, i.e. at the first batch after a start or a resume; the training streams (dropout)
+        # must not depend on when that happened.
+        cpu_rng = torch.get_rng_state()
+        batch = next(batches)
+        torch.set_rng_state(cpu_rng)
+        input_ids, attention_mask, token_type_ids = (
+            batch[key].to(self.device, non_blocking=True) for key in ("input_ids", "attention_mask", "token_type_ids"))
+        out = self.engine(input_ids, attention_mask, token_type_ids)
+        loss = out.loss * float("nan") if poison else out.loss
+        # A non-finite loss must give non-finite gradients, so that the check of the global gradient
+        # norm skips the update on every rank (an inf or NaN loss can otherwise back-propagate finite
+        # gradients, e.g. through a sum). A device-side select: no host sync.
+        loss = loss * torch.where(torch.isfinite(loss.detach()), 1.0, float("nan"))
+        self.stats.add(loss, out, attention_mask)
+        self.engine.backward(loss)
+        if self.plain_optimizer and self.engine.is_gradient_accumulation_boundary():
+            self.plain_grad_norm = _guard_plain_optimizer(self.engine)
+        self.engine.step()
 
-            if step % cfg.train.save_every == 0 or step == cfg.train.max_steps:
-                save_start = time.perf_counter()
-                tokens_seen += stats.take_tokens()  # exact in every checkpoint
-                save(step)
-                window_start += time.perf_counter() - save_start  # throughput excludes checkpointing
+    def _check_update_applied(self) -> None:
+        """Count updates skipped for a non-finite loss or gradient; stop after too many in a row."""
+        limit = self.cfg.train.max_nonfinite_steps
+        if self.engine.was_step_applied():
+            self.nonfinite_streak = 0
+        else:
+            # DeepSpeed skipped the update: a non-finite gradient norm, or an fp16 loss-scale overflow,
+            # which is the loss scaler's normal business unless the loss itself was not finite.
+            loss_was_nonfinite = self.stats.any_nonfinite_this_step()
+            if self.precision != "fp16" or loss_was_nonfinite:
+                self.nonfinite_streak += 1
+                cause = "loss" if loss_was_nonfinite else "gradient"
+                self.log.say(f"[electra-fast] step {self.step}: non-finite {cause}, update skipped "
+                             f"({self.nonfinite_streak}/{limit} in a row)")
+                self.log.record({"step": self.step, "event": "nonfinite_skipped", "cause": cause,
+                                 "streak": self.nonfinite_streak, "time": time.time()})
+                if self.nonfinite_streak >= limit:
+                    kept = (f"checkpoint {self.checkpoints.root / tag_for(self.last_saved)}"
+                            if self.last_saved is not None else "no checkpoint")
+                    raise TrainingAborted(
+                        f"stopping at step {self.step}: {self.nonfinite_streak} optimizer steps in a row had a "
+                        f"non-finite loss or gradient (train.max_nonfinite_steps={limit}); {kept} is untouched. "
+                        "Try a lower train.lr, more train.warmup_steps, bf16 instead of fp16, or check the data.")
+        self.stats.end_step()
 
-            if fault is not None and fault[1] == step and fault[2] in (None, rank):
-                if fault[0] == "sigkill":
-                    os.kill(os.getpid(), signal.SIGKILL)
-                raise RuntimeError(f"{FAULT_ENV}: injected failure on rank {rank} after step {step}")
-    finally:
-        log.close()
+    def _log_window(self) -> dict:
+        """Read the statistics of the steps since the last log step (the host syncs of the interval)."""
+        cfg = self.cfg
+        values = self.stats.take()
+        tokens = self.stats.take_tokens()
+        self.tokens_seen += tokens
+        now = time.perf_counter()
+        seconds = max(now - self.window_start, 1e-9)
+        step_seconds = seconds / self.window_steps
+        tflops = self.flops_per_step / step_seconds / self.world_size / 1e12  # per device
+        grad_norm = self.plain_grad_norm if self.plain_optimizer else self.engine.get_global_grad_norm()
+        record = {
+            "step": self.step, **values, "lr": float(self.engine.get_lr()[0]),
+            "grad_norm": None if grad_norm is None else float(grad_norm),
+            "skipped_steps": int(self.engine.skipped_steps),
+            "seq_per_s": cfg.train.global_batch_size * self.window_steps / seconds,
+            "tokens_per_s": tokens / seconds, "tflops": tflops,
+            "mfu": tflops / self.peak_tflops if self.peak_tflops else None, "tokens_seen": self.tokens_seen,
+            "eta_s": step_seconds * (cfg.train.max_steps - self.step),
+            "elapsed_s": now - self.run_start, "time": time.time(),
+        }
+        self.log.record(record)
+        self.window_start, self.window_steps = now, 0
+        return record
 
-    export_dir = None
-    if is_main:
-        if cfg.train.export_at_end:
-            export_dir = export_checkpoint(root, run_dir / "export", data_dir=cfg.data.path)
-            logger.info("exported %s", export_dir)
-        plot_curves(run_dir)
-    _barrier()
-    return {"step": step, "tokens_seen": tokens_seen, "last": last, "run_dir": str(run_dir),
-            "export": None if export_dir is None else str(export_dir)}
+    def _save(self) -> None:
+        started = time.perf_counter()
+        self.tokens_seen += self.stats.take_tokens()  # exact in every checkpoint
+        client = {"step": self.step, "tokens_seen": self.tokens_seen, "world_size": self.world_size,
+                  "loader": self.loader.state_dict(), "format": 1}
+        rank_state = {"rng": _rng_state(self.module), "loader": self.loader.state_dict()}
+        tag = self.checkpoints.save(self.engine, self.step, client, rank_state, self.cfg)
+        self.last_saved = self.step
+        self.log.say(f"[electra-fast] step {self.step}: saved checkpoint {self.checkpoints.root / tag}")
+        self.window_start += time.perf_counter() - started  # throughput excludes checkpointing
+
+    def _maybe_inject_fault(self) -> None:
+        if self.fault is not None and self.fault[1] == self.step and self.fault[2] in (None, self.rank):
+            if self.fault[0] == "sigkill":
+                os.kill(os.getpid(), signal.SIGKILL)
+            raise RuntimeError(f"{FAULT_ENV}: injected failure on rank {self.rank} after step {self.step}")
 
 
 class EngineOutput(NamedTuple):

@@ -208,7 +208,8 @@ def _check_inputs(x: Tensor, bias: Optional[Tensor]) -> None:
     if x.dim() == 0:
         raise ValueError("bias_gelu: x must have at least one dimension (the features)")
     if bias is not None and tuple(bias.shape) != (x.shape[-1],):
-        raise ValueError(f"bias_gelu: bias must have shape ({x.shape[-1]},) to match x's last dim, got {tuple(bias.shape)}")
+        raise ValueError(f"bias_gelu: bias must have shape ({x.shape[-1]},) to match x's last dim, "
+                         f"got {tuple(bias.shape)}")
 
 
 def bias_gelu(x: Tensor, bias: Optional[Tensor] = None) -> Tensor:

@@ -28,7 +28,8 @@ and parameter names do not change, so state dicts load either way. ``model.confi
 place (``_attn_implementation``; it is not written to config.json).
 
 What it refuses, with a ValueError: model types other than bert/roberta/electra; relative position
-embeddings; ``output_attentions=True`` (the kernels never materialise attention probabilities);
+embeddings; ``output_attentions=True`` in the config (and, at call time, a forward asked for attentions:
+the kernels never materialise attention probabilities);
 decoders and cross-attention; head dims above 128. The head-dim limit is the Triton kernel's (any head
 dim up to 128 runs; 32, 64 and 128 are the fast, register-exact ones) and is applied on every device, CPU
 included (where the PyTorch reference would cope), so that a model patched on a CPU box does not fail
@@ -171,9 +172,8 @@ def electra_kernels_attention(module, query, key, value, attention_mask, scaling
 def electra_kernels_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
                          attention_mask=None, **kwargs):
     """An ``AttentionMaskInterface`` function: the 2-D padding mask itself (None without padding input)."""
-    from transformers.masking_utils import bidirectional_mask_function
-
-    if mask_function is not None and mask_function is not bidirectional_mask_function:
+    # By name, not identity: no import here, so torch.compile traces this function without a break.
+    if mask_function is not None and getattr(mask_function, "__name__", None) != "bidirectional_mask_function":
         raise ValueError("electra_kernels attention supports plain bidirectional padding masks only, not "
                          f"{getattr(mask_function, '__name__', mask_function)!r} (causal, sliding or custom masks)")
     if attention_mask is None:
@@ -216,7 +216,8 @@ def _import_transformers():
         from transformers.modeling_utils import AttentionInterface
     except ImportError as err:
         raise ValueError(f"patch_hf needs a transformers whose BERT models dispatch attention through "
-                         f"AttentionInterface / AttentionMaskInterface (5.x); found {transformers.__version__}") from err
+                         f"AttentionInterface / AttentionMaskInterface (5.x); found {transformers.__version__}"
+                         ) from err
     return transformers, AttentionInterface, AttentionMaskInterface
 
 
@@ -227,7 +228,8 @@ def _is_self_attention(module: nn.Module) -> bool:
 
 def _is_dense_dropout_add_norm(module: nn.Module) -> bool:
     # Only the exact HF classes: a user subclass may have changed forward.
-    return (type(module).__name__ in {f"{p}{s}" for p in ("Bert", "Roberta", "Electra") for s in ("SelfOutput", "Output")}
+    names = {f"{prefix}{suffix}" for prefix in ("Bert", "Roberta", "Electra") for suffix in ("SelfOutput", "Output")}
+    return (type(module).__name__ in names
             and isinstance(getattr(module, "dense", None), nn.Linear)
             and isinstance(getattr(module, "dropout", None), nn.Dropout)
             and type(getattr(module, "LayerNorm", None)) is nn.LayerNorm
@@ -283,9 +285,13 @@ def patch_hf(model: nn.Module, *, attention: bool = True, layer_norm: bool = Tru
         attention_interface.register(IMPLEMENTATION_NAME, electra_kernels_attention)
         mask_interface.register(IMPLEMENTATION_NAME, electra_kernels_mask)
         previous = config._attn_implementation
-        # Through the config setter (recurses into sub-configs); set_attn_implementation would also
-        # re-validate against the hub kernels registry, which knows nothing of a locally registered name.
-        config._attn_implementation = IMPLEMENTATION_NAME
+        if hasattr(model, "set_attn_implementation"):  # the public way: validates, updates sub-models
+            model.set_attn_implementation(IMPLEMENTATION_NAME)
+        else:
+            config._attn_implementation = IMPLEMENTATION_NAME
+        if config._attn_implementation != IMPLEMENTATION_NAME:
+            raise ValueError(f"patch_hf: {type(model).__name__} did not accept attention implementation "
+                             f"{IMPLEMENTATION_NAME!r} (it kept {config._attn_implementation!r})")
         for path, module in self_attention:
             replaced.append(f"{path}: {type(module).__name__} attention function {previous!r} -> "
                             "electra_kernels.attention")

@@ -11,9 +11,9 @@ Runs share one tiny prepared corpus (session fixture) and the tiny model (two la
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -119,7 +119,8 @@ def test_deepspeed_config_fills_auto_from_yaml():
                 "train.warmup_steps=7", "train.max_steps=99", "train.grad_clip=0.5", "train.weight_decay=0.02")
     user, _ = trainer.read_deepspeed_json(str(REPO / "configs/deepspeed/zero2.json"))
     ds = trainer.build_deepspeed_config(cfg, user, world_size=4, device_type="cpu")
-    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (32, 4, 2)
+    layout = ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]
+    assert layout == (32, 4, 2)
     assert ds["gradient_clipping"] == 0.5
     assert ds["bf16"]["enabled"] is False and ds["fp16"]["enabled"] is False  # fp32 on the CPU
     assert ds["optimizer"] == {"type": "AdamW", "params": {"lr": 3e-4, "betas": [0.9, 0.999], "eps": 1e-6,
@@ -275,6 +276,16 @@ def test_single_process_run_writes_everything_and_exports(corpus_dir, tmp_path, 
         expected = ours.discriminator_logits(ids, mask)
         got = hf(input_ids=ids, attention_mask=mask).logits
     torch.testing.assert_close(got[mask.bool()], expected[mask.bool()], rtol=1e-4, atol=1e-5)
+
+    # The demo's table reads the same export (the sentence is in the corpus's style; word 2 replaced).
+    from electra_fast.demo import demo_summary
+
+    table = io.StringIO()
+    rows = demo_summary(run, "the chef cooked the meal in the kitchen .", {2: "painted"}, out=table)
+    assert [r["token"] for r in rows][:4] == ["the", "chef", "painted", "the"]
+    assert [r["replaced"] for r in rows] == [r["word"] == 2 for r in rows]
+    assert all(0.0 < r["p_replaced"] < 1.0 for r in rows)
+    assert "P(replaced)" in table.getvalue() and "generator's top-3 for [MASK] at 'cooked'" in table.getvalue()
 
     # `electra-fast export --checkpoint RUN --out DIR` does the same from the run dir
     parser = argparse.ArgumentParser()

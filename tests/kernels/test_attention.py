@@ -424,3 +424,22 @@ def test_bad_inputs_raise_clear_errors():
         attention_varlen(packed, packed, packed, torch.tensor([0, 4]), 4)
     with pytest.raises(ValueError, match="total_tokens"):
         attention_varlen(packed, packed[:3], packed[:3], _cu_seqlens([4]), 4)
+
+
+def test_autotune_spaces_and_pruning():
+    """The GPU search spaces are small, every candidate is a valid tl.dot shape, and pruning keeps at
+    least one config while dropping blocks longer than the sequence."""
+    for space, stationary in ((attn_mod._FWD_SPACE, "M"), (attn_mod._DKDV_SPACE, "N"), (attn_mod._DQ_SPACE, "M"),
+                              (attn_mod._FUSED_SPACE, "N")):
+        assert 1 <= len(space) <= 8
+        configs = attn_mod._configs(space, ("BLOCK_M", "BLOCK_N"))
+        for block_m, block_n, warps, stages in space:
+            assert block_m >= 16 and block_n >= 16 and block_m & (block_m - 1) == 0 and block_n & (block_n - 1) == 0
+        prune = attn_mod._prune(stationary)["early_config_prune"]
+        for bucket in (16, 128, 512, 2048):
+            for block_d in (32, 64, 128):
+                kept = prune(configs, {"SEQ_BUCKET": bucket}, BLOCK_D=block_d)
+                assert kept
+                for cfg in kept:
+                    stat = cfg.kwargs["BLOCK_M" if stationary == "M" else "BLOCK_N"]
+                    assert stat <= max(64, bucket) or len(kept) == 1

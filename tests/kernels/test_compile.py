@@ -128,7 +128,8 @@ def test_fullgraph_compile_matches_eager(name):
 
 @pytest.mark.slow
 @pytest.mark.skipif(not (torch.cuda.is_available() or os.environ.get("ELECTRA_TEST_INDUCTOR") == "1"),
-                    reason="inductor's C++ build takes ~1 min on a CPU box; runs on CUDA or with ELECTRA_TEST_INDUCTOR=1")
+                    reason="inductor's C++ build takes ~1 min on a CPU box; runs on CUDA or with "
+                           "ELECTRA_TEST_INDUCTOR=1")
 def test_inductor_compiles_a_post_ln_block():
     """Inductor (real code generation around the opaque custom ops): a post-LN FFN block."""
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -269,8 +269,8 @@ def test_dropout_add_layer_norm_module():
     module = DropoutAddLayerNorm(64, eps=1e-12, p=0.25)
     x, residual = torch.randn(4, 64), torch.randn(4, 64)
     module.eval()
-    torch.testing.assert_close(module(x, residual), F.layer_norm(x + residual, (64,), module.weight, module.bias, 1e-12),
-                               atol=1e-5, rtol=1e-5)
+    expected = F.layer_norm(x + residual, (64,), module.weight, module.bias, 1e-12)
+    torch.testing.assert_close(module(x, residual), expected, atol=1e-5, rtol=1e-5)
     module.train()
     assert not torch.allclose(module(x, residual), module.eval()(x, residual))
     assert "p=0.25" in repr(module)

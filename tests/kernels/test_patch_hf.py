@@ -160,6 +160,19 @@ def test_prebuilt_4d_masks(attention_calls):
         patched(input_ids=batch["input_ids"], attention_mask=biased)
 
 
+def test_patched_model_compiles_fullgraph():
+    """A patched model stays torch.compile-friendly: no graph break in the mask/attention glue."""
+    reference = _tiny_model("bert", num_hidden_layers=1).eval()
+    patched, _ = patch_hf(copy.deepcopy(reference))
+    batch = _batch("bert")
+    torch._dynamo.reset()
+    compiled = torch.compile(patched, backend="aot_eager", fullgraph=True)
+    out = compiled(**batch)
+    torch.testing.assert_close(out.logits, reference(**batch).logits, atol=2e-5, rtol=1e-4)
+    out.loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in patched.parameters() if p.grad is not None)
+
+
 def test_output_attentions_at_call_time_is_refused():
     model, _ = patch_hf(_tiny_model("bert").eval())
     with pytest.raises(ValueError, match="output_attentions"):
