@@ -148,15 +148,34 @@ def shuffle_words(sentence: str, rng: random.Random) -> str | None:
     return " ".join(shuffled)
 
 
-CORRUPTIONS = {"shuffle": shuffle_words, "swap": swap_two_words}
+def replace_words(sentence: str, rng: random.Random, pool: list[str], share: float = 0.25) -> str | None:
+    """A quarter of the words (at least one) replaced by words drawn from the corpus's running text,
+    so replacements are frequency-matched: telling them apart takes context, not word rarity."""
+    words = sentence.split()
+    count = max(1, round(share * len(words)))
+    for i in rng.sample(range(len(words)), count):
+        choice = rng.choice(pool)
+        for _ in range(10):
+            if choice.lower() != words[i].lower():
+                break
+            choice = rng.choice(pool)
+        words[i] = choice
+    corrupted = " ".join(words)
+    return corrupted if corrupted != sentence else None
+
+
+CORRUPTIONS = {"shuffle": shuffle_words, "swap": swap_two_words, "replace": replace_words}
 
 
 def build_probe(documents: list[list[str]], n_train: int, n_dev: int, seed: int, corruption: str = "shuffle"):
     """(train, dev) lists of (text, None, label): 1 = the sentence as written, 0 = its words reordered
     (``shuffle``: all of them; ``swap``: two, a much harder task)."""
-    corrupt = CORRUPTIONS[corruption]
     rng = random.Random(seed)
     sentences = sorted({s for doc in documents for s in doc if 6 <= len(s.split()) <= 40})
+    pool = [w for s in sentences for w in s.split()]
+    corrupt = CORRUPTIONS[corruption]
+    if corruption == "replace":
+        corrupt = lambda sentence, rng: replace_words(sentence, rng, pool)  # noqa: E731
     rng.shuffle(sentences)
     examples = []
     for sentence in sentences:

@@ -544,10 +544,10 @@ class MetricsLog:
         if not enabled:
             return
         if resumed and self.path.is_file():
-            # Records past the checkpoint belong to steps that are about to be run again.
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= start_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
+            # Records past the checkpoint belong to steps that are about to be run again (a kill can also
+            # leave a half-written last line).
+            kept = [record for record in read_metrics(run_dir) if record.get("step", 0) <= start_step]
+            self.path.write_text("".join(json.dumps(record) + "\n" for record in kept))
         elif self.path.exists():
             self.path.unlink()
         self.jsonl = open(self.path, "a")
@@ -603,10 +603,14 @@ class MetricsLog:
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
+    """The records of run_dir/metrics.jsonl (a line cut short by a kill is skipped)."""
     path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            with contextlib.suppress(ValueError):
+                records.append(json.loads(line))
+    return records
 
 
 def plot_curves(run_dir: str | Path) -> Path | None:
@@ -1039,6 +1043,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 def consolidated_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
     """fp32 weights of a DeepSpeed checkpoint folder, whatever its ZeRO stage and world size."""
+    tag_dir = Path(tag_dir)
     if list(tag_dir.glob("*zero_pp_rank_*_optim_states.pt")):
         # ZeRO 1-3 (and bf16 master weights): the fp32 partitions, merged by DeepSpeed's own tool.
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
@@ -1048,7 +1053,26 @@ def consolidated_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
     # ZeRO-0 keeps the whole module in rank 0's model-states file, among DeepSpeed's own objects; only
     # tensors and plain containers are needed, so it is read without unpickling code.
     state = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)
-    return {name: tensor.float() for name, tensor in state["module"].items()}
+    weights = {name: tensor.float() for name, tensor in state["module"].items()}
+    # With bf16/fp16 the module holds rounded weights; the optimizer wrapper keeps the fp32 masters,
+    # one list per parameter group, in the order of weight_decay_groups().
+    optimizer = state.get("optimizer")
+    masters = optimizer.get("fp32_groups") if isinstance(optimizer, dict) else None
+    if masters and (tag_dir / CONFIG_SIDECAR).is_file():
+        from .model import ElectraPretrainingModel
+
+        with torch.device("meta"):  # names and group order only; no memory, no initialisation
+            model = ElectraPretrainingModel(config_from_dict(json.loads((tag_dir / CONFIG_SIDECAR).read_text())))
+        names = {id(p): n for n, p in model.named_parameters()}
+        groups = [g["params"] for g in weight_decay_groups(model, 0.0) if g["params"]]
+        if [len(g) for g in groups] != [len(m) for m in masters]:
+            raise ValueError(f"{tag_dir}: the optimizer's fp32 master weights do not match the model's parameter "
+                             "groups")
+        for params, tensors in zip(groups, masters):
+            for parameter, master in zip(params, tensors):
+                name = names[id(parameter)]
+                weights[name] = master.float().reshape(weights[name].shape)
+    return weights
 
 
 def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, data_dir: str | None = None) -> Path:

@@ -672,7 +672,7 @@ def attention_forward(q, k, v, key_padding_mask=None, cu_seqlens=None, max_seqle
     layout = _Layout(q, k, cu_seqlens, max_seqlen)
     out = _alloc(q.shape, q)
     lse = _alloc(layout.lse_shape, q, torch.float32)
-    if q.numel() == 0:
+    if q.numel() == 0 or k.numel() == 0:  # nothing to attend to: zeros, LSE = -inf (as the reference)
         return out.zero_(), lse.fill_(float("-inf"))
     kpm, kv_len, stride_kpmb = _key_padding_args(key_padding_mask, layout, q.device)
     cu = cu_seqlens if cu_seqlens is not None else kv_len
@@ -702,7 +702,7 @@ def attention_backward(dout, q, k, v, out, lse, key_padding_mask=None, cu_seqlen
     q, k, v, out, dout = (_last_dim_contiguous(t) for t in (q, k, v, out, dout))
     layout = _Layout(q, k, cu_seqlens, max_seqlen)
     dq, dk, dv = _alloc(q.shape, q), _alloc(k.shape, k), _alloc(v.shape, v)
-    if q.numel() == 0:
+    if q.numel() == 0 or k.numel() == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
     delta = _alloc(layout.lse_shape, q, torch.float32)
     kpm, kv_len, stride_kpmb = _key_padding_args(key_padding_mask, layout, q.device)

@@ -164,3 +164,25 @@ def test_bert_mlm_matches_hugging_face_electra_for_masked_lm():
                                           model.generator_lm_head_bias).view(2, 32, -1)
         theirs = hf(input_ids=input_ids, attention_mask=mask.long(), token_type_ids=types).logits
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+
+
+def test_probe_corruptions():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import equal_compute as ec
+
+    rng = random.Random(0)
+    sentence = "the discriminator learns from every token of the input sequence."
+    words = sentence.split()
+    for _ in range(20):
+        shuffled = ec.shuffle_words(sentence, rng).split()
+        assert sorted(shuffled) == sorted(words) and shuffled != words
+        swapped = ec.swap_two_words(sentence, rng).split()
+        assert sorted(swapped) == sorted(words) and sum(a != b for a, b in zip(swapped, words)) == 2
+        replaced = ec.replace_words(sentence, rng, ["alpha", "beta", "gamma"]).split()
+        assert len(replaced) == len(words) and 1 <= sum(a != b for a, b in zip(replaced, words)) <= 3
+    assert ec.shuffle_words("same same same same", rng) is None
+    documents = [[f"sentence number {i} has quite a few words in it." for i in range(50)]]
+    for corruption in ec.CORRUPTIONS:
+        train, dev = ec.build_probe(documents, 30, 10, seed=1, corruption=corruption)
+        assert len(train) == 30 and len(dev) == 10
+        assert {label for *_, label in train + dev} == {0, 1}

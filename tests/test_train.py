@@ -295,6 +295,24 @@ def test_single_process_run_writes_everything_and_exports(corpus_dir, tmp_path, 
     assert again.keys() == exported.keys() and all(torch.equal(again[k], exported[k]) for k in again)
 
 
+def test_bf16_run_exports_the_fp32_master_weights(corpus_dir, tmp_path, clean_env):
+    """bf16 (DeepSpeed's CPU accelerator has it): ZeRO-0 keeps bf16 weights in the module and fp32
+    masters in its optimizer wrapper; the export must take the masters."""
+    run = tmp_path / "bf16"
+    assert run_inprocess(corpus_dir, run, "train.precision=bf16", "train.max_steps=2", "train.lr=0.003",
+                         "train.warmup_steps=1", "train.export_at_end=false") == 0
+    assert json.loads((run / "deepspeed.json").read_text())["bf16"]["enabled"] is True
+    tag = run / "checkpoints" / "step-00000002"
+    module = torch.load(tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)["module"]
+    weights = trainer.consolidated_state_dict(tag)
+    assert module.keys() == weights.keys()
+    name = "embeddings.word_embeddings.weight"
+    assert module[name].dtype == torch.bfloat16 and weights[name].dtype == torch.float32
+    assert not torch.equal(weights[name], module[name].float())  # more precise than the bf16 copy...
+    for key in module:  # ...and exactly what the bf16 copy was rounded from
+        assert torch.equal(weights[key].to(torch.bfloat16), module[key]), key
+
+
 @pytest.mark.parametrize("zero", [0, 1])  # ZeRO-0 fp32: our guard on the torch optimizer; ZeRO-1: DeepSpeed's
 def test_nonfinite_loss_is_skipped_then_stops(corpus_dir, tmp_path, capsys, clean_env, zero):
     common = (f"train.deepspeed_config=configs/deepspeed/zero{zero}.json", "train.log_every=1",
@@ -340,8 +358,11 @@ def test_kill9_then_resume_matches_uninterrupted_run(corpus_dir, tmp_path, clean
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     assert (run / "checkpoints" / "latest").read_text() == "step-00000003"
     assert [r["step"] for r in trainer.read_metrics(run)] == [1, 2, 3, 4, 5]  # 4, 5 are lost with the kill
-    # A save that died half-way leaves a .tmp folder that resume removes and never loads.
+    # A save that died half-way leaves a .tmp folder that resume removes and never loads; a record cut
+    # short by the kill is dropped.
     (run / "checkpoints" / "step-00000006.tmp").mkdir()
+    with open(run / "metrics.jsonl", "a") as handle:
+        handle.write('{"step": 6, "loss": 3')
 
     assert run_inprocess(corpus_dir, run, resume=True, config=None) == 0  # the run dir's config.yaml
     assert not (run / "checkpoints" / "step-00000006.tmp").exists()

@@ -443,3 +443,27 @@ def test_autotune_spaces_and_pruning():
                 for cfg in kept:
                     stat = cfg.kwargs["BLOCK_M" if stationary == "M" else "BLOCK_N"]
                     assert stat <= max(64, bucket) or len(kept) == 1
+
+
+def test_activation_checkpointing_replays_the_same_dropout():
+    """torch.utils.checkpoint restores the CPU RNG before recomputing, so the recomputed forward draws
+    the same seed: gradients equal those of the plain run."""
+    from torch.utils.checkpoint import checkpoint
+
+    q, k, v = (torch.randn(1, 20, 1, 32, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    dout = torch.randn(1, 20, 1, 32, dtype=torch.bfloat16)
+
+    def run(use_checkpoint):
+        for t in (q, k, v):
+            t.grad = None
+        torch.manual_seed(21)
+        fn = lambda q, k, v: attention(q, k, v, dropout_p=0.3)  # noqa: E731
+        out = checkpoint(fn, q, k, v, use_reentrant=False) if use_checkpoint else fn(q, k, v)
+        out.backward(dout)
+        return out.detach(), [t.grad.clone() for t in (q, k, v)]
+
+    plain_out, plain_grads = run(False)
+    ckpt_out, ckpt_grads = run(True)
+    assert torch.equal(plain_out, ckpt_out)
+    for g, gc in zip(plain_grads, ckpt_grads):
+        assert torch.equal(g, gc)
