@@ -47,7 +47,9 @@ else:  # pragma: no cover - the reference path needs no triton
 # Features above this many bytes per row would not fit a row in registers (flash-attn's limit too).
 _MAX_FUSED_BYTES = 65536
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_TILE_ELEMENTS = 4096
+# ~8 elements per thread: a 2048-element tile at 8 warps. Checked with ptxas for sm_90 (no spills in
+# either kernel up to 8192 features with dropout; 16384 spills a little in the backward pass).
+_TILE_ELEMENTS = 2048
 
 
 # --------------------------------------------------------------------------------------------------
@@ -115,8 +117,9 @@ if HAS_TRITON:
         col_in = cols < N
         if HAS_WEIGHT:
             w = tl.load(W + cols, mask=col_in, other=0.0).to(tl.float32)
-        dw = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        db = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        # 1-D accumulators (one cross-row sum per row block) keep register pressure at one row's worth.
+        dw = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        db = tl.zeros((BLOCK_N,), dtype=tl.float32)
         for block_start in range(row_start, row_end, BLOCK_M):
             rows = (block_start + tl.arange(0, BLOCK_M)).to(tl.int64)
             row_in = rows < row_end
@@ -130,9 +133,9 @@ if HAS_TRITON:
                 g = dy * w[None, :]
             else:
                 g = dy
-            dw += dy * xhat
+            dw += tl.sum(dy * xhat, axis=0)
             if HAS_BIAS:
-                db += dy
+                db += tl.sum(dy, axis=0)
             # dz = rstd·(g - mean(g) - x̂·mean(g·x̂)); padded columns and rows have g = x̂ = 0.
             mean_gx = tl.sum(g * xhat, axis=1) / N
             mean_g = tl.sum(g, axis=1) / N
@@ -145,9 +148,9 @@ if HAS_TRITON:
                 dz = tl.where(keep, dz * dropout_scale, 0.0)
             tl.store(DX + rows[:, None] * stride_dx_row + cols[None, :], dz.to(DX.dtype.element_ty), mask=inside)
         if HAS_WEIGHT:
-            tl.store(DW_PARTIAL + program * N + cols, tl.sum(dw, axis=0), mask=col_in)
+            tl.store(DW_PARTIAL + program * N + cols, dw, mask=col_in)
         if HAS_BIAS:
-            tl.store(DB_PARTIAL + program * N + cols, tl.sum(db, axis=0), mask=col_in)
+            tl.store(DB_PARTIAL + program * N + cols, db, mask=col_in)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -177,12 +180,12 @@ def _block_n(n: int, element_size: int) -> int:
 
 
 def _block_m(block_n: int) -> int:
-    """Rows per tile: a ~4096-element tile (BLOCK_M = 1 from 4096 features up)."""
+    """Rows per tile: a ~2048-element tile (BLOCK_M = 1 from 2048 features up)."""
     return max(1, min(16, _TILE_ELEMENTS // block_n))
 
 
 def _num_warps(tile_elements: int) -> int:
-    return min(max(tile_elements // 256, 1), 8)
+    return min(max(tile_elements // 256, 1), 32)
 
 
 def _dropout_scale(dropout_p: float) -> float:

@@ -115,8 +115,8 @@ def test_tiny_model_learns_within_100_steps():
     model = ElectraPretrainingModel(cfg)
     # A learnable toy language: each sequence repeats a short random motif.
     gen = torch.Generator().manual_seed(0)
-    motifs = torch.randint(5, 40, (16, 4), generator=gen)
-    input_ids = motifs.repeat(1, 8)
+    motifs = torch.randint(5, 40, (8, 4), generator=gen)
+    input_ids = motifs.repeat(1, 5)
     input_ids[:, 0], input_ids[:, -1] = cfg.model.cls_token_id, cfg.model.sep_token_id
     attention_mask = torch.ones_like(input_ids)
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
