@@ -22,10 +22,11 @@
 4. Probe: a CoLA-like acceptability task from held-out sentences: half as written, half corrupted
    -- by default a quarter of the words replaced with words drawn from the corpus's running text
    (frequency-matched, so only context gives them away); ``--corruption shuffle`` reorders all words,
-   ``--corruption swap`` exchanges two (word-order tasks, which the tiny models stay at chance on). Every snapshot (and a randomly initialised encoder, at 0
-   FLOPs) is fine-tuned identically with electra_fast.finetune.finetune_classifier (the paper's
-   recipe: layer-wise lr decay, warm-up, the ELECTRA classification head) for each of ``--seeds``;
-   the table reports the dev accuracy's median and spread.
+   ``--corruption swap`` exchanges two (word-order tasks, which the tiny models stay at chance on).
+   Every snapshot (and a randomly initialised encoder, at 0 FLOPs) is fine-tuned identically with
+   electra_fast.finetune.finetune_classifier (the paper's recipe: layer-wise lr decay, warm-up, the
+   ELECTRA classification head) for each of ``--seeds``; the table reports the dev accuracy's median
+   and spread.
 
 Rows go to results/equal_compute.jsonl, the plot (probe accuracy vs pre-training FLOPs) to
 results/equal_compute.png. Small runs are noisy: compare the curves, and use more seeds and steps
@@ -285,7 +286,7 @@ def probe_accuracy(encoder, tokenizer, train, dev, args, device) -> list[float]:
         f"train.batch_size={args.probe_batch}",
     ])
     result = finetune_classifier(encoder, train, dev, num_labels=2, tokenizer=tokenizer, config=config,
-                                 seeds=args.seed_list, task_name="word-order")
+                                 seeds=args.seed_list, task_name=f"acceptability-{args.corruption}")
     return [float(result["per_seed"][str(s)]["final"]["accuracy"]) for s in args.seed_list]
 
 
@@ -402,7 +403,7 @@ def main(argv=None) -> int:
     print_table(["model", "budget", "steps", "pre-train FLOPs", "probe acc (median)", "mean ± std", "seeds"],
                 [[r["model"], f"{r['fraction']:.0%}", r["steps"], r["flops"], f"{r['accuracy_median']:.4f}",
                   f"{r['accuracy_mean']:.4f} ± {r['accuracy_std']:.4f}", len(r["accuracies"])] for r in rows],
-                f"Word-order probe accuracy vs pre-training FLOPs ({args.size}, {args.convention} FLOPs, "
+                f"Acceptability probe ({args.corruption}) accuracy vs pre-training FLOPs ({args.size}, {args.convention} FLOPs, "
                 f"ELECTRA {args.electra_steps} steps = BERT-MLM {bert_steps} steps)")
     path = append_rows(args, "equal_compute", rows)
     if path:
@@ -415,7 +416,7 @@ def main(argv=None) -> int:
             plt.errorbar([r["flops"] for r in series], [r["accuracy_median"] for r in series],
                          yerr=[r["accuracy_std"] for r in series], marker="o", capsize=3, label=label)
         plt.xlabel(f"pre-training FLOPs ({args.convention} convention)")
-        plt.ylabel("word-order probe dev accuracy (median over seeds)")
+        plt.ylabel(f"acceptability probe ({args.corruption}) dev accuracy, median over seeds")
         plt.title(f"Equal compute, {args.size}: ELECTRA vs BERT-MLM")
         plt.legend()
 
