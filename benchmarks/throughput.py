@@ -11,6 +11,7 @@ One full optimizer step (forward, backward, AdamW) on synthetic token batches, p
                   fused torch AdamW, autocast bf16
   ours-triton     the same with the Triton kernels (unpadded varlen attention, fused heads)
   ours-deepspeed  ours-triton under a DeepSpeed engine (bf16, ZeRO-2, torch AdamW); needs deepspeed
+                  (under --cpu-smoke: DeepSpeed's CPU accelerator, fp32, to check the script only)
   hf-eager        Hugging Face ElectraForMaskedLM generator + ElectraForPreTraining discriminator sharing
                   embeddings, 15% masking, Gumbel-max sampling from the generator's full logits,
                   loss = MLM + 50 BCE, fused torch AdamW, autocast bf16, SDPA attention (shared/ANCHORS.md)
@@ -152,29 +153,35 @@ def _free_port() -> int:
 
 
 def _deepspeed_step(model, cfg, batch_inputs, args, device):
-    if device.type != "cuda":
-        raise Skip("the DeepSpeed engine variant needs a CUDA device")
+    cuda = device.type == "cuda"
+    if not cuda and not args.cpu_smoke:
+        raise Skip("the DeepSpeed engine variant needs a CUDA device (or --cpu-smoke to check the script)")
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")  # DeepSpeed's op builder chokes on "9.0a"
+    if not cuda:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     try:
         import deepspeed
+        from deepspeed.accelerator import get_accelerator
     except ImportError:
         raise Skip("deepspeed is not installed (on the lent GPU carry it in as wheels: shared/GPU.md)") from None
+    if get_accelerator().device_name() != device.type:
+        raise Skip(f"DeepSpeed's accelerator is {get_accelerator().device_name()!r}, not {device.type!r}")
     # A single-process "world": DeepSpeed still wants torch.distributed initialised.
     for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
         os.environ.setdefault(key, value)
     os.environ.setdefault("MASTER_PORT", str(_free_port()))
     if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl", verbose=False)
+        deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(), verbose=False)
     ds_config = {
         "train_micro_batch_size_per_gpu": batch_inputs[0].shape[0],
         "gradient_accumulation_steps": 1,
-        "bf16": {"enabled": not args.fp32},
+        "bf16": {"enabled": cuda and not args.fp32},
         "zero_optimization": {"stage": args.zero_stage, "overlap_comm": True, "contiguous_gradients": True},
         "gradient_clipping": 0.0,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=0.01, fused=True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=0.01, fused=cuda)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
 
     def step():
@@ -183,7 +190,7 @@ def _deepspeed_step(model, cfg, batch_inputs, args, device):
         engine.step()
         return loss
 
-    return step, cfg, f"DeepSpeed {deepspeed.__version__} ZeRO-{args.zero_stage} bf16"
+    return step, cfg, f"DeepSpeed {deepspeed.__version__} ZeRO-{args.zero_stage} {'bf16' if cuda else 'fp32'}"
 
 
 def run_variant(variant, size, batch_inputs, lengths, args, device, peak_tflops):

@@ -22,7 +22,7 @@ COMMANDS = {
     "prepare": ("electra_fast.data", "add_prepare_arguments", "run_prepare",
                 "tokenise a corpus into packed ELECTRA examples (or build the embedded default corpus)"),
     "pretrain": ("electra_fast.train", "add_train_arguments", "run_train",
-                 "pretrain generator + discriminator (also: deepspeed -m electra_fast.train)"),
+                 "pretrain generator + discriminator (also: deepspeed --module electra_fast.train)"),
     "export": ("electra_fast.train", "add_export_arguments", "run_export",
                "consolidate a checkpoint and write Hugging Face folders"),
     "finetune": ("electra_fast.finetune", "add_finetune_arguments", "run_finetune",

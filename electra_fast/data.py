@@ -1297,9 +1297,13 @@ class PretrainingLoader:
         batches = _RankBatches(self._dataset, self.num_examples, self.seed, self.rank, self.world_size,
                                self.micro_batch_size, start, self.seq_len)
         workers = self.num_workers
+        # A generator of its own: without one, DataLoader draws its workers' base seed from torch's global
+        # CPU generator whenever iteration starts, which would shift the training's random streams
+        # (dropout) by when a run was started or resumed.
         return torch.utils.data.DataLoader(
             batches, batch_size=None, sampler=_Forever(), num_workers=workers, pin_memory=self.pin_memory,
-            prefetch_factor=self.prefetch_factor if workers else None, persistent_workers=False)
+            prefetch_factor=self.prefetch_factor if workers else None, persistent_workers=False,
+            generator=torch.Generator().manual_seed(self.seed))
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         generation = self._generation

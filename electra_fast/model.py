@@ -17,6 +17,7 @@ rows only: no (batch, seq, vocab) logits) and ``replaced_token_bce``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -260,8 +261,11 @@ class ElectraDiscriminatorPredictions(nn.Module):
         return self.dense_prediction(self.features(hidden_states)).squeeze(-1)
 
 
-@dataclass
-class PretrainingOutput:
+class PretrainingOutput(NamedTuple):
+    """A named tuple, not a dataclass: DeepSpeed ZeRO-3 attaches its backward hooks (which re-gather
+    the top-level module's directly used parameters, such as the tied word embeddings) only to
+    tensors it finds inside tuples, lists and dicts of a module's output."""
+
     loss: torch.Tensor
     mlm_loss: torch.Tensor
     disc_loss: torch.Tensor

@@ -68,7 +68,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterator, NamedTuple
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -771,8 +771,6 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)
         model = ElectraPretrainingModel(cfg)
         self.num_parameters = model.num_parameters()
-        # Registered before DeepSpeed's own hooks, so it runs first: see _output_as_tuple.
-        model.register_forward_hook(_output_as_tuple)
         self.engine, _, _, _ = deepspeed.initialize(
             model=model, model_parameters=weight_decay_groups(model, cfg.train.weight_decay), config=ds)
         self.module = self.engine.module
@@ -889,12 +887,7 @@ class Trainer:
                 "export": None if export_dir is None else str(export_dir)}
 
     def _micro_step(self, batches: Iterator[dict], poison: bool) -> None:
-        # torch's DataLoader draws its workers' base seed from the global CPU generator when an iterator
-        # starts, i.e. at the first batch after a start or a resume; the training streams (dropout)
-        # must not depend on when that happened.
-        cpu_rng = torch.get_rng_state()
         batch = next(batches)
-        torch.set_rng_state(cpu_rng)
         input_ids, attention_mask, token_type_ids = (
             batch[key].to(self.device, non_blocking=True) for key in ("input_ids", "attention_mask", "token_type_ids"))
         out = self.engine(input_ids, attention_mask, token_type_ids)
@@ -975,29 +968,6 @@ class Trainer:
             if self.fault[0] == "sigkill":
                 os.kill(os.getpid(), signal.SIGKILL)
             raise RuntimeError(f"{FAULT_ENV}: injected failure on rank {self.rank} after step {self.step}")
-
-
-class EngineOutput(NamedTuple):
-    """The model's PretrainingOutput as a named tuple (same fields), for DeepSpeed ZeRO-3."""
-
-    loss: torch.Tensor
-    mlm_loss: torch.Tensor
-    disc_loss: torch.Tensor
-    metrics: dict
-
-
-def _output_as_tuple(module, args, output):
-    """Forward hook: hand DeepSpeed the model's output as a named tuple.
-
-    ZeRO-3 re-gathers a module's parameters for the backward pass from hooks it attaches to the
-    tensors of the module's output, and it finds them only inside tuples, lists and dicts. Given the
-    PretrainingOutput dataclass it attaches none to the top-level module, whose forward uses the tied
-    word embeddings and the discriminator head's weights directly; the backward then meets released
-    (empty) parameters. Attribute access is unchanged.
-    """
-    if isinstance(output, tuple):
-        return output
-    return EngineOutput(output.loss, output.mlm_loss, output.disc_loss, output.metrics)
 
 
 def _guard_plain_optimizer(engine) -> torch.Tensor:
