@@ -58,7 +58,7 @@ PRESETS = {
     # tiny: the config's lr 1e-3 (made for seconds-long tests) stalls the discriminator at disc_weight
     # 50 (it stays at the "never replaced" prior); 2e-4 learns. Both models get the same lr.
     "tiny": dict(vocab_size=2048, batch=32, electra_steps=600, pretrain_lr=2e-4, probe_train=1000, probe_dev=400,
-                 probe_epochs=5, probe_lr=1e-3, seeds="1,2,3"),
+                 probe_epochs=3, probe_lr=1e-3, seeds="1,2,3"),
     "small": dict(vocab_size=8192, batch=128, electra_steps=1500, pretrain_lr=None, probe_train=2000, probe_dev=500,
                   probe_epochs=3, probe_lr=3e-4, seeds="1,2,3"),
 }
@@ -354,6 +354,8 @@ def main(argv=None) -> int:
     examples = pack_examples(tokenizer, pretraining_docs, args.seq_len)
     probe_train, probe_dev = build_probe(heldout, args.probe_train, args.probe_dev, seed=args.seed,
                                         corruption=args.corruption)
+    positives = sum(label for *_, label in probe_dev) / len(probe_dev)
+    majority = max(positives, 1 - positives)  # the accuracy of always answering the commoner label
     real_tokens = int((examples != cfg.model.pad_token_id).sum())
     print(f"corpus: {len(documents)} documents ({len(heldout)} held out), {len(examples)} examples of "
           f"{args.seq_len} tokens ({real_tokens:,} real), vocab {vocab_size}; probe {len(probe_train)} train / "
@@ -398,6 +400,7 @@ def main(argv=None) -> int:
                    accuracy_median=statistics.median(accs), accuracy_mean=statistics.fmean(accs),
                    accuracy_std=statistics.stdev(accs) if len(accs) > 1 else 0.0,
                    probe_train=len(probe_train), probe_dev=len(probe_dev), corruption=args.corruption,
+                   dev_majority=majority,
                    device_type=device.type)
     print()
     print_table(["model", "budget", "steps", "pre-train FLOPs", "probe acc (median)", "mean ± std", "seeds"],
@@ -405,6 +408,8 @@ def main(argv=None) -> int:
                   f"{r['accuracy_mean']:.4f} ± {r['accuracy_std']:.4f}", len(r["accuracies"])] for r in rows],
                 f"Acceptability probe ({args.corruption}) accuracy vs pre-training FLOPs ({args.size}, {args.convention} FLOPs, "
                 f"ELECTRA {args.electra_steps} steps = BERT-MLM {bert_steps} steps)")
+    print(f"chance: always answering the commoner label scores {majority:.4f} on this dev set; a row at that "
+          "value learned nothing from the probe's training set.\n")
     path = append_rows(args, "equal_compute", rows)
     if path:
         print(f"rows: {path}")
@@ -415,6 +420,7 @@ def main(argv=None) -> int:
             series.sort(key=lambda r: r["flops"])
             plt.errorbar([r["flops"] for r in series], [r["accuracy_median"] for r in series],
                          yerr=[r["accuracy_std"] for r in series], marker="o", capsize=3, label=label)
+        plt.axhline(majority, color="grey", lw=0.8, ls="--", label="majority class")
         plt.xlabel(f"pre-training FLOPs ({args.convention} convention)")
         plt.ylabel(f"acceptability probe ({args.corruption}) dev accuracy, median over seeds")
         plt.title(f"Equal compute, {args.size}: ELECTRA vs BERT-MLM")
