@@ -62,14 +62,14 @@ import os
 import random
 import shutil
 import sys
-import tempfile
 import time
-import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
+
+from .atomic import make_staging_directory, publish_directory
 
 FORMAT_VERSION = 1
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
@@ -738,17 +738,6 @@ def _reusable(out: Path, fingerprint: str) -> bool:
             and (out / "tokenizer.json").is_file())
 
 
-def _publish(staging: Path, out: Path) -> None:
-    """Move the finished folder into place; an old result is swapped out first, then deleted."""
-    if out.exists():
-        trash = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(out, trash)
-        os.replace(staging, out)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.replace(staging, out)
-
-
 def _prefer_streaming(text_bytes: int, where: Path) -> bool:
     """Stream when a decoded copy of the text would crowd the disk or far outgrow the page cache."""
     free = shutil.disk_usage(where).free
@@ -820,11 +809,7 @@ def prepare(inputs: list[str], out_dir: str, *, vocab: str | None = None, vocab_
     _check_out_dir(out)
     vocab_table = _read_vocab_file(vocab) if vocab is not None else None
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    staging.chmod(0o777 & ~umask)  # mkdtemp makes it private; the published folder should not be
+    staging = make_staging_directory(out)
     started = time.time()
     try:
         with _progress_bars(verbose):
@@ -835,7 +820,7 @@ def prepare(inputs: list[str], out_dir: str, *, vocab: str | None = None, vocab_
         if manifest is None:  # reused
             shutil.rmtree(staging, ignore_errors=True)
             return out
-        _publish(staging, out)
+        publish_directory(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

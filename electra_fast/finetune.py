@@ -84,7 +84,6 @@ import os
 import shutil
 import statistics
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -94,8 +93,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .atomic import atomic_directory, write_text_atomic
 from .config import ConfigError, ModelConfig, apply_section
-from .model import ElectraBody, ElectraEmbeddings, TokenLayout, resolve_impl
+from .model import ElectraBody, ElectraEmbeddings, TokenLayout, init_weights, resolve_impl
 from .tasks import (
     Example,
     FinetuneError,
@@ -249,20 +249,7 @@ class ElectraModel(ElectraBody):
         self.embeddings = ElectraEmbeddings(cfg)
         # A fresh encoder is initialised as HF's / the pretraining model's (a random-init baseline is
         # meaningful); loading a checkpoint overwrites all of it.
-        self.apply(self._init_weights)
-
-    def _init_weights(self, module: nn.Module) -> None:
-        std = self.config.initializer_range
-        if isinstance(module, nn.Linear):
-            _init_linear(module, std)
-        elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, mean=0.0, std=std)
-            if module.padding_idx is not None:
-                with torch.no_grad():
-                    module.weight[module.padding_idx].zero_()
-        elif isinstance(module, nn.LayerNorm):
-            nn.init.ones_(module.weight)
-            nn.init.zeros_(module.bias)
+        init_weights(self, self.config.initializer_range)
 
     def layout(self, attention_mask: torch.Tensor) -> TokenLayout:
         packed = self.config.unpad and resolve_impl(self.config.attention_impl, attention_mask.device) == "triton"
@@ -927,10 +914,10 @@ def save_hf_model(state: dict[str, torch.Tensor], out_dir: str | os.PathLike, sp
     """Write ``state`` (our model's state dict: HF names) as a transformers folder, atomically."""
     from safetensors.torch import save_file
 
+    from .hf import write_tokenizer_config
+
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    with atomic_directory(out_dir) as tmp:
         (tmp / "config.json").write_text(json.dumps(_hf_task_config(base_config, spec), indent=2))
         tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
@@ -944,30 +931,12 @@ def save_hf_model(state: dict[str, torch.Tensor], out_dir: str | os.PathLike, sp
             tokenizer.save(str(tmp / "tokenizer.json"))
         has_tokenizer = (tmp / "vocab.txt").exists() or (tmp / "tokenizer.json").exists()
         if has_tokenizer and not (tmp / "tokenizer_config.json").exists():
-            (tmp / "tokenizer_config.json").write_text(json.dumps({
-                "tokenizer_class": "ElectraTokenizerFast" if (tmp / "tokenizer.json").exists() else "ElectraTokenizer",
-                "do_lower_case": True, "model_max_length": base_config.get("max_position_embeddings", 512),
-                "pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]", "sep_token": "[SEP]",
-                "mask_token": "[MASK]",
-            }, indent=2))
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            out_dir.rename(old)
-            tmp.rename(out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            write_tokenizer_config(tmp, base_config.get("max_position_embeddings", 512))
     return out_dir
 
 
 def _write_json(path: Path, payload: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2))
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(payload, indent=2))
 
 
 def _median(per_seed: dict, key: str) -> dict[str, float]:

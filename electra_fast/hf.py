@@ -16,12 +16,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from .atomic import atomic_directory
 from .config import Config, ModelConfig, ObjectiveConfig
 from .model import ElectraPretrainingModel
 
@@ -95,10 +95,16 @@ def _write_tokenizer(tokenizer_dir: Path | None, out: Path) -> None:
         raise ExportError(f"{tokenizer_dir}: no vocab.txt or tokenizer.json to export with the model")
     for name in found:
         shutil.copyfile(tokenizer_dir / name, out / name)
-    (out / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "ElectraTokenizer", "do_lower_case": True, "model_max_length": 512,
-        "pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]", "sep_token": "[SEP]",
-        "mask_token": "[MASK]",
+    write_tokenizer_config(out)
+
+
+def write_tokenizer_config(folder: Path, model_max_length: int = 512) -> None:
+    """``tokenizer_config.json`` so that transformers' AutoTokenizer loads the folder's vocabulary."""
+    fast = (folder / "tokenizer.json").exists()
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "ElectraTokenizerFast" if fast else "ElectraTokenizer", "do_lower_case": True,
+        "model_max_length": model_max_length, "pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]",
+        "sep_token": "[SEP]", "mask_token": "[MASK]",
     }, indent=2))
 
 
@@ -110,9 +116,7 @@ def to_hf(model: ElectraPretrainingModel, out_dir: str | os.PathLike, tokenizer_
     (an existing ``out_dir`` is replaced). ``config`` (optional) is saved as electra_fast_config.json.
     """
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    with atomic_directory(out_dir) as tmp:
         for network in ("discriminator", "generator"):
             folder = tmp / network
             folder.mkdir()
@@ -121,17 +125,6 @@ def to_hf(model: ElectraPretrainingModel, out_dir: str | os.PathLike, tokenizer_
             _write_tokenizer(tokenizer_dir, folder)
         if config is not None:
             (tmp / "electra_fast_config.json").write_text(json.dumps(config.to_dict(), indent=2))
-        if out_dir.exists():
-            old = out_dir.with_name(out_dir.name + ".old")
-            shutil.rmtree(old, ignore_errors=True)
-            out_dir.rename(old)
-            tmp.rename(out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 

@@ -32,6 +32,7 @@ from .model import (
     ElectraGeneratorPredictions,
     PretrainingOutput,
     TokenLayout,
+    init_weights,
     resolve_impl,
 )
 from .objective import ObjectiveRNG, mask_tokens, max_predictions
@@ -92,23 +93,7 @@ class BertMLMModel(nn.Module):
         self.generator_predictions = ElectraGeneratorPredictions(model_cfg.hidden_size, model_cfg)
         self.generator_lm_head_bias = nn.Parameter(torch.zeros(model_cfg.vocab_size))
         self.rng = ObjectiveRNG(seed)
-        self.apply(self._init_weights)
-
-    def _init_weights(self, module: nn.Module) -> None:
-        """As HF ElectraPreTrainedModel (and ElectraPretrainingModel): N(0, std) weights, zero biases."""
-        std = self.config.initializer_range
-        if isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, mean=0.0, std=std)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, mean=0.0, std=std)
-            if module.padding_idx is not None:
-                with torch.no_grad():
-                    module.weight[module.padding_idx].zero_()
-        elif isinstance(module, nn.LayerNorm):
-            nn.init.ones_(module.weight)
-            nn.init.zeros_(module.bias)
+        init_weights(self, model_cfg.initializer_range)
 
     # The encoder a downstream task fine-tunes (same role as ElectraPretrainingModel.discriminator).
     @property

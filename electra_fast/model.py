@@ -41,6 +41,27 @@ def resolve_impl(choice: str, device: torch.device) -> str:
 # --------------------------------------------------------------------------------------------
 # Token layout shared by both encoders of a step (they see the same attention mask)
 # --------------------------------------------------------------------------------------------
+def init_weights(model: nn.Module, std: float) -> None:
+    """As HF ElectraPreTrainedModel (same module order): N(0, std) Linear/Embedding weights (padding
+    row zero), zero biases, unit LayerNorm."""
+
+    def init(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.padding_idx is not None:
+                with torch.no_grad():
+                    module.weight[module.padding_idx].zero_()
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+    model.apply(init)
+
+
 @dataclass
 class TokenLayout:
     batch: int
@@ -302,23 +323,7 @@ class ElectraPretrainingModel(nn.Module):
                                          model_cfg.num_layers, model_cfg)
         self.discriminator_predictions = ElectraDiscriminatorPredictions(model_cfg.hidden_size)
         self.rng = ObjectiveRNG(seed)
-        self.apply(self._init_weights)
-
-    def _init_weights(self, module: nn.Module) -> None:
-        """As HF ElectraPreTrainedModel: N(0, initializer_range) weights, zero biases, unit LayerNorm."""
-        std = self.config.initializer_range
-        if isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, mean=0.0, std=std)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, mean=0.0, std=std)
-            if module.padding_idx is not None:
-                with torch.no_grad():
-                    module.weight[module.padding_idx].zero_()
-        elif isinstance(module, nn.LayerNorm):
-            nn.init.ones_(module.weight)
-            nn.init.zeros_(module.bias)
+        init_weights(self, model_cfg.initializer_range)
 
     # ---------------------------------------------------------------- helpers
     def _impl(self, name: str, device: torch.device) -> str:

@@ -74,6 +74,7 @@ import numpy as np
 import torch
 import yaml
 
+from .atomic import write_text_atomic
 from .config import Config, ConfigError, build_config, config_from_dict, load_config
 
 logger = logging.getLogger("electra_fast.train")
@@ -369,21 +370,6 @@ def read_latest(root: Path) -> str | None:
     return tag if tag and (Path(root) / tag).is_dir() else None
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + TMP_SUFFIX)
-    with open(tmp, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)  # atomic on POSIX: readers see the old or the new content, never a mix
-    with contextlib.suppress(OSError):  # make the rename itself durable
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 def _rng_state(model) -> dict:
     """This rank's random streams, as plain Python values and tensors (loadable with weights_only)."""
     from deepspeed.accelerator import get_accelerator
@@ -451,13 +437,13 @@ class Checkpoints:
             if final.exists():  # a save of the same step by an earlier, interrupted attempt
                 shutil.rmtree(final)
             os.replace(self.root / tmp_tag, final)
-            _write_atomic(self.root / LATEST, tag)
+            write_text_atomic(self.root / LATEST, tag, durable=True)
             self._prune(tag)
         _barrier()
         # Node-local checkpoint storage: each node's first rank renames its own copy.
         if self.local_rank == 0 and (self.root / tmp_tag).is_dir() and not (self.root / tag).exists():
             os.replace(self.root / tmp_tag, self.root / tag)
-            _write_atomic(self.root / LATEST, tag)
+            write_text_atomic(self.root / LATEST, tag, durable=True)
         return tag
 
     def _prune(self, keep: str) -> None:
