@@ -4,6 +4,7 @@
 #   benchmarks/run_gpu.sh                     # -> benchmarks/results/gpu-<UTC date>/
 #   benchmarks/run_gpu.sh /path/to/out        # or an explicit folder ($OUT on the lent GPU machine)
 #   QUICK=1 benchmarks/run_gpu.sh             # fewer steps everywhere (about 5 minutes)
+#   FULL=1 benchmarks/run_gpu.sh              # autotune the attention kernel too (about 15 minutes)
 #
 # The folder receives each script's .jsonl rows and .png plot (through $ELECTRA_BENCH_RESULTS, which
 # benchmarks/_common.py reads) and its printed tables as <script>.log; summary.txt lists what ran, how
@@ -64,15 +65,17 @@ else
     STEPS=600; ITERS=10; SEEDS=1,2,3
 fi
 
-# Limits (seconds) add up to 9.5 minutes; typical runs end well inside them.
-run flops 60 flops.py --counted-size small --batch 4
+# Limits (seconds) add up to 9.7 minutes. The attention kernel's autotuning compiles ~20 configs per
+# layout (minutes), so the 10-minute run uses its default configs; FULL=1 autotunes, with room for it.
+if [ "${FULL:-0}" = 1 ]; then ATTN_ARGS=(); ATTN_LIMIT=400; else ATTN_ARGS=(--no-autotune); ATTN_LIMIT=90; fi
+run flops 40 flops.py --counted-size small --batch 4
 # ELECTRA step variants at every size; BERT-MLM compiled where ANCHORS.md has it (eager at large).
-run throughput 200 throughput.py --iters "$ITERS" --variants ours-torch,ours-triton,ours-deepspeed,hf-eager,hf-compile
-run throughput_bert 50 throughput.py --iters "$ITERS" --sizes small,base --variants hf-bert-mlm-compile
+run throughput 150 throughput.py --iters "$ITERS" --variants ours-torch,ours-triton,ours-deepspeed,hf-eager,hf-compile
+run throughput_bert 45 throughput.py --iters "$ITERS" --sizes small,base --variants hf-bert-mlm-compile
 run throughput_bert_large 20 throughput.py --iters "$ITERS" --sizes large --variants hf-bert-mlm
-run attention 40 attention.py
-run heads 40 heads.py
+run attention "$ATTN_LIMIT" attention.py --check "${ATTN_ARGS[@]}"
+run heads 120 heads.py
 run hf_bert 40 hf_bert.py
-run equal_compute 120 equal_compute.py --size small --electra-steps "$STEPS" --seeds "$SEEDS" --probe-epochs 2
+run equal_compute 75 equal_compute.py --size small --electra-steps "$STEPS" --seeds "$SEEDS" --probe-epochs 2
 
 echo "results in $OUT_DIR" | tee -a "$SUMMARY"
