@@ -13,7 +13,7 @@ DEMO_RUN := runs/demo
 # is small, and spinning OpenMP threads on a busy 2-core machine cost up to 7x (override DEMO_THREADS).
 DEMO_CPU_SETTINGS ?= --set model.num_layers=4 --set model.hidden_size=128 --set model.num_heads=2 \
 	--set model.intermediate_size=512 --set model.generator_fraction=0.5 --set train.global_batch_size=32 \
-	--set train.max_steps=300 --set train.warmup_steps=30 --set train.lr=1e-3 --set train.save_every=100 \
+	--set train.max_steps=300 --set train.warmup_steps=30 --set train.lr=3e-4 --set train.save_every=100 \
 	--set train.log_every=10
 # On a GPU: the real ELECTRA-Small (bf16, Triton kernels), a few thousand steps.
 DEMO_GPU_SETTINGS ?= --set train.max_steps=3000 --set train.warmup_steps=300 --set train.save_every=1000 \
