@@ -53,6 +53,8 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
+    from ._triton_utils import cast_rne, mma
+
 LOG2E = 1.4426950408889634  # log2(e): exp(x) = exp2(x * LOG2E)
 MAX_HEAD_DIM = 128
 
@@ -113,32 +115,6 @@ if HAS_TRITON:
         _DQ_CONFIGS = _configs(_DQ_SPACE if _AUTOTUNE else _DQ_SPACE[:1], ("BLOCK_M", "BLOCK_N"))
         _FUSED_CONFIGS = _configs(_FUSED_SPACE if _AUTOTUNE else _FUSED_SPACE[:1], ("BLOCK_M", "BLOCK_N"))
 
-    # Interpreter work-arounds (constexpr False on the GPU, where none of this is compiled). Triton's
-    # interpreter (3.9) multiplies bf16 operands of tl.dot as their raw uint16 bits, so there the operands
-    # are widened to fp32 first: bf16/fp16 products are exact in fp32, so this matches the tensor-core
-    # result up to summation order.
-    _INTERPRET_FIXUPS = tl.constexpr(_INTERPRET)
-
-    @triton.jit
-    def _cast(x, DTYPE: tl.constexpr):
-        """x.to(DTYPE) with round-to-nearest-even. The GPU always rounds so; Triton's interpreter (3.9)
-        truncates fp32 -> bf16, which would double the CPU tests' errors, so there the rounding is done
-        by hand on the bits (add half an ulp of bf16, ties to even, then drop the low 16 bits)."""
-        if _INTERPRET_FIXUPS:
-            if DTYPE == tl.bfloat16:
-                bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
-                bits = bits + 0x7FFF + ((bits >> 16) & 1)
-                x = (bits & 0xFFFF0000).to(tl.float32, bitcast=True)
-        return x.to(DTYPE)
-
-    @triton.jit
-    def _mma(a, b, acc, DOT_PRECISION: tl.constexpr):
-        """acc + a·b with fp32 accumulation (acc may be None)."""
-        if _INTERPRET_FIXUPS:
-            return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-        else:
-            return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
-
     # Values that change from batch to batch in training (lengths, the packed token count in the LSE
     # strides, the seed) are not specialised on, so they never trigger a recompilation.
     _NO_SPECIALIZE = ["seqlen_q", "seqlen_k", "seed", "rng_offset", "rng_stride_m", "rng_stride_bh", "stride_lb",
@@ -197,6 +173,27 @@ if HAS_TRITON:
         return seq_start, rows_q, rows_k, live_k
 
     @triton.jit
+    def _load_tile(ptrs, rows, n_rows, d_ok, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                   BOUNDARY: tl.constexpr, D_FIRST: tl.constexpr):
+        """A (rows, BLOCK_D) tile of q/k/v/dO, or with D_FIRST its (BLOCK_D, rows) transpose.
+
+        Rows are masked (rows < n_rows) only on the one ragged block (BOUNDARY), the head dimension
+        only when it is padded: full blocks of a power-of-two head dim get plain vectorised loads."""
+        if BOUNDARY:
+            row_ok = rows < n_rows
+            if D_FIRST:
+                tile = tl.load(ptrs, mask=d_ok[:, None] & row_ok[None, :], other=0.0)
+            else:
+                tile = tl.load(ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        elif HEAD_DIM == BLOCK_D:
+            tile = tl.load(ptrs)
+        elif D_FIRST:
+            tile = tl.load(ptrs, mask=d_ok[:, None], other=0.0)
+        else:
+            tile = tl.load(ptrs, mask=d_ok[None, :], other=0.0)
+        return tile
+
+    @triton.jit
     def _keep_mask(seed, rng_base, rows, cols, rng_stride_m, dropout_p):
         # rows/cols are positions inside the sequence; see the module docstring for the counter.
         rng_offs = rng_base + (rows * rng_stride_m + cols)
@@ -212,17 +209,9 @@ if HAS_TRITON:
         d_ok = offs_d < HEAD_DIM
         for start_n in range(lo, hi, BLOCK_N):
             cols = start_n + offs_n
-            if BOUNDARY:
-                kv_mask = (cols < live_k)[:, None] & d_ok[None, :]
-                k = tl.load(k_ptrs + start_n * stride_kn, mask=kv_mask, other=0.0)
-                v = tl.load(v_ptrs + start_n * stride_vn, mask=kv_mask, other=0.0)
-            elif HEAD_DIM == BLOCK_D:  # no head-dim mask: plain vectorised loads
-                k = tl.load(k_ptrs + start_n * stride_kn)
-                v = tl.load(v_ptrs + start_n * stride_vn)
-            else:
-                k = tl.load(k_ptrs + start_n * stride_kn, mask=d_ok[None, :], other=0.0)
-                v = tl.load(v_ptrs + start_n * stride_vn, mask=d_ok[None, :], other=0.0)
-            qk = _mma(q, tl.trans(k), None, DOT_PRECISION)
+            k = _load_tile(k_ptrs + start_n * stride_kn, cols, live_k, d_ok, HEAD_DIM, BLOCK_D, BOUNDARY, False)
+            v = _load_tile(v_ptrs + start_n * stride_vn, cols, live_k, d_ok, HEAD_DIM, BLOCK_D, BOUNDARY, False)
+            qk = mma(q, tl.trans(k), None, DOT_PRECISION)
             if HAS_KPM:
                 key_ok = tl.load(kpm_ptr + cols, mask=cols < live_k, other=0) != 0
                 qk = tl.where(key_ok[None, :], qk, float("-inf"))
@@ -244,7 +233,7 @@ if HAS_TRITON:
             if DROPOUT:
                 keep = _keep_mask(seed, rng_base, offs_m[:, None], cols[None, :], rng_stride_m, dropout_p)
                 p = tl.where(keep, p, 0.0)  # the 1/(1-p) rescale is applied once, at the end
-            acc = _mma(_cast(p, v.dtype), v, acc, DOT_PRECISION)
+            acc = mma(cast_rne(p, v.dtype), v, acc, DOT_PRECISION)
             m_i = m_new
         return acc, l_i, m_i
 
@@ -316,7 +305,7 @@ if HAS_TRITON:
 
         o_ptrs = (Out + b64 * stride_ob + h64 * stride_oh + (seq_start + offs_m[:, None]) * stride_om
                   + offs_d[None, :])
-        tl.store(o_ptrs, _cast(out, Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+        tl.store(o_ptrs, cast_rne(out, Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
         tl.store(LSE + b64 * stride_lb + h64 * stride_lh + seq_start + offs_m, lse, mask=row_ok)
 
     @triton.jit(do_not_specialize=["seqlen_q", "stride_lb", "stride_lh"])
@@ -367,26 +356,18 @@ if HAS_TRITON:
         for start_m in range(lo, hi, BLOCK_M):
             rows = start_m + offs_m
             # Qᵀ is loaded transposed straight from memory: (BLOCK_D, BLOCK_M).
-            if BOUNDARY:
-                r_ok = rows < rows_q
-                qT = tl.load(q_ptrs + start_m * stride_qm, mask=d_ok[:, None] & r_ok[None, :], other=0.0)
-                do = tl.load(do_ptrs + start_m * stride_dom, mask=r_ok[:, None] & d_ok[None, :], other=0.0)
-            elif HEAD_DIM == BLOCK_D:  # no head-dim mask: plain vectorised loads
-                qT = tl.load(q_ptrs + start_m * stride_qm)
-                do = tl.load(do_ptrs + start_m * stride_dom)
-            else:
-                qT = tl.load(q_ptrs + start_m * stride_qm, mask=d_ok[:, None], other=0.0)
-                do = tl.load(do_ptrs + start_m * stride_dom, mask=d_ok[None, :], other=0.0)
+            qT = _load_tile(q_ptrs + start_m * stride_qm, rows, rows_q, d_ok, HEAD_DIM, BLOCK_D, BOUNDARY, True)
+            do = _load_tile(do_ptrs + start_m * stride_dom, rows, rows_q, d_ok, HEAD_DIM, BLOCK_D, BOUNDARY, False)
             lse2 = _load_lse2(lse_ptr, rows, rows_q)
             delta = tl.load(delta_ptr + rows, mask=rows < rows_q, other=0.0)
             # Rows past the sequence load q = dO = 0, lse2 = delta = 0: they add exactly zero below.
-            qkT = _mma(k, qT, None, DOT_PRECISION)  # (BLOCK_N, BLOCK_M)
+            qkT = mma(k, qT, None, DOT_PRECISION)  # (BLOCK_N, BLOCK_M)
             pT = tl.math.exp2(qkT * qk_scale - lse2[None, :])
             if HAS_KPM or FUSE_DQ:
                 # Padding keys (and, for the fused dQ, keys past the sequence, whose k = 0 would
                 # otherwise give P = exp2(-lse2) and leak into dQ) carry no probability.
                 pT = tl.where(key_ok[:, None], pT, 0.0)
-            dpT = _mma(v, tl.trans(do), None, DOT_PRECISION)
+            dpT = mma(v, tl.trans(do), None, DOT_PRECISION)
             if DROPOUT:
                 keep = _keep_mask(seed, rng_base, rows[None, :], offs_n[:, None], rng_stride_m, dropout_p)
                 scale_keep = 1.0 / (1.0 - dropout_p)
@@ -394,15 +375,15 @@ if HAS_TRITON:
                 dpT = tl.where(keep, dpT * scale_keep, 0.0)
             else:
                 pT_drop = pT
-            dv = _mma(_cast(pT_drop, do.dtype), do, dv, DOT_PRECISION)
-            dsT = _cast(pT * (dpT - delta[None, :]), qT.dtype)
-            dk = _mma(dsT, tl.trans(qT), dk, DOT_PRECISION)
+            dv = mma(cast_rne(pT_drop, do.dtype), do, dv, DOT_PRECISION)
+            dsT = cast_rne(pT * (dpT - delta[None, :]), qT.dtype)
+            dk = mma(dsT, tl.trans(qT), dk, DOT_PRECISION)
             if FUSE_DQ:
                 # This program holds every key of the sequence, so dQ of these query rows is complete:
                 # dQ = scale · dS · K, written once, no atomics, no second kernel.
-                dq = _mma(tl.trans(dsT), k, None, DOT_PRECISION) * sm_scale
+                dq = mma(tl.trans(dsT), k, None, DOT_PRECISION) * sm_scale
                 dq_mask = (rows < rows_q)[:, None] & d_ok[None, :]
-                tl.store(dq_ptrs + start_m * stride_dqm, _cast(dq, qT.dtype), mask=dq_mask)
+                tl.store(dq_ptrs + start_m * stride_dqm, cast_rne(dq, qT.dtype), mask=dq_mask)
         return dk, dv
 
     @triton.jit(do_not_specialize=_NO_SPECIALIZE)
@@ -477,9 +458,9 @@ if HAS_TRITON:
         dk = dk * sm_scale
 
         tl.store(DK + b64 * stride_dkb + h64 * stride_dkh + kv_rows * stride_dkn + offs_d[None, :],
-                 _cast(dk, DK.dtype.element_ty), mask=kv_mask)
+                 cast_rne(dk, DK.dtype.element_ty), mask=kv_mask)
         tl.store(DV + b64 * stride_dvb + h64 * stride_dvh + kv_rows * stride_dvn + offs_d[None, :],
-                 _cast(dv, DV.dtype.element_ty), mask=kv_mask)
+                 cast_rne(dv, DV.dtype.element_ty), mask=kv_mask)
 
     _attn_bwd_dkdv_kernel = triton.autotune(configs=_DKDV_CONFIGS, key=_TUNE_KEY,
                                             prune_configs_by=_prune("N"))(_attn_bwd_dkdv_jit)
@@ -499,29 +480,21 @@ if HAS_TRITON:
         for start_n in range(lo, hi, BLOCK_N):
             cols = start_n + offs_n
             # Kᵀ and Vᵀ loaded transposed: (BLOCK_D, BLOCK_N).
-            if BOUNDARY:
-                kv_mask = d_ok[:, None] & (cols < live_k)[None, :]
-                kT = tl.load(k_ptrs + start_n * stride_kn, mask=kv_mask, other=0.0)
-                vT = tl.load(v_ptrs + start_n * stride_vn, mask=kv_mask, other=0.0)
-            elif HEAD_DIM == BLOCK_D:  # no head-dim mask: plain vectorised loads
-                kT = tl.load(k_ptrs + start_n * stride_kn)
-                vT = tl.load(v_ptrs + start_n * stride_vn)
-            else:
-                kT = tl.load(k_ptrs + start_n * stride_kn, mask=d_ok[:, None], other=0.0)
-                vT = tl.load(v_ptrs + start_n * stride_vn, mask=d_ok[:, None], other=0.0)
-            qk = _mma(q, kT, None, DOT_PRECISION)
+            kT = _load_tile(k_ptrs + start_n * stride_kn, cols, live_k, d_ok, HEAD_DIM, BLOCK_D, BOUNDARY, True)
+            vT = _load_tile(v_ptrs + start_n * stride_vn, cols, live_k, d_ok, HEAD_DIM, BLOCK_D, BOUNDARY, True)
+            qk = mma(q, kT, None, DOT_PRECISION)
             p = tl.math.exp2(qk * qk_scale - lse2[:, None])
             if HAS_KPM:
                 key_ok = tl.load(kpm_ptr + cols, mask=cols < live_k, other=0) != 0
                 p = tl.where(key_ok[None, :], p, 0.0)
             elif BOUNDARY:
                 p = tl.where((cols < live_k)[None, :], p, 0.0)
-            dp = _mma(do, vT, None, DOT_PRECISION)
+            dp = mma(do, vT, None, DOT_PRECISION)
             if DROPOUT:
                 keep = _keep_mask(seed, rng_base, offs_m[:, None], cols[None, :], rng_stride_m, dropout_p)
                 dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
             ds = p * (dp - delta[:, None])
-            dq = _mma(_cast(ds, kT.dtype), tl.trans(kT), dq, DOT_PRECISION)
+            dq = mma(cast_rne(ds, kT.dtype), tl.trans(kT), dq, DOT_PRECISION)
         return dq
 
     @triton.autotune(configs=_DQ_CONFIGS, key=_TUNE_KEY, prune_configs_by=_prune("M"))
@@ -582,7 +555,7 @@ if HAS_TRITON:
             HEAD_DIM, BLOCK_D, BLOCK_N, True, HAS_KPM, DROPOUT, DOT_PRECISION)
         dq = dq * sm_scale
         tl.store(DQ + b64 * stride_dqb + h64 * stride_dqh + rows * stride_dqm + offs_d[None, :],
-                 _cast(dq, DQ.dtype.element_ty), mask=qo_mask)
+                 cast_rne(dq, DQ.dtype.element_ty), mask=qo_mask)
 
     @triton.jit(do_not_specialize=["seed", "rng_offset"])
     def _dropout_mask_kernel(Mask, seqlen_q, seqlen_k, dropout_p, seed, rng_offset,

@@ -18,8 +18,6 @@ module -> reference.
 
 from __future__ import annotations
 
-import contextlib
-import functools
 from typing import Optional
 
 import torch
@@ -28,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._dispatch import HAS_TRITON, use_triton
+from ._triton_utils import device_guard, target_programs
 
 if HAS_TRITON:
     import triton
@@ -105,17 +104,6 @@ if HAS_TRITON:
 # --------------------------------------------------------------------------------------------------
 # 2. Launchers
 # --------------------------------------------------------------------------------------------------
-def _device_guard(t: Tensor):
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
-@functools.lru_cache(maxsize=None)
-def _target_programs(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count * 8
-    return 4  # the interpreter runs programs serially: few programs keep tests fast
-
-
 def _blocks(n: int) -> tuple[int, int]:
     block_n = min(triton.next_power_of_2(max(n, 1)), 512)
     return _TILE_ELEMENTS // block_n, block_n
@@ -129,7 +117,7 @@ def bias_gelu_forward(x: Tensor, bias: Optional[Tensor]) -> Tensor:
         return y
     block_m, block_n = _blocks(N)
     grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n))
-    with _device_guard(x):
+    with device_guard(x):
         _bias_gelu_fwd_kernel[grid](
             x, bias, y, M, N, x.stride(0), y.stride(0),
             HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=_NUM_WARPS,
@@ -144,14 +132,14 @@ def bias_gelu_backward(dy: Tensor, x: Tensor, bias: Optional[Tensor]):
     block_m, block_n = _blocks(N)
     col_blocks = triton.cdiv(N, block_n) if N else 1
     row_blocks = max(1, triton.cdiv(M, block_m))
-    programs_m = max(1, min(row_blocks, _target_programs(x.device) // col_blocks))
+    programs_m = max(1, min(row_blocks, target_programs(x.device, per_sm=8) // col_blocks))
     rows_per_program = triton.cdiv(row_blocks, programs_m) * block_m
     programs_m = max(1, triton.cdiv(M, rows_per_program))
     # Every program owns at least one row block, so each partial row is written (zeros when M == 0).
     alloc = torch.empty if M > 0 else torch.zeros
     db_partial = alloc((programs_m, N), dtype=torch.float32, device=x.device) if bias is not None else None
     if M > 0 and N > 0:
-        with _device_guard(x):
+        with device_guard(x):
             _bias_gelu_bwd_kernel[(programs_m, col_blocks)](
                 dy, x, bias, dx, db_partial, M, N, rows_per_program,
                 dy.stride(0), x.stride(0), dx.stride(0),

@@ -34,8 +34,6 @@ and module -> reference.
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import math
 from typing import Optional
 
@@ -45,10 +43,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._dispatch import HAS_TRITON, interpreter_enabled, use_triton
+from ._triton_utils import device_guard, target_programs
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
+
+    from ._triton_utils import cast_rne
 else:  # pragma: no cover - the reference path needs no triton
     triton = None
 
@@ -64,17 +65,6 @@ _new_empty = torch.empty
 # 1. Triton kernels
 # --------------------------------------------------------------------------------------------------
 if HAS_TRITON:
-
-    @triton.jit
-    def _cast_for_store(x, PTR, EMULATE_RTNE: tl.constexpr):
-        """fp32 x converted to PTR's element type. The GPU rounds fp32 -> bf16 to nearest even;
-        Triton's interpreter (3.9) truncates, so there the bits are rounded first (tests only)."""
-        if EMULATE_RTNE:
-            if PTR.dtype.element_ty == tl.bfloat16:
-                bits = x.to(tl.uint32, bitcast=True)
-                bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-                x = bits.to(tl.float32, bitcast=True)
-        return x.to(PTR.dtype.element_ty)
 
     @triton.jit
     def _disc_head_fwd_kernel(
@@ -165,8 +155,7 @@ if HAS_TRITON:
         GRAD_LOSS, GRAD_LOGITS, NUM_TOKENS, DLOGITS, W, DW_SUM, DB_SUM,
         DHIDDEN, DW, DB, N, HID, stride_dn,
         HAS_GRAD_LOSS: tl.constexpr, HAS_GRAD_LOGITS: tl.constexpr, WRITE_DH: tl.constexpr,
-        WRITE_DW: tl.constexpr, WRITE_DB: tl.constexpr, EMULATE_RTNE: tl.constexpr,
-        BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr,
+        WRITE_DW: tl.constexpr, WRITE_DB: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr,
     ):
         """dH = (g/R · dz + grad_logits) ⊗ w; program 0 also writes dw = g/R · Σ dz h and
         db = g/R · Σ dz from the sums the forward saved."""
@@ -186,32 +175,19 @@ if HAS_TRITON:
                 dz += tl.load(GRAD_LOGITS + rows, mask=row_ok, other=0.0).to(tl.float32)
             w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
             tl.store(DHIDDEN + rows.to(tl.int64)[:, None] * stride_dn + cols[None, :],
-                     _cast_for_store(dz[:, None] * w[None, :], DHIDDEN, EMULATE_RTNE),
+                     cast_rne(dz[:, None] * w[None, :], DHIDDEN.dtype.element_ty),
                      mask=row_ok[:, None] & col_ok[None, :])
         if pid == 0:
             if WRITE_DW:
                 dw = tl.load(DW_SUM + cols, mask=col_ok, other=0.0) * scale
-                tl.store(DW + cols, _cast_for_store(dw, DW, EMULATE_RTNE), mask=col_ok)
+                tl.store(DW + cols, cast_rne(dw, DW.dtype.element_ty), mask=col_ok)
             if WRITE_DB:
-                tl.store(DB, _cast_for_store(tl.load(DB_SUM) * scale, DB, EMULATE_RTNE))
+                tl.store(DB, cast_rne(tl.load(DB_SUM) * scale, DB.dtype.element_ty))
 
 
 # --------------------------------------------------------------------------------------------------
 # 2. Launchers
 # --------------------------------------------------------------------------------------------------
-def _device_guard(t: Tensor):
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
-@functools.lru_cache(maxsize=None)
-def _target_programs(device: torch.device) -> int:
-    """Forward programs: four per SM keeps every SM streaming while the (programs, H) partials stay
-    small (528 x 768 fp32 = 1.5 MiB on an H100); the interpreter runs programs serially, so few."""
-    if device.type == "cuda":
-        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
-    return 3
-
-
 def _blocks(hid: int):
     block_h = triton.next_power_of_2(hid)
     block_n = max(1, _TILE_ELEMENTS // block_h)
@@ -251,7 +227,9 @@ def disc_head_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], la
                          f"H <= {_MAX_HIDDEN}, got {HID}")
     device = hidden.device
     block_n, block_h, num_warps = _blocks(HID)
-    num_parts = max(1, min(_target_programs(device), triton.cdiv(N, block_n)))
+    # Forward programs: four per SM keeps every SM streaming while the (programs, H) partials stay
+    # small (528 x 768 fp32 = 1.5 MiB on an H100); the interpreter runs programs serially, so few.
+    num_parts = max(1, min(target_programs(device, per_sm=4, interpreted=3), triton.cdiv(N, block_n)))
     rows_per_program = block_n * triton.cdiv(triton.cdiv(N, block_n), num_parts) if N else block_n
     num_parts = max(1, triton.cdiv(N, rows_per_program))
 
@@ -267,7 +245,7 @@ def disc_head_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], la
     num_correct = _new_empty((), dtype=torch.int64, device=device)
 
     block_f = min(block_h, 128)
-    with _device_guard(hidden):
+    with device_guard(hidden):
         _disc_head_fwd_kernel[(num_parts,)](
             hidden, weight, bias if bias is not None else weight, _as_loadable(labels), _as_loadable(mask),
             logits, dz, part_dw, part_sums, part_counts,
@@ -296,7 +274,7 @@ def disc_head_backward(grad_loss: Optional[Tensor], grad_logits: Optional[Tensor
     if grad_logits is not None and grad_logits.stride(-1) != 1:
         grad_logits = grad_logits.contiguous()
     grid = (max(1, triton.cdiv(N, block_n)) if need_hidden else 1,)
-    with _device_guard(hidden):
+    with device_guard(hidden):
         _disc_head_bwd_kernel[grid](
             grad_loss if grad_loss is not None else dz, grad_logits if grad_logits is not None else dz,
             num_tokens, dz, weight, dw_sum, db_sum,
@@ -305,7 +283,6 @@ def disc_head_backward(grad_loss: Optional[Tensor], grad_logits: Optional[Tensor
             N, HID, HID,
             HAS_GRAD_LOSS=grad_loss is not None, HAS_GRAD_LOGITS=grad_logits is not None,
             WRITE_DH=need_hidden and N > 0, WRITE_DW=need_weight, WRITE_DB=need_bias,
-            EMULATE_RTNE=interpreter_enabled(),
             BLOCK_N=block_n, BLOCK_H=block_h, num_warps=num_warps,
         )
     if grad_logits is not None:

@@ -25,8 +25,6 @@ modules -> reference.
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import math
 import numbers
 from typing import Optional
@@ -37,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._dispatch import HAS_TRITON, use_triton
+from ._triton_utils import device_guard, target_programs
 
 if HAS_TRITON:
     import triton
@@ -156,19 +155,6 @@ if HAS_TRITON:
 # --------------------------------------------------------------------------------------------------
 # 2. Launchers
 # --------------------------------------------------------------------------------------------------
-def _device_guard(t: Tensor):
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
-@functools.lru_cache(maxsize=None)
-def _programs_for_reduction(device: torch.device) -> int:
-    """Programs in the backward grid: enough to fill the GPU, few enough that reducing the
-    (programs, N) dweight/dbias partials stays cheap."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count * 8
-    return 4  # the interpreter runs programs one after another; few programs = fast tests
-
-
 def _block_n(n: int, element_size: int) -> int:
     block_n = triton.next_power_of_2(n)
     if n * element_size > _MAX_FUSED_BYTES:
@@ -217,7 +203,7 @@ def layer_norm_forward(
         return y, z, mean, rstd, dropout_mask
     block_n = _block_n(N, max(x.element_size(), y.element_size()))
     block_m = _block_m(block_n)
-    with _device_guard(x):
+    with device_guard(x):
         _layer_norm_fwd_kernel[(triton.cdiv(M, block_m),)](
             x, residual, weight, bias, y, z, mean, rstd, dropout_mask, seed,
             x.stride(0), residual.stride(0) if residual is not None else 0, y.stride(0),
@@ -246,7 +232,9 @@ def layer_norm_backward(
     block_m = _block_m(block_n)
     # Whole row blocks per program, and every program gets at least one row.
     row_blocks = max(1, triton.cdiv(M, block_m))
-    programs = max(1, min(_programs_for_reduction(z.device), row_blocks))
+    # Enough programs to fill the GPU, few enough that reducing the (programs, N) dweight/dbias
+    # partials stays cheap.
+    programs = max(1, min(target_programs(z.device, per_sm=8), row_blocks))
     rows_per_program = triton.cdiv(row_blocks, programs) * block_m
     programs = max(1, triton.cdiv(M, rows_per_program))
     # Every program owns at least one row, so each partial row is written; with no rows at all the
@@ -255,7 +243,7 @@ def layer_norm_backward(
     dw_partial = alloc((programs, N), dtype=torch.float32, device=z.device) if weight is not None else None
     db_partial = alloc((programs, N), dtype=torch.float32, device=z.device) if has_bias else None
     if M > 0:
-        with _device_guard(z):
+        with device_guard(z):
             _layer_norm_bwd_kernel[(programs,)](
                 dy, z, weight, mean, rstd, dx, dresidual, dw_partial, db_partial, seed,
                 dy.stride(0), z.stride(0), dx.stride(0), dresidual.stride(0) if store_dresidual else 0,

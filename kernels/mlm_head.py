@@ -61,8 +61,6 @@ and module -> reference.
 
 from __future__ import annotations
 
-import contextlib
-import functools
 from typing import Optional
 
 import torch
@@ -71,10 +69,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._dispatch import HAS_TRITON, interpreter_enabled, use_triton
+from ._triton_utils import device_guard, target_programs
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
+
+    from ._triton_utils import cast_rne, mma
 else:  # pragma: no cover - the reference path needs no triton
     triton = None
 
@@ -85,6 +86,8 @@ _MIN_TEMPERATURE = 1e-6
 # The backward writes dlogits for at most this many bytes of vocabulary columns at a time (Base:
 # 2457 rows x 6.8k columns in bf16). Smaller chunks cost more launches; larger ones more memory.
 _DLOGITS_CHUNK_BYTES = 32 << 20
+# Programs to aim for per launch: two waves of the GPU's SMs.
+_PROGRAMS_PER_SM = 2
 # Every kernel output is allocated through this name, so tests can make it return NaN-filled memory.
 _new_empty = torch.empty
 
@@ -150,17 +153,6 @@ def _prune_matmul_configs(configs, named_args, **kwargs):
 if HAS_TRITON:
 
     @triton.jit
-    def _cast_for_store(x, PTR, EMULATE_RTNE: tl.constexpr):
-        """fp32 x converted to PTR's element type. The GPU rounds fp32 -> bf16 to nearest even;
-        Triton's interpreter (3.9) truncates, so there the bits are rounded first (tests only)."""
-        if EMULATE_RTNE:
-            if PTR.dtype.element_ty == tl.bfloat16:
-                bits = x.to(tl.uint32, bitcast=True)
-                bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-                x = bits.to(tl.float32, bitcast=True)
-        return x.to(PTR.dtype.element_ty)
-
-    @triton.jit
     def _uniform_to_gumbel(u):
         # u = 0 would give -inf and u -> 1 +inf; the same clamp as gumbel_noise_ref.
         u = tl.minimum(tl.maximum(u, 1.1754943508222875e-38), 1.0 - 1.1920928955078125e-07)
@@ -219,7 +211,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _logit_tile(H, W, rows, cols, row_ok, col_ok, E, stride_hm, stride_wv,
-                    INPUT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, EVEN_E: tl.constexpr,
+                    INPUT_PRECISION: tl.constexpr, EVEN_E: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_E: tl.constexpr):
         """(BLOCK_M, BLOCK_V) fp32 tile of H[rows] @ W[cols]ᵀ, looping over E in BLOCK_E chunks."""
         offs_e = tl.arange(0, BLOCK_E)
@@ -235,17 +227,14 @@ if HAS_TRITON:
                 e_ok = (e0 + offs_e) < E
                 h = tl.load(h_ptrs, mask=row_ok[:, None] & e_ok[None, :], other=0.0)
                 w = tl.load(w_ptrs, mask=e_ok[:, None] & col_ok[None, :], other=0.0)
-            if DOT_UPCAST:  # interpreter only: its tl.dot multiplies bf16's raw uint16 storage
-                h = h.to(tl.float32)
-                w = w.to(tl.float32)
-            acc = tl.dot(h, w, acc, input_precision=INPUT_PRECISION)
+            acc = mma(h, w, acc, INPUT_PRECISION)
             h_ptrs += BLOCK_E
             w_ptrs += BLOCK_E
         return acc
 
     @triton.jit
     def _logit_quarters(H, W, rows, row_ok, v0, V, E, stride_hm, stride_wv,
-                        INPUT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr, EVEN_E: tl.constexpr,
+                        INPUT_PRECISION: tl.constexpr, EVEN_E: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, QUARTER: tl.constexpr):
         """The (BLOCK_M, 64) fp32 logit tiles of columns v0 + 64·q + [0, 64), q = 0..3, bias not
         added: four tl.dot per BLOCK_E step sharing one load of the hidden tile."""
@@ -273,16 +262,10 @@ if HAS_TRITON:
             w1 = tl.load(w_ptrs + quarter_stride, mask=e_ok[:, None] & ok1[None, :], other=0.0)
             w2 = tl.load(w_ptrs + 2 * quarter_stride, mask=e_ok[:, None] & ok2[None, :], other=0.0)
             w3 = tl.load(w_ptrs + 3 * quarter_stride, mask=e_ok[:, None] & ok3[None, :], other=0.0)
-            if DOT_UPCAST:  # interpreter only: its tl.dot multiplies bf16's raw uint16 storage
-                h = h.to(tl.float32)
-                w0 = w0.to(tl.float32)
-                w1 = w1.to(tl.float32)
-                w2 = w2.to(tl.float32)
-                w3 = w3.to(tl.float32)
-            acc0 = tl.dot(h, w0, acc0, input_precision=INPUT_PRECISION)
-            acc1 = tl.dot(h, w1, acc1, input_precision=INPUT_PRECISION)
-            acc2 = tl.dot(h, w2, acc2, input_precision=INPUT_PRECISION)
-            acc3 = tl.dot(h, w3, acc3, input_precision=INPUT_PRECISION)
+            acc0 = mma(h, w0, acc0, INPUT_PRECISION)
+            acc1 = mma(h, w1, acc1, INPUT_PRECISION)
+            acc2 = mma(h, w2, acc2, INPUT_PRECISION)
+            acc3 = mma(h, w3, acc3, INPUT_PRECISION)
             h_ptrs += BLOCK_E
             w_ptrs += BLOCK_E
         return acc0, acc1, acc2, acc3
@@ -298,7 +281,7 @@ if HAS_TRITON:
         H, W, BIAS, TARGETS,
         PART_MAX, PART_SUMEXP, PART_TARGET, PART_BEST, PART_BEST_COL, PART_DRAW, PART_DRAW_COL,
         M, V, E, M_BUCKET, stride_hm, stride_wv, seed, inv_temperature, counters_per_row,
-        HAS_BIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
+        HAS_BIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
         RNG_OFFSET_64: tl.constexpr, EVEN_E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr,
     ):
         QUARTER: tl.constexpr = 64
@@ -329,7 +312,7 @@ if HAS_TRITON:
 
         for v0 in range(v_begin, v_end, GROUP):
             z0, z1, z2, z3 = _logit_quarters(H, W, rows, row_ok, v0, V, E, stride_hm, stride_wv,
-                                             INPUT_PRECISION, DOT_UPCAST, EVEN_E, BLOCK_M, BLOCK_E, QUARTER)
+                                             INPUT_PRECISION, EVEN_E, BLOCK_M, BLOCK_E, QUARTER)
             g0, g1, g2, g3 = _gumbel4(seed, rows, v0 // GROUP, counters_per_row, RNG_OFFSET_64, QUARTER)
             if HAS_BIAS:
                 c0 = v0 + q
@@ -426,8 +409,7 @@ if HAS_TRITON:
     def _mlm_head_dlogits_kernel(
         H, W, BIAS, TARGETS, LSE, GRAD_LOSS, NUM_USED, DLOGITS, PART_DBIAS,
         M, V, E, M_BUCKET, col_begin, chunk_cols, stride_hm, stride_wv, stride_dm,
-        HAS_BIAS: tl.constexpr, WRITE_DBIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-        DOT_UPCAST: tl.constexpr, EMULATE_RTNE: tl.constexpr, EVEN_E: tl.constexpr,
+        HAS_BIAS: tl.constexpr, WRITE_DBIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr, EVEN_E: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_E: tl.constexpr,
     ):
         """dz = s·(softmax(z) - onehot(t)) for columns [col_begin, col_begin + chunk_cols).
@@ -456,7 +438,7 @@ if HAS_TRITON:
             rows = r0 + tl.arange(0, BLOCK_M)
             row_ok = rows < r_end
             logits = _logit_tile(H, W, rows, cols, row_ok, col_ok, E, stride_hm, stride_wv,
-                                 INPUT_PRECISION, DOT_UPCAST, EVEN_E, BLOCK_M, BLOCK_V, BLOCK_E)
+                                 INPUT_PRECISION, EVEN_E, BLOCK_M, BLOCK_V, BLOCK_E)
             if HAS_BIAS:
                 logits += bias[None, :]
             lse = tl.load(LSE + rows, mask=row_ok, other=0.0)
@@ -468,7 +450,7 @@ if HAS_TRITON:
             if WRITE_DBIAS:
                 dbias += tl.sum(tl.where(col_ok[None, :], dz, 0.0), axis=0)
             out = DLOGITS + rows.to(tl.int64)[:, None] * stride_dm + local_cols[None, :]
-            tl.store(out, _cast_for_store(dz, DLOGITS, EMULATE_RTNE), mask=row_ok[:, None] & col_ok[None, :])
+            tl.store(out, cast_rne(dz, DLOGITS.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
         if WRITE_DBIAS:
             tl.store(PART_DBIAS + row_split * V + cols, dbias, mask=col_ok)
 
@@ -492,30 +474,11 @@ if HAS_TRITON:
 # --------------------------------------------------------------------------------------------------
 # 2. Launchers
 # --------------------------------------------------------------------------------------------------
-def _device_guard(t: Tensor):
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
-@functools.lru_cache(maxsize=None)
-def _target_programs(device: torch.device) -> int:
-    """Programs to aim for per launch: two waves of the GPU's SMs (few in the interpreter, which
-    runs programs one after another)."""
-    if device.type == "cuda":
-        return 2 * torch.cuda.get_device_properties(device).multi_processor_count
-    return 4
-
-
 def _input_precision(dtype: torch.dtype) -> str:
     # TF32 only touches fp32 operands; follow torch's own switch for fp32 matmuls.
     if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
         return "ieee"
     return "tf32"
-
-
-def _dot_upcast(dtype: torch.dtype) -> bool:
-    # Triton's interpreter (3.9) runs tl.dot as np.matmul on bf16's uint16 storage: give it fp32
-    # operands there (bf16 products are exact in fp32, so the result is what the GPU computes).
-    return dtype == torch.bfloat16 and interpreter_enabled()
 
 
 def _counters_per_row(V: int) -> int:
@@ -570,7 +533,7 @@ def mlm_head_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], tar
     # few hundred columns so the merge stays negligible.
     row_blocks_hint = triton.cdiv(M, 128)
     max_splits = 3 if interpreter_enabled() else triton.cdiv(V, 256)
-    num_splits = max(1, min(max_splits, triton.cdiv(_target_programs(device), row_blocks_hint)))
+    num_splits = max(1, min(max_splits, triton.cdiv(target_programs(device, _PROGRAMS_PER_SM), row_blocks_hint)))
     parts_f = _new_empty((5, num_splits, M), dtype=torch.float32, device=device)
     parts_i = _new_empty((2, num_splits, M), dtype=torch.int32, device=device)
     part_max, part_sumexp, part_target, part_best, part_draw = parts_f.unbind(0)
@@ -578,14 +541,13 @@ def mlm_head_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], tar
     row_loss = _new_empty((M,), dtype=torch.float32, device=device)
 
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), num_splits)  # noqa: E731
-    with _device_guard(hidden):
+    with device_guard(hidden):
         _mlm_head_fwd_kernel[grid](
             hidden, weight, bias if bias is not None else hidden, targets,
             part_max, part_sumexp, part_target, part_best, part_best_col, part_draw, part_draw_col,
             M, V, E, _next_pow2(M), hidden.stride(0), weight.stride(0), int(seed),
             1.0 / max(float(temperature), _MIN_TEMPERATURE), _counters_per_row(V),
             HAS_BIAS=bias is not None, INPUT_PRECISION=_input_precision(hidden.dtype),
-            DOT_UPCAST=_dot_upcast(hidden.dtype),
             RNG_OFFSET_64=_rng_offset_64(M, V),
         )
         block_s = _next_pow2(num_splits)
@@ -639,7 +601,7 @@ def mlm_head_backward(grad_loss: Tensor, hidden: Tensor, weight: Tensor, bias: O
     num_chunks = triton.cdiv(V, chunk_cols)
     dlogits = _new_empty((M, chunk_cols), dtype=hidden.dtype, device=device)
     num_row_splits = max(1, min(triton.cdiv(M, 64),
-                                triton.cdiv(_target_programs(device), triton.cdiv(chunk_cols, 128))))
+                                triton.cdiv(target_programs(device, _PROGRAMS_PER_SM), triton.cdiv(chunk_cols, 128))))
     if interpreter_enabled():
         num_row_splits = min(num_row_splits, 2)
     part_dbias = _new_empty((num_row_splits, V), dtype=torch.float32, device=device) if need_bias else None
@@ -648,7 +610,7 @@ def mlm_head_backward(grad_loss: Tensor, hidden: Tensor, weight: Tensor, bias: O
     if need_hidden and num_chunks > 1:
         dh_acc = torch.zeros((M, E), dtype=torch.float32, device=device)
 
-    with _device_guard(hidden):
+    with device_guard(hidden):
         for c0 in range(0, V, chunk_cols):
             width = min(chunk_cols, V - c0)
             dz = dlogits[:, :width]
@@ -658,8 +620,7 @@ def mlm_head_backward(grad_loss: Tensor, hidden: Tensor, weight: Tensor, bias: O
                 part_dbias if part_dbias is not None else lse,
                 M, V, E, _next_pow2(M), c0, width, hidden.stride(0), weight.stride(0), dz.stride(0),
                 HAS_BIAS=bias is not None, WRITE_DBIAS=need_bias,
-                INPUT_PRECISION=_input_precision(hidden.dtype), DOT_UPCAST=_dot_upcast(hidden.dtype),
-                EMULATE_RTNE=interpreter_enabled(),
+                INPUT_PRECISION=_input_precision(hidden.dtype),
             )
             w_chunk = weight[c0:c0 + width]
             if need_weight:
@@ -684,7 +645,7 @@ def gumbel_noise(shape, seed: int, device) -> Tensor:
     if M == 0 or V == 0:
         return out
     BLOCK_M = 32
-    with _device_guard(out):
+    with device_guard(out):
         _gumbel_noise_kernel[(triton.cdiv(M, BLOCK_M), triton.cdiv(V, 256))](
             out, M, V, int(seed), _counters_per_row(V), RNG_OFFSET_64=_rng_offset_64(M, V),
             BLOCK_M=BLOCK_M,

@@ -7,7 +7,6 @@ within 2x PyTorch's own same-dtype error plus a small atol.
 from __future__ import annotations
 
 import importlib
-import os
 
 import pytest
 import torch
@@ -16,25 +15,7 @@ import torch.nn.functional as F
 
 from electra_kernels import LinearGELU, bias_gelu, bias_gelu_ref
 
-ATOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
-
-
-def _leaf(t):
-    return t.detach().clone().requires_grad_(True)
-
-
-def _assert_within_torch_error(name, actual, truth, baseline, dtype):
-    """max|actual - truth| <= 2 * max|baseline - truth| + atol, baseline = PyTorch in the same dtype.
-
-    Triton's interpreter casts fp32 -> bf16 by truncation where the GPU rounds to nearest, so under
-    the interpreter bf16 results get one more ulp (2^-7 relative) of slack.
-    """
-    err = (actual.double() - truth).abs().max().item()
-    base = (baseline.double() - truth).abs().max().item()
-    slack = ATOL[dtype]
-    if dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1":
-        slack += truth.abs().max().item() * 2**-7
-    assert err <= 2 * base + slack, f"{name}: kernel error {err:.3g} vs PyTorch {dtype} error {base:.3g}"
+from _compare import assert_within_torch_error, leaf
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -43,28 +24,28 @@ def _assert_within_torch_error(name, actual, truth, baseline, dtype):
 def test_bias_gelu_matches_reference(dtype, rows, hidden):
     x = torch.randn(rows, hidden, dtype=dtype) * 3  # covers both tails and the curved middle
     bias = torch.randn(hidden, dtype=dtype)
-    ours_x, ours_b = _leaf(x), _leaf(bias)
+    ours_x, ours_b = leaf(x), leaf(bias)
     y = bias_gelu(ours_x, ours_b)
     dy = torch.randn_like(y)
     y.backward(dy)
-    truth_x, truth_b = _leaf(x.double()), _leaf(bias.double())
+    truth_x, truth_b = leaf(x.double()), leaf(bias.double())
     truth = F.gelu(truth_x + truth_b)
     truth.backward(dy.double())
-    base_x, base_b = _leaf(x), _leaf(bias)
+    base_x, base_b = leaf(x), leaf(bias)
     baseline = F.gelu(base_x + base_b)  # PyTorch in the same dtype
     baseline.backward(dy)
     assert y.dtype == ours_x.grad.dtype == ours_b.grad.dtype == dtype
-    _assert_within_torch_error("y", y, truth, baseline, dtype)
-    _assert_within_torch_error("dx", ours_x.grad, truth_x.grad, base_x.grad, dtype)
-    _assert_within_torch_error("dbias", ours_b.grad, truth_b.grad, base_b.grad, dtype)
+    assert_within_torch_error("y", y, truth, baseline, dtype)
+    assert_within_torch_error("dx", ours_x.grad, truth_x.grad, base_x.grad, dtype)
+    assert_within_torch_error("dbias", ours_b.grad, truth_b.grad, base_b.grad, dtype)
 
 
 def test_no_bias_and_leading_dims():
-    x = _leaf(torch.randn(2, 3, 100))
+    x = leaf(torch.randn(2, 3, 100))
     y = bias_gelu(x)
     dy = torch.randn_like(y)
     y.backward(dy)
-    ref = _leaf(x.double())
+    ref = leaf(x.double())
     F.gelu(ref).backward(dy.double())
     torch.testing.assert_close(y.double(), F.gelu(x.double()), atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(x.grad.double(), ref.grad, atol=1e-6, rtol=1e-6)
@@ -72,23 +53,23 @@ def test_no_bias_and_leading_dims():
 
 def test_mixed_dtypes_like_autocast():
     """bf16 matmul output + fp32 bias parameter: output and dx bf16, dbias fp32."""
-    x, bias = _leaf(torch.randn(9, 64, dtype=torch.bfloat16)), _leaf(torch.randn(64))
+    x, bias = leaf(torch.randn(9, 64, dtype=torch.bfloat16)), leaf(torch.randn(64))
     y = bias_gelu(x, bias)
     dy = torch.randn_like(y)
     y.backward(dy)
     assert (y.dtype, x.grad.dtype, bias.grad.dtype) == (torch.bfloat16, torch.bfloat16, torch.float32)
-    rx, rb = _leaf(x.double()), _leaf(bias.double())
+    rx, rb = leaf(x.double()), leaf(bias.double())
     F.gelu(rx + rb).backward(dy.double())
     torch.testing.assert_close(bias.grad.double(), rb.grad, atol=1e-4, rtol=1e-4)  # summed in fp32
 
 
 def test_many_rows_bias_gradient():
     """More row blocks than programs: each program sums several blocks into its dbias partial."""
-    x, bias = _leaf(torch.randn(300, 48)), _leaf(torch.randn(48))
+    x, bias = leaf(torch.randn(300, 48)), leaf(torch.randn(48))
     y = bias_gelu(x, bias)
     dy = torch.randn_like(y)
     y.backward(dy)
-    rx, rb = _leaf(x.double()), _leaf(bias.double())
+    rx, rb = leaf(x.double()), leaf(bias.double())
     F.gelu(rx + rb).backward(dy.double())
     torch.testing.assert_close(bias.grad.double(), rb.grad, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(x.grad.double(), rx.grad, atol=1e-6, rtol=1e-5)
@@ -102,7 +83,7 @@ def test_outputs_are_fully_written(monkeypatch):
         return t.fill_(float("nan")) if t.is_floating_point() else t
 
     monkeypatch.setattr(torch, "empty", poisoned_empty)
-    x, bias = _leaf(torch.randn(77, 700)), _leaf(torch.randn(700))
+    x, bias = leaf(torch.randn(77, 700)), leaf(torch.randn(700))
     y = bias_gelu(x, bias)
     y.backward(torch.randn_like(y))
     for t in (y, x.grad, bias.grad):
@@ -113,7 +94,7 @@ def test_strided_rows_and_empty_input():
     base = torch.randn(7, 160)
     bias = torch.randn(100)
     torch.testing.assert_close(bias_gelu(base[:, :100], bias), F.gelu(base[:, :100] + bias), atol=1e-6, rtol=1e-6)
-    x, b = _leaf(torch.randn(0, 32)), _leaf(torch.randn(32))
+    x, b = leaf(torch.randn(0, 32)), leaf(torch.randn(32))
     y = bias_gelu(x, b)
     y.sum().backward()
     assert y.shape == (0, 32) and torch.equal(b.grad, torch.zeros(32))

@@ -18,21 +18,7 @@ import torch.nn.functional as F
 from electra_kernels import DropoutAddLayerNorm, FusedLayerNorm, layer_norm, layer_norm_ref
 from electra_kernels.layer_norm import layer_norm_forward
 
-ATOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
-
-
-def _assert_within_torch_error(name, actual, truth, baseline, dtype):
-    """max|actual - truth| <= 2 * max|baseline - truth| + atol, baseline = PyTorch in the same dtype.
-
-    Triton's interpreter casts fp32 -> bf16 by truncation where the GPU rounds to nearest, so under
-    the interpreter bf16 results get one more ulp (2^-7 relative) of slack.
-    """
-    err = (actual.double() - truth).abs().max().item()
-    base = (baseline.double() - truth).abs().max().item()
-    slack = ATOL[dtype]
-    if dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1":
-        slack += truth.abs().max().item() * 2**-7
-    assert err <= 2 * base + slack, f"{name}: kernel error {err:.3g} vs PyTorch {dtype} error {base:.3g}"
+from _compare import assert_within_torch_error, leaf
 
 
 def _torch_same_dtype(x, weight, bias, residual, dropout_p, mask, eps):
@@ -41,10 +27,6 @@ def _torch_same_dtype(x, weight, bias, residual, dropout_p, mask, eps):
     if residual is not None:
         z = z + residual
     return F.layer_norm(z, (x.shape[-1],), weight, bias, eps)
-
-
-def _leaf(t):
-    return t.detach().clone().requires_grad_(True)
 
 
 # Odd sizes, each row count and width at least once (the interpreter runs ~10 ms per row, dropout's
@@ -58,33 +40,33 @@ def test_dropout_residual_layer_norm_matches_reference(dtype, rows, hidden, drop
     residual = torch.randn(rows, hidden, dtype=dtype)
     weight = 1 + 0.5 * torch.randn(hidden, dtype=dtype)
     bias = 0.5 * torch.randn(hidden, dtype=dtype)
-    inputs = [_leaf(t) for t in (x, residual, weight, bias)]
+    inputs = [leaf(t) for t in (x, residual, weight, bias)]
     y, mask = layer_norm(inputs[0], inputs[2], inputs[3], eps, inputs[1], dropout_p, return_dropout_mask=True)
     dy = torch.randn_like(y)
     y.backward(dy)
 
-    truth_inputs = [_leaf(t.double()) for t in (x, residual, weight, bias)]
+    truth_inputs = [leaf(t.double()) for t in (x, residual, weight, bias)]
     truth = layer_norm_ref(truth_inputs[0], truth_inputs[2], truth_inputs[3], eps, truth_inputs[1], dropout_p,
                            dropout_mask=mask)
     truth.backward(dy.double())
-    base_inputs = [_leaf(t) for t in (x, residual, weight, bias)]
+    base_inputs = [leaf(t) for t in (x, residual, weight, bias)]
     baseline = _torch_same_dtype(base_inputs[0], base_inputs[2], base_inputs[3], base_inputs[1], dropout_p, mask, eps)
     baseline.backward(dy)
 
     assert y.dtype == dtype and mask.dtype == torch.bool and mask.shape == x.shape
-    _assert_within_torch_error("y", y, truth, baseline, dtype)
+    assert_within_torch_error("y", y, truth, baseline, dtype)
     for name, ours, ref, base in zip(("dx", "dresidual", "dweight", "dbias"), inputs, truth_inputs, base_inputs):
         assert ours.grad.dtype == dtype, name
-        _assert_within_torch_error(name, ours.grad, ref.grad, base.grad, dtype)
+        assert_within_torch_error(name, ours.grad, ref.grad, base.grad, dtype)
 
 
 def test_wide_rows_many_rows_fp32():
-    x, residual = _leaf(torch.randn(77, 768)), _leaf(torch.randn(77, 768))
-    weight, bias = _leaf(torch.randn(768)), _leaf(torch.randn(768))
+    x, residual = leaf(torch.randn(77, 768)), leaf(torch.randn(77, 768))
+    weight, bias = leaf(torch.randn(768)), leaf(torch.randn(768))
     y = layer_norm(x, weight, bias, 1e-12, residual)
     dy = torch.randn_like(y)
     y.backward(dy)
-    ref = [_leaf(t.double()) for t in (x, residual, weight, bias)]
+    ref = [leaf(t.double()) for t in (x, residual, weight, bias)]
     truth = layer_norm_ref(ref[0], ref[2], ref[3], 1e-12, ref[1])
     truth.backward(dy.double())
     torch.testing.assert_close(y.double(), truth, atol=2e-5, rtol=1e-5)
@@ -97,15 +79,15 @@ def test_wide_rows_many_rows_fp32():
 @pytest.mark.parametrize("affine", ["weight+bias", "weight", "none"])
 def test_variants_fp32(has_residual, dropout_p, affine):
     rows, hidden, eps = 5, 100, 1e-12
-    x = _leaf(torch.randn(rows, hidden))
-    residual = _leaf(torch.randn(rows, hidden)) if has_residual else None
-    weight = _leaf(torch.randn(hidden)) if affine != "none" else None
-    bias = _leaf(torch.randn(hidden)) if affine == "weight+bias" else None
+    x = leaf(torch.randn(rows, hidden))
+    residual = leaf(torch.randn(rows, hidden)) if has_residual else None
+    weight = leaf(torch.randn(hidden)) if affine != "none" else None
+    bias = leaf(torch.randn(hidden)) if affine == "weight+bias" else None
     y, mask = layer_norm(x, weight, bias, eps, residual, dropout_p, return_dropout_mask=True)
     dy = torch.randn_like(y)
     y.backward(dy)
     leaves = [t for t in (x, residual, weight, bias) if t is not None]
-    ref_leaves = [_leaf(t.double()) for t in leaves]
+    ref_leaves = [leaf(t.double()) for t in leaves]
     it = iter(ref_leaves)
     rx = next(it)
     rres = next(it) if has_residual else None
@@ -124,15 +106,15 @@ def test_mixed_dtypes_like_autocast():
     """bf16 dense output + fp32 residual stream + fp32 parameters (what autocast hands a post-LN block):
     output in the promoted dtype, each gradient in its input's dtype."""
     rows, hidden = 9, 64
-    x = _leaf(torch.randn(rows, hidden, dtype=torch.bfloat16))
-    residual = _leaf(torch.randn(rows, hidden))
-    weight, bias = _leaf(torch.randn(hidden)), _leaf(torch.randn(hidden))
+    x = leaf(torch.randn(rows, hidden, dtype=torch.bfloat16))
+    residual = leaf(torch.randn(rows, hidden))
+    weight, bias = leaf(torch.randn(hidden)), leaf(torch.randn(hidden))
     y = layer_norm(x, weight, bias, 1e-12, residual, 0.0)
     assert y.dtype == torch.float32
     dy = torch.randn_like(y)
     y.backward(dy)
     assert (x.grad.dtype, residual.grad.dtype, weight.grad.dtype) == (torch.bfloat16, torch.float32, torch.float32)
-    ref = [_leaf(t.double()) for t in (x, residual, weight, bias)]
+    ref = [leaf(t.double()) for t in (x, residual, weight, bias)]
     truth = layer_norm_ref(ref[0], ref[2], ref[3], 1e-12, ref[1])
     truth.backward(dy.double())
     torch.testing.assert_close(y.double(), truth, atol=1e-5, rtol=1e-5)
@@ -184,7 +166,7 @@ def test_inference_saves_nothing_and_matches():
 
 
 def test_dropout_everything_leaves_the_residual():
-    x, residual = _leaf(torch.randn(5, 32)), torch.randn(5, 32)
+    x, residual = leaf(torch.randn(5, 32)), torch.randn(5, 32)
     y = layer_norm(x, None, None, 1e-5, residual, 1.0)
     torch.testing.assert_close(y, F.layer_norm(residual, (32,), eps=1e-5), atol=1e-5, rtol=1e-5)
     y.sum().backward()
@@ -204,8 +186,8 @@ def test_outputs_are_fully_written(monkeypatch):
         return t
 
     monkeypatch.setattr(torch, "empty", poisoned_empty)
-    x, residual = _leaf(torch.randn(13, 100)), _leaf(torch.randn(13, 100))
-    weight, bias = _leaf(torch.randn(100)), _leaf(torch.randn(100))
+    x, residual = leaf(torch.randn(13, 100)), leaf(torch.randn(13, 100))
+    weight, bias = leaf(torch.randn(100)), leaf(torch.randn(100))
     y, mask = layer_norm(x, weight, bias, 1e-12, residual, 0.5, seed=3, return_dropout_mask=True)
     y.backward(torch.randn_like(y))
     for t in (y, x.grad, residual.grad, weight.grad, bias.grad):
@@ -215,7 +197,7 @@ def test_outputs_are_fully_written(monkeypatch):
 
 def test_strided_rows_and_leading_dims():
     base = torch.randn(2, 7, 160)
-    x = _leaf(base[..., :100].clone())
+    x = leaf(base[..., :100].clone())
     strided = base[..., :100]  # row stride 160, unit column stride: used without a copy
     weight, bias = torch.randn(100), torch.randn(100)
     y = layer_norm(strided, weight, bias, 1e-12)
@@ -226,8 +208,8 @@ def test_strided_rows_and_leading_dims():
 
 
 def test_empty_input():
-    x = _leaf(torch.randn(0, 32))
-    weight = _leaf(torch.randn(32))
+    x = leaf(torch.randn(0, 32))
+    weight = leaf(torch.randn(32))
     y = layer_norm(x, weight, None, 1e-12)
     assert y.shape == (0, 32)
     y.sum().backward()

@@ -16,13 +16,8 @@ import torch
 
 import electra_kernels as ek
 from electra_kernels import mlm_head as mh
-from electra_kernels._dispatch import interpreter_enabled
 
-DEVICE = "cuda" if torch.cuda.is_available() and not interpreter_enabled() else "cpu"
-
-DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-# Absolute slack on top of 2x torch's error, relative to the largest reference value.
-REL_ATOL = {torch.float32: 1e-6, torch.bfloat16: 1e-3, torch.float16: 5e-4}
+from _compare import DEVICE, DTYPES, assert_close_to_fp64
 
 
 @pytest.fixture(autouse=True)
@@ -63,15 +58,6 @@ def run(fn, hidden, weight, bias, targets, grad_out, **kwargs):
     loss.backward(grad_out.to(loss.dtype))
     grads = [t.grad if t is not None else None for t in leaves]
     return loss.detach(), sampled, correct, grads
-
-
-def assert_close_to_fp64(name, got, same_dtype, exact, dtype):
-    exact = exact.double()
-    err = (got.double() - exact).abs().max().item()
-    torch_err = (same_dtype.double() - exact).abs().max().item()
-    atol = REL_ATOL[dtype] * max(exact.abs().max().item(), 1e-6)
-    assert not torch.isnan(got).any(), f"{name}: NaN"
-    assert err <= 2 * torch_err + atol, f"{name}: kernel err {err:.3g} vs torch {torch_err:.3g} (+{atol:.3g})"
 
 
 def top2_gap(scores):
