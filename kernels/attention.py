@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._dispatch import HAS_TRITON, interpreter_enabled, use_triton
+from ._triton_utils import device_guard
 
 if HAS_TRITON:
     import triton
@@ -757,8 +758,9 @@ def _seed_value(rng_seed) -> int:
 @torch.library.custom_op("electra_kernels::attention_fwd", mutates_args=(), schema=_FWD_SCHEMA)
 def _attention_fwd_op(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, dropout_p, softmax_scale, rng_seed,
                       rng_offset):
-    return attention_forward(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, dropout_p, softmax_scale,
-                             _seed_value(rng_seed), rng_offset)
+    with device_guard(q):  # Triton launches on the current device, which need not be q's
+        return attention_forward(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, dropout_p, softmax_scale,
+                                 _seed_value(rng_seed), rng_offset)
 
 
 @_attention_fwd_op.register_fake
@@ -774,8 +776,9 @@ def _attention_fwd_fake(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, dropo
 @torch.library.custom_op("electra_kernels::attention_bwd", mutates_args=(), schema=_BWD_SCHEMA)
 def _attention_bwd_op(dout, q, k, v, out, lse, key_padding_mask, cu_seqlens, max_seqlen, dropout_p, softmax_scale,
                       rng_seed, rng_offset):
-    return attention_backward(dout, q, k, v, out, lse, key_padding_mask, cu_seqlens, max_seqlen, dropout_p,
-                              softmax_scale, _seed_value(rng_seed), rng_offset)
+    with device_guard(q):
+        return attention_backward(dout, q, k, v, out, lse, key_padding_mask, cu_seqlens, max_seqlen, dropout_p,
+                                  softmax_scale, _seed_value(rng_seed), rng_offset)
 
 
 @_attention_bwd_op.register_fake
