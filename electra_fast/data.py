@@ -1040,14 +1040,45 @@ def check_seq_len(manifest: dict[str, Any], seq_len: int) -> None:
                         f"with --seq-len {seq_len}")
 
 
-def load_tokenizer(data_dir: str):
-    """The ``tokenizers.Tokenizer`` saved with a prepared dataset."""
-    from tokenizers import Tokenizer
+def load_tokenizer(source):
+    """A ``tokenizers.Tokenizer`` that never pads or truncates (callers assemble the sequences).
 
-    path = Path(data_dir).expanduser() / "tokenizer.json"
-    if not path.is_file():
-        raise DataError(f"{data_dir}: no tokenizer.json (not a prepared dataset?)")
-    return Tokenizer.from_file(str(path))
+    source: a prepared dataset or model folder (``tokenizer.json`` preferred, else ``vocab.txt`` read as a
+    BERT WordPiece vocabulary, lower-cased unless tokenizer_config.json says do_lower_case=false), a
+    path to either file, or an existing tokenizer (copied with padding and truncation switched off when
+    it has them, so the caller's object is left as it is). DataError names the path it cannot use.
+    """
+    from tokenizers import BertWordPieceTokenizer, Tokenizer
+
+    if not isinstance(source, (str, os.PathLike)):
+        if not hasattr(source, "encode_batch"):
+            raise DataError(f"tokenizer must be a tokenizers.Tokenizer or a path, got {type(source).__name__}")
+        if getattr(source, "padding", None) is None and getattr(source, "truncation", None) is None:
+            return source
+        source = Tokenizer.from_str(source.to_str())
+        source.no_truncation()
+        source.no_padding()
+        return source
+
+    path = Path(source).expanduser()
+    folder = path if path.is_dir() else path.parent
+    candidates = [folder / "tokenizer.json", folder / "vocab.txt"] if path.is_dir() else [path]
+    chosen = next((c for c in candidates if c.is_file()), None)
+    if chosen is None:
+        raise DataError(f"{path}: no tokenizer.json or vocab.txt (the tokenizer belongs beside the model or data)")
+    try:
+        if chosen.suffix == ".json":
+            tokenizer = Tokenizer.from_file(str(chosen))
+        else:
+            lowercase = True
+            if (folder / "tokenizer_config.json").is_file():
+                lowercase = bool(json.loads((folder / "tokenizer_config.json").read_text()).get("do_lower_case", True))
+            tokenizer = BertWordPieceTokenizer(str(chosen), lowercase=lowercase)
+    except Exception as exc:  # tokenizers raises plain Exceptions for malformed files
+        raise DataError(f"{chosen}: cannot load the tokenizer: {exc}") from None
+    tokenizer.no_truncation()
+    tokenizer.no_padding()
+    return tokenizer
 
 
 # ==================================================================================================

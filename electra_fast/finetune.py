@@ -463,43 +463,15 @@ def load_encoder(source, options: ModelOptions | None = None) -> tuple[ElectraMo
 
 
 def load_tokenizer(source):
-    """A ``tokenizers.Tokenizer`` from a folder (``tokenizer.json`` preferred, else ``vocab.txt`` as a
-    BERT WordPiece vocabulary, lower-cased unless tokenizer_config.json says do_lower_case=false), a
-    path to either file, or an existing tokenizer. Sequences are assembled here, so the result never
-    pads or truncates (a tokenizer that does is copied with both switched off)."""
-    from tokenizers import BertWordPieceTokenizer, Tokenizer
+    """:func:`electra_fast.data.load_tokenizer` (a folder, a tokenizer.json / vocab.txt path or a
+    tokenizer; never pads or truncates), with its errors as FinetuneError."""
+    from .data import DataError
+    from .data import load_tokenizer as load
 
-    if not isinstance(source, (str, os.PathLike)):
-        if not hasattr(source, "encode_batch"):
-            raise FinetuneError(f"tokenizer must be a tokenizers.Tokenizer or a path, got {type(source).__name__}")
-        if getattr(source, "padding", None) is None and getattr(source, "truncation", None) is None:
-            return source
-        # A copy with padding and truncation off (pad ids inside the pieces would corrupt the
-        # assembled sequences); the caller's tokenizer is left as it is.
-        source = Tokenizer.from_str(source.to_str())
-        source.no_truncation()
-        source.no_padding()
-        return source
-
-    path = Path(source)
-    folder = path if path.is_dir() else path.parent
-    candidates = [folder / "tokenizer.json", folder / "vocab.txt"] if path.is_dir() else [path]
-    chosen = next((c for c in candidates if c.is_file()), None)
-    if chosen is None:
-        raise FinetuneError(f"{path}: no tokenizer.json or vocab.txt (the tokenizer belongs beside the model)")
     try:
-        if chosen.suffix == ".json":
-            tokenizer = Tokenizer.from_file(str(chosen))
-        else:
-            lowercase = True
-            if (folder / "tokenizer_config.json").is_file():
-                lowercase = bool(json.loads((folder / "tokenizer_config.json").read_text()).get("do_lower_case", True))
-            tokenizer = BertWordPieceTokenizer(str(chosen), lowercase=lowercase)
-    except Exception as exc:  # tokenizers raises plain Exceptions for malformed files
-        raise FinetuneError(f"{chosen}: cannot load the tokenizer: {exc}") from None
-    tokenizer.no_truncation()
-    tokenizer.no_padding()
-    return tokenizer
+        return load(source)
+    except DataError as exc:
+        raise FinetuneError(str(exc)) from None
 
 
 @dataclass
