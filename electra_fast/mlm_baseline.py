@@ -34,6 +34,7 @@ from .model import (
     TokenLayout,
     init_weights,
     resolve_impl,
+    resolve_pretraining_config,
 )
 from .objective import ObjectiveRNG, mask_tokens, max_predictions
 
@@ -77,15 +78,9 @@ class BertMLMModel(nn.Module):
     def __init__(self, config: Config | ModelConfig, objective: ObjectiveConfig | None = None,
                  max_predictions_per_seq: int | None = None, seed: int = 0):
         super().__init__()
-        if isinstance(config, Config):
-            model_cfg, objective = config.model, config.objective
-            max_predictions_per_seq = max_predictions_per_seq or config.max_predictions_per_seq
-            seed = seed or config.train.seed
-        else:
-            model_cfg, objective = config, objective or ObjectiveConfig()
-        model_cfg.validate()
+        model_cfg, objective, self.max_predictions_per_seq, seed = resolve_pretraining_config(
+            config, objective, max_predictions_per_seq, seed)
         self.config, self.objective_config = model_cfg, objective
-        self.max_predictions_per_seq = max_predictions_per_seq or 0
 
         self.embeddings = ElectraEmbeddings(model_cfg)
         self.electra = ElectraBody(model_cfg.hidden_size, model_cfg.num_heads, model_cfg.intermediate_size,

@@ -293,6 +293,20 @@ class PretrainingOutput(NamedTuple):
     metrics: dict[str, torch.Tensor]
 
 
+def resolve_pretraining_config(config: Config | ModelConfig, objective: ObjectiveConfig | None,
+                               max_predictions_per_seq: int | None, seed: int):
+    """(model config, objective config, max predictions per sequence (0 = derive per batch), seed) from
+    a full Config or a ModelConfig (+ optional ObjectiveConfig); the model section is validated."""
+    if isinstance(config, Config):
+        model_cfg, objective = config.model, config.objective
+        max_predictions_per_seq = max_predictions_per_seq or config.max_predictions_per_seq
+        seed = seed or config.train.seed
+    else:
+        model_cfg, objective = config, objective or ObjectiveConfig()
+    model_cfg.validate()
+    return model_cfg, objective, max_predictions_per_seq or 0, seed
+
+
 class ElectraPretrainingModel(nn.Module):
     """Generator and discriminator in one module, so a DeepSpeed engine sees every parameter use
     inside one forward.
@@ -304,15 +318,9 @@ class ElectraPretrainingModel(nn.Module):
     def __init__(self, config: Config | ModelConfig, objective: ObjectiveConfig | None = None,
                  max_predictions_per_seq: int | None = None, seed: int = 0):
         super().__init__()
-        if isinstance(config, Config):
-            model_cfg, objective = config.model, config.objective
-            max_predictions_per_seq = max_predictions_per_seq or config.max_predictions_per_seq
-            seed = seed or config.train.seed
-        else:
-            model_cfg, objective = config, objective or ObjectiveConfig()
-        model_cfg.validate()
+        model_cfg, objective, self.max_predictions_per_seq, seed = resolve_pretraining_config(
+            config, objective, max_predictions_per_seq, seed)
         self.config, self.objective_config = model_cfg, objective
-        self.max_predictions_per_seq = max_predictions_per_seq or 0
 
         self.embeddings = ElectraEmbeddings(model_cfg)
         self.generator = ElectraBody(model_cfg.generator_hidden_size, model_cfg.generator_num_heads,
