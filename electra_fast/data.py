@@ -833,7 +833,7 @@ def _prepare_into(staging: Path, out: Path, *, inputs: list[str], vocab_path: st
                   vocab_table: dict[str, int] | None, vocab_size: int, seq_len: int, seed: int, num_proc: int,
                   default_corpus: bool, force: bool, lowercase: bool, streaming: bool | None,
                   verbose: bool) -> dict[str, Any] | None:
-    from datasets import Dataset, concatenate_datasets
+    from datasets import concatenate_datasets
 
     cache_dir, error_dir = staging / "cache", staging / "errors"
     sources: list[_Source] = []

@@ -95,7 +95,8 @@ from torch import nn
 
 from .atomic import atomic_directory, write_text_atomic
 from .config import ConfigError, ModelConfig, apply_section
-from .model import ElectraBody, ElectraEmbeddings, TokenLayout, init_weights, resolve_impl
+from .model import (ElectraBody, ElectraEmbeddings, TokenLayout, check_encoder_inputs, encode_tokens, init_weights,
+                    resolve_impl, token_layout)
 from .tasks import (
     Example,
     FinetuneError,
@@ -252,25 +253,13 @@ class ElectraModel(ElectraBody):
         init_weights(self, self.config.initializer_range)
 
     def layout(self, attention_mask: torch.Tensor) -> TokenLayout:
-        packed = self.config.unpad and resolve_impl(self.config.attention_impl, attention_mask.device) == "triton"
-        return TokenLayout.build(attention_mask, packed)
+        return token_layout(self.config, attention_mask)
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None):  # noqa: D401 - see class doc
         """(B, S) ids -> (rows (T, hidden), layout)."""
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
-        batch, seq_len = input_ids.shape
-        if seq_len > self.config.max_position_embeddings:
-            raise ValueError(f"sequence length {seq_len} exceeds max_position_embeddings "
-                             f"{self.config.max_position_embeddings}")
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
-        if token_type_ids is None:
-            token_type_ids = torch.zeros_like(input_ids)
+        attention_mask, token_type_ids = check_encoder_inputs(self.config, input_ids, attention_mask, token_type_ids)
         layout = self.layout(attention_mask)
-        positions = torch.arange(seq_len, device=input_ids.device).expand(batch, -1)
-        ids, types, pos = (layout.flatten(t) for t in (input_ids, token_type_ids, positions))
-        return super().forward(self.embeddings(ids, types, pos), layout), layout
+        return encode_tokens(self.embeddings, super().forward, input_ids, token_type_ids, layout), layout
 
 
 def _init_linear(module: nn.Linear, std: float) -> None:

@@ -32,9 +32,12 @@ from .model import (
     ElectraGeneratorPredictions,
     PretrainingOutput,
     TokenLayout,
+    check_encoder_inputs,
+    encode_tokens,
     init_weights,
     resolve_impl,
     resolve_pretraining_config,
+    token_layout,
 )
 from .objective import ObjectiveRNG, mask_tokens, max_predictions
 
@@ -98,35 +101,15 @@ class BertMLMModel(nn.Module):
     def _impl(self, name: str, device: torch.device) -> str:
         return resolve_impl(getattr(self.config, name), device)
 
-    def _layout(self, attention_mask: torch.Tensor) -> TokenLayout:
-        packed = self.config.unpad and self._impl("attention_impl", attention_mask.device) == "triton"
-        return TokenLayout.build(attention_mask, packed)
-
-    def _check_inputs(self, input_ids, attention_mask, token_type_ids):
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
-        if input_ids.shape[1] > self.config.max_position_embeddings:
-            raise ValueError(
-                f"sequence length {input_ids.shape[1]} is longer than the position table "
-                f"(max_position_embeddings={self.config.max_position_embeddings})"
-            )
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
-        if token_type_ids is None:
-            token_type_ids = torch.zeros_like(input_ids)
-        return attention_mask.bool(), token_type_ids
-
     def encode(self, input_ids, token_type_ids, layout: TokenLayout) -> torch.Tensor:
         """(B, S) ids -> (T, hidden) rows in ``layout``."""
-        positions = torch.arange(layout.seq_len, device=input_ids.device).expand(layout.batch, -1)
-        ids, types, pos = (layout.flatten(t) for t in (input_ids, token_type_ids, positions))
-        return self.electra(self.embeddings(ids, types, pos), layout)
+        return encode_tokens(self.embeddings, self.electra, input_ids, token_type_ids, layout)
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None) -> PretrainingOutput:
-        attention_mask, token_type_ids = self._check_inputs(input_ids, attention_mask, token_type_ids)
+        attention_mask, token_type_ids = check_encoder_inputs(self.config, input_ids, attention_mask, token_type_ids)
         device = input_ids.device
         obj = self.objective_config
-        layout = self._layout(attention_mask)
+        layout = token_layout(self.config, attention_mask)
         max_pred = max_predictions(obj.mask_prob, layout.seq_len, self.max_predictions_per_seq)
         masked_ids, chosen = bert_mask_tokens(
             input_ids, attention_mask, cfg=self.config, mask_prob=obj.mask_prob,

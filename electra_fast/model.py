@@ -307,6 +307,38 @@ def resolve_pretraining_config(config: Config | ModelConfig, objective: Objectiv
     return model_cfg, objective, max_predictions_per_seq or 0, seed
 
 
+def token_layout(cfg: ModelConfig, attention_mask: torch.Tensor) -> TokenLayout:
+    """Packed real tokens when the Triton attention runs with ``unpad``, else the flattened padded batch."""
+    packed = cfg.unpad and resolve_impl(cfg.attention_impl, attention_mask.device) == "triton"
+    return TokenLayout.build(attention_mask, packed)
+
+
+def check_encoder_inputs(cfg: ModelConfig, input_ids, attention_mask=None, token_type_ids=None):
+    """Validate (batch, seq) ids against the position table; default the mask (all real) and the
+    segment ids (all 0). Returns (attention_mask bool, token_type_ids)."""
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
+    seq_len = input_ids.shape[1]
+    if seq_len > cfg.max_position_embeddings:
+        raise ValueError(
+            f"sequence length {seq_len} is longer than the position table "
+            f"(max_position_embeddings={cfg.max_position_embeddings})"
+        )
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
+    if token_type_ids is None:
+        token_type_ids = torch.zeros_like(input_ids)
+    return attention_mask.bool(), token_type_ids
+
+
+def encode_tokens(embeddings: ElectraEmbeddings, body: nn.Module, input_ids, token_type_ids,
+                  layout: TokenLayout) -> torch.Tensor:
+    """(B, S) ids -> embeddings -> ``body`` -> (T, hidden) rows in ``layout``."""
+    positions = torch.arange(layout.seq_len, device=input_ids.device).expand(layout.batch, -1)
+    ids, types, pos = (layout.flatten(t) for t in (input_ids, token_type_ids, positions))
+    return body(embeddings(ids, types, pos), layout)
+
+
 class ElectraPretrainingModel(nn.Module):
     """Generator and discriminator in one module, so a DeepSpeed engine sees every parameter use
     inside one forward.
@@ -338,28 +370,13 @@ class ElectraPretrainingModel(nn.Module):
         return resolve_impl(getattr(self.config, name), device)
 
     def _layout(self, attention_mask: torch.Tensor) -> TokenLayout:
-        packed = self.config.unpad and self._impl("attention_impl", attention_mask.device) == "triton"
-        return TokenLayout.build(attention_mask, packed)
+        return token_layout(self.config, attention_mask)
 
     def _check_inputs(self, input_ids, attention_mask, token_type_ids):
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
-        seq_len = input_ids.shape[1]
-        if seq_len > self.config.max_position_embeddings:
-            raise ValueError(
-                f"sequence length {seq_len} is longer than the position table "
-                f"(max_position_embeddings={self.config.max_position_embeddings})"
-            )
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
-        if token_type_ids is None:
-            token_type_ids = torch.zeros_like(input_ids)
-        return attention_mask.bool(), token_type_ids
+        return check_encoder_inputs(self.config, input_ids, attention_mask, token_type_ids)
 
     def _encode(self, body: ElectraBody, input_ids, token_type_ids, layout: TokenLayout):
-        positions = torch.arange(layout.seq_len, device=input_ids.device).expand(layout.batch, -1)
-        ids, types, pos = (layout.flatten(t) for t in (input_ids, token_type_ids, positions))
-        return body(self.embeddings(ids, types, pos), layout)
+        return encode_tokens(self.embeddings, body, input_ids, token_type_ids, layout)
 
     # ---------------------------------------------------------------- training forward
     def forward(self, input_ids, attention_mask=None, token_type_ids=None) -> PretrainingOutput:
