@@ -15,9 +15,10 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
+
+from electra_fast.provenance import git_commit
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
@@ -42,19 +43,6 @@ def _version(distribution: str) -> str | None:
         return None
 
 
-def git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=REPO_ROOT, capture_output=True,
-                             text=True, timeout=10)
-        if out.returncode != 0:
-            return None
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return out.stdout.strip() + ("-dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
 _MACHINE: dict[str, Any] | None = None
 
 
@@ -66,7 +54,7 @@ def machine_info(optional_modules: Sequence[str] = ("transformers", "deepspeed")
 
         info: dict[str, Any] = {
             "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "commit": git_commit(),
+            "commit": git_commit(short=True),
             "host": platform.node(),
             "python": platform.python_version(),
             "torch": torch.__version__,

@@ -64,7 +64,6 @@ import re
 import shutil
 import signal
 import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -76,6 +75,7 @@ import yaml
 
 from .atomic import write_text_atomic
 from .config import Config, ConfigError, build_config, config_from_dict, load_config
+from .provenance import git_commit
 
 logger = logging.getLogger("electra_fast.train")
 
@@ -661,18 +661,6 @@ def _peak_tflops(cfg: Config, device: torch.device, precision: str) -> float | N
 # ==================================================================================================
 # The run directory's descriptive files
 # ==================================================================================================
-def _git_commit() -> str | None:
-    repo = Path(__file__).resolve().parents[1]
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True,
-                                timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return (commit + ("-dirty" if dirty else "")) if commit else None
-
-
 def _environment(world_size: int, device: torch.device, precision: str, resumed_from: str | None) -> dict:
     import deepspeed
 
@@ -688,7 +676,7 @@ def _environment(world_size: int, device: torch.device, precision: str, resumed_
     if device.type == "cuda":
         devices = torch.cuda.get_device_name(device)
     return {
-        "versions": versions, "git_commit": _git_commit(), "world_size": world_size, "device": device.type,
+        "versions": versions, "git_commit": git_commit(), "world_size": world_size, "device": device.type,
         "device_name": devices or platform.processor() or platform.machine(), "precision": precision,
         "host": socket.gethostname(), "argv": sys.argv, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "resumed_from": resumed_from,
