@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import add_common_args, append_rows, print_table, save_plot  # noqa: E402
 
-from electra_fast.config import build_config, load_config  # noqa: E402
+from electra_fast.config import build_config, load_config, max_predictions  # noqa: E402
 from electra_fast.flops import (  # noqa: E402
     CONVENTIONS,
     PAPER_MODELS,
@@ -80,9 +80,9 @@ def compare_section(args) -> list[dict]:
     rows, table = [], []
     for size in ("small", "base", "large"):
         cfg = build_config(size)
-        seq, batch, steps = cfg.data.seq_len, cfg.train.global_batch_size, cfg.train.max_steps
+        seq, steps = cfg.data.seq_len, cfg.train.max_steps
         bert_steps, bert_batch = BERT_SCHEDULE[size]
-        bert_rows = max(1, int((BERT_MASK_PROB + 0.005) * seq))
+        bert_rows = max_predictions(BERT_MASK_PROB, seq)
         for conv in CONVENTIONS:
             electra = electra_flops(cfg, convention=conv)
             bert = bert_mlm_flops(cfg, batch=bert_batch, convention=conv, mlm_rows_per_seq=bert_rows)

@@ -23,6 +23,12 @@ class ConfigError(ValueError):
     """A configuration value that cannot be used; the message names the key."""
 
 
+def max_predictions(mask_prob: float, seq_len: int, configured: int = 0) -> int:
+    """Chosen positions per sequence at most: the reference implementation's
+    int((mask_prob + 0.005) * seq_len) (19 at 15% of 128) unless ``configured`` is set (> 0)."""
+    return configured if configured > 0 else max(1, int((mask_prob + 0.005) * seq_len))
+
+
 @dataclass
 class ModelConfig:
     vocab_size: int = 30522
@@ -215,7 +221,7 @@ class Config:
     def max_predictions_per_seq(self) -> int:
         if self.objective.max_predictions_per_seq:
             return self.objective.max_predictions_per_seq
-        return max(1, int((self.objective.mask_prob + 0.005) * self.data.seq_len))
+        return max_predictions(self.objective.mask_prob, self.data.seq_len)
 
     def validate(self) -> "Config":
         for section in (self.model, self.objective, self.train, self.data):

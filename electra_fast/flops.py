@@ -45,7 +45,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
-from .config import Config, ModelConfig
+from .config import Config, ModelConfig, max_predictions
 
 # Cost per element of the non-matmul operations (the paper's constants).
 DROPOUT_FLOPS = 4  # random number, compare, multiply by mask, multiply by 1/(1-p)
@@ -369,15 +369,14 @@ def _workload(cfg: Config | ModelConfig, seq_len: int | None, batch: int | None,
         batch = batch or (len(lengths) if lengths is not None else cfg.train.global_batch_size)
         if mlm_rows_per_seq is None:
             # What the model computes: a fixed (batch, max_predictions_per_seq) gather per step.
-            mlm_rows_per_seq = (cfg.objective.max_predictions_per_seq
-                                or max(1, int((cfg.objective.mask_prob + 0.005) * seq_len)))
+            mlm_rows_per_seq = max_predictions(cfg.objective.mask_prob, seq_len, cfg.objective.max_predictions_per_seq)
     elif isinstance(cfg, ModelConfig):
         model_cfg = cfg
         if seq_len is None or (batch is None and lengths is None):
             raise ValueError("with a ModelConfig, seq_len and batch (or lengths) must be given")
         batch = batch or len(lengths)
         if mlm_rows_per_seq is None:
-            mlm_rows_per_seq = max(1, int((0.15 + 0.005) * seq_len))
+            mlm_rows_per_seq = max_predictions(0.15, seq_len)
     else:
         raise TypeError(f"expected a Config or ModelConfig, got {type(cfg).__name__}")
     if seq_len > model_cfg.max_position_embeddings:

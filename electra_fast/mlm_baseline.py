@@ -25,7 +25,7 @@ from torch import nn
 
 import electra_kernels as ek
 
-from .config import Config, ModelConfig, ObjectiveConfig
+from .config import Config, ModelConfig, ObjectiveConfig, max_predictions
 from .model import (
     ElectraBody,
     ElectraEmbeddings,
@@ -39,7 +39,7 @@ from .model import (
     resolve_pretraining_config,
     token_layout,
 )
-from .objective import ObjectiveRNG, mask_tokens, max_predictions
+from .objective import ObjectiveRNG, mask_tokens
 
 # BERT's split of the chosen positions (Devlin et al. 2019, Section 3.1).
 BERT_MASK_TOKEN_SHARE = 0.8

@@ -27,8 +27,8 @@ from torch.utils.checkpoint import checkpoint
 import electra_kernels as ek
 from electra_kernels._dispatch import HAS_TRITON
 
-from .config import Config, ModelConfig, ObjectiveConfig
-from .objective import ObjectiveRNG, mask_tokens, max_predictions, pretraining_metrics, replace_tokens
+from .config import Config, ModelConfig, ObjectiveConfig, max_predictions
+from .objective import ObjectiveRNG, mask_tokens, pretraining_metrics, replace_tokens
 
 
 def resolve_impl(choice: str, device: torch.device) -> str:
@@ -410,11 +410,12 @@ class ElectraPretrainingModel(nn.Module):
         bce = ek.replaced_token_bce if self._impl("disc_head_impl", device) == "triton" else ek.replaced_token_bce_ref
         head = self.discriminator_predictions.dense_prediction
         real_rows = layout.real_rows()
-        disc_loss, disc_logits = bce(features, head.weight, head.bias, layout.flatten(is_replaced), real_rows)
+        labels = layout.flatten(is_replaced)
+        disc_loss, disc_logits = bce(features, head.weight, head.bias, labels, real_rows)
 
         loss = obj.gen_weight * mlm_loss + obj.disc_weight * disc_loss
         metrics = pretraining_metrics(correct=correct, valid=masked.valid, disc_logits=disc_logits,
-                                      is_replaced=layout.flatten(is_replaced), real=real_rows)
+                                      is_replaced=labels, real=real_rows)
         return PretrainingOutput(loss=loss, mlm_loss=mlm_loss.detach(), disc_loss=disc_loss.detach(), metrics=metrics)
 
     # ---------------------------------------------------------------- inspection

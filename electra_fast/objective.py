@@ -71,11 +71,6 @@ class ObjectiveRNG:
         self._pending_masking_state = state.get("masking")
 
 
-def max_predictions(mask_prob: float, seq_len: int, configured: int = 0) -> int:
-    """The reference implementation's bound: int((mask_prob + 0.005) * seq_len) unless configured."""
-    return configured if configured > 0 else max(1, int((mask_prob + 0.005) * seq_len))
-
-
 def mask_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor, *, mask_prob: float,
                 mask_token_ratio: float, max_predictions_per_seq: int, special_ids: tuple[int, ...],
                 mask_token_id: int, generator: torch.Generator) -> MaskedBatch:

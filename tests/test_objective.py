@@ -4,7 +4,8 @@ import pytest
 import torch
 from scipy import stats
 
-from electra_fast.objective import mask_tokens, max_predictions, replace_tokens
+from electra_fast.config import max_predictions
+from electra_fast.objective import mask_tokens, replace_tokens
 from electra_kernels import IGNORE_INDEX, mlm_head_loss_ref
 
 from helpers import random_batch, tiny_config
