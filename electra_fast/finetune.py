@@ -27,14 +27,15 @@ The recipe defaults are the paper's (Clark et al. 2020, Appendix; google-researc
 * batch 32, max length 128 (256 for tagging), 3 epochs (10 for RTE and STS-B);
 * several seeds with the median reported (``--seeds 1,2,3``; the paper takes the median of 10 runs).
 
-Heads follow Hugging Face so the result loads in transformers (:mod:`electra_fast.task_models`:
-``ElectraClassificationHead`` on the [CLS] row, ``ElectraForTokenClassification``'s dropout + linear
-on each word's first sub-word; the examples become ids in :mod:`electra_fast.task_features`; the
-options are :mod:`electra_fast.finetune_config`'s). Differences from the TF reference, on purpose: PyTorch's
-AdamW applies Adam's bias correction (BERT's AdamWeightDecayOptimizer does not, which scales update t
-by (1−β1^t)/sqrt(1−β2^t): about 3 in the first steps, back to 1 over a few thousand; the warm-up keeps
-those steps small in both), and STS-B is trained on the raw 0..5 score as in HF (the reference divides
-it by 5; the correlation metrics do not change).
+This module is the training / evaluation loop and the CLI. The models (heads as Hugging Face's, so
+the result loads in transformers) are in :mod:`electra_fast.task_models`, the featurisation in
+:mod:`electra_fast.task_features`, the ``--set`` options in :mod:`electra_fast.finetune_config`, the
+task files and metrics in :mod:`electra_fast.tasks`.
+
+Differences from the TF reference, on purpose: PyTorch's AdamW applies Adam's bias correction (BERT's
+AdamWeightDecayOptimizer does not, which scales update t by (1−β1^t)/sqrt(1−β2^t): about 3 in the first
+steps, back to 1 over a few thousand; the warm-up keeps those steps small in both), and STS-B is trained
+on the raw 0..5 score as in HF (the reference divides it by 5; the correlation metrics do not change).
 
 The encoder is built from the pretraining blocks in :mod:`electra_fast.model` (``ElectraEmbeddings`` +
 ``ElectraBody``), so ``model.attention_impl=auto`` runs the electra_kernels Triton attention on
@@ -70,9 +71,9 @@ Python API (what ``electra-fast finetune`` and ``benchmarks/equal_compute.py`` c
 
 ``finetune_classifier`` takes the encoder as an ``ElectraPretrainingModel`` (its shared embeddings and
 discriminator are copied; the model itself is not changed), a model folder (as ``--model``), or an
-:class:`~electra_fast.task_models.ElectraModel`; the tokenizer as a ``tokenizers.Tokenizer`` or a folder / ``tokenizer.json`` /
-``vocab.txt`` path. It returns the same dictionary ``metrics.json`` holds; with ``out_dir`` it writes
-the files too. Bad inputs raise :class:`FinetuneError` (a ``ValueError``) naming the file / line.
+:class:`~electra_fast.task_models.ElectraModel`; the tokenizer as a ``tokenizers.Tokenizer`` or a
+folder / ``tokenizer.json`` / ``vocab.txt`` path (read by :func:`electra_fast.data.load_tokenizer`).
+It returns the same dictionary ``metrics.json`` holds; with ``out_dir`` it writes the files too. Bad inputs raise :class:`FinetuneError` (a ``ValueError``) naming the file / line.
 """
 
 from __future__ import annotations
@@ -97,7 +98,7 @@ from torch import nn
 from .atomic import write_text_atomic
 from .config import ConfigError, ModelConfig
 from .data import DataError, load_tokenizer
-from .finetune_config import PAPER_RECIPE, FinetuneConfig, ModelOptions, TrainOptions
+from .finetune_config import PAPER_RECIPE, FinetuneConfig, TrainOptions
 from .model import resolve_impl
 from .optim import lr_multiplier, no_weight_decay
 from .task_features import Features, collate, featurize, special_ids
@@ -107,8 +108,6 @@ from .tasks import Example, FinetuneError, TaskData, TaskSpec, load_task, score
 __all__ = [
     "FinetuneConfig",
     "FinetuneError",
-    "ModelOptions",
-    "TrainOptions",
     "add_finetune_arguments",
     "finetune",
     "finetune_classifier",
@@ -154,7 +153,6 @@ def layerwise_param_groups(model: nn.Module, lr: float, decay: float, weight_dec
     return [groups[key] for key in sorted(groups)]
 
 
-
 # --------------------------------------------------------------------------------------------
 # Training and evaluation
 # --------------------------------------------------------------------------------------------
@@ -175,7 +173,6 @@ def _size_of(cfg: ModelConfig, requested: str) -> str:
 
 def _higher_is_better(metric: str) -> bool:
     return metric != "mse"
-
 
 
 def _amp_dtype(device: torch.device, precision: str) -> torch.dtype | None:

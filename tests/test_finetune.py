@@ -667,6 +667,40 @@ def test_bad_model_folders(tmp_path, run_dir, case):
     assert not (tmp_path / "out" / "model").exists()
 
 
+@pytest.mark.parametrize("override, match", [
+    ("train.learning_rate=1e-4", r"unknown config key 'train.learning_rate' \(known keys in 'train': adam_beta1, "),
+    ("optim.lr=1e-4", r"unknown config section 'optim' in override 'optim.lr=1e-4' \(sections: task, train, model\)"),
+    ("train.lr", r"must look like section.key=value"),
+    ("train.epochs=many", "train.epochs expects a number"),
+    ("train.progress=2", "train.progress expects true/false"),
+    ("train.size=huge", r"train.size must be one of auto/small/base/large, got 'huge'"),
+    ("train.precision=fp16", r"train.precision must be one of auto/bf16/fp32"),
+    ("train.batch_size=0", "train.batch_size must be positive"),
+    ("train.lr=-1e-4", "train.lr must be >= 0"),
+    ("train.warmup_fraction=1", r"train.warmup_fraction must be in \[0, 1\)"),
+    ("model.attention_impl=cuda", r"model.attention_impl must be one of auto/torch/triton"),
+    ("task.max_seq_length=4", "task.max_seq_length must be 0 \\(auto\\) or at least 8"),
+])
+def test_bad_finetune_options_name_the_key(override, match):
+    with pytest.raises(ConfigError, match=match):
+        FinetuneConfig.from_overrides([override])
+
+
+def test_recipe_defaults_are_the_papers_by_size():
+    """lr / layer-wise decay 0 means the paper's value for the encoder's size; a set value wins."""
+    from electra_fast.finetune import _recipe
+    from electra_fast.tasks import TaskSpec
+
+    spec = TaskSpec("sst-2", "classification", ["0", "1"], ("accuracy",))
+    for hidden, (lr, decay) in {256: (3e-4, 0.8), 768: (1e-4, 0.8), 1024: (5e-5, 0.9)}.items():
+        recipe = _recipe(spec, ModelConfig(hidden_size=hidden), FinetuneConfig(), 100)
+        assert (recipe.lr, recipe.layerwise_lr_decay, recipe.epochs, recipe.batch_size) == (lr, decay, 3.0, 32)
+        assert (recipe.total_steps, recipe.warmup_steps, recipe.max_seq_length) == (12, 1, 128)
+    chosen = _recipe(spec, ModelConfig(hidden_size=1024), FinetuneConfig.from_overrides(
+        ["train.lr=2e-5", "train.layerwise_lr_decay=1.0", "train.size=small"]), 100)
+    assert (chosen.size, chosen.lr, chosen.layerwise_lr_decay) == ("small", 2e-5, 1.0)
+
+
 def test_bad_api_inputs_and_cli_exit_code(tmp_path, run_dir, capsys):
     model = _tiny_model()
     tokenizer = load_tokenizer(run_dir / "export" / "discriminator")
@@ -684,6 +718,7 @@ def test_bad_api_inputs_and_cli_exit_code(tmp_path, run_dir, capsys):
     with pytest.raises(ConfigError, match="train.lr expects a number"):
         FinetuneConfig.from_overrides(["train.lr=fast"])
     assert FinetuneConfig.from_overrides(["task.labels=0,1", "task.text_column=2017"]).task.labels == "0,1"
+    assert FinetuneConfig.from_overrides(["task.text_column=2017"]).task.text_column == "2017"
 
     parser = argparse.ArgumentParser()
     add_finetune_arguments(parser)
