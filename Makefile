@@ -1,6 +1,7 @@
 # Two commands on a fresh machine:
 #   make demo   create .venv, install, build the embedded corpus, pretrain a small ELECTRA, export, summarise
-#   make test   create .venv, install, run the test suite
+#   make test   create .venv, install, run the test suite (all of it, as CI does)
+#   make test-fast   the same without the tests marked slow (DeepSpeed ranks, subprocess runs)
 # CPU machines get the local CPU build of torch (torch==2.13.0); a machine that already has torch keeps it.
 
 PYTHON ?= python3
@@ -20,7 +21,7 @@ DEMO_GPU_SETTINGS ?= --set train.max_steps=3000 --set train.warmup_steps=300 --s
 	--set train.log_every=50
 DEMO_THREADS ?= 1
 
-.PHONY: install test demo clean
+.PHONY: install test test-fast demo clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -34,6 +35,10 @@ install: $(STAMP)
 # pytest exits 5 when it collects no tests; make treats every non-zero exit as a failure.
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# For the edit-test loop; CI runs `make test`.
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" tests
 
 demo: $(STAMP)
 	$(PY) -m electra_fast.cli prepare --default --out $(DEMO_DATA) --vocab-size 8192 --seq-len 128

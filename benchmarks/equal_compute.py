@@ -216,8 +216,8 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 def encoder_snapshot(model, cfg):
-    """The fine-tunable encoder (embeddings + discriminator-size body) as a CPU finetune.ElectraModel."""
-    from electra_fast.finetune import ElectraModel
+    """The fine-tunable encoder (embeddings + discriminator-size body) as a CPU task_models.ElectraModel."""
+    from electra_fast.task_models import ElectraModel
 
     body_prefix = "discriminator." if hasattr(model, "discriminator") else "electra."
     state = {}
@@ -375,7 +375,7 @@ def main(argv=None) -> int:
 
     rows = []
     if not args.no_random_init:
-        from electra_fast.finetune import ElectraModel
+        from electra_fast.task_models import ElectraModel
 
         torch.manual_seed(args.seed)
         accs = probe_accuracy(ElectraModel(cfg.model), tokenizer, probe_train, probe_dev, args, device)

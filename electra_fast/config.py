@@ -6,6 +6,10 @@
 Layers, lowest first: dataclass defaults (ELECTRA-Small) -> the named ``size`` preset -> the YAML's
 sections -> ``--set`` overrides. Every key is checked against the dataclass fields and their types: an
 unknown key or a wrong type is a :class:`ConfigError` naming the key.
+
+The override parsing (:func:`apply_overrides`) and the range checks (:func:`check_choice`,
+:func:`check_positive`, :func:`check_non_negative`) work on any config made of dataclass sections, so
+fine-tuning's options (:mod:`electra_fast.finetune_config`) use the same ones.
 """
 
 from __future__ import annotations
@@ -21,6 +25,31 @@ import yaml
 
 class ConfigError(ValueError):
     """A configuration value that cannot be used; the message names the key."""
+
+
+# Which implementation runs a hot spot: "auto" (Triton on CUDA, PyTorch elsewhere), "torch" (the
+# reference) or "triton" (the kernel; on CPU only under TRITON_INTERPRET=1).
+IMPLEMENTATIONS = ("auto", "torch", "triton")
+
+
+def check_choice(key: str, value: Any, choices: tuple) -> None:
+    """``key`` must hold one of ``choices``."""
+    if value not in choices:
+        raise ConfigError(f"{key} must be one of {'/'.join(map(str, choices))}, got {value!r}")
+
+
+def check_positive(section: Any, name: str, keys: tuple[str, ...]) -> None:
+    """Each ``name.key`` of ``section`` must be > 0."""
+    for key in keys:
+        if getattr(section, key) <= 0:
+            raise ConfigError(f"{name}.{key} must be positive, got {getattr(section, key)}")
+
+
+def check_non_negative(section: Any, name: str, keys: tuple[str, ...]) -> None:
+    """Each ``name.key`` of ``section`` must be >= 0 (0 usually meaning "derive it")."""
+    for key in keys:
+        if getattr(section, key) < 0:
+            raise ConfigError(f"{name}.{key} must be >= 0, got {getattr(section, key)}")
 
 
 def max_predictions(mask_prob: float, seq_len: int, configured: int = 0) -> int:
@@ -95,8 +124,7 @@ class ModelConfig:
                 f"model.generator_fraction) is not divisible by its {self.generator_num_heads} heads"
             )
         for key in ("attention_impl", "mlm_head_impl", "disc_head_impl", "elementwise_impl"):
-            if getattr(self, key) not in ("auto", "torch", "triton"):
-                raise ConfigError(f"model.{key} must be one of auto/torch/triton, got {getattr(self, key)!r}")
+            check_choice(f"model.{key}", getattr(self, key), IMPLEMENTATIONS)
         specials = {k: getattr(self, k) for k in
                     ("pad_token_id", "unk_token_id", "cls_token_id", "sep_token_id", "mask_token_id")}
         for key, value in specials.items():
@@ -319,22 +347,44 @@ def apply_section(section: Any, name: str, values: dict[str, Any]) -> None:
         setattr(section, key, _coerce(f"{name}.{key}", types[key], value))
 
 
-def parse_override(text: str) -> tuple[str, str, Any]:
-    """'train.lr=1e-4' -> ('train', 'lr', 0.0001); the value is parsed as YAML."""
+def _sections(config: Any) -> dict[str, Any]:
+    """The dataclass-valued fields of a config (its sections), in declaration order."""
+    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
+            if dataclasses.is_dataclass(getattr(config, f.name))}
+
+
+def parse_override(text: str, sections: tuple[str, ...] | list[str] = tuple(_SECTIONS)) -> tuple[str, str, Any]:
+    """'train.lr=1e-4' -> ('train', 'lr', 0.0001); the value is parsed as YAML. ``sections``: the names
+    allowed before the dot (the pretraining config's by default)."""
     if "=" not in text:
-        raise ConfigError(f"override {text!r} must look like section.key=value")
+        raise ConfigError(f"override {text!r} must look like section.key=value (e.g. train.lr=1e-4)")
     dotted, raw = text.split("=", 1)
     parts = dotted.strip().split(".")
     if len(parts) != 2:
         raise ConfigError(f"override key {dotted!r} must be section.key (e.g. train.lr)")
     section, key = parts
-    if section not in _SECTIONS:
-        raise ConfigError(f"unknown config section '{section}' in override {text!r} (sections: {', '.join(_SECTIONS)})")
+    if section not in sections:
+        raise ConfigError(f"unknown config section '{section}' in override {text!r} (sections: {', '.join(sections)})")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as exc:
         raise ConfigError(f"cannot parse the value of {dotted}: {exc}") from None
     return section, key, value
+
+
+def apply_overrides(config: Any, overrides: list[str] | tuple[str, ...]) -> None:
+    """Apply ``section.key=value`` strings to ``config`` (a dataclass whose sections are dataclasses), in
+    order, each checked as :func:`apply_section` checks a YAML section.
+
+    A text field keeps the text as typed when YAML would read it as something else (``task.labels=0,1``,
+    ``task.text_column=2017``, ``data.path=2017``): a string field never wants a number or a bool."""
+    sections = _sections(config)
+    for text in overrides:
+        name, key, value = parse_override(text, tuple(sections))
+        section = sections[name]
+        if value is not None and not isinstance(value, str) and _field_types(type(section)).get(key) is str:
+            value = text.split("=", 1)[1].strip()
+        apply_section(section, name, {key: value})
 
 
 def build_config(size: str = "small", sections: dict[str, Any] | None = None,
@@ -348,9 +398,7 @@ def build_config(size: str = "small", sections: dict[str, Any] | None = None,
         if name not in _SECTIONS:
             raise ConfigError(f"unknown config section '{name}' (sections: size, {', '.join(_SECTIONS)})")
         apply_section(getattr(cfg, name), name, values or {})
-    for text in overrides:
-        section, key, value = parse_override(text)
-        apply_section(getattr(cfg, section), section, {key: value})
+    apply_overrides(cfg, overrides)
     return cfg.validate()
 
 

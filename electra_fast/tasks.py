@@ -66,6 +66,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from .config import ConfigError
+
 
 class FinetuneError(ValueError):
     """A fine-tuning input that cannot be used (task file, label, model folder); the message names it."""
@@ -87,6 +89,10 @@ class TaskOptions:
     double_unordered: bool = True  # MRPC, STS-B: also train on (b, a) pairs, as the reference does
     train_file: str = ""  # file name inside --data-dir; empty: discover train.*
     dev_file: str = ""  # empty: discover dev.* / validation.* / valid.* (dev_matched.tsv for MNLI)
+
+    def validate(self) -> None:
+        if self.max_seq_length < 0 or 0 < self.max_seq_length < 8:
+            raise ConfigError(f"task.max_seq_length must be 0 (auto) or at least 8, got {self.max_seq_length}")
 
 
 @dataclass

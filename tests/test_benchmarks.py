@@ -39,6 +39,7 @@ def _rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+@pytest.mark.slow  # four variants in a subprocess, DeepSpeed's among them: minutes on a 2-core CPU
 def test_throughput_cpu_smoke(tmp_path):
     out = _run("throughput.py", "--cpu-smoke", "--variants", "ours-torch,ours-deepspeed,hf-eager,hf-bert-mlm",
                "--warmup", "1", "--iters", "1", "--results-dir", str(tmp_path))

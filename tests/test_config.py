@@ -1,6 +1,9 @@
+from dataclasses import dataclass
+
 import pytest
 
-from electra_fast.config import SIZES, ConfigError, build_config, config_from_dict, load_config
+from electra_fast.config import (IMPLEMENTATIONS, SIZES, ConfigError, apply_overrides, build_config, check_choice,
+                                 check_non_negative, check_positive, config_from_dict, load_config, parse_override)
 
 
 @pytest.mark.parametrize("size", ["tiny", "small", "base", "large"])
@@ -83,3 +86,64 @@ def test_batch_layout():
 def test_round_trip_through_dict():
     cfg = load_config("configs/electra-base.yaml", ["train.lr=3e-4"])
     assert config_from_dict(cfg.to_dict()) == cfg
+
+
+def test_text_fields_keep_the_override_as_typed():
+    """YAML would read 2017 as a number; a text field (a path, a column name) wants the text."""
+    cfg = load_config(size="tiny", overrides=["data.path=2017", "train.deepspeed_config=0.10"])
+    assert cfg.data.path == "2017" and cfg.train.deepspeed_config == "0.10"
+    with pytest.raises(ConfigError, match="train.optimizer"):  # still checked against its choices
+        load_config(size="tiny", overrides=["train.optimizer=1"])
+    with pytest.raises(ConfigError, match="data.seq_len expects an integer"):  # other types as before
+        load_config(size="tiny", overrides=["data.seq_len=long"])
+
+
+def test_overrides_apply_to_any_config_of_dataclass_sections():
+    """The parsing and checks fine-tuning's options share: sections are a config's dataclass fields."""
+    from dataclasses import dataclass, field
+
+    @dataclass
+    class Optim:
+        lr: float = 0.1
+        name: str = "adamw"
+
+    @dataclass
+    class Other:
+        steps: int = 1
+
+    @dataclass
+    class Custom:
+        label: str = "not a section"
+        optim: Optim = field(default_factory=Optim)
+        other: Other = field(default_factory=Other)
+
+    cfg = Custom()
+    apply_overrides(cfg, ["optim.lr=1e-3", "other.steps=4", "optim.name=7"])
+    assert (cfg.optim.lr, cfg.other.steps, cfg.optim.name) == (1e-3, 4, "7")
+    for override, match in [
+        ("optim.beta=1", r"unknown config key 'optim.beta' \(known keys in 'optim': lr, name\)"),
+        ("label.x=1", r"unknown config section 'label' in override 'label.x=1' \(sections: optim, other\)"),
+        ("other.steps=many", "other.steps expects an integer, got 'many'"),
+        ("optim.lr", r"must look like section.key=value"),
+    ]:
+        with pytest.raises(ConfigError, match=match):
+            apply_overrides(Custom(), [override])
+    assert parse_override("optim.lr=2", ("optim",)) == ("optim", "lr", 2)
+    with pytest.raises(ConfigError, match=r"sections: model, objective, train, data"):
+        parse_override("optim.lr=2")  # the pretraining sections by default
+
+
+def test_range_checks_name_the_key():
+    @dataclass
+    class Section:
+        size: int = 0
+        rate: float = -1.0
+
+    with pytest.raises(ConfigError, match=r"train.impl must be one of auto/torch/triton, got 'cuda'"):
+        check_choice("train.impl", "cuda", IMPLEMENTATIONS)
+    check_choice("train.impl", "triton", IMPLEMENTATIONS)
+    with pytest.raises(ConfigError, match=r"s.size must be positive, got 0"):
+        check_positive(Section(), "s", ("size",))
+    with pytest.raises(ConfigError, match=r"s.rate must be >= 0, got -1.0"):
+        check_non_negative(Section(), "s", ("size", "rate"))
+    check_non_negative(Section(rate=0.0), "s", ("size", "rate"))

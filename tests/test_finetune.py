@@ -19,26 +19,21 @@ import pytest
 import torch
 
 from electra_fast.config import ConfigError, ModelConfig, build_config
+from electra_fast.data import load_tokenizer
 from electra_fast.finetune import (
-    ElectraForSequenceClassification,
-    ElectraForTokenClassification,
-    FinetuneConfig,
-    ModelOptions,
-    _encode_words,
-    _special_ids,
     add_finetune_arguments,
     finetune,
     finetune_classifier,
     layerwise_param_groups,
-    load_encoder,
-    load_tokenizer,
-    TrainOptions,
-    lr_multiplier,
     make_optimizer,
     run_finetune,
 )
+from electra_fast.finetune_config import FinetuneConfig, ModelOptions, TrainOptions
 from electra_fast.hf import to_hf
 from electra_fast.model import ElectraPretrainingModel
+from electra_fast.optim import lr_multiplier
+from electra_fast.task_features import collate, encode_sequences, encode_words, special_ids
+from electra_fast.task_models import ElectraForSequenceClassification, ElectraForTokenClassification, load_encoder
 from electra_fast.tasks import (
     FinetuneError,
     TaskOptions,
@@ -337,29 +332,28 @@ def test_conll_reader_and_first_subword_labels(tmp_path, run_dir):
     assert [data.spec.labels[t] for t in first.tags] == ["B-PER", "I-PER", "O", "B-LOC"]
     tokenizer = load_tokenizer(run_dir / "export" / "discriminator")
     encoder, _ = load_encoder(run_dir)
-    features = _encode_words(tokenizer, data.train, 64, _special_ids(tokenizer, encoder.config))
+    features = encode_words(tokenizer, data.train, 64, special_ids(tokenizer, encoder.config))
     # "goods" -> good ##s: the word's label sits on its first piece, after [CLS].
     assert features.input_ids[1] == [2, VOCAB.index("good"), VOCAB.index("##s"), VOCAB.index("london"), 3]
     assert features.word_positions[1] == [1, 3]
     # Truncation: words without a piece keep no position (scored as predicted O).
-    short = _encode_words(tokenizer, data.train[:1], 4, _special_ids(tokenizer, encoder.config))
+    short = encode_words(tokenizer, data.train[:1], 4, special_ids(tokenizer, encoder.config))
     assert short.word_positions[0] == [1, 2, -1, -1]
 
 
 def test_sequence_features_layout_and_pair_truncation(run_dir):
     """[CLS] a [SEP] b [SEP] with token types 0/1; the reference's truncation pops the longer side."""
-    from electra_fast.finetune import _encode_sequences
     from electra_fast.tasks import Example
 
     tokenizer = load_tokenizer(run_dir / "export" / "discriminator")
     tokenizer.enable_padding(length=16)  # a caller's tokenizer set up to pad / truncate still works
     tokenizer.enable_truncation(3)
     tokenizer = load_tokenizer(tokenizer)
-    specials = _special_ids(tokenizer, load_encoder(run_dir)[0].config)
+    specials = special_ids(tokenizer, load_encoder(run_dir)[0].config)
     v = VOCAB.index
     examples = [Example("good movies", "bad film", 0), Example("the the the the the", "a plot", 1),
                 Example("the plot", "", 0), Example("a " * 20, None, 1)]
-    features = _encode_sequences(tokenizer, examples, 8, specials)
+    features = encode_sequences(tokenizer, examples, 8, specials)
     assert features.input_ids[0] == [2, v("good"), v("movie"), v("##s"), 3, v("bad"), v("film"), 3]
     assert features.token_type_ids[0] == [0, 0, 0, 0, 0, 1, 1, 1]
     assert features.input_ids[1] == [2, v("the"), v("the"), v("the"), 3, v("a"), v("plot"), 3]  # a: 5 -> 3
@@ -373,12 +367,11 @@ def test_sequence_features_layout_and_pair_truncation(run_dir):
 # --------------------------------------------------------------------------------------------
 def _hf_inputs(tokenizer, pairs):
     """Padded (input_ids, attention_mask, token_type_ids) exactly as fine-tuning builds them."""
-    from electra_fast.finetune import _collate, _encode_sequences
     from electra_fast.tasks import Example
 
-    features = _encode_sequences(tokenizer, [Example(a, b, 0) for a, b in pairs], 64,
-                                 _special_ids(tokenizer, ModelConfig(vocab_size=len(VOCAB))))
-    return _collate(features, list(range(len(pairs))), 0, torch.device("cpu"), "classification")
+    features = encode_sequences(tokenizer, [Example(a, b, 0) for a, b in pairs], 64,
+                                 special_ids(tokenizer, ModelConfig(vocab_size=len(VOCAB))))
+    return collate(features, list(range(len(pairs))), 0, torch.device("cpu"), "classification")
 
 
 def test_cli_finetunes_glue_task_and_saves_hf_model(tmp_path, run_dir, capsys):
@@ -674,6 +667,40 @@ def test_bad_model_folders(tmp_path, run_dir, case):
     assert not (tmp_path / "out" / "model").exists()
 
 
+@pytest.mark.parametrize("override, match", [
+    ("train.learning_rate=1e-4", r"unknown config key 'train.learning_rate' \(known keys in 'train': adam_beta1, "),
+    ("optim.lr=1e-4", r"unknown config section 'optim' in override 'optim.lr=1e-4' \(sections: task, train, model\)"),
+    ("train.lr", r"must look like section.key=value"),
+    ("train.epochs=many", "train.epochs expects a number"),
+    ("train.progress=2", "train.progress expects true/false"),
+    ("train.size=huge", r"train.size must be one of auto/small/base/large, got 'huge'"),
+    ("train.precision=fp16", r"train.precision must be one of auto/bf16/fp32"),
+    ("train.batch_size=0", "train.batch_size must be positive"),
+    ("train.lr=-1e-4", "train.lr must be >= 0"),
+    ("train.warmup_fraction=1", r"train.warmup_fraction must be in \[0, 1\)"),
+    ("model.attention_impl=cuda", r"model.attention_impl must be one of auto/torch/triton"),
+    ("task.max_seq_length=4", "task.max_seq_length must be 0 \\(auto\\) or at least 8"),
+])
+def test_bad_finetune_options_name_the_key(override, match):
+    with pytest.raises(ConfigError, match=match):
+        FinetuneConfig.from_overrides([override])
+
+
+def test_recipe_defaults_are_the_papers_by_size():
+    """lr / layer-wise decay 0 means the paper's value for the encoder's size; a set value wins."""
+    from electra_fast.finetune import _recipe
+    from electra_fast.tasks import TaskSpec
+
+    spec = TaskSpec("sst-2", "classification", ["0", "1"], ("accuracy",))
+    for hidden, (lr, decay) in {256: (3e-4, 0.8), 768: (1e-4, 0.8), 1024: (5e-5, 0.9)}.items():
+        recipe = _recipe(spec, ModelConfig(hidden_size=hidden), FinetuneConfig(), 100)
+        assert (recipe.lr, recipe.layerwise_lr_decay, recipe.epochs, recipe.batch_size) == (lr, decay, 3.0, 32)
+        assert (recipe.total_steps, recipe.warmup_steps, recipe.max_seq_length) == (12, 1, 128)
+    chosen = _recipe(spec, ModelConfig(hidden_size=1024), FinetuneConfig.from_overrides(
+        ["train.lr=2e-5", "train.layerwise_lr_decay=1.0", "train.size=small"]), 100)
+    assert (chosen.size, chosen.lr, chosen.layerwise_lr_decay) == ("small", 2e-5, 1.0)
+
+
 def test_bad_api_inputs_and_cli_exit_code(tmp_path, run_dir, capsys):
     model = _tiny_model()
     tokenizer = load_tokenizer(run_dir / "export" / "discriminator")
@@ -691,6 +718,7 @@ def test_bad_api_inputs_and_cli_exit_code(tmp_path, run_dir, capsys):
     with pytest.raises(ConfigError, match="train.lr expects a number"):
         FinetuneConfig.from_overrides(["train.lr=fast"])
     assert FinetuneConfig.from_overrides(["task.labels=0,1", "task.text_column=2017"]).task.labels == "0,1"
+    assert FinetuneConfig.from_overrides(["task.text_column=2017"]).task.text_column == "2017"
 
     parser = argparse.ArgumentParser()
     add_finetune_arguments(parser)
