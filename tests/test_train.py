@@ -1,4 +1,4 @@
-"""The DeepSpeed training entry point (electra_fast/train.py) on the CPU.
+"""The DeepSpeed trainer (electra_fast/train.py and its ds_config, checkpoints, metrics modules) on the CPU.
 
 Fast tests: the DeepSpeed-config merge, weight-decay groups, configs that must fail before any work,
 and in-process single-rank runs (training, checkpoint pruning, export, non-finite handling).
@@ -23,8 +23,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from _faults import NonFiniteLossAt
+
 from electra_fast import train as trainer
+from electra_fast.checkpoints import add_export_arguments, consolidated_state_dict, run_export
 from electra_fast.config import ConfigError, load_config
+from electra_fast.ds_config import build_deepspeed_config, read_deepspeed_json
+from electra_fast.metrics import read_metrics
+from electra_fast.optim import weight_decay_groups
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "configs" / "electra-tiny.yaml")
@@ -42,7 +48,7 @@ COMPARE = ("model.dropout=0", "model.attention_dropout=0", "train.lr=0.003", "tr
 @pytest.fixture(scope="session")
 def corpus_dir(tmp_path_factory) -> str:
     """A prepared corpus: 300-token vocabulary, 64-token examples, a few hundred examples."""
-    from electra_fast.data import prepare
+    from electra_fast.prepare import prepare
 
     import random
 
@@ -87,8 +93,8 @@ def _args(run_dir, *sets, config=TINY, resume=False) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def run_inprocess(data, run_dir, *sets, resume=False, config=TINY) -> int:
-    return trainer.run_train(_args(run_dir, f"data.path={data}", *sets, resume=resume, config=config))
+def run_inprocess(data, run_dir, *sets, resume=False, config=TINY, callbacks=()) -> int:
+    return trainer.run_train(_args(run_dir, f"data.path={data}", *sets, resume=resume, config=config), callbacks)
 
 
 def child_env() -> dict:
@@ -98,7 +104,7 @@ def child_env() -> dict:
 
 
 def losses(run_dir) -> list[float]:
-    return [r["loss"] for r in trainer.read_metrics(run_dir) if "loss" in r]
+    return [r["loss"] for r in read_metrics(run_dir) if "loss" in r]
 
 
 def free_port() -> int:
@@ -117,8 +123,8 @@ def _tiny(*sets):
 def test_deepspeed_config_fills_auto_from_yaml():
     cfg = _tiny("train.global_batch_size=32", "train.gradient_accumulation_steps=2", "train.lr=3e-4",
                 "train.warmup_steps=7", "train.max_steps=99", "train.grad_clip=0.5", "train.weight_decay=0.02")
-    user, _ = trainer.read_deepspeed_json(str(REPO / "configs/deepspeed/zero2.json"))
-    ds = trainer.build_deepspeed_config(cfg, user, world_size=4, device_type="cpu")
+    user, _ = read_deepspeed_json(str(REPO / "configs/deepspeed/zero2.json"))
+    ds = build_deepspeed_config(cfg, user, world_size=4, device_type="cpu")
     layout = ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]
     assert layout == (32, 4, 2)
     assert ds["gradient_clipping"] == 0.5
@@ -135,8 +141,8 @@ def test_deepspeed_config_fills_auto_from_yaml():
 @pytest.mark.parametrize("name", ["zero0", "zero1", "zero2", "zero3", "zero3-offload"])
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
 def test_every_shipped_deepspeed_config_resolves(name, device):
-    user, _ = trainer.read_deepspeed_json(f"configs/deepspeed/{name}.json")
-    ds = trainer.build_deepspeed_config(_tiny(), user, world_size=8, device_type=device)
+    user, _ = read_deepspeed_json(f"configs/deepspeed/{name}.json")
+    ds = build_deepspeed_config(_tiny(), user, world_size=8, device_type=device)
     assert "auto" not in json.dumps(ds)
     assert ds["bf16"]["enabled"] is (device == "cuda")  # bf16 on GPU, fp32 on CPU by default
     offload = name.endswith("offload")
@@ -147,14 +153,14 @@ def test_every_shipped_deepspeed_config_resolves(name, device):
 
 def test_deepspeed_config_precision_and_lamb():
     user = {"bf16": {"enabled": "auto"}, "fp16": {"enabled": "auto", "loss_scale": 0}}
-    ds = trainer.build_deepspeed_config(_tiny("train.precision=fp16", "train.optimizer=lamb"), user,
-                                        world_size=1, device_type="cuda")
+    ds = build_deepspeed_config(_tiny("train.precision=fp16", "train.optimizer=lamb"), user,
+                                world_size=1, device_type="cuda")
     assert ds["fp16"] == {"enabled": True, "loss_scale": 0} and ds["bf16"]["enabled"] is False
     assert ds["optimizer"]["type"] == "Lamb" and "torch_adam" not in ds["optimizer"]["params"]
-    ds = trainer.build_deepspeed_config(_tiny(), {}, world_size=1, device_type="cuda", bf16_supported=False)
+    ds = build_deepspeed_config(_tiny(), {}, world_size=1, device_type="cuda", bf16_supported=False)
     assert ds["fp16"]["enabled"] is True  # auto on a GPU without bf16 (V100, T4)
     with pytest.raises(ConfigError, match="FusedLamb"):
-        trainer.build_deepspeed_config(_tiny("train.optimizer=lamb"), {}, world_size=1, device_type="cpu")
+        build_deepspeed_config(_tiny("train.optimizer=lamb"), {}, world_size=1, device_type="cpu")
 
 
 @pytest.mark.parametrize("json_values, message", [
@@ -168,25 +174,25 @@ def test_deepspeed_config_precision_and_lamb():
 ])
 def test_deepspeed_config_contradiction_is_an_error(json_values, message):
     with pytest.raises(ConfigError, match=message):
-        trainer.build_deepspeed_config(_tiny(), json_values, world_size=1, device_type="cpu", source="ds.json")
+        build_deepspeed_config(_tiny(), json_values, world_size=1, device_type="cpu", source="ds.json")
 
 
 def test_deepspeed_config_equal_explicit_values_and_json_micro_batch():
     cfg = _tiny("train.global_batch_size=32")
-    ds = trainer.build_deepspeed_config(cfg, {"train_batch_size": 32, "gradient_clipping": 1,
-                                              "train_micro_batch_size_per_gpu": 4}, world_size=2, device_type="cpu")
+    ds = build_deepspeed_config(cfg, {"train_batch_size": 32, "gradient_clipping": 1,
+                                      "train_micro_batch_size_per_gpu": 4}, world_size=2, device_type="cpu")
     assert ds["gradient_accumulation_steps"] == 4  # the JSON's micro batch fills the YAML's "derive"
     with pytest.raises(ConfigError, match="inconsistent batch sizes|not divisible"):
-        trainer.build_deepspeed_config(cfg, {"train_micro_batch_size_per_gpu": 5}, world_size=2, device_type="cpu")
+        build_deepspeed_config(cfg, {"train_micro_batch_size_per_gpu": 5}, world_size=2, device_type="cpu")
     with pytest.raises(ConfigError, match="not divisible"):
-        trainer.build_deepspeed_config(cfg, {}, world_size=3, device_type="cpu")
+        build_deepspeed_config(cfg, {}, world_size=3, device_type="cpu")
 
 
 def test_weight_decay_groups_follow_the_reference():
     from electra_fast.model import ElectraPretrainingModel
 
     model = ElectraPretrainingModel(_tiny())
-    decay, no_decay = trainer.weight_decay_groups(model, 0.01)
+    decay, no_decay = weight_decay_groups(model.named_parameters(), 0.01)
     assert decay["weight_decay"] == 0.01 and no_decay["weight_decay"] == 0.0
     names = {id(p): n for n, p in model.named_parameters()}
     decayed = {names[id(p)] for p in decay["params"]}
@@ -246,7 +252,7 @@ def test_single_process_run_writes_everything_and_exports(corpus_dir, tmp_path, 
     assert list((run / "tensorboard").iterdir())
     env = json.loads((run / "env.json").read_text())
     assert env["versions"]["deepspeed"] and env["world_size"] == 1 and "git_commit" in env
-    records = [r for r in trainer.read_metrics(run) if "loss" in r]
+    records = [r for r in read_metrics(run) if "loss" in r]
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records)
     assert records[-1]["tokens_seen"] > 0 and records[-1]["lr"] > 0 and records[-1]["grad_norm"] > 0
@@ -264,7 +270,7 @@ def test_single_process_run_writes_everything_and_exports(corpus_dir, tmp_path, 
     from electra_fast.model import ElectraPretrainingModel
 
     ours = ElectraPretrainingModel(cfg).eval()
-    ours.load_state_dict(trainer.consolidated_state_dict(ckpts / "step-00000004"))
+    ours.load_state_dict(consolidated_state_dict(ckpts / "step-00000004"))
     exported = load_file(run / "export" / "discriminator" / "model.safetensors")
     torch.testing.assert_close(exported["electra.embeddings.word_embeddings.weight"],
                                ours.embeddings.word_embeddings.weight.detach())
@@ -289,8 +295,8 @@ def test_single_process_run_writes_everything_and_exports(corpus_dir, tmp_path, 
 
     # `electra-fast export --checkpoint RUN --out DIR` does the same from the run dir
     parser = argparse.ArgumentParser()
-    trainer.add_export_arguments(parser)
-    assert trainer.run_export(parser.parse_args(["--checkpoint", str(run), "--out", str(tmp_path / "again")])) == 0
+    add_export_arguments(parser)
+    assert run_export(parser.parse_args(["--checkpoint", str(run), "--out", str(tmp_path / "again")])) == 0
     again = load_file(tmp_path / "again" / "discriminator" / "model.safetensors")
     assert again.keys() == exported.keys() and all(torch.equal(again[k], exported[k]) for k in again)
 
@@ -304,7 +310,7 @@ def test_bf16_run_exports_the_fp32_master_weights(corpus_dir, tmp_path, clean_en
     assert json.loads((run / "deepspeed.json").read_text())["bf16"]["enabled"] is True
     tag = run / "checkpoints" / "step-00000002"
     module = torch.load(tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)["module"]
-    weights = trainer.consolidated_state_dict(tag)
+    weights = consolidated_state_dict(tag)
     assert module.keys() == weights.keys()
     name = "embeddings.word_embeddings.weight"
     assert module[name].dtype == torch.bfloat16 and weights[name].dtype == torch.float32
@@ -319,8 +325,8 @@ def test_nonfinite_loss_is_skipped_then_stops(corpus_dir, tmp_path, capsys, clea
               "train.export_at_end=false", "train.lr=0.003", "train.warmup_steps=1")
     # One bad step: skipped (weights and LR schedule unchanged), training goes on.
     run = tmp_path / "one"
-    assert run_inprocess(corpus_dir, run, *common, "train.max_steps=4", "train.inject_nonfinite_at=[2]") == 0
-    records = trainer.read_metrics(run)
+    assert run_inprocess(corpus_dir, run, *common, "train.max_steps=4", callbacks=[NonFiniteLossAt({2})]) == 0
+    records = read_metrics(run)
     events = [r for r in records if r.get("event") == "nonfinite_skipped"]
     assert [(e["step"], e["cause"], e["streak"]) for e in events] == [(2, "loss", 1)]
     by_step = {r["step"]: r for r in records if "loss" in r}
@@ -331,7 +337,7 @@ def test_nonfinite_loss_is_skipped_then_stops(corpus_dir, tmp_path, capsys, clea
     # K in a row: the run stops with a clear message and leaves the last checkpoint alone.
     run = tmp_path / "many"
     code = run_inprocess(corpus_dir, run, *common, "train.max_steps=10", "train.save_every=2",
-                         "train.max_nonfinite_steps=3", "train.inject_nonfinite_at=[3,4,5,6]")
+                         "train.max_nonfinite_steps=3", callbacks=[NonFiniteLossAt({3, 4, 5, 6})])
     assert code == 1
     err = capsys.readouterr().err
     assert "stopping at step 5: 3 optimizer steps in a row had a non-finite loss" in err
@@ -350,14 +356,14 @@ def test_kill9_then_resume_matches_uninterrupted_run(corpus_dir, tmp_path, clean
     assert run_inprocess(corpus_dir, reference, *sets) == 0
 
     run = tmp_path / "killed"
-    cmd = [PYTHON, "-m", "electra_fast.train", "--config", TINY, "--run-dir", str(run),
-           "--set", f"data.path={corpus_dir}", *sets]
+    # `python -m electra_fast.train` with a fault callback: the process kills itself with SIGKILL after step 5
+    cmd = [PYTHON, str(REPO / "tests" / "_faults.py"), "--fault", "sigkill@5", "--", "--config", TINY,
+           "--run-dir", str(run), "--set", f"data.path={corpus_dir}", *sets]
     env = child_env()
-    env[trainer.FAULT_ENV] = "sigkill@5"  # the process kills itself with SIGKILL after step 5
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     assert (run / "checkpoints" / "latest").read_text() == "step-00000003"
-    assert [r["step"] for r in trainer.read_metrics(run)] == [1, 2, 3, 4, 5]  # 4, 5 are lost with the kill
+    assert [r["step"] for r in read_metrics(run)] == [1, 2, 3, 4, 5]  # 4, 5 are lost with the kill
     # A save that died half-way leaves a .tmp folder that resume removes and never loads; a record cut
     # short by the kill is dropped.
     (run / "checkpoints" / "step-00000006.tmp").mkdir()
@@ -366,10 +372,10 @@ def test_kill9_then_resume_matches_uninterrupted_run(corpus_dir, tmp_path, clean
 
     assert run_inprocess(corpus_dir, run, resume=True, config=None) == 0  # the run dir's config.yaml
     assert not (run / "checkpoints" / "step-00000006.tmp").exists()
-    assert [r["step"] for r in trainer.read_metrics(run)] == list(range(1, 8))
+    assert [r["step"] for r in read_metrics(run)] == list(range(1, 8))
     assert losses(run) == losses(reference)  # bit for bit: weights, optimizer, LR, data, masks, dropout
-    ref_state = trainer.consolidated_state_dict(reference / "checkpoints" / "step-00000007")
-    state = trainer.consolidated_state_dict(run / "checkpoints" / "step-00000007")
+    ref_state = consolidated_state_dict(reference / "checkpoints" / "step-00000007")
+    state = consolidated_state_dict(run / "checkpoints" / "step-00000007")
     assert all(torch.equal(state[k], ref_state[k]) for k in ref_state)
 
 
@@ -412,9 +418,9 @@ def test_zero_stages_on_two_ranks_match_single_process(two_rank_launch, corpus_d
     for stage in (1, 2, 3):
         torch.testing.assert_close(torch.tensor(losses(runs[stage])), torch.tensor(reference), rtol=2e-5, atol=0)
     # ...and the same weights after the last step (ZeRO-3's are consolidated from its partitions).
-    ref_state = trainer.consolidated_state_dict(runs[0] / "checkpoints" / f"step-{STAGE_STEPS:08d}")
+    ref_state = consolidated_state_dict(runs[0] / "checkpoints" / f"step-{STAGE_STEPS:08d}")
     for stage in (1, 2, 3):
-        state = trainer.consolidated_state_dict(runs[stage] / "checkpoints" / f"step-{STAGE_STEPS:08d}")
+        state = consolidated_state_dict(runs[stage] / "checkpoints" / f"step-{STAGE_STEPS:08d}")
         assert state.keys() == ref_state.keys()
         for key in ref_state:
             torch.testing.assert_close(state[key], ref_state[key], rtol=1e-4, atol=1e-6, msg=key)
