@@ -1,9 +1,12 @@
 """The DeepSpeed config given to ``deepspeed.initialize``: the JSON named by ``train.deepspeed_config``
 (configs/deepspeed/) plus the values our YAML decides, derived in one place.
 
-Batch sizes, clipping, precision, the optimizer and (when the JSON names one explicitly) the LR
-scheduler's parameters are filled in from the YAML where the JSON leaves them out or says "auto"; an
-explicit JSON value that disagrees with the YAML is a ConfigError naming both keys. Pure Python: this
+Batch sizes, clipping, precision and the optimizer are filled in from the YAML where the JSON leaves
+them out or says "auto"; an explicit JSON value that disagrees with the YAML is a ConfigError naming
+both keys. The LR schedule: with no ``scheduler`` (or ``"type": "auto"``) the config names none and
+the trainer passes :func:`electra_fast.optim.warmup_decay_schedule` (the one schedule, shared with
+fine-tuning); a scheduler the JSON names explicitly is DeepSpeed's and is kept (a WarmupDecayLR gets
+its values from the YAML too). Pure Python: this
 module imports neither DeepSpeed nor torch, so a bad config fails in milliseconds.
 """
 
@@ -142,16 +145,23 @@ def build_deepspeed_config(cfg: Config, user: dict, *, world_size: int, device_t
         ("optimizer.params.eps", tc.adam_eps, "train.adam_eps"),
         ("optimizer.params.weight_decay", tc.weight_decay, "train.weight_decay"),
     ]
+    scheduler = out.get("scheduler")
     scheduler_type = lookup(out, "scheduler.type")
-    if scheduler_type in (None, "auto") or str(scheduler_type).lower() == "warmupdecaylr":
-        # The paper's schedule: linear warmup from 0, then linear decay to 0 at the last step.
+    if scheduler in (None, "auto") or scheduler_type in (None, "auto"):
+        # The one schedule (electra_fast.optim.lr_multiplier, shared with fine-tuning): the trainer hands
+        # it to deepspeed.initialize, so the DeepSpeed config names no scheduler of its own.
+        if isinstance(scheduler, dict) and scheduler.get("params"):
+            raise ConfigError(f"{source}: 'scheduler.params' is given but 'scheduler.type' is not; name the type "
+                              "(e.g. \"WarmupDecayLR\") or drop the scheduler section to use the built-in schedule")
+        out.pop("scheduler", None)
+    elif str(scheduler_type).lower() == "warmupdecaylr":
+        # An explicit DeepSpeed WarmupDecayLR: its values come from the YAML as well.
         derived += [
-            ("scheduler.type", "WarmupDecayLR", "the paper's schedule"),
-            ("scheduler.params.warmup_min_lr", 0.0, "the paper's schedule (warmup from 0)"),
+            ("scheduler.params.warmup_min_lr", 0.0, "warm-up from 0"),
             ("scheduler.params.warmup_max_lr", tc.lr, "train.lr"),
             ("scheduler.params.warmup_num_steps", tc.warmup_steps, "train.warmup_steps"),
             ("scheduler.params.total_num_steps", tc.max_steps, "train.max_steps"),
-            ("scheduler.params.warmup_type", "linear", "the paper's schedule (linear warmup)"),
+            ("scheduler.params.warmup_type", "linear", "linear warm-up"),
         ]
     for key, value, origin in derived:
         current = lookup(out, key)

@@ -77,7 +77,7 @@ from .config import Config, ConfigError, build_config, load_config
 from .distributed import barrier, init_distributed, launcher_world
 from .ds_config import build_deepspeed_config, lookup, read_deepspeed_json
 from .metrics import MetricsLog, StepStats, model_flops_per_step, peak_tflops, plot_curves
-from .optim import weight_decay_groups
+from .optim import warmup_decay_schedule, weight_decay_groups
 from .provenance import git_commit
 
 logger = logging.getLogger(__name__)
@@ -207,7 +207,7 @@ class Trainer:
         self.num_parameters = model.num_parameters()
         self.engine, _, _, _ = deepspeed.initialize(
             model=model, model_parameters=weight_decay_groups(model.named_parameters(), cfg.train.weight_decay),
-            config=ds)
+            lr_scheduler=None if "scheduler" in ds else self._schedule, config=ds)
         self.module = self.engine.module
         if self.zero_stage == 3:
             # The top-level forward uses parameters of its submodules directly, outside their forward:
@@ -237,6 +237,10 @@ class Trainer:
         self.last_saved: int | None = None
         self.nonfinite_streak = 0
         self.log: MetricsLog | None = None
+
+    def _schedule(self, optimizer):
+        """The LR schedule when the DeepSpeed JSON names none: the one shared with fine-tuning (optim)."""
+        return warmup_decay_schedule(optimizer, self.cfg.train.max_steps, self.cfg.train.warmup_steps)
 
     # ---------------------------------------------------------------------------------------- resume
     def resume(self) -> None:

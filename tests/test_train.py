@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from _faults import NonFiniteLossAt
 
@@ -30,7 +31,7 @@ from electra_fast.checkpoints import add_export_arguments, consolidated_state_di
 from electra_fast.config import ConfigError, load_config
 from electra_fast.ds_config import build_deepspeed_config, read_deepspeed_json
 from electra_fast.metrics import read_metrics
-from electra_fast.optim import weight_decay_groups
+from electra_fast.optim import lr_multiplier, weight_decay_groups
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "configs" / "electra-tiny.yaml")
@@ -131,8 +132,7 @@ def test_deepspeed_config_fills_auto_from_yaml():
     assert ds["bf16"]["enabled"] is False and ds["fp16"]["enabled"] is False  # fp32 on the CPU
     assert ds["optimizer"] == {"type": "AdamW", "params": {"lr": 3e-4, "betas": [0.9, 0.999], "eps": 1e-6,
                                                            "weight_decay": 0.02, "torch_adam": True}}
-    assert ds["scheduler"]["params"] == {"warmup_min_lr": 0, "warmup_max_lr": 3e-4, "warmup_num_steps": 7,
-                                         "total_num_steps": 99, "warmup_type": "linear"}
+    assert "scheduler" not in ds  # "auto": the trainer passes optim's schedule to deepspeed.initialize
     assert ds["zero_optimization"]["stage"] == 2  # what the JSON alone decides passes through
     assert "auto" not in json.dumps(ds)
     assert user["train_batch_size"] == "auto"  # the JSON as read is not modified
@@ -169,7 +169,9 @@ def test_deepspeed_config_precision_and_lamb():
     ({"optimizer": {"type": "Adam", "params": {}}}, r"'optimizer.type' is 'Adam' .* train.optimizer"),
     ({"optimizer": {"params": {"lr": 0.1}}}, r"'optimizer.params.lr' is 0.1 .* train.lr"),
     ({"bf16": {"enabled": True}}, r"'bf16.enabled' is True .* train.precision \(fp32\)"),
-    ({"scheduler": {"params": {"total_num_steps": 5}}}, r"total_num_steps' is 5 .* train.max_steps"),
+    ({"scheduler": {"type": "WarmupDecayLR", "params": {"total_num_steps": 5}}},
+     r"total_num_steps' is 5 .* train.max_steps"),
+    ({"scheduler": {"params": {"total_num_steps": 5}}}, r"'scheduler.params' is given but 'scheduler.type' is not"),
     ({"zero_optimization": {"stage": "auto"}}, r"no value for \"auto\" at zero_optimization.stage"),
 ])
 def test_deepspeed_config_contradiction_is_an_error(json_values, message):
@@ -186,6 +188,58 @@ def test_deepspeed_config_equal_explicit_values_and_json_micro_batch():
         build_deepspeed_config(cfg, {"train_micro_batch_size_per_gpu": 5}, world_size=2, device_type="cpu")
     with pytest.raises(ConfigError, match="not divisible"):
         build_deepspeed_config(cfg, {}, world_size=3, device_type="cpu")
+
+
+def test_explicit_deepspeed_scheduler_is_kept_and_filled_from_yaml():
+    cfg = _tiny("train.lr=3e-4", "train.warmup_steps=7", "train.max_steps=99")
+    ds = build_deepspeed_config(cfg, {"scheduler": {"type": "WarmupDecayLR", "params": {"warmup_max_lr": "auto"}}},
+                                world_size=1, device_type="cpu")
+    assert ds["scheduler"] == {"type": "WarmupDecayLR", "params": {
+        "warmup_max_lr": 3e-4, "warmup_min_lr": 0, "warmup_num_steps": 7, "total_num_steps": 99,
+        "warmup_type": "linear"}}
+    ds = build_deepspeed_config(cfg, {"scheduler": {"type": "OneCycle", "params": {"cycle_max_lr": 1e-3}}},
+                                world_size=1, device_type="cpu")
+    assert ds["scheduler"] == {"type": "OneCycle", "params": {"cycle_max_lr": 1e-3}}  # DeepSpeed's business
+
+
+def test_schedule_resumes_from_its_own_and_from_deepspeed_warmupdecaylr_state():
+    from electra_fast.optim import lr_multiplier, warmup_decay_schedule
+
+    def schedule():
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2.0)
+        return optimizer, warmup_decay_schedule(optimizer, total_steps=10, warmup_steps=4)
+
+    optimizer, ours = schedule()
+    seen = []
+    for _ in range(6):
+        seen.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        ours.step()
+    assert seen == pytest.approx([2.0 * lr_multiplier(t, 10, 4) for t in range(6)])
+    assert seen[3] == pytest.approx(2.0 * 0.7)  # the peak (t+1 = W) times the decay 1 - 3/10
+    optimizer, resumed = schedule()
+    resumed.load_state_dict(ours.state_dict())
+    optimizer, old = schedule()
+    old.load_state_dict({"last_batch_iteration": 5})  # DeepSpeed's WarmupDecayLR after 6 updates
+    for other in (resumed, old):  # both continue with the 7th update's lr
+        assert other.last_epoch == ours.last_epoch == 6
+        other.step()
+        assert other.get_last_lr() == pytest.approx([2.0 * lr_multiplier(7, 10, 4)])
+
+
+def test_retired_config_key_is_ignored_when_read_back_but_not_accepted_anew(tmp_path, caplog):
+    saved = load_config(TINY).to_dict()
+    saved["train"]["inject_nonfinite_at"] = [2]  # what a run dir's config.yaml of an earlier version may hold
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(saved))
+    with caplog.at_level("WARNING", logger="electra_fast.config"):
+        cfg = load_config(tmp_path / "config.yaml")
+    assert cfg.to_dict() == load_config(TINY).to_dict()
+    assert "ignoring the retired key train.inject_nonfinite_at" in caplog.text
+    from electra_fast.config import config_from_dict
+
+    assert config_from_dict(saved).to_dict() == cfg.to_dict()  # a checkpoint's config sidecar
+    with pytest.raises(ConfigError, match="unknown config key 'train.inject_nonfinite_at'"):
+        load_config(TINY, ["train.inject_nonfinite_at=[2]"])
 
 
 def test_weight_decay_groups_follow_the_reference():
@@ -255,7 +309,10 @@ def test_single_process_run_writes_everything_and_exports(corpus_dir, tmp_path, 
     records = [r for r in read_metrics(run) if "loss" in r]
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records)
-    assert records[-1]["tokens_seen"] > 0 and records[-1]["lr"] > 0 and records[-1]["grad_norm"] > 0
+    assert records[-1]["tokens_seen"] > 0 and records[-1]["grad_norm"] > 0
+    # The one schedule (optim.lr_multiplier), logged after each step: the lr of the next update.
+    assert [r["lr"] for r in records] == pytest.approx([0.003 * lr_multiplier(r["step"], 4, 1) for r in records])
+    assert records[0]["lr"] > 0 and records[-1]["lr"] == 0
     assert {"gen_accuracy", "disc_accuracy", "seq_per_s", "tokens_per_s", "tflops", "mfu", "eta_s"} <= set(records[0])
     # keep_last=1: only the final checkpoint remains, and `latest` names it
     ckpts = run / "checkpoints"
@@ -317,6 +374,23 @@ def test_bf16_run_exports_the_fp32_master_weights(corpus_dir, tmp_path, clean_en
     assert not torch.equal(weights[name], module[name].float())  # more precise than the bf16 copy...
     for key in module:  # ...and exactly what the bf16 copy was rounded from
         assert torch.equal(weights[key].to(torch.bfloat16), module[key]), key
+
+
+def test_explicit_deepspeed_scheduler_runs_and_is_checkpointed(corpus_dir, tmp_path, clean_env):
+    user, _ = read_deepspeed_json(str(REPO / "configs/deepspeed/zero0.json"))
+    user["scheduler"] = {"type": "WarmupDecayLR", "params": {"warmup_max_lr": "auto", "warmup_num_steps": "auto",
+                                                             "total_num_steps": "auto"}}
+    (tmp_path / "ds.json").write_text(json.dumps(user))
+    run = tmp_path / "run"
+    assert run_inprocess(corpus_dir, run, f"train.deepspeed_config={tmp_path / 'ds.json'}", "train.max_steps=3",
+                         "train.log_every=1", "train.lr=0.003", "train.warmup_steps=2",
+                         "train.export_at_end=false") == 0
+    assert json.loads((run / "deepspeed.json").read_text())["scheduler"]["type"] == "WarmupDecayLR"
+    # DeepSpeed's formula, not optim's: 0 during its first update, then (t-1)/W, then (T-t+1)/(T-W)
+    assert [r["lr"] for r in read_metrics(run) if "loss" in r] == pytest.approx([0.0, 0.0015, 0.003])
+    state = torch.load(run / "checkpoints" / "step-00000003" / "mp_rank_00_model_states.pt", map_location="cpu",
+                       weights_only=True)
+    assert state["lr_scheduler"] == {"last_batch_iteration": 2}
 
 
 @pytest.mark.parametrize("zero", [0, 1])  # ZeRO-0 fp32: our guard on the torch optimizer; ZeRO-1: DeepSpeed's
