@@ -247,6 +247,18 @@ def _jsonl_documents(path: str, compressed: bool) -> Iterator[tuple[int, list[st
             yield offset + part, document
 
 
+def file_documents(path: str) -> Iterator[list[str]]:
+    """The documents of one text or jsonl file (compressed or not), each a list of stripped lines, read
+    and checked exactly as ``prepare`` reads them; DataError names the file and line at fault."""
+    kind, compressed = _file_kind(Path(path))
+    if kind == "jsonl":
+        documents = _jsonl_documents(str(path), compressed)
+    else:
+        documents = _documents_from_lines(_read_lines(str(path), compressed, 0, -1, MAX_LINE_BYTES))
+    for _, lines in documents:
+        yield lines
+
+
 def report_error(error_dir: str, key: tuple[int, int], error: DataError) -> None:
     """Leave a worker's DataError where the parent finds it: datasets re-raises worker failures as a
     generic DatasetGenerationError with only a traceback string, losing the message and its type."""
