@@ -24,7 +24,6 @@ class DataError(ValueError):
     """Input or prepared data that cannot be used; the message names the file (and line) at fault."""
 
 
-
 _REQUIRED_MANIFEST_KEYS = ("vocab_size", "seq_len", "num_examples", "special_token_ids")
 
 

@@ -23,7 +23,6 @@ STAT_NAMES = ("loss", "mlm_loss", "disc_loss", "gen_accuracy", "disc_accuracy", 
               "replaced_fraction")
 
 
-
 class StepStats:
     """Sums of the per-micro-step statistics, kept on the device (no host sync until they are read)."""
 

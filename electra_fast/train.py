@@ -72,7 +72,8 @@ import numpy as np
 import torch
 import yaml
 
-from .checkpoints import Checkpoints, checkpoint_root, export_checkpoint, read_latest, rng_state, set_rng_state, tag_for
+from .checkpoints import (Checkpoints, checkpoint_root, export_checkpoint, read_latest, rng_state, set_rng_state,
+                          tag_for)
 from .config import Config, ConfigError, build_config, load_config
 from .distributed import barrier, init_distributed, launcher_world
 from .ds_config import build_deepspeed_config, lookup, read_deepspeed_json
@@ -123,7 +124,6 @@ def apply_data_manifest(cfg: Config) -> dict:
         setattr(cfg.model, f"{name}_token_id", int(special[name]))
     cfg.validate()
     return manifest
-
 
 
 # ==================================================================================================
