@@ -34,9 +34,9 @@ The pipeline, and which library does each part:
    order, so two trainings may still differ in a few tied pieces (2 of 1024 seen on the default
    corpus). A re-run with the same inputs reuses the saved tokenizer, and ``--vocab`` pins it.
 4. Examples: ``Dataset.map(batched=True, num_proc=...)`` tokenises each document and packs it exactly
-   as the reference ``ExampleBuilder`` does (see :class:`electra_fast.packing.ExampleBuilder`). Every document draws its
-   random numbers from its own generator, seeded by (seed, input, position in the input), so the
-   result does not depend on ``num_proc`` or batch boundaries.
+   as the reference ``ExampleBuilder`` does (see :class:`electra_fast.packing.ExampleBuilder`). Every
+   document draws its random numbers from its own generator, seeded by (seed, input, position in the
+   input), so the result does not depend on ``num_proc`` or batch boundaries.
 5. Output: ``save_to_disk`` into a hidden sibling folder of ``DIR``, manifest last, then a rename. On
    any error the sibling is removed and ``DIR`` is left as it was.
 
