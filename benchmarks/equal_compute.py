@@ -9,13 +9,14 @@
    documents) or the embedded default corpus (electra_fast/corpus.py: Python's own documentation
    prose, no download). Every ``--heldout-every``-th document is held out for the probe; the rest
    is the pre-training corpus.
-2. Prepared once, used by both models: a lower-cased WordPiece vocabulary trained with `tokenizers`
-   on the pre-training documents, and the documents packed into [CLS] ... [SEP] examples of
-   ``seq_len`` tokens. (Prepared in process rather than with ``electra-fast prepare`` so that it
-   needs no `datasets`, which the GPU machines may lack.) Both models see the same batches in the
-   same order.
+2. Prepared once, used by both models, by the project's own pipeline: the pre-training documents
+   go through ``electra_fast.prepare`` (a lower-cased WordPiece vocabulary trained on them, examples
+   packed as the reference does into ``[CLS] A [SEP] B [SEP]`` of ``seq_len`` tokens) into a temporary
+   folder, and are read back by the training loader (``electra_fast.loader.PretrainingLoader``), so
+   both models see the same batches in the same order.
 3. Pre-training: ElectraPretrainingModel and BertMLMModel (electra_fast/mlm_baseline.py) with the
-   same discriminator size, in a plain PyTorch loop (AdamW, linear warm-up and decay to 0, gradient
+   same discriminator size, in a plain PyTorch loop (AdamW with electra_fast.optim's weight-decay
+   groups, linear warm-up and decay to 0, gradient
    clipping 1.0, bf16 autocast on CUDA). ELECTRA runs ``--electra-steps``; BERT runs as many steps as
    cost the same FLOPs (electra_fast/flops.py, ``--convention``, default the paper's method), so it
    sees more tokens. Encoders are snapshotted at the ``--checkpoints`` fractions of that budget.
@@ -39,6 +40,7 @@ import argparse
 import random
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -50,8 +52,7 @@ import torch  # noqa: E402
 
 from electra_fast.config import build_config  # noqa: E402
 from electra_fast.flops import bert_mlm_flops, electra_flops  # noqa: E402
-
-SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")  # ids 0..4, the ModelConfig defaults
+from electra_fast.optim import weight_decay_groups  # noqa: E402
 
 # Per-size defaults (every one can be overridden on the command line).
 PRESETS = {
@@ -68,66 +69,34 @@ PRESETS = {
 # Corpus, tokenizer, examples
 # ----------------------------------------------------------------------------------------------
 def read_documents(path: str | None) -> list[list[str]]:
-    """Documents as lists of sentences: from a text file (blank line between documents) or the
-    embedded default corpus."""
+    """Documents as lists of sentences: from a text file (blank line between documents; read as
+    ``prepare`` reads it) or the embedded default corpus."""
     if path is None:
         from electra_fast.corpus import build_default_corpus
 
         return [list(d.sentences) for d in build_default_corpus()]
-    documents, current = [], []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            line = line.strip()
-            if line:
-                current.append(line)
-            elif current:
-                documents.append(current)
-                current = []
-    if current:
-        documents.append(current)
+    from electra_fast.corpus_reader import file_documents
+    from electra_fast.manifest import DataError
+
+    try:
+        documents = list(file_documents(path))
+    except DataError as exc:
+        raise SystemExit(f"error: {exc}") from None
     if not documents:
         raise SystemExit(f"error: {path} holds no text")
     return documents
 
 
-def train_tokenizer(documents: list[list[str]], vocab_size: int):
-    """BERT's lower-cased WordPiece, trained on the pre-training documents; specials at ids 0..4."""
-    from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, trainers
-    from tokenizers.models import WordPiece
+def prepare_pretraining_data(documents: list[list[str]], workdir: Path, vocab_size: int, seq_len: int,
+                             seed: int) -> Path:
+    """The pre-training documents through ``electra_fast.prepare`` (WordPiece trained on them, examples
+    packed as the reference does); returns the prepared folder."""
+    from electra_fast.prepare import prepare
 
-    tokenizer = Tokenizer(WordPiece(unk_token="[UNK]", continuing_subword_prefix="##"))
-    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tokenizer.decoder = decoders.WordPiece(prefix="##")
-    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
-                                        continuing_subword_prefix="##", show_progress=False,
-                                        limit_alphabet=min(1000, max(32, vocab_size // 4)))
-    tokenizer.train_from_iterator((s for doc in documents for s in doc), trainer=trainer)
-    for expected, token in enumerate(SPECIAL_TOKENS):
-        if tokenizer.token_to_id(token) != expected:
-            raise RuntimeError(f"tokenizers put {token} at id {tokenizer.token_to_id(token)}, expected {expected}")
-    return tokenizer
-
-
-def pack_examples(tokenizer, documents: list[list[str]], seq_len: int) -> torch.Tensor:
-    """(N, seq_len) int64: consecutive sentences of a document packed into [CLS] ... [SEP], padded."""
-    cls_id, sep_id, pad_id = (tokenizer.token_to_id(t) for t in ("[CLS]", "[SEP]", "[PAD]"))
-    budget = seq_len - 2
-    examples: list[list[int]] = []
-    for doc in documents:
-        current: list[int] = []
-        for encoding in tokenizer.encode_batch(doc, add_special_tokens=False):
-            ids = encoding.ids[:budget]
-            if current and len(current) + len(ids) > budget:
-                examples.append(current)
-                current = []
-            current = current + ids
-        if current:
-            examples.append(current)
-    out = torch.full((len(examples), seq_len), pad_id, dtype=torch.long)
-    for row, ids in enumerate(examples):
-        out[row, : len(ids) + 2] = torch.tensor([cls_id, *ids, sep_id])
-    return out
+    corpus = workdir / "pretraining.txt"
+    corpus.write_text("\n\n".join("\n".join(document) for document in documents) + "\n", encoding="utf-8")
+    return prepare([str(corpus)], str(workdir / "data"), vocab_size=vocab_size, seq_len=seq_len, seed=seed,
+                   num_proc=1, verbose=False)
 
 
 def swap_two_words(sentence: str, rng: random.Random) -> str | None:
@@ -208,13 +177,6 @@ def lr_at(step: int, total: int, warmup: int) -> float:
     return max(0.0, (total - step) / max(1, total - warmup))
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        (no_decay if p.ndim < 2 or "LayerNorm" in name or name.endswith("bias") else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
 def encoder_snapshot(model, cfg):
     """The fine-tunable encoder (embeddings + discriminator-size body) as a CPU task_models.ElectraModel."""
     from electra_fast.task_models import ElectraModel
@@ -231,30 +193,30 @@ def encoder_snapshot(model, cfg):
     return encoder
 
 
-def pretrain(kind: str, cfg, examples: torch.Tensor, steps: int, snapshot_steps: list[int], args, device):
+def pretrain(kind: str, cfg, data_dir: Path, steps: int, snapshot_steps: list[int], args, device):
     """Train ``kind`` ("electra" | "bert_mlm") for ``steps``; returns ({step: encoder}, log)."""
+    from electra_fast.loader import PretrainingLoader
     from electra_fast.mlm_baseline import BertMLMModel
     from electra_fast.model import ElectraPretrainingModel
 
     torch.manual_seed(args.seed)
     model = (ElectraPretrainingModel(cfg) if kind == "electra" else BertMLMModel(cfg)).to(device).train()
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr,
-                                  betas=(cfg.train.adam_beta1, cfg.train.adam_beta2), eps=cfg.train.adam_eps,
+    optimizer = torch.optim.AdamW(weight_decay_groups(model.named_parameters(), cfg.train.weight_decay),
+                                  lr=cfg.train.lr, betas=(cfg.train.adam_beta1, cfg.train.adam_beta2), eps=cfg.train.adam_eps,
                                   **({"fused": True} if device.type == "cuda" else {}))
     warmup = max(1, min(cfg.train.warmup_steps, steps // 10))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, steps, warmup))
-    # The same example order for both models: one seeded permutation per epoch.
-    order = torch.Generator().manual_seed(args.seed)
-    pad_id = cfg.model.pad_token_id
-    batch, permutation, cursor = args.batch, torch.randperm(len(examples), generator=order), 0
+    # The same example order for both models: the training loader with the same seed.
+    loader = PretrainingLoader(str(data_dir), micro_batch_size=args.batch, seed=args.seed,
+                               num_workers=0 if device.type == "cpu" else 2)
+    batches = iter(loader)
     snapshots, losses, started = {}, [], time.perf_counter()
     for step in range(1, steps + 1):
-        if cursor + batch > len(permutation):
-            permutation, cursor = torch.randperm(len(examples), generator=order), 0
-        input_ids = examples[permutation[cursor: cursor + batch]].to(device, non_blocking=True)
-        cursor += batch
+        batch = next(batches)
+        input_ids, attention_mask, token_type_ids = (
+            batch[key].to(device, non_blocking=True) for key in ("input_ids", "attention_mask", "token_type_ids"))
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            out = model(input_ids, input_ids != pad_id, torch.zeros_like(input_ids))
+            out = model(input_ids, attention_mask, token_type_ids)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
         optimizer.step()
@@ -331,6 +293,13 @@ def main(argv=None) -> int:
     if not fractions or any(not 0 < f <= 1 for f in fractions):
         parser.error("--checkpoints must be fractions in (0, 1]")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    with tempfile.TemporaryDirectory(prefix="equal_compute-") as workdir:
+        return run(args, parser, fractions, device, Path(workdir))
+
+
+def run(args, parser, fractions: list[float], device: torch.device, workdir: Path) -> int:
+    """Everything after the command line; the prepared data lives in ``workdir`` for the run."""
+    from electra_fast.manifest import load_tokenizer, read_manifest
 
     # 1-2. Corpus, split, tokenizer, examples.
     started = time.perf_counter()
@@ -341,27 +310,28 @@ def main(argv=None) -> int:
     pretraining_docs = [d for i, d in enumerate(documents) if i % args.heldout_every]
     if not pretraining_docs or not heldout:
         parser.error(f"{len(documents)} documents cannot be split with --heldout-every {args.heldout_every}")
-    tokenizer = train_tokenizer(pretraining_docs, args.vocab_size)
-    vocab_size = tokenizer.get_vocab_size()
-    overrides = [f"model.vocab_size={vocab_size}"]
-    if args.pretrain_lr:
-        overrides.append(f"train.lr={args.pretrain_lr}")
+    overrides = [f"train.lr={args.pretrain_lr}"] if args.pretrain_lr else []
     overrides += args.overrides
     if args.seq_len:
         overrides.append(f"data.seq_len={args.seq_len}")
-    cfg = build_config(args.size, overrides=overrides)
-    args.seq_len = cfg.data.seq_len
-    examples = pack_examples(tokenizer, pretraining_docs, args.seq_len)
+    args.seq_len = build_config(args.size, overrides=overrides).data.seq_len
+    data_dir = prepare_pretraining_data(pretraining_docs, workdir, args.vocab_size, args.seq_len, args.seed)
+    manifest = read_manifest(str(data_dir))
+    tokenizer = load_tokenizer(data_dir)
+    vocab_size = int(manifest["vocab_size"])
+    cfg = build_config(args.size, overrides=[f"model.vocab_size={vocab_size}", *overrides] + [
+        f"model.{name}_token_id={token_id}" for name, token_id in manifest["special_token_ids"].items()])
+    num_examples = int(manifest["num_examples"])
     probe_train, probe_dev = build_probe(heldout, args.probe_train, args.probe_dev, seed=args.seed,
                                         corruption=args.corruption)
     positives = sum(label for *_, label in probe_dev) / len(probe_dev)
     majority = max(positives, 1 - positives)  # the accuracy of always answering the commoner label
-    real_tokens = int((examples != cfg.model.pad_token_id).sum())
-    print(f"corpus: {len(documents)} documents ({len(heldout)} held out), {len(examples)} examples of "
+    real_tokens = int(manifest["num_tokens"])
+    print(f"corpus: {len(documents)} documents ({len(heldout)} held out), {num_examples} examples of "
           f"{args.seq_len} tokens ({real_tokens:,} real), vocab {vocab_size}; probe {len(probe_train)} train / "
           f"{len(probe_dev)} dev; prepared in {time.perf_counter() - started:.1f}s", flush=True)
-    if len(examples) < args.batch:
-        parser.error(f"only {len(examples)} pre-training examples for --batch {args.batch}")
+    if num_examples < args.batch:
+        parser.error(f"only {num_examples} pre-training examples for --batch {args.batch}")
 
     # 3. Equal budgets.
     electra_step = electra_flops(cfg, seq_len=args.seq_len, batch=args.batch, convention=args.convention)
@@ -383,7 +353,7 @@ def main(argv=None) -> int:
         print(f"  probe random_init: accuracy {statistics.median(accs):.4f} {accs}", flush=True)
     for kind, (steps, step_flops) in plan.items():
         snapshot_steps = sorted({max(1, round(f * steps)) for f in fractions})
-        snapshots, log = pretrain(kind, cfg, examples, steps, snapshot_steps, args, device)
+        snapshots, log = pretrain(kind, cfg, data_dir, steps, snapshot_steps, args, device)
         print(f"pre-trained {kind} for {steps} steps in {log['seconds']:.1f}s (final loss {log['final_loss']:.4f})",
               flush=True)
         for step in snapshot_steps:

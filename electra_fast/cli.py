@@ -19,11 +19,11 @@ import sys
 
 # sub-command -> (module, add-arguments function, run function, help)
 COMMANDS = {
-    "prepare": ("electra_fast.data", "add_prepare_arguments", "run_prepare",
+    "prepare": ("electra_fast.prepare", "add_prepare_arguments", "run_prepare",
                 "tokenise a corpus into packed ELECTRA examples (or build the embedded default corpus)"),
     "pretrain": ("electra_fast.train", "add_train_arguments", "run_train",
                  "pretrain generator + discriminator (also: deepspeed --module electra_fast.train)"),
-    "export": ("electra_fast.train", "add_export_arguments", "run_export",
+    "export": ("electra_fast.checkpoints", "add_export_arguments", "run_export",
                "consolidate a checkpoint and write Hugging Face folders"),
     "finetune": ("electra_fast.finetune", "add_finetune_arguments", "run_finetune",
                  "fine-tune the discriminator on GLUE, classification, regression or token tagging"),

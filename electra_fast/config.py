@@ -15,12 +15,15 @@ fine-tuning's options (:mod:`electra_fast.finetune_config`) use the same ones.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+logger = logging.getLogger(__name__)
 
 
 class ConfigError(ValueError):
@@ -179,14 +182,8 @@ class TrainConfig:
     max_nonfinite_steps: int = 5  # consecutive skipped updates before the run stops
     peak_tflops: float = 0.0  # device peak for MFU; 0 = look the device up
     export_at_end: bool = True
-    # Test hook: optimizer steps (1-based) whose loss is made NaN on rank 0, to exercise the skip/abort path.
-    inject_nonfinite_at: list[int] = field(default_factory=list)
 
     def validate(self) -> None:
-        if not isinstance(self.inject_nonfinite_at, list) or not all(
-                isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in self.inject_nonfinite_at):
-            raise ConfigError(f"train.inject_nonfinite_at must be a list of positive step numbers, "
-                              f"got {self.inject_nonfinite_at!r}")
         if self.optimizer not in ("adamw", "lamb"):
             raise ConfigError(f"train.optimizer must be adamw or lamb, got {self.optimizer!r}")
         if self.precision not in ("auto", "bf16", "fp16", "fp32"):
@@ -336,11 +333,23 @@ def _field_types(section_cls) -> dict[str, Any]:
     return {f.name: hints[f.name] for f in dataclasses.fields(section_cls)}
 
 
-def apply_section(section: Any, name: str, values: dict[str, Any]) -> None:
+# Keys that configs written by older versions may hold (a run dir's config.yaml, a checkpoint's config
+# sidecar): read from a file or a saved dict they are skipped with a note, so old runs still resume and
+# export; given with --set they are unknown keys like any other.
+RETIRED_KEYS = {
+    ("train", "inject_nonfinite_at"): "a test-only fault hook; the tests now install it as a trainer callback",
+}
+
+
+def apply_section(section: Any, name: str, values: dict[str, Any], *, saved: bool = False) -> None:
     if not isinstance(values, dict):
         raise ConfigError(f"config section '{name}' must be a mapping, got {type(values).__name__}")
     types = _field_types(type(section))
     for key, value in values.items():
+        if saved and (name, key) in RETIRED_KEYS:
+            logger.warning("config: ignoring the retired key %s.%s=%r (%s)", name, key, value,
+                           RETIRED_KEYS[(name, key)])
+            continue
         if key not in types:
             known = ", ".join(sorted(types))
             raise ConfigError(f"unknown config key '{name}.{key}' (known keys in '{name}': {known})")
@@ -397,7 +406,7 @@ def build_config(size: str = "small", sections: dict[str, Any] | None = None,
     for name, values in (sections or {}).items():
         if name not in _SECTIONS:
             raise ConfigError(f"unknown config section '{name}' (sections: size, {', '.join(_SECTIONS)})")
-        apply_section(getattr(cfg, name), name, values or {})
+        apply_section(getattr(cfg, name), name, values or {}, saved=True)
     apply_overrides(cfg, overrides)
     return cfg.validate()
 

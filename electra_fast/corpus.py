@@ -20,7 +20,7 @@ dropped, reST/pydoc mark-up is removed, and paragraphs are split into sentences.
 The result depends on the Python version (the stdlib's docs change between releases); the manifest
 records that version, the corpus hash and the source of every document.
 
-Standard library only: this module must not import ``datasets`` (``electra_fast.data`` does).
+Standard library only: this module must not import ``datasets`` (the data modules do).
 """
 
 from __future__ import annotations

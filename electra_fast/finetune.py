@@ -55,7 +55,7 @@ Outputs in ``--out``:
 
 Python API (what ``electra-fast finetune`` and ``benchmarks/equal_compute.py`` call)::
 
-    from electra_fast.data import load_tokenizer
+    from electra_fast.manifest import load_tokenizer
     from electra_fast.finetune import FinetuneConfig, finetune, finetune_classifier
 
     # a task from files, as the CLI does
@@ -72,7 +72,7 @@ Python API (what ``electra-fast finetune`` and ``benchmarks/equal_compute.py`` c
 ``finetune_classifier`` takes the encoder as an ``ElectraPretrainingModel`` (its shared embeddings and
 discriminator are copied; the model itself is not changed), a model folder (as ``--model``), or an
 :class:`~electra_fast.task_models.ElectraModel`; the tokenizer as a ``tokenizers.Tokenizer`` or a
-folder / ``tokenizer.json`` / ``vocab.txt`` path (read by :func:`electra_fast.data.load_tokenizer`).
+folder / ``tokenizer.json`` / ``vocab.txt`` path (read by :func:`electra_fast.manifest.load_tokenizer`).
 It returns the same dictionary ``metrics.json`` holds; with ``out_dir`` it writes the files too. Bad inputs raise :class:`FinetuneError` (a ``ValueError``) naming the file / line.
 """
 
@@ -97,7 +97,7 @@ from torch import nn
 
 from .atomic import write_text_atomic
 from .config import ConfigError, ModelConfig
-from .data import DataError, load_tokenizer
+from .manifest import DataError, load_tokenizer
 from .finetune_config import PAPER_RECIPE, FinetuneConfig, TrainOptions
 from .model import resolve_impl
 from .optim import lr_multiplier, no_weight_decay

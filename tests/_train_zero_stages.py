@@ -6,16 +6,19 @@
 Launching once and calling ``electra_fast.train.train`` per stage pays the start-up of two Python
 processes with torch and DeepSpeed once instead of four times. Each stage writes OUT/zero{stage}.
 With --then-fail-rank R, a last run through the module's command line (``electra_fast.train.main``)
-makes rank R raise after its second step, so the launch must end with that rank's error.
+makes rank R raise after its second step (a fault callback from tests/_faults.py), so the launch must
+end with that rank's error.
 """
 
 import argparse
 import os
 import sys
 
+from _faults import FailAfterStep
+
 from electra_fast.config import load_config
-from electra_fast.train import FAULT_ENV, train
 from electra_fast.train import main as main_entry
+from electra_fast.train import train
 
 
 def main() -> int:
@@ -36,10 +39,11 @@ def main() -> int:
             *args.overrides, f"model.activation_checkpointing={str(stage in args.checkpointing_stages).lower()}"])
         train(cfg, os.path.join(args.out, f"zero{stage}"), local_rank=args.local_rank)
     if args.then_fail_rank is not None:
-        os.environ[FAULT_ENV] = f"raise@2:{args.then_fail_rank}"
+        fault = FailAfterStep("raise", 2, rank=args.then_fail_rank)
         return main_entry(["--config", os.path.join(repo, "configs", "electra-tiny.yaml"),
                            "--run-dir", os.path.join(args.out, "failing"), "--local_rank", str(args.local_rank),
-                           "--set", f"data.path={args.data}", "train.max_steps=50", "train.export_at_end=false"])
+                           "--set", f"data.path={args.data}", "train.max_steps=50", "train.export_at_end=false"],
+                          callbacks=[fault])
     return 0
 
 

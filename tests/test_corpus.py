@@ -86,7 +86,8 @@ def test_default_corpus_is_large_varied_and_recorded(documents, tmp_path):
 
 
 def test_prepare_default_runs_offline(documents, tmp_path, monkeypatch):
-    from electra_fast.data import prepare, read_manifest
+    from electra_fast.manifest import read_manifest
+    from electra_fast.prepare import prepare
 
     # The build itself is checked above (and is stdlib only); reusing its result saves ~8 s here.
     monkeypatch.setattr(corpus, "build_default_corpus", lambda: documents)

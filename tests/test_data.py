@@ -1,4 +1,4 @@
-"""electra_fast.data: prepare (tokenizer, packing, manifest, errors, reuse) and the training loader.
+"""The data modules: prepare (tokenizer, packing, manifest, errors, reuse) and the training loader.
 
 Tiny corpora and vocabularies keep this file under a minute on a 2-core CPU; one test uses two
 processes. Where a test does not need a trained vocabulary it writes a vocab.txt, which is faster
@@ -17,10 +17,12 @@ import numpy as np
 import pytest
 import torch
 
-from electra_fast import data
-from electra_fast.data import (DataError, EpochPermutation, ExampleBuilder, PretrainingLoader, SPECIAL_TOKENS,
-                               add_prepare_arguments, check_seq_len, check_vocab, load_tokenizer, prepare,
-                               read_manifest, run_prepare)
+from electra_fast import corpus_reader, loader as loader_module
+from electra_fast.loader import EpochPermutation, PretrainingLoader
+from electra_fast.manifest import (FORMAT_VERSION, SPECIAL_TOKENS, DataError, check_seq_len, check_vocab,
+                                   load_tokenizer, read_manifest)
+from electra_fast.packing import ExampleBuilder
+from electra_fast.prepare import add_prepare_arguments, prepare, run_prepare
 
 WORDS = ("the quick brown fox jumps over lazy dog and cat runs to house with a big red ball under tree near river "
          "while birds sing songs about summer rain").split()
@@ -227,8 +229,8 @@ def test_num_proc_and_streaming_give_identical_data(tmp_path, monkeypatch):
                                 "tail", *map(str, range(10))]) + "\n", encoding="utf-8")
     # Several byte ranges per file (cut at blank lines, and once inside the long document), so that two
     # processes really split files.
-    monkeypatch.setattr(data, "SHARD_BYTES", 4096)
-    assert len(data._shards(data._discover_inputs([str(corpus / "part0.txt")])[0])) > 3
+    monkeypatch.setattr(corpus_reader, "SHARD_BYTES", 4096)
+    assert len(corpus_reader.shards_of(corpus_reader.discover_inputs([str(corpus / "part0.txt")])[0])) > 3
     common = dict(vocab=str(vocab), seq_len=24, verbose=False)
     reference = _arrays(prepare([str(corpus)], str(tmp_path / "one"), num_proc=1, streaming=False, **common))
     parallel = _arrays(prepare([str(corpus)], str(tmp_path / "two"), num_proc=2, streaming=False, **common))
@@ -303,7 +305,7 @@ def _bad_input(tmp_path: Path, case: str) -> tuple[list[str], dict, str]:
         (tmp_path / "latin.txt").write_bytes(good.encode() + "Caf\u00e9 cr\u00e8me.\n".encode("latin-1"))
         return [str(tmp_path / "latin.txt")], {}, r"latin\.txt:3: not UTF-8"
     if case == "long_line":
-        (tmp_path / "long.txt").write_bytes(good.encode() + b"a" * (data.MAX_LINE_BYTES + 10) + b"\n")
+        (tmp_path / "long.txt").write_bytes(good.encode() + b"a" * (corpus_reader.MAX_LINE_BYTES + 10) + b"\n")
         return [str(tmp_path / "long.txt")], {}, r"long\.txt:3: a line longer than"
     if case == "bad_json":
         (tmp_path / "bad.jsonl").write_text('{"text": "fine."}\n{"text": "broken\n', encoding="utf-8")
@@ -411,7 +413,7 @@ def test_epoch_permutation_is_a_seeded_permutation(n):
 def test_rank_sharding_is_disjoint_complete_and_equal(prepared):
     num_examples = read_manifest(str(prepared))["num_examples"]
     world, micro = 3, 5
-    shards = [data._RankBatches(None, num_examples, 9, rank, world, micro, start=0) for rank in range(world)]
+    shards = [loader_module._RankBatches(None, num_examples, 9, rank, world, micro, start=0) for rank in range(world)]
     steps = -(-2 * num_examples // (world * micro)) + 1
     stream = np.concatenate([shard.example_ids(k) for k in range(steps) for shard in shards])
     for epoch in range(2):
@@ -427,7 +429,7 @@ def test_rank_sharding_is_disjoint_complete_and_equal(prepared):
 def test_loader_batches_are_the_sharded_rows(prepared):
     arrays = _arrays(prepared)
     loader = PretrainingLoader(str(prepared), micro_batch_size=4, rank=1, world_size=2, seed=3, num_workers=0)
-    shard = data._RankBatches(None, loader.num_examples, 3, 1, 2, 4, start=0)
+    shard = loader_module._RankBatches(None, loader.num_examples, 3, 1, 2, 4, start=0)
     assert (loader.seq_len, loader.vocab_size) == (32, 300)
     assert loader.batches_per_epoch == loader.num_examples // 8
     for k, batch in zip(range(3), loader):
@@ -446,7 +448,7 @@ def test_row_gather_across_shard_files_and_record_batches(prepared, tmp_path):
     dataset = load_from_disk(str(tmp_path / "sharded"))
     assert len(dataset.data.table.to_batches()) >= 3
     rows = np.random.default_rng(0).integers(0, len(dataset), 200)
-    gathered = data._RowGather(dataset, 32)(rows)
+    gathered = loader_module._RowGather(dataset, 32)(rows)
     expected = dataset.with_format("numpy")[rows.tolist()]
     for name in ("input_ids", "token_type_ids", "attention_mask"):
         assert gathered[name].dtype == np.int64
@@ -466,7 +468,7 @@ def test_resume_yields_the_same_batches_across_epochs(prepared):
         if step == total:
             break
     assert state == {"epoch": 0, "position": stop * micro, "num_examples": reference.num_examples, "seed": 1,
-                     "format_version": data.FORMAT_VERSION}
+                     "format_version": FORMAT_VERSION}
     assert reference.state_dict()["epoch"] == 1
 
     resumed = PretrainingLoader(str(prepared), micro_batch_size=micro, seed=1, num_workers=0)

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from electra_fast.config import ConfigError, ModelConfig, build_config
-from electra_fast.data import load_tokenizer
+from electra_fast.manifest import load_tokenizer
 from electra_fast.finetune import (
     add_finetune_arguments,
     finetune,

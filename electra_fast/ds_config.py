@@ -1,0 +1,197 @@
+"""The DeepSpeed config given to ``deepspeed.initialize``: the JSON named by ``train.deepspeed_config``
+(configs/deepspeed/) plus the values our YAML decides, derived in one place.
+
+Batch sizes, clipping, precision and the optimizer are filled in from the YAML where the JSON leaves
+them out or says "auto"; an explicit JSON value that disagrees with the YAML is a ConfigError naming
+both keys. The LR schedule: with no ``scheduler`` (or ``"type": "auto"``) the config names none and
+the trainer passes :func:`electra_fast.optim.warmup_decay_schedule` (the one schedule, shared with
+fine-tuning); a scheduler the JSON names explicitly is DeepSpeed's and is kept (a WarmupDecayLR gets
+its values from the YAML too). Pure Python: this
+module imports neither DeepSpeed nor torch, so a bad config fails in milliseconds.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from .config import Config, ConfigError
+
+
+def find_deepspeed_config(path: str) -> Path:
+    """``train.deepspeed_config`` relative to the working directory, or else to the repository."""
+    candidates = [Path(path)]
+    if not Path(path).is_absolute():
+        candidates.append(Path(__file__).resolve().parents[1] / path)
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    raise ConfigError(f"train.deepspeed_config: file not found: {path} (looked in: "
+                      f"{', '.join(str(c) for c in candidates)})")
+
+
+def read_deepspeed_json(path: str) -> tuple[dict, Path]:
+    found = find_deepspeed_config(path)
+    try:
+        values = json.loads(found.read_text())
+    except ValueError as exc:
+        raise ConfigError(f"{found}: not valid JSON: {exc}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{found}: the top level must be an object")
+    return values, found
+
+
+def resolve_precision(precision: str, device_type: str, bf16_supported: bool = True,
+                      fp16_supported: bool = True) -> str:
+    """"auto" -> bf16 on a GPU that has it (fp16 on older GPUs), fp32 on the CPU."""
+    if precision == "auto":
+        if device_type == "cpu":
+            return "fp32"
+        return "bf16" if bf16_supported else "fp16"
+    if precision == "bf16" and not bf16_supported:
+        raise ConfigError(f"train.precision=bf16 but this {device_type} device has no bf16 support; use fp16 or fp32")
+    if precision == "fp16" and not fp16_supported:
+        raise ConfigError(f"train.precision=fp16 is not supported on this {device_type} device; use bf16 or fp32")
+    return precision
+
+
+def lookup(tree: dict, dotted: str) -> Any:
+    """``tree["a"]["b"]`` for ``"a.b"``, or None where a part is missing."""
+    node = tree
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def _set(tree: dict, dotted: str, value: Any, source: str) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None or child == "auto":
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"{source}: '{'.'.join(parts[:i + 1])}' must be an object, got {child!r}")
+        node = child
+    node[parts[-1]] = value
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, bool) or isinstance(b, bool):
+        return a is b if isinstance(a, bool) and isinstance(b, bool) else False
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return math.isclose(float(a), float(b), rel_tol=1e-9, abs_tol=0.0)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, str) and isinstance(b, str):
+        return a.lower() == b.lower()
+    return a == b
+
+
+def _find_auto(tree: Any, prefix: str = "") -> list[str]:
+    if isinstance(tree, dict):
+        return [k for key, v in tree.items() for k in _find_auto(v, f"{prefix}{key}.")]
+    return [prefix[:-1]] if tree == "auto" else []
+
+
+def build_deepspeed_config(cfg: Config, user: dict, *, world_size: int, device_type: str,
+                           source: str = "the DeepSpeed config", bf16_supported: bool = True,
+                           fp16_supported: bool = True) -> dict:
+    """The config given to ``deepspeed.initialize``: ``user`` (the JSON) plus what our YAML decides.
+
+    Every value both need is derived here from ``cfg`` and written where the JSON leaves it out or says
+    "auto". An explicit JSON value equal to the derived one is fine; a different one is a ConfigError
+    naming both keys, so the two files can never silently disagree. Global batch = micro batch x
+    accumulation x world size (an explicit JSON micro batch or accumulation is used when the YAML
+    derives it). Values with no YAML counterpart (ZeRO settings, loss-scale window, ...) pass through.
+    """
+    tc = cfg.train
+    out = copy.deepcopy(user)
+
+    # Batch layout: the YAML decides; an explicit JSON micro batch / accumulation fills a YAML zero.
+    layout_cfg = copy.copy(tc)
+    for json_key, yaml_key in (("train_micro_batch_size_per_gpu", "micro_batch_size"),
+                               ("gradient_accumulation_steps", "gradient_accumulation_steps")):
+        value = out.get(json_key)
+        if value not in (None, "auto") and getattr(tc, yaml_key) == 0:
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"{source}: '{json_key}' must be a positive integer or \"auto\", got {value!r}")
+            setattr(layout_cfg, yaml_key, value)
+    micro, accumulation = layout_cfg.batch_layout(world_size)
+
+    precision = resolve_precision(tc.precision, device_type, bf16_supported, fp16_supported)
+    offload = lookup(out, "zero_optimization.offload_optimizer.device") not in (None, "none")
+    optimizer = {"adamw": "AdamW", "lamb": "Lamb"}[tc.optimizer]
+    if optimizer == "Lamb" and device_type != "cuda":
+        raise ConfigError("train.optimizer=lamb uses DeepSpeed's FusedLamb, a CUDA kernel; use adamw on "
+                          f"{device_type}")
+
+    # (key in the DeepSpeed config, value, the YAML key it comes from)
+    derived: list[tuple[str, Any, str]] = [
+        ("train_batch_size", tc.global_batch_size, "train.global_batch_size"),
+        ("train_micro_batch_size_per_gpu", micro, f"train.micro_batch_size (derived: {micro})"),
+        ("gradient_accumulation_steps", accumulation, f"train.gradient_accumulation_steps (derived: {accumulation})"),
+        ("gradient_clipping", tc.grad_clip, "train.grad_clip"),
+        ("bf16.enabled", precision == "bf16", f"train.precision ({precision})"),
+        ("fp16.enabled", precision == "fp16", f"train.precision ({precision})"),
+        ("optimizer.type", optimizer, "train.optimizer"),
+        ("optimizer.params.lr", tc.lr, "train.lr"),
+        ("optimizer.params.betas", [tc.adam_beta1, tc.adam_beta2], "train.adam_beta1/adam_beta2"),
+        ("optimizer.params.eps", tc.adam_eps, "train.adam_eps"),
+        ("optimizer.params.weight_decay", tc.weight_decay, "train.weight_decay"),
+    ]
+    scheduler = out.get("scheduler")
+    scheduler_type = lookup(out, "scheduler.type")
+    if scheduler in (None, "auto") or scheduler_type in (None, "auto"):
+        # The one schedule (electra_fast.optim.lr_multiplier, shared with fine-tuning): the trainer hands
+        # it to deepspeed.initialize, so the DeepSpeed config names no scheduler of its own.
+        if isinstance(scheduler, dict) and scheduler.get("params"):
+            raise ConfigError(f"{source}: 'scheduler.params' is given but 'scheduler.type' is not; name the type "
+                              "(e.g. \"WarmupDecayLR\") or drop the scheduler section to use the built-in schedule")
+        out.pop("scheduler", None)
+    elif str(scheduler_type).lower() == "warmupdecaylr":
+        # An explicit DeepSpeed WarmupDecayLR: its values come from the YAML as well.
+        derived += [
+            ("scheduler.params.warmup_min_lr", 0.0, "warm-up from 0"),
+            ("scheduler.params.warmup_max_lr", tc.lr, "train.lr"),
+            ("scheduler.params.warmup_num_steps", tc.warmup_steps, "train.warmup_steps"),
+            ("scheduler.params.total_num_steps", tc.max_steps, "train.max_steps"),
+            ("scheduler.params.warmup_type", "linear", "linear warm-up"),
+        ]
+    for key, value, origin in derived:
+        current = lookup(out, key)
+        if current is None or current == "auto":
+            _set(out, key, value, source)
+        elif not _same(current, value):
+            raise ConfigError(f"{source}: '{key}' is {current!r} but the YAML gives {value!r} (from {origin}); "
+                              f"set '{key}' to \"auto\" in the JSON or change the YAML")
+
+    # Values with no YAML counterpart, filled only where the JSON leaves them to us.
+    params = out["optimizer"].setdefault("params", {})
+    if optimizer == "AdamW":
+        # torch's AdamW (fused kernel on CUDA) needs no JIT-built DeepSpeed op; under ZeRO-Offload the
+        # optimizer runs on the CPU, where DeepSpeed's vectorised CPU Adam is the fast one.
+        if params.get("torch_adam", "auto") == "auto":
+            params["torch_adam"] = not offload
+        if params["torch_adam"] and device_type == "cuda" and params.get("fused", "auto") == "auto":
+            params["fused"] = True
+        if params.get("fused") == "auto":
+            params.pop("fused")
+    else:
+        for key in ("torch_adam", "fused"):
+            if params.get(key, "auto") != "auto":
+                raise ConfigError(f"{source}: 'optimizer.params.{key}' applies to AdamW, not train.optimizer=lamb")
+            params.pop(key, None)
+
+    left = _find_auto(out)
+    if left:
+        raise ConfigError(f"{source}: no value for \"auto\" at {', '.join(left)} (only keys the YAML decides can "
+                          "be \"auto\")")
+    return out
+
+

@@ -1,0 +1,106 @@
+"""A prepared dataset as its readers see it: the manifest, the checks a consumer makes against it,
+the one tokenizer loader, and the error type of every data problem.
+
+The offline side (``electra_fast.prepare``) writes what this module reads; the training loader
+(``electra_fast.loader``), the trainer and fine-tuning read it through here.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+SPECIAL_KEYS = ("pad", "unk", "cls", "sep", "mask")
+
+
+class DataError(ValueError):
+    """Input or prepared data that cannot be used; the message names the file (and line) at fault."""
+
+
+_REQUIRED_MANIFEST_KEYS = ("vocab_size", "seq_len", "num_examples", "special_token_ids")
+
+
+def read_manifest(data_dir: str) -> dict[str, Any]:
+    """The manifest of a folder written by ``prepare``; DataError if it is not one."""
+    folder = Path(data_dir).expanduser()
+    path = folder / "manifest.json"
+    if not path.is_file():
+        raise DataError(f"{data_dir} is not a prepared dataset (no manifest.json); run `electra-fast prepare` first")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path}: cannot read the manifest: {exc}") from None
+    missing = [key for key in _REQUIRED_MANIFEST_KEYS if key not in manifest]
+    if missing or manifest.get("format_version") != FORMAT_VERSION:
+        raise DataError(f"{path}: not a manifest of this version of electra-fast (format_version "
+                        f"{manifest.get('format_version')!r}, expected {FORMAT_VERSION}; missing: {missing}); "
+                        "prepare the data again")
+    if not (folder / manifest.get("dataset_dir", "dataset")).is_dir():
+        raise DataError(f"{data_dir}: the manifest is there but the dataset folder is missing")
+    return manifest
+
+
+def check_vocab(manifest: dict[str, Any], model_vocab_size: int) -> None:
+    """The model's embedding table must match the data's vocabulary exactly."""
+    data_vocab_size = int(manifest["vocab_size"])
+    if data_vocab_size != int(model_vocab_size):
+        raise DataError(f"vocabulary mismatch: the prepared data uses {data_vocab_size} tokens but the model has "
+                        f"vocab_size={model_vocab_size}; set model.vocab_size={data_vocab_size} or prepare the data "
+                        f"with --vocab-size {model_vocab_size}")
+
+
+def check_seq_len(manifest: dict[str, Any], seq_len: int) -> None:
+    """Examples are packed to one length at prepare time; the config must ask for that length."""
+    data_seq_len = int(manifest["seq_len"])
+    if data_seq_len != int(seq_len):
+        raise DataError(f"sequence length mismatch: the data was prepared with seq_len={data_seq_len} (examples of "
+                        f"{data_seq_len} tokens) but the config has data.seq_len={seq_len}; set "
+                        f"data.seq_len={data_seq_len} or prepare the data again with --seq-len {seq_len}")
+
+
+def load_tokenizer(source):
+    """A ``tokenizers.Tokenizer`` that never pads or truncates (callers assemble the sequences).
+
+    source: a prepared dataset or model folder (``tokenizer.json`` preferred, else ``vocab.txt`` read as a
+    BERT WordPiece vocabulary, lower-cased unless tokenizer_config.json says do_lower_case=false), a
+    path to either file, or an existing tokenizer (copied with padding and truncation switched off when
+    it has them, so the caller's object is left as it is). DataError names the path it cannot use.
+    """
+    from tokenizers import BertWordPieceTokenizer, Tokenizer
+
+    if not isinstance(source, (str, os.PathLike)):
+        if not hasattr(source, "encode_batch"):
+            raise DataError(f"tokenizer must be a tokenizers.Tokenizer or a path, got {type(source).__name__}")
+        if getattr(source, "padding", None) is None and getattr(source, "truncation", None) is None:
+            return source
+        source = Tokenizer.from_str(source.to_str())
+        source.no_truncation()
+        source.no_padding()
+        return source
+
+    path = Path(source).expanduser()
+    folder = path if path.is_dir() else path.parent
+    candidates = [folder / "tokenizer.json", folder / "vocab.txt"] if path.is_dir() else [path]
+    chosen = next((c for c in candidates if c.is_file()), None)
+    if chosen is None:
+        raise DataError(f"{path}: no tokenizer.json or vocab.txt (the tokenizer belongs beside the model or data)")
+    try:
+        if chosen.suffix == ".json":
+            tokenizer = Tokenizer.from_file(str(chosen))
+        else:
+            lowercase = True
+            if (folder / "tokenizer_config.json").is_file():
+                lowercase = bool(json.loads((folder / "tokenizer_config.json").read_text()).get("do_lower_case", True))
+            tokenizer = BertWordPieceTokenizer(str(chosen), lowercase=lowercase)
+    except Exception as exc:  # tokenizers raises plain Exceptions for malformed files
+        raise DataError(f"{chosen}: cannot load the tokenizer: {exc}") from None
+    tokenizer.no_truncation()
+    tokenizer.no_padding()
+    return tokenizer
