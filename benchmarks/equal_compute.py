@@ -52,7 +52,7 @@ import torch  # noqa: E402
 
 from electra_fast.config import build_config  # noqa: E402
 from electra_fast.flops import bert_mlm_flops, electra_flops  # noqa: E402
-from electra_fast.optim import weight_decay_groups  # noqa: E402
+from electra_fast.optim import warmup_decay_schedule, weight_decay_groups  # noqa: E402
 
 # Per-size defaults (every one can be overridden on the command line).
 PRESETS = {
@@ -170,13 +170,6 @@ def build_probe(documents: list[list[str]], n_train: int, n_dev: int, seed: int,
 # ----------------------------------------------------------------------------------------------
 # Pre-training
 # ----------------------------------------------------------------------------------------------
-def lr_at(step: int, total: int, warmup: int) -> float:
-    """Linear warm-up to 1 over ``warmup`` steps, then linear decay to 0 at ``total``."""
-    if step < warmup:
-        return (step + 1) / warmup
-    return max(0.0, (total - step) / max(1, total - warmup))
-
-
 def encoder_snapshot(model, cfg):
     """The fine-tunable encoder (embeddings + discriminator-size body) as a CPU task_models.ElectraModel."""
     from electra_fast.task_models import ElectraModel
@@ -205,7 +198,7 @@ def pretrain(kind: str, cfg, data_dir: Path, steps: int, snapshot_steps: list[in
                                   lr=cfg.train.lr, betas=(cfg.train.adam_beta1, cfg.train.adam_beta2), eps=cfg.train.adam_eps,
                                   **({"fused": True} if device.type == "cuda" else {}))
     warmup = max(1, min(cfg.train.warmup_steps, steps // 10))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, steps, warmup))
+    scheduler = warmup_decay_schedule(optimizer, steps, warmup)
     # The same example order for both models: the training loader with the same seed.
     loader = PretrainingLoader(str(data_dir), micro_batch_size=args.batch, seed=args.seed,
                                num_workers=0 if device.type == "cpu" else 2)
