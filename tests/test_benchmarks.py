@@ -141,7 +141,7 @@ def test_bert_mlm_forward_backward_and_padding():
     out.loss.backward()
     grads = {n: p.grad for n, p in model.named_parameters()}
     assert grads["embeddings.word_embeddings.weight"].abs().sum() > 0  # input and tied output
-    assert grads["electra.encoder.layer.0.attention.self.query.weight"].abs().sum() > 0
+    assert grads["electra.encoder.layer.0.attention.self.qkv.weight"].abs().sum() > 0
     assert grads["generator_lm_head_bias"].abs().sum() > 0
     assert all(torch.isfinite(g).all() for g in grads.values() if g is not None)
     with pytest.raises(ValueError, match="input_ids must be"):
