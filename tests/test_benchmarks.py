@@ -40,11 +40,12 @@ def _rows(path: Path) -> list[dict]:
 
 
 def test_throughput_cpu_smoke(tmp_path):
-    out = _run("throughput.py", "--cpu-smoke", "--variants", "ours-torch,ours-deepspeed,hf-eager,hf-bert-mlm",
+    out = _run("throughput.py", "--cpu-smoke", "--variants", "ours-torch,ours-fast,ours-deepspeed,hf-eager,hf-bert-mlm",
                "--warmup", "1", "--iters", "1", "--results-dir", str(tmp_path))
     rows = _rows(tmp_path / "throughput.jsonl")
     measured = {r["variant"] for r in rows}
-    assert "ours-torch" in measured
+    assert {"ours-torch", "ours-fast"} <= measured
+    assert "CPU smoke run of the PyTorch reference path" in out.stdout
     for row in rows:
         assert row["seq_per_s"] > 0 and row["model_tflops"] > 0 and row["flops_per_step"] > 0
         assert row["size"] == "tiny" and row["device"] == "cpu" and row["torch"] == torch.__version__

@@ -10,11 +10,14 @@ What is controlled, so that only floating-point round-off separates the two runs
   arg-max of each run's own logits plus the *same* reference noise for the step's seed
   (``_shared_noise_sampler``); the loss and its gradient still come from the head under test.
 
-Tolerance: the kernels and references agree to fp32 round-off per step (~1e-6 relative); Adam divides
-by sqrt(v), which lifts tiny gradient differences of rarely-updated weights to full-size updates, and
-200 steps compound them, so the curves drift apart slowly. We bound the drift at a level far below the
-distance the loss travels (the run must learn): |Δ loss| over the run, per step, stays under
-``_TOLERANCE`` of the loss.
+Tolerance: the kernels and references agree to fp32 round-off per step (~1e-6 relative: different
+summation orders in the tiled matmuls, the online softmax, the fused reductions); Adam divides by
+sqrt(v), which lifts tiny gradient differences of rarely-updated weights to full-size updates, and 200
+steps compound them, so the curves drift apart slowly. Measured: at most 3.6e-5 (MLM loss) and 2.2e-4
+(replaced-token loss) relative. The bound, 2e-3 relative per step, leaves ~10x room for that growth
+and is still far below what any real difference does (a wrong mask, gradient or scale moves the
+losses by whole percent within a few steps), while the loss itself falls by ~35% over the run.
+Slow: an interpreted step costs ~0.8 s on one free core (~3 min for the test), hence ``slow``.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from electra_fast.model import ElectraPretrainingModel
 from helpers import random_batch, tiny_config
 
 STEPS = 200
-_TOLERANCE = 0.02  # relative, per step; see the module docstring
+_TOLERANCE = 2e-3  # relative, per step; see the module docstring
 
 
 def _shared_noise_sampler(head):
