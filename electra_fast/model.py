@@ -194,6 +194,28 @@ def split_qkv(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+class _QKVLinear(nn.Linear):
+    """The fused (hidden -> 3·hidden) projection; ``part`` computes only the query ("q") or only the
+    key/value ("kv") rows of it. Slicing inside the module's own forward (rather than reading its
+    weight from outside) keeps ZeRO-3's gather-on-call hooks in charge of the parameters."""
+
+    def forward(self, x: torch.Tensor, part: str | None = None) -> torch.Tensor:
+        if part is None:
+            return F.linear(x, self.weight, self.bias)
+        rows = slice(0, self.in_features) if part == "q" else slice(self.in_features, None)
+        return F.linear(x, self.weight[rows], self.bias[rows])
+
+
+class _LinearGELU(nn.Linear):
+    """``GELU(Linear(x))``; with ``fused_bias_gelu`` the bias joins inside the bias+GELU kernel. The
+    weight is read inside the module's own forward (see :class:`_QKVLinear`)."""
+
+    def forward(self, x: torch.Tensor, fused_bias_gelu: bool = False) -> torch.Tensor:
+        if fused_bias_gelu:
+            return ek.bias_gelu(F.linear(x, self.weight), self.bias)
+        return F.gelu(F.linear(x, self.weight, self.bias))
+
+
 class ElectraSelfAttention(nn.Module):
     """Multi-head self-attention with one fused (hidden -> 3·hidden) QKV projection: one GEMM reads
     the rows once. ``qkv.weight`` is HF's query, key and value weights stacked in that order; state
@@ -203,7 +225,7 @@ class ElectraSelfAttention(nn.Module):
     def __init__(self, hidden: int, heads: int, attention_dropout: float):
         super().__init__()
         self.hidden_size, self.num_heads, self.head_dim = hidden, heads, hidden // heads
-        self.qkv = nn.Linear(hidden, 3 * hidden)
+        self.qkv = _QKVLinear(hidden, 3 * hidden)
         self.attention_dropout = attention_dropout
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
@@ -235,11 +257,10 @@ class ElectraSelfAttention(nn.Module):
 
         The queries form a padded (B, P) block against the padded (B, S) keys with the key mask: the
         padded attention kernel (and SDPA) take seq_q != seq_k, the varlen one does not, and P is static."""
-        hidden = self.hidden_size
-        q = F.linear(query_rows, self.qkv.weight[:hidden], self.qkv.bias[:hidden])
-        kv = F.linear(rows, self.qkv.weight[hidden:], self.qkv.bias[hidden:])
+        q = self.qkv(query_rows, part="q")
+        kv = self.qkv(rows, part="kv")
         kv = layout.unflatten(kv) if layout.packed else kv  # (B, S, 2·hidden), zeros at padding
-        k, v = (self._heads(t, layout.batch, layout.seq_len) for t in kv.split(hidden, dim=-1))
+        k, v = (self._heads(t, layout.batch, layout.seq_len) for t in kv.split(self.hidden_size, dim=-1))
         q = self._heads(q, layout.batch, queries_per_seq)
         return self._padded_attention(q, k, v, layout).reshape(query_rows.shape)
 
@@ -294,12 +315,10 @@ class ElectraAttention(nn.Module):
 class ElectraIntermediate(nn.Module):
     def __init__(self, hidden: int, intermediate: int, cfg: ModelConfig):
         super().__init__()
-        self.dense = nn.Linear(hidden, intermediate)
+        self.dense = _LinearGELU(hidden, intermediate)
 
     def forward(self, hidden_states, layout: TokenLayout):
-        if layout.elementwise_kernel:  # bias joins inside the GELU kernel
-            return ek.bias_gelu(F.linear(hidden_states, self.dense.weight), self.dense.bias)
-        return F.gelu(self.dense(hidden_states))
+        return self.dense(hidden_states, fused_bias_gelu=layout.elementwise_kernel)
 
 
 class ElectraOutput(_DropoutAddLayerNorm):
