@@ -194,6 +194,13 @@ def split_qkv(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+def has_unfused_qkv(state_keys) -> bool:
+    """True for a state dict written before the fused QKV (separate ``attention.self.query`` etc.).
+    Its weights load (the attention module fuses them), but optimizer state saved with it is laid out
+    per old parameter, so a resume must not restore that optimizer state positionally."""
+    return any(key.endswith(f"attention.self.{QKV_NAMES[0]}.weight") for key in state_keys)
+
+
 class _QKVLinear(nn.Linear):
     """The fused (hidden -> 3·hidden) projection; ``part`` computes only the query ("q") or only the
     key/value ("kv") rows of it. Slicing inside the module's own forward (rather than reading its

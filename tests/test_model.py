@@ -161,7 +161,7 @@ def test_all_triton_hot_spots_match_reference():
 # Fused QKV, last-layer subset, the implementation switch
 # ----------------------------------------------------------------------------------------------
 def test_fused_qkv_is_one_linear_and_old_checkpoints_load():
-    from electra_fast.model import split_qkv
+    from electra_fast.model import has_unfused_qkv, split_qkv
 
     cfg = tiny_config()
     torch.manual_seed(0)
@@ -174,6 +174,7 @@ def test_fused_qkv_is_one_linear_and_old_checkpoints_load():
     old = {k: v.clone() for k, v in split_qkv(model.state_dict()).items()}
     assert "discriminator.encoder.layer.0.attention.self.query.weight" in old
     assert not any(".qkv." in k for k in old)
+    assert has_unfused_qkv(old) and not has_unfused_qkv(model.state_dict())
     fresh = ElectraPretrainingModel(cfg)
     fresh.load_state_dict(old)  # strict: every old key fused, none left over
     for (name, a), b in zip(model.state_dict().items(), fresh.state_dict().values()):
