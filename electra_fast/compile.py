@@ -17,7 +17,6 @@ compiled without CUDA graphs it is marked dynamic after the first change (one re
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 # train.compile x train.cuda_graphs -> torch.compile mode.
