@@ -142,7 +142,10 @@ def counted_cases(size: str, batch: int, seq_len: int | None, device: str = "cpu
     from electra_fast.mlm_baseline import BertMLMModel
     from electra_fast.model import ElectraPretrainingModel
 
-    overrides = ["model.attention_impl=torch", "model.mlm_head_impl=torch", "model.disc_head_impl=torch"]
+    # The analytic count is the algorithm's (every row through every layer); model.last_layer_subset
+    # skips the last-layer rows no loss reads, so it is off here for the counts to be comparable.
+    overrides = ["model.attention_impl=torch", "model.mlm_head_impl=torch", "model.disc_head_impl=torch",
+                 "model.last_layer_subset=false"]
     if seq_len:
         overrides.append(f"data.seq_len={seq_len}")
     cfg = build_config(size, overrides=overrides)

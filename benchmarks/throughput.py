@@ -3,13 +3,18 @@
     python benchmarks/throughput.py                                  # small, base, large; every variant
     python benchmarks/throughput.py --sizes small --variants ours-triton,hf-compile
     python benchmarks/throughput.py --random-lengths                 # padded batches, lengths in [S/2, S]
+    python benchmarks/throughput.py --sync-check                     # + one step under sync debug mode "error"
     python benchmarks/throughput.py --cpu-smoke                      # tiny model on the CPU, a few steps
 
 One full optimizer step (forward, backward, AdamW) on synthetic token batches, per variant:
 
   ours-torch      ElectraPretrainingModel, PyTorch reference path (SDPA attention, gathered MLM head),
                   fused torch AdamW, autocast bf16
-  ours-triton     the same with the Triton kernels (unpadded varlen attention, fused heads)
+  ours-triton     the same with the Triton kernels (unpadded varlen attention, fused heads, fused
+                  LayerNorm/GELU, fused QKV, generator last layer at the masked rows only); every "ours"
+                  variant gets the packed sizes from the host, as the loader provides them (no sync)
+  ours-fast       every fast path on: ours-triton + torch.compile of the encoders (train.compile=default)
+  ours-graphs     ours-fast on the padded layout with CUDA graphs (train.cuda_graphs=true, unpad=false)
   ours-deepspeed  ours-triton under a DeepSpeed engine (bf16, ZeRO-2, torch AdamW); needs deepspeed
                   (under --cpu-smoke: DeepSpeed's CPU accelerator, fp32, to check the script only)
   hf-eager        Hugging Face ElectraForMaskedLM generator + ElectraForPreTraining discriminator sharing
@@ -24,6 +29,11 @@ Model TFLOP/s counts the algorithm's FLOPs (electra_fast.flops, "modern" convent
 backward = 2 x forward, MLM head at the masked positions only) for every ELECTRA variant alike, so
 a variant that computes more (HF's full-vocabulary logits) gets no credit for it. MFU = that over
 the GPU's dense bf16 peak. Ratios are against hf-compile at the same size.
+
+Off the GPU every "ours" variant runs the PyTorch reference path (the Triton kernels need CUDA), so a
+--cpu-smoke run checks the script, not the speed; its plot says so.
+``--sync-check`` (CUDA) runs one more step of each non-DeepSpeed "ours" variant under
+``torch.cuda.set_sync_debug_mode("error")`` and records whether it synchronised (column "sync-free").
 """
 
 from __future__ import annotations
@@ -59,10 +69,17 @@ from electra_fast.config import build_config  # noqa: E402
 from electra_fast.flops import bert_mlm_flops, electra_flops  # noqa: E402
 
 SHAPES = {"small": (128, 128), "base": (32, 512), "large": (16, 512), "tiny": (4, 32)}
-VARIANTS = ("ours-torch", "ours-triton", "ours-deepspeed", "hf-eager", "hf-compile", "hf-bert-mlm",
-            "hf-bert-mlm-compile")
-DEFAULT_VARIANTS = ("ours-torch", "ours-triton", "ours-deepspeed", "hf-eager", "hf-compile",
-                    "hf-bert-mlm-compile")
+# What each "ours" variant turns on: hot-spot implementation, train.compile, CUDA graphs, unpadding.
+OURS = {
+    "ours-torch": dict(impl="torch", compile="none", cuda_graphs=False, unpad=True),
+    "ours-triton": dict(impl="triton", compile="none", cuda_graphs=False, unpad=True),
+    "ours-fast": dict(impl="triton", compile="default", cuda_graphs=False, unpad=True),
+    "ours-graphs": dict(impl="triton", compile="default", cuda_graphs=True, unpad=False),
+    "ours-deepspeed": dict(impl="triton", compile="none", cuda_graphs=False, unpad=True),
+}
+VARIANTS = (*OURS, "hf-eager", "hf-compile", "hf-bert-mlm", "hf-bert-mlm-compile")
+DEFAULT_VARIANTS = ("ours-torch", "ours-triton", "ours-fast", "ours-graphs", "ours-deepspeed", "hf-eager",
+                    "hf-compile", "hf-bert-mlm-compile")
 BASELINE = "hf-compile"
 
 
@@ -70,9 +87,9 @@ class Skip(Exception):
     """A variant that cannot run here (missing package, no GPU); the message says why."""
 
 
-def _config(size: str, seq_len: int, impl: str, dropout: float | None):
+def _config(size: str, seq_len: int, impl: str, dropout: float | None, unpad: bool = True):
     overrides = [f"data.seq_len={seq_len}", f"model.attention_impl={impl}", f"model.mlm_head_impl={impl}",
-                 f"model.disc_head_impl={impl}"]
+                 f"model.disc_head_impl={impl}", f"model.elementwise_impl={impl}", f"model.unpad={str(unpad).lower()}"]
     if dropout is not None:
         overrides += [f"model.dropout={dropout}", f"model.attention_dropout={dropout}"]
     return build_config(size, overrides=overrides)
@@ -91,24 +108,33 @@ def make_step(variant: str, size: str, batch_inputs, args, device: torch.device)
     """Build the variant's model and optimizer; return (step function, FLOPs config, notes)."""
     seq_len = batch_inputs[0].shape[1]
     bf16 = device.type == "cuda" and not args.fp32
-    if variant in ("ours-torch", "ours-triton", "ours-deepspeed"):
+    if variant in OURS:
+        from electra_fast.compile import compile_for_training
         from electra_fast.model import ElectraPretrainingModel
 
-        cfg = _config(size, seq_len, "torch" if variant == "ours-torch" else "triton", args.dropout)
+        spec = OURS[variant]
+        # The kernels need CUDA: off the GPU every "ours" variant is the reference path (a script check).
+        impl = spec["impl"] if device.type == "cuda" else "torch"
+        cfg = _config(size, seq_len, impl, args.dropout, spec["unpad"])
         model = ElectraPretrainingModel(cfg).to(device).train()
         if variant == "ours-deepspeed":
             return _deepspeed_step(model, cfg, batch_inputs, args, device)
+        compile_for_training(model, spec["compile"], spec["cuda_graphs"] and device.type == "cuda",
+                             backend=args.compile_backend)
         optimizer = _adamw(model.parameters(), device, cfg.train.lr)
+        sizes = args.host_sizes  # computed on the host, as the loader does: no sync in the step
 
         def step():
             optimizer.zero_grad(set_to_none=True)
             with _autocast(device, bf16):
-                loss = model(*batch_inputs).loss
+                loss = model(*batch_inputs, **sizes).loss
             loss.backward()
             optimizer.step()
             return loss
 
-        return step, cfg, ""
+        notes = [f"impl={impl}"] + ([f"compile={spec['compile']}"] if spec["compile"] != "none" else [])
+        notes += ["cuda_graphs"] if spec["cuda_graphs"] and device.type == "cuda" else []
+        return step, cfg, " ".join(notes)
 
     cfg = _config(size, seq_len, "torch", args.dropout)
     compiled = variant.endswith("-compile")
@@ -185,7 +211,7 @@ def _deepspeed_step(model, cfg, batch_inputs, args, device):
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
 
     def step():
-        loss = engine(*batch_inputs).loss
+        loss = engine(*batch_inputs, **args.host_sizes).loss
         engine.backward(loss)
         engine.step()
         return loss
@@ -204,6 +230,7 @@ def run_variant(variant, size, batch_inputs, lengths, args, device, peak_tflops)
         last["loss"] = step()
 
     times = time_step(timed_step, warmup=args.warmup, iters=args.iters, device=device)
+    sync_free = _sync_check(timed_step, variant, device) if args.sync_check else None
     loss = float(last["loss"].detach().float())
     if loss != loss:
         raise RuntimeError(f"{variant} at {size}: the loss is NaN")
@@ -220,9 +247,28 @@ def run_variant(variant, size, batch_inputs, lengths, args, device, peak_tflops)
         "mfu": (tflops / peak_tflops) if peak_tflops else None,
         "peak_mem_gib": (torch.cuda.max_memory_allocated(device) / 2**30) if device.type == "cuda" else None,
         "flops_per_step": flops, "loss": loss, "dtype": "fp32" if (args.fp32 or device.type != "cuda") else "bf16",
-        "warmup": args.warmup, "iters": args.iters, "note": note,
+        "warmup": args.warmup, "iters": args.iters, "note": note, "sync_free": sync_free,
     }
     return row
+
+
+def _sync_check(step, variant: str, device: torch.device) -> bool | None:
+    """One more step under ``torch.cuda.set_sync_debug_mode("error")``: True when nothing in it
+    synchronised with the host. None where it does not apply (CPU; baselines; DeepSpeed's engine, whose
+    overflow checks and logging synchronise by design)."""
+    if device.type != "cuda" or variant not in OURS or variant == "ours-deepspeed":
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+        return True
+    except RuntimeError as exc:
+        print(f"  {variant}: the step synchronised: {str(exc).splitlines()[0]}", flush=True)
+        return False
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+        torch.cuda.synchronize()
 
 
 def _cleanup(device):
@@ -248,6 +294,8 @@ def main(argv=None) -> int:
     parser.add_argument("--zero-stage", type=int, default=2, choices=(1, 2), help="ZeRO stage of ours-deepspeed")
     parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend of the -compile variants")
     parser.add_argument("--fp32", action="store_true", help="no bf16 autocast on the GPU")
+    parser.add_argument("--sync-check", action="store_true",
+                        help='one extra step per "ours" variant under torch.cuda.set_sync_debug_mode("error")')
     parser.add_argument("--cpu-smoke", action="store_true",
                         help="tiny size on the CPU, 1 warm-up + 2 timed steps, compile with the eager backend")
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
@@ -284,6 +332,7 @@ def main(argv=None) -> int:
         inputs = synthetic_batch(model_cfg, batch, seq_len, device=device, random_lengths=args.random_lengths,
                                  seed=1234)
         lengths = inputs[1].sum(dim=1).tolist()
+        args.host_sizes = {"max_seqlen": int(max(lengths)), "total_tokens": int(sum(lengths))}
         for variant in variants:
             try:
                 row = run_variant(variant, size, inputs, lengths, args, device, peak)
@@ -310,11 +359,13 @@ def main(argv=None) -> int:
         row["vs_hf_compile"] = (row["seq_per_s"] / base["seq_per_s"]) if base else None
     print()
     print_table(["size", "B x S", "variant", "step ms", "seq/s", "tokens/s", "model TFLOP/s", "MFU",
-                 "peak GiB", f"x {BASELINE}"],
+                 "peak GiB", f"x {BASELINE}", "sync-free"],
                 [[r["size"], f"{r['batch']}x{r['seq_len']}", r["variant"], r["step_ms"], r["seq_per_s"],
                   r["tokens_per_s"], r["model_tflops"], f"{100 * r['mfu']:.1f}%" if r["mfu"] else "-",
-                  r["peak_mem_gib"], f"{r['vs_hf_compile']:.2f}" if r["vs_hf_compile"] else "-"] for r in rows],
-                "Training step throughput (median of timed steps, warm-up excluded)")
+                  r["peak_mem_gib"], f"{r['vs_hf_compile']:.2f}" if r["vs_hf_compile"] else "-",
+                  r["sync_free"]] for r in rows],
+                "Training step throughput (median of timed steps, warm-up excluded)"
+                + (" - CPU smoke run of the PyTorch reference path, not a speed measurement" if args.cpu_smoke else ""))
     for size, variant, why in skipped:
         print(f"note: {variant} at {size} not measured: {why}")
     path = append_rows(args, "throughput", rows)
@@ -337,7 +388,10 @@ def main(argv=None) -> int:
         plt.axhline(1.0, color="grey", lw=0.8) if have_base else None
         plt.xticks(range(len(sizes_seen)), sizes_seen)
         plt.ylabel(f"sequences/s relative to {BASELINE}" if have_base else "sequences/s")
-        plt.title(f"ELECTRA training step, {rows[0]['dtype'] if rows else ''}")
+        if args.cpu_smoke:
+            plt.title("CPU smoke run (PyTorch reference path, tiny model): checks the script, not a speed result")
+        else:
+            plt.title(f"ELECTRA training step, {rows[0]['dtype'] if rows else ''}")
         plt.legend(fontsize=8)
 
     if rows:

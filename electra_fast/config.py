@@ -95,6 +95,10 @@ class ModelConfig:
     unpad: bool = True
     # Recompute each encoder layer in the backward pass (non-reentrant torch.utils.checkpoint).
     activation_checkpointing: bool = False
+    # The masked-LM encoder's last layer (ELECTRA's generator, the BERT-MLM baseline) computes its
+    # queries, attention output and FFN only at the chosen positions the head reads; same loss and
+    # gradients as the full layer to round-off (flash-attention's last_layer_subset, MLPerf's dense_seq_output).
+    last_layer_subset: bool = True
 
     @property
     def generator_hidden_size(self) -> int:
@@ -159,6 +163,10 @@ class ObjectiveConfig:
             raise ConfigError("objective.max_predictions_per_seq must be >= 0 (0 = derive from mask_prob)")
 
 
+# train.compile values (electra_fast.compile maps them onto torch.compile modes).
+COMPILE_MODES = ("none", "default", "max-autotune")
+
+
 @dataclass
 class TrainConfig:
     global_batch_size: int = 128  # sequences per optimizer step, all ranks together
@@ -182,6 +190,12 @@ class TrainConfig:
     max_nonfinite_steps: int = 5  # consecutive skipped updates before the run stops
     peak_tflops: float = 0.0  # device peak for MFU; 0 = look the device up
     export_at_end: bool = True
+    # Capture the training forward with torch.compile: none | default | max-autotune
+    # (electra_fast.compile.compile_for_training).
+    compile: str = "none"
+    # CUDA graphs for the compiled step (torch.compile's reduce-overhead / max-autotune modes). Shapes must
+    # be static: the padded layout (model.unpad=false) and train.compile other than none.
+    cuda_graphs: bool = False
 
     def validate(self) -> None:
         if self.optimizer not in ("adamw", "lamb"):
@@ -193,6 +207,11 @@ class TrainConfig:
                 raise ConfigError(f"train.{key} must be positive, got {getattr(self, key)}")
         if self.micro_batch_size < 0 or self.gradient_accumulation_steps < 0:
             raise ConfigError("train.micro_batch_size and train.gradient_accumulation_steps must be >= 0")
+        if self.compile not in COMPILE_MODES:
+            raise ConfigError(f"train.compile must be one of {'/'.join(COMPILE_MODES)}, got {self.compile!r}")
+        if self.cuda_graphs and self.compile == "none":
+            raise ConfigError("train.cuda_graphs needs train.compile=default or max-autotune "
+                              "(the graphs are captured by torch.compile)")
 
     def batch_layout(self, world_size: int) -> tuple[int, int]:
         """(micro_batch_size, gradient_accumulation_steps) with global = micro * accumulation * world."""
@@ -251,6 +270,9 @@ class Config:
     def validate(self) -> "Config":
         for section in (self.model, self.objective, self.train, self.data):
             section.validate()
+        if self.train.cuda_graphs and self.model.unpad:
+            raise ConfigError("train.cuda_graphs needs static shapes: set model.unpad=false (the packed layout's "
+                              "token count changes every step)")
         if self.data.seq_len > self.model.max_position_embeddings:
             raise ConfigError(
                 f"data.seq_len={self.data.seq_len} is longer than the position table "

@@ -45,7 +45,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
-from .config import Config, ModelConfig, max_predictions
+from .config import Config, ModelConfig, ObjectiveConfig, max_predictions
 
 # Cost per element of the non-matmul operations (the paper's constants).
 DROPOUT_FLOPS = 4  # random number, compare, multiply by mask, multiply by 1/(1-p)
@@ -375,8 +375,9 @@ def _workload(cfg: Config | ModelConfig, seq_len: int | None, batch: int | None,
         if seq_len is None or (batch is None and lengths is None):
             raise ValueError("with a ModelConfig, seq_len and batch (or lengths) must be given")
         batch = batch or len(lengths)
-        if mlm_rows_per_seq is None:
-            mlm_rows_per_seq = max_predictions(0.15, seq_len)
+        if mlm_rows_per_seq is None:  # a bare ModelConfig has no objective: the objective's defaults
+            objective = ObjectiveConfig()
+            mlm_rows_per_seq = max_predictions(objective.mask_prob, seq_len, objective.max_predictions_per_seq)
     else:
         raise TypeError(f"expected a Config or ModelConfig, got {type(cfg).__name__}")
     if seq_len > model_cfg.max_position_embeddings:

@@ -6,7 +6,9 @@
     model = from_hf("runs/demo/export/discriminator", "runs/demo/export/generator")
 
 Our parameter names are HF's with the shared embeddings hoisted out of each network (see model.py), so
-the mapping is a rename. Folders are written as config.json + model.safetensors without importing
+the mapping is a rename, plus the fused QKV projection: export splits ``attention.self.qkv`` into HF's
+``query``/``key``/``value`` (``split_qkv``), and import hands the three to the model, whose attention
+module fuses them as the state dict loads. Folders are written as config.json + model.safetensors without importing
 transformers (it is only needed to load them), into a temporary folder that is renamed at the end.
 Reading uses safetensors (or ``torch.load(weights_only=True)`` for legacy ``pytorch_model.bin``).
 """
@@ -23,7 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from .atomic import atomic_directory
 from .config import Config, ModelConfig, ObjectiveConfig
-from .model import ElectraPretrainingModel
+from .model import ElectraPretrainingModel, split_qkv
 
 
 class ExportError(ValueError):
@@ -71,7 +73,7 @@ def hf_config_dict(cfg: ModelConfig, network: str) -> dict:
 def _network_state(model: ElectraPretrainingModel, network: str) -> dict[str, torch.Tensor]:
     """Our state dict -> HF names for one network (shared embeddings copied into both)."""
     state = {}
-    for name, tensor in model.state_dict().items():
+    for name, tensor in split_qkv(model.state_dict()).items():  # HF keeps query/key/value apart
         if name.startswith("embeddings."):
             state["electra." + name] = tensor
         elif name.startswith(network + "."):

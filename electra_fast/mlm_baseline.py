@@ -23,8 +23,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-import electra_kernels as ek
-
 from .config import Config, ModelConfig, ObjectiveConfig, max_predictions
 from .model import (
     ElectraBody,
@@ -33,10 +31,12 @@ from .model import (
     PretrainingOutput,
     TokenLayout,
     check_encoder_inputs,
+    encode_masked_rows,
     encode_tokens,
     init_weights,
-    resolve_impl,
+    mlm_head_fn,
     resolve_pretraining_config,
+    split_qkv,
     token_layout,
 )
 from .objective import ObjectiveRNG, mask_tokens
@@ -98,29 +98,29 @@ class BertMLMModel(nn.Module):
     def body(self) -> ElectraBody:
         return self.electra
 
-    def _impl(self, name: str, device: torch.device) -> str:
-        return resolve_impl(getattr(self.config, name), device)
+    def max_predictions(self, seq_len: int) -> int:
+        """Chosen positions per sequence: the configured bound, else derived from ``seq_len``."""
+        return max_predictions(self.objective_config.mask_prob, seq_len, self.max_predictions_per_seq)
 
     def encode(self, input_ids, token_type_ids, layout: TokenLayout) -> torch.Tensor:
         """(B, S) ids -> (T, hidden) rows in ``layout``."""
         return encode_tokens(self.embeddings, self.electra, input_ids, token_type_ids, layout)
 
-    def forward(self, input_ids, attention_mask=None, token_type_ids=None) -> PretrainingOutput:
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, *, max_seqlen: int | None = None,
+                total_tokens: int | None = None) -> PretrainingOutput:
+        """As :meth:`ElectraPretrainingModel.forward` (same optional host-side sizes)."""
         attention_mask, token_type_ids = check_encoder_inputs(self.config, input_ids, attention_mask, token_type_ids)
         device = input_ids.device
         obj = self.objective_config
-        layout = token_layout(self.config, attention_mask)
-        max_pred = max_predictions(obj.mask_prob, layout.seq_len, self.max_predictions_per_seq)
+        layout = token_layout(self.config, attention_mask, max_seqlen, total_tokens)
         masked_ids, chosen = bert_mask_tokens(
             input_ids, attention_mask, cfg=self.config, mask_prob=obj.mask_prob,
-            max_predictions_per_seq=max_pred, generator=self.rng.masking_generator(device),
+            max_predictions_per_seq=self.max_predictions(layout.seq_len),
+            generator=self.rng.masking_generator(device),
         )
-        rows = self.encode(masked_ids, token_type_ids, layout)
-        flat_positions = chosen.positions + torch.arange(layout.batch, device=device)[:, None] * layout.seq_len
-        gathered = ek.index_first_axis(rows, layout.row_of(flat_positions.reshape(-1)))
+        gathered = encode_masked_rows(self, self.electra, masked_ids, token_type_ids, layout, chosen.positions)
         head_hidden = self.generator_predictions(gathered)
-        mlm = ek.mlm_head_loss if self._impl("mlm_head_impl", device) == "triton" else ek.mlm_head_loss_ref
-        mlm_loss, _sampled, correct = mlm(
+        mlm_loss, _sampled, correct = mlm_head_fn(self.config, device)(
             head_hidden, self.embeddings.word_embeddings.weight, self.generator_lm_head_bias, chosen.targets,
             temperature=1.0, seed=self.rng.next_sampling_seed(),
         )
@@ -137,7 +137,7 @@ class BertMLMModel(nn.Module):
         """Weights under Hugging Face ``ElectraForMaskedLM`` names (load with strict=False: HF's
         ``generator_lm_head.weight`` is tied to the word embeddings)."""
         out = {}
-        for name, tensor in self.state_dict().items():
+        for name, tensor in split_qkv(self.state_dict()).items():
             if name.startswith("embeddings."):
                 out["electra." + name] = tensor
             elif name == "generator_lm_head_bias":

@@ -1,7 +1,8 @@
 """ELECTRA generator + discriminator with shared embeddings (Clark et al. 2020).
 
 Parameter names and math follow Hugging Face's ``ElectraModel`` so weights move both ways
-(see ``electra_fast.hf``): ``embeddings.*`` is the one shared embedding module;
+(see ``electra_fast.hf``), except that each attention block's query/key/value projections are one
+fused ``attention.self.qkv`` Linear (split back into HF's three on export): ``embeddings.*`` is the one shared embedding module;
 ``generator.*`` / ``discriminator.*`` are ``ElectraModel`` minus its embeddings;
 ``generator_predictions`` / ``discriminator_predictions`` are HF's heads, and the generator's output
 projection is the tied word-embedding matrix plus ``generator_lm_head_bias``.
@@ -11,7 +12,13 @@ attention, that block holds only the real tokens (unpadded once per step, variab
 otherwise it is the padded batch flattened, with a key-padding mask in attention.
 
 The three hot spots are calls into ``electra_kernels``: attention, ``mlm_head_loss`` (gathered masked
-rows only: no (batch, seq, vocab) logits) and ``replaced_token_bce``.
+rows only: no (batch, seq, vocab) logits) and ``replaced_token_bce``. Which code runs is decided once,
+here (:func:`resolve_impl`): the model calls a kernel or its ``*_ref`` reference explicitly. With
+``model.last_layer_subset`` the generator's last layer computes only the masked rows the head reads.
+
+No host-device synchronisation: the padded layout has static shapes throughout; the packed one needs
+the batch's ``max_seqlen`` and ``total_tokens``, which the caller passes from the host
+(:func:`packed_sizes`). See :mod:`electra_fast.compile` for ``torch.compile`` / CUDA graphs.
 """
 
 from __future__ import annotations
@@ -25,25 +32,32 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import electra_kernels as ek
-from electra_kernels._dispatch import HAS_TRITON
+from electra_kernels._dispatch import HAS_TRITON, interpreter_enabled
 
 from .config import Config, ModelConfig, ObjectiveConfig, max_predictions
 from .objective import ObjectiveRNG, mask_tokens, pretraining_metrics, replace_tokens
 
 
 def resolve_impl(choice: str, device: torch.device) -> str:
-    """"auto" -> "triton" on CUDA (when triton imports), "torch" elsewhere."""
+    """The one implementation switch: "triton" or "torch" for a hot spot on ``device``.
+
+    "auto" -> "triton" on CUDA (when triton imports), "torch" elsewhere. The model then calls the
+    kernel or the ``*_ref`` reference itself and never leaves the choice to the library's own dispatch,
+    so "triton" where the kernels cannot run (a CPU without ``TRITON_INTERPRET=1``) is an error rather
+    than a silent fall-back to the reference.
+    """
     if choice == "auto":
         return "triton" if device.type == "cuda" and HAS_TRITON else "torch"
+    if choice == "triton" and not (HAS_TRITON and (device.type == "cuda" or interpreter_enabled())):
+        raise ValueError(f"the Triton kernels cannot run on {device.type} (they need a CUDA device, or "
+                         "TRITON_INTERPRET=1 for Triton's CPU interpreter); choose impl 'auto' or 'torch'")
     return choice
 
 
-# --------------------------------------------------------------------------------------------
-# Token layout shared by both encoders of a step (they see the same attention mask)
-# --------------------------------------------------------------------------------------------
 def init_weights(model: nn.Module, std: float) -> None:
     """As HF ElectraPreTrainedModel (same module order): N(0, std) Linear/Embedding weights (padding
-    row zero), zero biases, unit LayerNorm."""
+    row zero), zero biases, unit LayerNorm. The fused (3·hidden, hidden) QKV weight is drawn in one
+    call, which for hidden sizes that are multiples of 16 gives the same numbers as HF's three."""
 
     def init(module: nn.Module) -> None:
         if isinstance(module, nn.Linear):
@@ -62,29 +76,63 @@ def init_weights(model: nn.Module, std: float) -> None:
     model.apply(init)
 
 
+# --------------------------------------------------------------------------------------------
+# Token layout shared by both encoders of a step (they see the same attention mask)
+# --------------------------------------------------------------------------------------------
+def packed_sizes(attention_mask: torch.Tensor) -> dict[str, int]:
+    """``max_seqlen`` and ``total_tokens`` of a batch, for the loader to compute on the host (a CPU
+    mask, before the copy to the device) and pass to the model's forward: with both given, the packed
+    layout is built with no host-device synchronisation.
+
+        out = model(ids.cuda(), mask.cuda(), types.cuda(), **packed_sizes(mask))
+    """
+    if attention_mask.device.type != "cpu":
+        raise ValueError(f"packed_sizes reads a host (CPU) mask; got one on {attention_mask.device} (that "
+                         "would synchronise with the device, which is what it exists to avoid)")
+    lengths = attention_mask.bool().sum(dim=1)
+    return {"max_seqlen": int(lengths.max()) if lengths.numel() else 0, "total_tokens": int(lengths.sum())}
+
+
 @dataclass
 class TokenLayout:
+    """How a step's tokens are laid out for the encoders, and which hot spots run on Triton.
+
+    Padded: every (batch, seq) position is a row; static shapes, no host synchronisation.
+    Packed: only the real tokens are rows (``indices`` into batch*seq, ``cu_seqlens``, ``max_seqlen``);
+    built with electra_kernels' ``unpad_input`` unless the caller gives the sizes from the host.
+    """
+
     batch: int
     seq_len: int
     attention_mask: torch.Tensor  # (B, S) bool
     indices: torch.Tensor | None = None  # (T,) positions of real tokens in B*S when packed
     cu_seqlens: torch.Tensor | None = None
     max_seqlen: int = 0
+    attention_kernel: bool = False  # attention runs ek.attention[_varlen] (else PyTorch's SDPA)
+    elementwise_kernel: bool = False  # LayerNorm(dropout+add) and bias+GELU run their kernels
 
     @property
     def packed(self) -> bool:
         return self.indices is not None
 
     @classmethod
-    def build(cls, attention_mask: torch.Tensor, packed: bool) -> "TokenLayout":
+    def build(cls, attention_mask: torch.Tensor, packed: bool, max_seqlen: int | None = None,
+              total_tokens: int | None = None, **kernels: bool) -> "TokenLayout":
+        """``max_seqlen`` / ``total_tokens`` (packed only): the batch's longest sequence and number of real
+        tokens, computed by the caller on the host; when both are given nothing here waits for the device
+        (``unpad_input`` needs a ``nonzero`` and a ``.item()``, i.e. two synchronisations)."""
         mask = attention_mask.bool()
         batch, seq_len = mask.shape
         if not packed:
-            return cls(batch, seq_len, mask)
-        seqlens = mask.sum(dim=1, dtype=torch.int32)
-        indices = torch.nonzero(mask.flatten(), as_tuple=False).flatten()
-        cu_seqlens = F.pad(torch.cumsum(seqlens, dim=0, dtype=torch.int32), (1, 0))
-        return cls(batch, seq_len, mask, indices, cu_seqlens, int(seqlens.max().item()))
+            return cls(batch, seq_len, mask, **kernels)
+        if max_seqlen is None or total_tokens is None:
+            _, indices, cu_seqlens, found_max = ek.unpad_input(mask.unsqueeze(-1), mask)
+            return cls(batch, seq_len, mask, indices, cu_seqlens,
+                       found_max if max_seqlen is None else int(max_seqlen), **kernels)
+        # The sizes come from the host: nonzero_static needs no device round trip to size its output.
+        indices = torch.nonzero_static(mask.flatten(), size=int(total_tokens)).flatten()
+        cu_seqlens = F.pad(torch.cumsum(mask.sum(dim=1, dtype=torch.int32), dim=0, dtype=torch.int32), (1, 0))
+        return cls(batch, seq_len, mask, indices, cu_seqlens, int(max_seqlen), **kernels)
 
     def flatten(self, per_token: torch.Tensor) -> torch.Tensor:
         """(B, S, ...) -> (T, ...) rows in this layout."""
@@ -94,7 +142,7 @@ class TokenLayout:
     def unflatten(self, rows: torch.Tensor) -> torch.Tensor:
         """(T, ...) -> (B, S, ...) with zeros at padding."""
         if self.packed:
-            rows = ek.index_put_first_axis(rows, self.indices, self.batch * self.seq_len)
+            return ek.pad_input(rows, self.indices, self.batch, self.seq_len)
         return rows.view(self.batch, self.seq_len, *rows.shape[1:])
 
     def row_of(self, flat_positions: torch.Tensor) -> torch.Tensor:
@@ -111,9 +159,6 @@ class TokenLayout:
         return self.attention_mask.flatten()
 
 
-# --------------------------------------------------------------------------------------------
-# Modules (HF ElectraModel names)
-# --------------------------------------------------------------------------------------------
 class ElectraEmbeddings(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -130,47 +175,125 @@ class ElectraEmbeddings(nn.Module):
         return self.dropout(self.LayerNorm(embeddings))
 
 
+# The names Hugging Face (and checkpoints written before the fused QKV) give the three projections.
+QKV_NAMES = ("query", "key", "value")
+
+
+def split_qkv(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A state dict with every fused ``*.qkv.{weight,bias}`` split into the three projections, in the
+    layout Hugging Face and earlier checkpoints use (views, no copies); other keys keep their order."""
+    out = {}
+    for name, tensor in state.items():
+        stem, _, kind = name.rpartition(".")
+        if stem.endswith(".qkv") or stem == "qkv":
+            base = stem[: -len("qkv")]
+            for part, chunk in zip(QKV_NAMES, tensor.chunk(3, dim=0)):
+                out[f"{base}{part}.{kind}"] = chunk
+        else:
+            out[name] = tensor
+    return out
+
+
+def has_unfused_qkv(state_keys) -> bool:
+    """True for a state dict written before the fused QKV (separate ``attention.self.query`` etc.).
+    Its weights load (the attention module fuses them), but optimizer state saved with it is laid out
+    per old parameter, so a resume must not restore that optimizer state positionally."""
+    return any(key.endswith(f"attention.self.{QKV_NAMES[0]}.weight") for key in state_keys)
+
+
+class _QKVLinear(nn.Linear):
+    """The fused (hidden -> 3·hidden) projection; ``part`` computes only the query ("q") or only the
+    key/value ("kv") rows of it. Slicing inside the module's own forward (rather than reading its
+    weight from outside) keeps ZeRO-3's gather-on-call hooks in charge of the parameters."""
+
+    def forward(self, x: torch.Tensor, part: str | None = None) -> torch.Tensor:
+        if part is None:
+            return F.linear(x, self.weight, self.bias)
+        rows = slice(0, self.in_features) if part == "q" else slice(self.in_features, None)
+        return F.linear(x, self.weight[rows], self.bias[rows])
+
+
+class _LinearGELU(nn.Linear):
+    """``GELU(Linear(x))``; with ``fused_bias_gelu`` the bias joins inside the bias+GELU kernel. The
+    weight is read inside the module's own forward (see :class:`_QKVLinear`)."""
+
+    def forward(self, x: torch.Tensor, fused_bias_gelu: bool = False) -> torch.Tensor:
+        if fused_bias_gelu:
+            return ek.bias_gelu(F.linear(x, self.weight), self.bias)
+        return F.gelu(F.linear(x, self.weight, self.bias))
+
+
 class ElectraSelfAttention(nn.Module):
-    def __init__(self, hidden: int, heads: int, attention_dropout: float, impl: str):
+    """Multi-head self-attention with one fused (hidden -> 3·hidden) QKV projection: one GEMM reads
+    the rows once. ``qkv.weight`` is HF's query, key and value weights stacked in that order; state
+    dicts with the three separate projections (HF folders, checkpoints of earlier runs) are fused
+    when they load (:meth:`_load_from_state_dict`), whichever loader reads them."""
+
+    def __init__(self, hidden: int, heads: int, attention_dropout: float):
         super().__init__()
-        self.num_heads, self.head_dim = heads, hidden // heads
-        self.query = nn.Linear(hidden, hidden)
-        self.key = nn.Linear(hidden, hidden)
-        self.value = nn.Linear(hidden, hidden)
+        self.hidden_size, self.num_heads, self.head_dim = hidden, heads, hidden // heads
+        self.qkv = _QKVLinear(hidden, 3 * hidden)
         self.attention_dropout = attention_dropout
-        self.impl = impl
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for kind in ("weight", "bias"):
+            parts = [prefix + f"{name}.{kind}" for name in QKV_NAMES]
+            if all(p in state_dict for p in parts) and prefix + f"qkv.{kind}" not in state_dict:
+                state_dict[prefix + f"qkv.{kind}"] = torch.cat([state_dict.pop(p) for p in parts], dim=0)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _dropout_p(self) -> float:
+        return self.attention_dropout if self.training else 0.0
+
+    def _heads(self, t: torch.Tensor, *lead: int) -> torch.Tensor:
+        return t.reshape(*lead, self.num_heads, self.head_dim)
 
     def forward(self, rows: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
-        dropout_p = self.attention_dropout if self.training else 0.0
-        q, k, v = (proj(rows).view(-1, self.num_heads, self.head_dim) for proj in (self.query, self.key, self.value))
-        if layout.packed:
-            out = ek.attention_varlen(q, k, v, layout.cu_seqlens, layout.max_seqlen, dropout_p=dropout_p)
+        q, k, v = self.qkv(rows).split(self.hidden_size, dim=-1)
+        if layout.packed:  # packed layouts only arise with the attention kernel (see token_layout)
+            q, k, v = (self._heads(t, -1) for t in (q, k, v))
+            out = ek.attention_varlen(q, k, v, layout.cu_seqlens, layout.max_seqlen, dropout_p=self._dropout_p())
             return out.reshape(rows.shape)
-        shape = (layout.batch, layout.seq_len, self.num_heads, self.head_dim)
-        q, k, v = q.view(shape), k.view(shape), v.view(shape)
-        if resolve_impl(self.impl, rows.device) == "triton":
-            out = ek.attention(q, k, v, key_padding_mask=layout.attention_mask, dropout_p=dropout_p)
-        else:  # PyTorch's fused SDPA: the reference path used on CPU and for baselines
-            out = F.scaled_dot_product_attention(
-                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                attn_mask=layout.attention_mask[:, None, None, :], dropout_p=dropout_p,
-            ).transpose(1, 2)
-        return out.reshape(rows.shape)
+        q, k, v = (self._heads(t, layout.batch, layout.seq_len) for t in (q, k, v))
+        return self._padded_attention(q, k, v, layout).reshape(rows.shape)
+
+    def forward_subset(self, rows: torch.Tensor, query_rows: torch.Tensor, layout: TokenLayout,
+                       queries_per_seq: int) -> torch.Tensor:
+        """Attention output for ``query_rows`` only ((B·P, hidden), P = ``queries_per_seq`` per sequence),
+        with keys and values at every real token of ``rows``. Returns (B·P, hidden).
+
+        The queries form a padded (B, P) block against the padded (B, S) keys with the key mask: the
+        padded attention kernel (and SDPA) take seq_q != seq_k, the varlen one does not, and P is static."""
+        q = self.qkv(query_rows, part="q")
+        kv = self.qkv(rows, part="kv")
+        kv = layout.unflatten(kv) if layout.packed else kv  # (B, S, 2·hidden), zeros at padding
+        k, v = (self._heads(t, layout.batch, layout.seq_len) for t in kv.split(self.hidden_size, dim=-1))
+        q = self._heads(q, layout.batch, queries_per_seq)
+        return self._padded_attention(q, k, v, layout).reshape(query_rows.shape)
+
+    def _padded_attention(self, q, k, v, layout: TokenLayout) -> torch.Tensor:
+        """q (B, Sq, h, d) against k, v (B, S, h, d) with the key-padding mask -> (B, Sq, h, d)."""
+        if layout.attention_kernel:
+            return ek.attention(q, k, v, key_padding_mask=layout.attention_mask, dropout_p=self._dropout_p())
+        # PyTorch's fused SDPA: the reference path used on CPU and for baselines
+        return F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+            attn_mask=layout.attention_mask[:, None, None, :], dropout_p=self._dropout_p(),
+        ).transpose(1, 2)
 
 
 class _DropoutAddLayerNorm(nn.Module):
     """``LayerNorm(dropout(dense(h)) + residual)``, the tail of both halves of a post-LN layer; one
-    fused kernel (dropout, add, normalise) when ``elementwise_impl`` resolves to Triton."""
+    fused kernel (dropout, add, normalise) when the layout says the elementwise kernels run."""
 
     def __init__(self, in_features: int, hidden: int, cfg: ModelConfig):
         super().__init__()
         self.dense = nn.Linear(in_features, hidden)
         self.LayerNorm = nn.LayerNorm(hidden, eps=cfg.layer_norm_eps)
         self.dropout = nn.Dropout(cfg.dropout)
-        self.impl = cfg.elementwise_impl
 
-    def forward(self, hidden_states, input_tensor):
-        if resolve_impl(self.impl, hidden_states.device) == "triton":
+    def forward(self, hidden_states, input_tensor, layout: TokenLayout):
+        if layout.elementwise_kernel:
             return ek.layer_norm(self.dense(hidden_states), self.LayerNorm.weight, self.LayerNorm.bias,
                                  self.LayerNorm.eps, residual=input_tensor,
                                  dropout_p=self.dropout.p if self.training else 0.0)
@@ -185,23 +308,24 @@ class ElectraSelfOutput(_DropoutAddLayerNorm):
 class ElectraAttention(nn.Module):
     def __init__(self, hidden: int, heads: int, cfg: ModelConfig):
         super().__init__()
-        self.self = ElectraSelfAttention(hidden, heads, cfg.attention_dropout, cfg.attention_impl)
+        self.self = ElectraSelfAttention(hidden, heads, cfg.attention_dropout)
         self.output = ElectraSelfOutput(hidden, cfg)
 
     def forward(self, rows, layout):
-        return self.output(self.self(rows, layout), rows)
+        return self.output(self.self(rows, layout), rows, layout)
+
+    def forward_subset(self, rows, query_index, layout, queries_per_seq):
+        query_rows = ek.index_first_axis(rows, query_index)
+        return self.output(self.self.forward_subset(rows, query_rows, layout, queries_per_seq), query_rows, layout)
 
 
 class ElectraIntermediate(nn.Module):
     def __init__(self, hidden: int, intermediate: int, cfg: ModelConfig):
         super().__init__()
-        self.dense = nn.Linear(hidden, intermediate)
-        self.impl = cfg.elementwise_impl
+        self.dense = _LinearGELU(hidden, intermediate)
 
-    def forward(self, hidden_states):
-        if resolve_impl(self.impl, hidden_states.device) == "triton":  # bias joins inside the GELU kernel
-            return ek.bias_gelu(F.linear(hidden_states, self.dense.weight), self.dense.bias)
-        return F.gelu(self.dense(hidden_states))
+    def forward(self, hidden_states, layout: TokenLayout):
+        return self.dense(hidden_states, fused_bias_gelu=layout.elementwise_kernel)
 
 
 class ElectraOutput(_DropoutAddLayerNorm):
@@ -219,8 +343,17 @@ class ElectraLayer(nn.Module):
         self.output = ElectraOutput(hidden, intermediate, cfg)
 
     def forward(self, rows, layout):
-        attended = self.attention(rows, layout)
-        return self.output(self.intermediate(attended), attended)
+        return self._ffn(self.attention(rows, layout), layout)
+
+    def forward_subset(self, rows, query_index, layout, queries_per_seq):
+        """The layer's output at rows ``query_index`` only (B·P of them, P per sequence): their queries,
+        attention output and FFN; keys and values still at every token. The masked-LM head reads
+        nothing else of a last layer (flash-attention BERT's ``last_layer_subset``, MLPerf's
+        ``dense_seq_output``)."""
+        return self._ffn(self.attention.forward_subset(rows, query_index, layout, queries_per_seq), layout)
+
+    def _ffn(self, attended, layout):
+        return self.output(self.intermediate(attended, layout), attended, layout)
 
 
 class ElectraEncoder(nn.Module):
@@ -229,12 +362,16 @@ class ElectraEncoder(nn.Module):
         self.layer = nn.ModuleList(ElectraLayer(hidden, heads, intermediate, cfg) for _ in range(layers))
         self.gradient_checkpointing = cfg.activation_checkpointing
 
-    def forward(self, rows, layout):
-        for layer in self.layer:
+    def forward(self, rows, layout, query_index=None, queries_per_seq: int = 0):
+        """``query_index`` (B·P,) row indices: the last layer computes those rows only (in that order)."""
+        for i, layer in enumerate(self.layer):
+            call, args = layer, (rows, layout)
+            if query_index is not None and i == len(self.layer) - 1:
+                call, args = layer.forward_subset, (rows, query_index, layout, queries_per_seq)
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                rows = checkpoint(layer, rows, layout, use_reentrant=False)
+                rows = checkpoint(call, *args, use_reentrant=False)
             else:
-                rows = layer(rows, layout)
+                rows = call(*args)
         return rows
 
 
@@ -249,10 +386,10 @@ class ElectraBody(nn.Module):
             self.embeddings_project = nn.Linear(cfg.embedding_size, hidden)
         self.encoder = ElectraEncoder(hidden, heads, intermediate, layers, cfg)
 
-    def forward(self, embedded_rows, layout):
+    def forward(self, embedded_rows, layout, query_index=None, queries_per_seq: int = 0):
         if hasattr(self, "embeddings_project"):
             embedded_rows = self.embeddings_project(embedded_rows)
-        return self.encoder(embedded_rows, layout)
+        return self.encoder(embedded_rows, layout, query_index, queries_per_seq)
 
 
 class ElectraGeneratorPredictions(nn.Module):
@@ -295,8 +432,9 @@ class PretrainingOutput(NamedTuple):
 
 def resolve_pretraining_config(config: Config | ModelConfig, objective: ObjectiveConfig | None,
                                max_predictions_per_seq: int | None, seed: int):
-    """(model config, objective config, max predictions per sequence (0 = derive per batch), seed) from
-    a full Config or a ModelConfig (+ optional ObjectiveConfig); the model section is validated."""
+    """(model config, objective config, max predictions per sequence (0 = derive from the batch's
+    sequence length with config.max_predictions), seed) from a full Config or a ModelConfig (+ optional
+    ObjectiveConfig); the model section is validated."""
     if isinstance(config, Config):
         model_cfg, objective = config.model, config.objective
         max_predictions_per_seq = max_predictions_per_seq or config.max_predictions_per_seq
@@ -307,10 +445,15 @@ def resolve_pretraining_config(config: Config | ModelConfig, objective: Objectiv
     return model_cfg, objective, max_predictions_per_seq or 0, seed
 
 
-def token_layout(cfg: ModelConfig, attention_mask: torch.Tensor) -> TokenLayout:
-    """Packed real tokens when the Triton attention runs with ``unpad``, else the flattened padded batch."""
-    packed = cfg.unpad and resolve_impl(cfg.attention_impl, attention_mask.device) == "triton"
-    return TokenLayout.build(attention_mask, packed)
+def token_layout(cfg: ModelConfig, attention_mask: torch.Tensor, max_seqlen: int | None = None,
+                 total_tokens: int | None = None) -> TokenLayout:
+    """The step's layout: packed real tokens when the Triton attention runs with ``unpad``, else the
+    flattened padded batch; with the attention / elementwise implementations resolved once here."""
+    device = attention_mask.device
+    attention_kernel = resolve_impl(cfg.attention_impl, device) == "triton"
+    elementwise_kernel = resolve_impl(cfg.elementwise_impl, device) == "triton"
+    return TokenLayout.build(attention_mask, cfg.unpad and attention_kernel, max_seqlen, total_tokens,
+                             attention_kernel=attention_kernel, elementwise_kernel=elementwise_kernel)
 
 
 def check_encoder_inputs(cfg: ModelConfig, input_ids, attention_mask=None, token_type_ids=None):
@@ -332,11 +475,35 @@ def check_encoder_inputs(cfg: ModelConfig, input_ids, attention_mask=None, token
 
 
 def encode_tokens(embeddings: ElectraEmbeddings, body: nn.Module, input_ids, token_type_ids,
-                  layout: TokenLayout) -> torch.Tensor:
-    """(B, S) ids -> embeddings -> ``body`` -> (T, hidden) rows in ``layout``."""
+                  layout: TokenLayout, **body_kwargs) -> torch.Tensor:
+    """(B, S) ids -> embeddings -> ``body`` -> (T, hidden) rows in ``layout`` (``body_kwargs``, e.g. the
+    last layer's ``query_index``, go to the body)."""
     positions = torch.arange(layout.seq_len, device=input_ids.device).expand(layout.batch, -1)
     ids, types, pos = (layout.flatten(t) for t in (input_ids, token_type_ids, positions))
-    return body(embeddings(ids, types, pos), layout)
+    return body(embeddings(ids, types, pos), layout, **body_kwargs)
+
+
+def masked_rows(layout: TokenLayout, positions: torch.Tensor) -> torch.Tensor:
+    """(B, P) chosen positions -> (B·P,) row indices in ``layout``, sequence by sequence."""
+    offsets = torch.arange(layout.batch, device=positions.device)[:, None] * layout.seq_len
+    return layout.row_of((positions + offsets).reshape(-1))
+
+
+def encode_masked_rows(model: nn.Module, body: ElectraBody, input_ids, token_type_ids, layout: TokenLayout,
+                       positions: torch.Tensor) -> torch.Tensor:
+    """The encoder's output at the (B, P) chosen positions, (B·P, hidden): with
+    ``model.last_layer_subset`` the last layer computes only those rows, else every row is computed and
+    the chosen ones gathered (same values to fp32 round-off)."""
+    rows = masked_rows(layout, positions)
+    if model.config.last_layer_subset:
+        return encode_tokens(model.embeddings, body, input_ids, token_type_ids, layout,
+                             query_index=rows, queries_per_seq=positions.shape[1])
+    return ek.index_first_axis(encode_tokens(model.embeddings, body, input_ids, token_type_ids, layout), rows)
+
+
+def mlm_head_fn(cfg: ModelConfig, device: torch.device):
+    """The masked-LM head the model's switch chose: the kernel or its reference."""
+    return ek.mlm_head_loss if resolve_impl(cfg.mlm_head_impl, device) == "triton" else ek.mlm_head_loss_ref
 
 
 class ElectraPretrainingModel(nn.Module):
@@ -345,6 +512,7 @@ class ElectraPretrainingModel(nn.Module):
 
         model = ElectraPretrainingModel(load_config("configs/electra-small.yaml"))
         out = model(input_ids, attention_mask, token_type_ids)   # out.loss, out.metrics
+        out = model(input_ids, attention_mask, token_type_ids, **packed_sizes(host_mask))  # no host sync
     """
 
     def __init__(self, config: Config | ModelConfig, objective: ObjectiveConfig | None = None,
@@ -369,8 +537,9 @@ class ElectraPretrainingModel(nn.Module):
     def _impl(self, name: str, device: torch.device) -> str:
         return resolve_impl(getattr(self.config, name), device)
 
-    def _layout(self, attention_mask: torch.Tensor) -> TokenLayout:
-        return token_layout(self.config, attention_mask)
+    def _layout(self, attention_mask: torch.Tensor, max_seqlen: int | None = None,
+                total_tokens: int | None = None) -> TokenLayout:
+        return token_layout(self.config, attention_mask, max_seqlen, total_tokens)
 
     def _check_inputs(self, input_ids, attention_mask, token_type_ids):
         return check_encoder_inputs(self.config, input_ids, attention_mask, token_type_ids)
@@ -378,27 +547,33 @@ class ElectraPretrainingModel(nn.Module):
     def _encode(self, body: ElectraBody, input_ids, token_type_ids, layout: TokenLayout):
         return encode_tokens(self.embeddings, body, input_ids, token_type_ids, layout)
 
+    def max_predictions(self, seq_len: int) -> int:
+        """Chosen positions per sequence: the configured bound, else derived from ``seq_len``."""
+        return max_predictions(self.objective_config.mask_prob, seq_len, self.max_predictions_per_seq)
+
     # ---------------------------------------------------------------- training forward
-    def forward(self, input_ids, attention_mask=None, token_type_ids=None) -> PretrainingOutput:
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, *, max_seqlen: int | None = None,
+                total_tokens: int | None = None) -> PretrainingOutput:
+        """One training forward. ``max_seqlen`` / ``total_tokens``: the batch's longest sequence and its
+        number of real tokens, computed on the host (:func:`packed_sizes`); they matter only for the
+        packed layout, which otherwise reads them from the device (a synchronisation each)."""
         attention_mask, token_type_ids = self._check_inputs(input_ids, attention_mask, token_type_ids)
         device = input_ids.device
         cfg, obj = self.config, self.objective_config
-        layout = self._layout(attention_mask)
-        max_pred = max_predictions(obj.mask_prob, layout.seq_len, self.max_predictions_per_seq)
+        layout = self._layout(attention_mask, max_seqlen, total_tokens)
 
         masked = mask_tokens(
             input_ids, attention_mask, mask_prob=obj.mask_prob, mask_token_ratio=obj.mask_token_ratio,
-            max_predictions_per_seq=max_pred, special_ids=(cfg.cls_token_id, cfg.sep_token_id, cfg.pad_token_id),
+            max_predictions_per_seq=self.max_predictions(layout.seq_len),
+            special_ids=(cfg.cls_token_id, cfg.sep_token_id, cfg.pad_token_id),
             mask_token_id=cfg.mask_token_id, generator=self.rng.masking_generator(device),
         )
 
-        # Generator: encode the masked input, then predict only at the chosen positions.
-        generator_rows = self._encode(self.generator, masked.generator_input_ids, token_type_ids, layout)
-        flat_positions = (masked.positions + torch.arange(layout.batch, device=device)[:, None] * layout.seq_len)
-        gathered = ek.index_first_axis(generator_rows, layout.row_of(flat_positions.reshape(-1)))
+        # Generator: encode the masked input; its output only at the chosen positions.
+        gathered = encode_masked_rows(self, self.generator, masked.generator_input_ids, token_type_ids, layout,
+                                      masked.positions)
         head_hidden = self.generator_predictions(gathered)
-        mlm = ek.mlm_head_loss if self._impl("mlm_head_impl", device) == "triton" else ek.mlm_head_loss_ref
-        mlm_loss, sampled, correct = mlm(
+        mlm_loss, sampled, correct = mlm_head_fn(cfg, device)(
             head_hidden, self.embeddings.word_embeddings.weight, self.generator_lm_head_bias, masked.targets,
             temperature=obj.temperature, seed=self.rng.next_sampling_seed(),
         )

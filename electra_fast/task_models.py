@@ -35,7 +35,7 @@ from .atomic import atomic_directory
 from .config import ModelConfig
 from .finetune_config import ModelOptions
 from .model import (ElectraBody, ElectraEmbeddings, TokenLayout, check_encoder_inputs, encode_tokens, init_weights,
-                    token_layout)
+                    split_qkv, token_layout)
 from .tasks import FinetuneError, TaskSpec
 
 __all__ = [
@@ -305,7 +305,8 @@ def save_hf_model(state: dict[str, torch.Tensor], out_dir: str | os.PathLike, sp
     out_dir = Path(out_dir)
     with atomic_directory(out_dir) as tmp:
         (tmp / "config.json").write_text(json.dumps(_hf_task_config(base_config, spec), indent=2))
-        tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
+        # HF keeps query/key/value apart; our attention fuses them (split_qkv undoes it).
+        tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in split_qkv(state).items()}
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         copied = False
         if tokenizer_dir is not None:

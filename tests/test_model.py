@@ -155,3 +155,101 @@ def test_all_triton_hot_spots_match_reference():
     for name, param in reference.named_parameters():
         if name.startswith("generator"):
             torch.testing.assert_close(param.grad, fused_params[name].grad, atol=1e-4, rtol=1e-3, msg=name)
+
+
+# ----------------------------------------------------------------------------------------------
+# Fused QKV, last-layer subset, the implementation switch
+# ----------------------------------------------------------------------------------------------
+def test_fused_qkv_is_one_linear_and_old_checkpoints_load():
+    from electra_fast.model import has_unfused_qkv, split_qkv
+
+    cfg = tiny_config()
+    torch.manual_seed(0)
+    model = ElectraPretrainingModel(cfg)
+    attention = model.discriminator.encoder.layer[0].attention.self
+    assert attention.qkv.weight.shape == (3 * cfg.model.hidden_size, cfg.model.hidden_size)
+    assert not any(n.endswith((".query.weight", ".key.weight", ".value.weight")) for n, _ in model.named_parameters())
+
+    # A state dict in the layout of earlier runs (and of HF): separate query/key/value projections.
+    old = {k: v.clone() for k, v in split_qkv(model.state_dict()).items()}
+    assert "discriminator.encoder.layer.0.attention.self.query.weight" in old
+    assert not any(".qkv." in k for k in old)
+    assert has_unfused_qkv(old) and not has_unfused_qkv(model.state_dict())
+    fresh = ElectraPretrainingModel(cfg)
+    fresh.load_state_dict(old)  # strict: every old key fused, none left over
+    for (name, a), b in zip(model.state_dict().items(), fresh.state_dict().values()):
+        assert torch.equal(a, b), name
+    # The order is HF's: rows [0, H) are the query, [H, 2H) the key, [2H, 3H) the value.
+    hidden = cfg.model.hidden_size
+    assert torch.equal(attention.qkv.weight[hidden:2 * hidden],
+                       old["discriminator.encoder.layer.0.attention.self.key.weight"])
+    # A half-old state dict (one projection missing) is an error, not a silent partial load.
+    del old["generator.encoder.layer.0.attention.self.value.bias"]
+    with pytest.raises(RuntimeError, match="qkv.bias"):
+        ElectraPretrainingModel(cfg).load_state_dict(old)
+
+
+def _losses_and_grads(model, batch):
+    model.zero_grad()
+    out = model(*batch)
+    out.loss.backward()
+    return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("impl,batch_size", [("torch", 3), ("triton", 2)])
+def test_last_layer_subset_matches_the_full_layer(impl, batch_size):
+    """The generator's last layer at the masked rows only gives the full layer's loss and gradients
+    (padded reference path; the kernels' packed path, where keys/values are re-padded for the subset)."""
+    cfg = tiny_config("model.dropout=0.0", "model.attention_dropout=0.0", impl=impl)
+    torch.manual_seed(0)
+    subset = ElectraPretrainingModel(cfg)
+    full_cfg = tiny_config("model.dropout=0.0", "model.attention_dropout=0.0", "model.last_layer_subset=false",
+                           impl=impl)
+    full = ElectraPretrainingModel(full_cfg)
+    full.load_state_dict(subset.state_dict())
+    batch = random_batch(cfg, batch=batch_size, seq_len=16)
+    if impl == "triton":
+        assert subset._layout(batch[1]).packed
+    out_s, grads_s = _losses_and_grads(subset, batch)
+    out_f, grads_f = _losses_and_grads(full, batch)
+    torch.testing.assert_close(out_s.mlm_loss, out_f.mlm_loss, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out_s.disc_loss, out_f.disc_loss, atol=1e-5, rtol=1e-5)
+    assert set(grads_s) == set(grads_f)
+    for name, grad in grads_f.items():
+        torch.testing.assert_close(grads_s[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+    # The subset path is what ran: the last layer's FFN saw B*P rows, not every token.
+    seen = []
+    last_ffn = subset.generator.encoder.layer[-1].intermediate
+    handle = last_ffn.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[0]))
+    subset(*batch)
+    handle.remove()
+    assert seen == [batch_size * subset.max_predictions(16)]
+
+
+def test_padded_subset_with_the_attention_kernel_matches():
+    """Padded layout (unpad off) with the attention kernel: q block (B, P) against keys (B, S)."""
+    base = ("model.dropout=0.0", "model.attention_dropout=0.0", "model.unpad=false", "model.num_layers=1")
+    torch.manual_seed(0)
+    subset = ElectraPretrainingModel(tiny_config(*base, impl="triton"))
+    full = ElectraPretrainingModel(tiny_config(*base, "model.last_layer_subset=false", impl="triton"))
+    full.load_state_dict(subset.state_dict())
+    batch = random_batch(subset_cfg := tiny_config(*base), batch=2, seq_len=16)
+    assert not subset._layout(batch[1]).packed and subset_cfg.model.unpad is False
+    out_s, grads_s = _losses_and_grads(subset, batch)
+    out_f, grads_f = _losses_and_grads(full, batch)
+    torch.testing.assert_close(out_s.loss, out_f.loss, atol=1e-5, rtol=1e-5)
+    for name, grad in grads_f.items():
+        torch.testing.assert_close(grads_s[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_triton_where_kernels_cannot_run_is_a_clear_error(monkeypatch):
+    from electra_fast.model import resolve_impl
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert resolve_impl("auto", torch.device("cpu")) == "torch"
+    with pytest.raises(ValueError, match="cannot run on cpu"):
+        resolve_impl("triton", torch.device("cpu"))
+    model = ElectraPretrainingModel(tiny_config(impl="triton"))
+    with pytest.raises(ValueError, match="cannot run on cpu"):
+        model(*random_batch(model_cfg := tiny_config()))
+    assert model_cfg.model.attention_impl == "torch"
