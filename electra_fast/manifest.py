@@ -7,6 +7,7 @@ The offline side (``electra_fast.prepare``) writes what this module reads; the t
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -45,6 +46,54 @@ def read_manifest(data_dir: str) -> dict[str, Any]:
     if not (folder / manifest.get("dataset_dir", "dataset")).is_dir():
         raise DataError(f"{data_dir}: the manifest is there but the dataset folder is missing")
     return manifest
+
+
+def dataset_files(dataset_dir: Path) -> dict[str, dict[str, Any]]:
+    """``{name: {"bytes", "sha256"}}`` of the Arrow files of a saved dataset, by name: what the manifest
+    records so that a reader can tell a truncated or replaced file (and the fingerprint covers)."""
+    files = {}
+    for path in sorted(Path(dataset_dir).glob("*.arrow")):
+        digest = hashlib.sha256()
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(8 << 20), b""):
+                digest.update(block)
+        files[path.name] = {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+    return files
+
+
+def damaged_arrow_file(dataset_dir: Path) -> str | None:
+    """``"FILE: what is wrong"`` for the first Arrow file of a saved dataset that cannot be read to its
+    end, else None (pyarrow's own errors do not say which file they were reading)."""
+    import pyarrow as pa
+
+    for path in sorted(Path(dataset_dir).glob("*.arrow")):
+        try:
+            with pa.memory_map(str(path)) as source:
+                reader = pa.ipc.open_stream(source)
+                for _ in reader:
+                    pass
+        except (OSError, pa.ArrowException) as exc:
+            return f"{path}: not a readable Arrow file, truncated or damaged ({exc})"
+    return None
+
+
+def load_examples(data_dir: str, manifest: dict[str, Any]):
+    """The prepared examples of ``data_dir``, memory-mapped. A file the manifest lists that is missing
+    or has another size, or an Arrow file that cannot be read, is a DataError naming that file."""
+    from datasets import load_from_disk
+
+    folder = Path(data_dir).expanduser() / manifest.get("dataset_dir", "dataset")
+    for name, entry in sorted((manifest.get("dataset_files") or {}).items()):
+        path = folder / name
+        size = path.stat().st_size if path.is_file() else None
+        if size != entry["bytes"]:
+            found = "is missing" if size is None else f"has {size} bytes"
+            raise DataError(f"{path}: the file {found}, the manifest says {entry['bytes']} bytes (truncated or "
+                            "replaced); prepare the data again")
+    try:
+        return load_from_disk(str(folder))
+    except Exception as exc:  # noqa: BLE001  datasets and pyarrow raise several types for a broken folder
+        raise DataError(damaged_arrow_file(folder) or f"{folder}: cannot load the prepared dataset: {exc}") from None
 
 
 def check_vocab(manifest: dict[str, Any], model_vocab_size: int) -> None:
