@@ -10,7 +10,9 @@ and, for training, ``loader``.
 
 What ``prepare`` writes (``DIR``)::
 
-    DIR/manifest.json    inputs and their sha256, counts, settings, special ids, library versions
+    DIR/manifest.json    inputs and their sha256, counts (tokens read / kept / dropped), settings,
+                         special ids, library versions; the sha256 of vocab.txt, tokenizer.json and
+                         every Arrow file, and the ``fingerprint`` over them (see _output_identity)
     DIR/tokenizer.json   the `tokenizers` WordPiece tokenizer (BERT normaliser and pre-tokeniser)
     DIR/vocab.txt        the same vocabulary, one token a line (id = line number)
     DIR/dataset/         `datasets.Dataset.save_to_disk`: input_ids (uint16, or int32 past 65536
@@ -33,12 +35,15 @@ The pipeline, and which library does each part:
    reproducible (the alphabet and the continuation pieces are fixed before the trainer runs, see
    :func:`electra_fast.tokenizer_training.train_tokenizer`) and the ids are renumbered canonically:
    the same text gives a byte-identical ``vocab.txt`` and ``tokenizer.json``.
-4. Examples: ``Dataset.map(batched=True, num_proc=...)`` tokenises each document and packs it exactly
-   as the reference ``ExampleBuilder`` does (see :class:`electra_fast.packing.ExampleBuilder`). Every
-   document draws its random numbers from its own generator, seeded by (seed, input, position in the
-   input), so the result does not depend on ``num_proc`` or batch boundaries.
+4. Examples: ``Dataset.map(batched=True, num_proc=...)`` tokenises each document and packs it as the
+   reference ``ExampleBuilder`` does, but keeping every token: lines too long for an example are
+   split into sentences (or cut), and what the reference would drop at an example's end begins the
+   next (see :mod:`electra_fast.packing`). Every document draws its random numbers from its own
+   generator, seeded by (seed, input, position in the input), so the result does not depend on
+   ``num_proc`` or batch boundaries.
 5. Output: ``save_to_disk`` into a hidden sibling folder of ``DIR``, manifest last, then a rename. On
-   any error the sibling is removed and ``DIR`` is left as it was.
+   any error the sibling is removed and ``DIR`` is left as it was; a full disk is one line naming
+   ``DIR`` and the space left.
 
 For inputs too large to keep a second, decoded copy on disk ("streaming", chosen automatically past
 a quarter of the free disk or the machine's memory), step 2 is skipped: each process reads its files
