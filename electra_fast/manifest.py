@@ -45,7 +45,47 @@ def read_manifest(data_dir: str) -> dict[str, Any]:
                         "prepare the data again")
     if not (folder / manifest.get("dataset_dir", "dataset")).is_dir():
         raise DataError(f"{data_dir}: the manifest is there but the dataset folder is missing")
+    _check_against_files(folder, manifest)
     return manifest
+
+
+# What a model's ids depend on; an edited manifest or a swapped vocabulary must not pass unnoticed.
+IDENTITY_KEYS = ("inputs_fingerprint", "vocab_sha256", "tokenizer_sha256", "dataset_files")
+
+
+def identity_fingerprint(identity: dict[str, Any]) -> str:
+    """The manifest's ``fingerprint``: sha256 over the ``IDENTITY_KEYS`` entries (JSON, sorted keys)."""
+    return hashlib.sha256(json.dumps({key: identity[key] for key in IDENTITY_KEYS},
+                                     sort_keys=True).encode()).hexdigest()
+
+
+def _check_against_files(folder: Path, manifest: dict[str, Any]) -> None:
+    """The manifest must describe the files beside it: the recorded hashes of vocab.txt and
+    tokenizer.json, the fingerprint over them, and vocab_size and the special ids read off vocab.txt
+    (which is small; the Arrow files are checked by size when loaded, see :func:`load_examples`)."""
+    path = folder / "manifest.json"
+    for key, name in (("vocab_sha256", "vocab.txt"), ("tokenizer_sha256", "tokenizer.json")):
+        if manifest.get(key) and (folder / name).is_file():
+            found = hashlib.sha256((folder / name).read_bytes()).hexdigest()
+            if found != manifest[key]:
+                raise DataError(f"{folder / name}: its sha256 is {found[:12]}..., the manifest recorded "
+                                f"{manifest[key][:12]}...: the file was changed after prepare; prepare the data again")
+    if all(key in manifest for key in IDENTITY_KEYS) and manifest.get("fingerprint") != identity_fingerprint(manifest):
+        raise DataError(f"{path}: the fingerprint does not match the hashes the manifest lists (the manifest was "
+                        "edited); prepare the data again")
+    vocab_file = folder / "vocab.txt"
+    if not vocab_file.is_file():
+        return
+    tokens = vocab_file.read_text(encoding="utf-8").splitlines()
+    if int(manifest["vocab_size"]) != len(tokens):
+        raise DataError(f"{path}: vocab_size is {manifest['vocab_size']} but {vocab_file} holds {len(tokens)} tokens "
+                        "(the manifest was edited); prepare the data again")
+    ids = {token: index for index, token in enumerate(tokens)}
+    for key, token in zip(SPECIAL_KEYS, SPECIAL_TOKENS):
+        recorded = manifest["special_token_ids"].get(key)
+        if recorded != ids.get(token):
+            raise DataError(f"{path}: special_token_ids.{key} is {recorded} but {token} is id {ids.get(token)} in "
+                            f"{vocab_file} (the manifest was edited); prepare the data again")
 
 
 def dataset_files(dataset_dir: Path) -> dict[str, dict[str, Any]]:

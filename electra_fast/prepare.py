@@ -70,7 +70,7 @@ import numpy as np
 from .atomic import make_staging_directory, publish_directory
 from .corpus_reader import (MAX_DOCUMENT_CHARS, Source, discover_inputs, document_features, generate_documents,
                             load_text_dataset, shards_of, training_texts, worker_errors)
-from .manifest import FORMAT_VERSION, SPECIAL_TOKENS, DataError, dataset_files, read_manifest
+from .manifest import FORMAT_VERSION, SPECIAL_TOKENS, DataError, dataset_files, identity_fingerprint, read_manifest
 from .packing import (DOCUMENTS_PER_BATCH, PACKING_VERSION, STAT_COLUMNS, Packer, example_features, example_stats,
                       id_dtype, token_account_line, token_accounting)
 from .tokenizer_training import (TOKENIZER_TRAIN_CHARS, build_tokenizer, finish_tokenizer, read_vocab_file,
@@ -361,8 +361,7 @@ def _output_identity(staging: Path, inputs_fingerprint: str) -> dict[str, Any]:
     identity = {"inputs_fingerprint": inputs_fingerprint, "vocab_sha256": sha256(staging / "vocab.txt"),
                 "tokenizer_sha256": sha256(staging / "tokenizer.json"),
                 "dataset_files": dataset_files(staging / "dataset")}
-    identity["fingerprint"] = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
-    return identity
+    return {**identity, "fingerprint": identity_fingerprint(identity)}
 
 
 def _any_text(shards: list[tuple]) -> bool:

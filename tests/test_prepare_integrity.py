@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from electra_fast import packing
+from electra_fast import packing, tokenizer_training
 from electra_fast.loader import PretrainingLoader
 from electra_fast.manifest import SPECIAL_TOKENS, DataError, read_manifest
 from electra_fast.packing import MIN_CARRIED, ExampleBuilder
@@ -218,6 +218,68 @@ def test_prepare_twice_gives_byte_identical_vocabulary_and_dataset(tmp_path):
     manifests = read_manifest(str(first)), read_manifest(str(second))
     for key in ("fingerprint", "inputs_fingerprint", "vocab_sha256", "tokenizer_sha256", "dataset_files"):
         assert manifests[0][key] == manifests[1][key], key
+
+
+MIXED_TEXT = ["Caf\u00e9 na\u00efve \u00c9COLE \u0130stanbul stra\u00dfe", "\u4e2d\u6587\u5b57 and \ud55c\uad6d\uc5b4 text",
+              "zero\u200bwidth joins, soft\u00adhyphen; tab\there (paren) \"quote\" don\u2019t",
+              "\u00a9 2024 \u2192 x\u00b2 \u00bd caf\u00e9s 3.14 a_b e-mail #tag @user", "\u2e4f odd\u2e4fpunct emoji\U0001f600ok"]
+
+
+def test_character_count_foresees_the_trainers_alphabet_and_continuations():
+    """The count (normaliser per character, pre-tokeniser per character) must find exactly the
+    characters and ``##c`` pieces the trainer itself makes, on text with accents, CJK, Hangul,
+    removed and expanding characters, punctuation by several Unicode versions and symbols."""
+    from tokenizers import trainers
+
+    count = tokenizer_training._AlphabetCount(lowercase=True)
+    count.count([MIXED_TEXT])
+    alphabet, inside = count.alphabet(limit=10_000)
+    plain = tokenizer_training.build_tokenizer(None, True)
+    plain.train_from_iterator([MIXED_TEXT], trainer=trainers.WordPieceTrainer(
+        vocab_size=5_000, special_tokens=list(SPECIAL_TOKENS), continuing_subword_prefix="##", show_progress=False))
+    vocab = plain.get_vocab()
+    assert sorted(t for t in vocab if len(t) == 1) == alphabet
+    assert sorted(t[2:] for t in vocab if len(t) == 3 and t.startswith("##")) == inside
+    assert "\u2e4f" in inside and "\u4e2d" not in inside and "," not in inside  # word char, CJK, punctuation
+
+
+def test_training_is_repeated_when_a_continuation_was_not_foreseen(monkeypatch, caplog):
+    """The safety net: with the count's continuation list emptied, the trainer makes its own ``##c``,
+    training runs again with them registered, and the vocabulary is the one the full count gives."""
+    batches = lambda: iter([MIXED_TEXT * 3])  # noqa: E731
+    expected = tokenizer_training.train_tokenizer(batches, 200, True).to_str()
+    full = tokenizer_training._AlphabetCount.alphabet
+    monkeypatch.setattr(tokenizer_training._AlphabetCount, "alphabet", lambda self, limit: (full(self, limit)[0], []))
+    with caplog.at_level("WARNING"):
+        again = tokenizer_training.train_tokenizer(batches, 200, True).to_str()
+    assert "did not foresee" in caplog.text and again == expected
+
+
+@pytest.mark.parametrize("edit", ["vocab_size", "special_id", "vocab_file", "fingerprint"])
+def test_an_edited_manifest_or_vocabulary_is_refused(small_prepared, tmp_path, edit):
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(small_prepared, out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    if edit == "vocab_size":
+        manifest["vocab_size"] += 1
+        pattern = r"vocab_size is \d+ but .*vocab\.txt holds \d+ tokens"
+    elif edit == "special_id":
+        manifest["special_token_ids"]["mask"] = 7
+        pattern = r"special_token_ids\.mask is 7 but \[MASK\] is id 4"
+    elif edit == "fingerprint":
+        manifest["fingerprint"] = "0" * 64
+        pattern = "fingerprint does not match"
+    else:  # two word pieces swap ids
+        lines = (out / "vocab.txt").read_text().splitlines()
+        lines[6], lines[7] = lines[7], lines[6]
+        (out / "vocab.txt").write_text("\n".join(lines) + "\n")
+        pattern = r"vocab\.txt: its sha256 is .* the file was changed after prepare"
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match=pattern):
+        read_manifest(str(out))
+    read_manifest(str(small_prepared))  # the original is fine
 
 
 def test_fingerprint_covers_vocabulary_and_dataset_files(tmp_path):
