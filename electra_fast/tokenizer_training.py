@@ -9,6 +9,8 @@ import logging
 from pathlib import Path
 from typing import Callable, Iterable
 
+import numpy as np
+
 from .manifest import SPECIAL_KEYS, SPECIAL_TOKENS, DataError
 
 logger = logging.getLogger(__name__)
@@ -91,9 +93,6 @@ class _AlphabetCount:
     _WORD, _PUNCTUATION, _SPACE = 1, 2, 3
 
     def __init__(self, lowercase: bool):
-        import numpy as np
-
-        self._np = np
         tokenizer = build_tokenizer(None, lowercase)
         self.normalizer, self.pre_tokenizer = tokenizer.normalizer, tokenizer.pre_tokenizer
         self.raw_counts = np.zeros(0x110000, dtype=np.int64)
@@ -123,11 +122,11 @@ class _AlphabetCount:
             self._removed.append(code)
             return
         words = [self._kind(char) == self._WORD for char in text]
-        self._flags[code] = self._KEPT | (self._STARTS_WORD if words[0] else 0) | (self._ENDS_WORD if words[-1] else 0)
+        self._flags[code] = (self._KEPT | (self._STARTS_WORD if words[0] else 0)
+                             | (self._ENDS_WORD if words[-1] else 0))
         self.inside_word.update(text[i] for i in range(1, len(text)) if words[i - 1] and words[i])
 
     def add(self, texts: list[str]) -> None:
-        np = self._np
         codes = np.frombuffer("\n".join(texts).encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
         counts = np.bincount(codes, minlength=0x110000)
         for code in np.flatnonzero(counts).tolist():
@@ -158,11 +157,11 @@ class _AlphabetCount:
         """(the ``limit`` most frequent characters of words, ties broken by code point; those of them
         that occur inside words), each sorted by code point."""
         counts: dict[str, int] = {}
-        for code in self._np.flatnonzero(self.raw_counts).tolist():
+        for code in np.flatnonzero(self.raw_counts).tolist():
             for char in self.normalized[code]:
                 if self._kind(char) != self._SPACE:
                     counts[char] = counts.get(char, 0) + int(self.raw_counts[code])
-        inside = self.inside_word | {self.normalized[code][0] for code in self._np.flatnonzero(self._after_word).tolist()}
+        inside = self.inside_word | {self.normalized[code][0] for code in np.flatnonzero(self._after_word).tolist()}
         kept = sorted(sorted(counts, key=lambda char: (-counts[char], ord(char)))[:limit], key=ord)
         return kept, [char for char in kept if char in inside]
 

@@ -220,9 +220,11 @@ def test_prepare_twice_gives_byte_identical_vocabulary_and_dataset(tmp_path):
         assert manifests[0][key] == manifests[1][key], key
 
 
-MIXED_TEXT = ["Caf\u00e9 na\u00efve \u00c9COLE \u0130stanbul stra\u00dfe", "\u4e2d\u6587\u5b57 and \ud55c\uad6d\uc5b4 text",
+MIXED_TEXT = ["Caf\u00e9 na\u00efve \u00c9COLE \u0130stanbul stra\u00dfe",
+              "\u4e2d\u6587\u5b57 and \ud55c\uad6d\uc5b4 text",
               "zero\u200bwidth joins, soft\u00adhyphen; tab\there (paren) \"quote\" don\u2019t",
-              "\u00a9 2024 \u2192 x\u00b2 \u00bd caf\u00e9s 3.14 a_b e-mail #tag @user", "\u2e4f odd\u2e4fpunct emoji\U0001f600ok"]
+              "\u00a9 2024 \u2192 x\u00b2 \u00bd caf\u00e9s 3.14 a_b e-mail #tag @user",
+              "\u2e4f odd\u2e4fpunct emoji\U0001f600ok"]
 
 
 def test_character_count_foresees_the_trainers_alphabet_and_continuations():
