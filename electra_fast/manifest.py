@@ -113,7 +113,7 @@ def damaged_arrow_file(dataset_dir: Path) -> str | None:
                 for _ in reader:
                     pass
         except (OSError, pa.ArrowException) as exc:
-            return f"{path}: not a readable Arrow file, truncated or damaged ({exc})"
+            return f"{path}: not a readable Arrow file, truncated or damaged ({' '.join(str(exc).split())})"
     return None
 
 

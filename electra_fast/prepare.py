@@ -132,12 +132,12 @@ def _disk_full_error(out: Path, exc: BaseException) -> DataError | None:
     return None
 
 
-def _format_bytes(count: int) -> str:
-    for unit in ("bytes", "KB", "MB", "GB"):
-        if count < 1000 or unit == "GB":
-            return f"{count:.0f} {unit}" if unit == "bytes" else f"{count:.1f} {unit}"
-        count /= 1000
-    return f"{count:.1f} TB"
+def _format_bytes(count: float) -> str:
+    units = ("bytes", "KB", "MB", "GB", "TB")
+    step = 0
+    while count >= 1000 and step < len(units) - 1:
+        count, step = count / 1000, step + 1
+    return f"{count:.0f} bytes" if step == 0 else f"{count:.1f} {units[step]}"
 
 
 def _prefer_streaming(text_bytes: int, where: Path) -> bool:
@@ -258,6 +258,7 @@ def _prepare_into(staging: Path, out: Path, *, inputs: list[str], vocab_path: st
         tokenizer_info = {"source": str(Path(vocab_path).expanduser().absolute()), "trained": False}
     else:
         _log(verbose, f"training a WordPiece tokenizer ({vocab_size} tokens)")
+
         def training_batches():  # read twice: characters are counted first (see train_tokenizer)
             trained_on.update(chars=0, documents=0)
             return training_texts(shards, arrow_sources, TOKENIZER_TRAIN_CHARS, trained_on)
