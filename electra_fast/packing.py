@@ -46,7 +46,8 @@ class ExampleBuilder:
 
     Two ways to feed it. ``add``/``finish`` (what ``prepare`` uses) keep every token: what does not
     fit an example (the end of A past ``seq_len - 2``, the end of B past what A leaves) begins the
-    next example instead, so a long sentence runs on over several examples. ``add_sentence``/
+    next example instead, so a long sentence runs on over several examples (a sentence cut there
+    leaves at least ``MIN_CARRIED`` tokens for the next, see ``_cut``). ``add_sentence``/
     ``end_document`` are the reference to the letter: those tokens are dropped (about a tenth of the
     text at seq_len 128, half a sentence per example). Both draw the same random numbers in the same
     order and with the same calls as the reference, from ``rng``.
@@ -125,7 +126,6 @@ class ExampleBuilder:
         else:
             self.target_length = self.max_length
         return first, second
-
 
     @staticmethod
     def _cut(segment: list[int], ends: list[int], room: int, carry_over: bool,
