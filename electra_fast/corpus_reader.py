@@ -20,7 +20,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from .manifest import DataError
+from .manifest import DataError, damaged_arrow_file
 
 logger = logging.getLogger(__name__)
 
@@ -341,7 +341,10 @@ def load_text_dataset(source: Source):
     try:
         dataset = load_from_disk(source.path)
     except Exception as exc:  # noqa: BLE001  datasets raises several types for a broken folder
-        raise DataError(f"{source.path}: cannot load the saved dataset: {exc}") from None
+        folder = Path(source.path)
+        damaged = next(filter(None, (damaged_arrow_file(d) for d in [folder, *sorted(folder.iterdir())]
+                                     if d.is_dir())), None)
+        raise DataError(damaged or f"{source.path}: cannot load the saved dataset: {exc}") from None
     if isinstance(dataset, DatasetDict):
         if "train" not in dataset:
             raise DataError(f"{source.path}: a saved DatasetDict needs a 'train' split (has: {', '.join(dataset)})")

@@ -11,13 +11,12 @@ from __future__ import annotations
 import itertools
 import logging
 import sys
-from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 import torch
 
-from .manifest import FORMAT_VERSION, DataError, read_manifest
+from .manifest import FORMAT_VERSION, DataError, load_examples, read_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -182,8 +181,6 @@ class PretrainingLoader:
 
     def __init__(self, data_dir: str, *, micro_batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
                  num_workers: int = 2, prefetch_factor: int = 4, pin_memory: bool = True):
-        from datasets import load_from_disk
-
         if micro_batch_size <= 0:
             raise ValueError(f"micro_batch_size must be positive, got {micro_batch_size}")
         if world_size <= 0 or not 0 <= rank < world_size:
@@ -197,7 +194,7 @@ class PretrainingLoader:
         self.num_workers = max(0, num_workers)
         self.prefetch_factor = prefetch_factor
         self.pin_memory = pin_memory and torch.cuda.is_available()
-        self._dataset = load_from_disk(str(Path(data_dir).expanduser() / self.manifest.get("dataset_dir", "dataset")))
+        self._dataset = load_examples(data_dir, self.manifest)
         if len(self._dataset) != self.manifest["num_examples"]:
             raise DataError(f"{data_dir}: the dataset has {len(self._dataset)} examples but the manifest says "
                             f"{self.manifest['num_examples']}; prepare it again")

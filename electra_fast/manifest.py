@@ -7,6 +7,7 @@ The offline side (``electra_fast.prepare``) writes what this module reads; the t
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -44,7 +45,95 @@ def read_manifest(data_dir: str) -> dict[str, Any]:
                         "prepare the data again")
     if not (folder / manifest.get("dataset_dir", "dataset")).is_dir():
         raise DataError(f"{data_dir}: the manifest is there but the dataset folder is missing")
+    _check_against_files(folder, manifest)
     return manifest
+
+
+# What a model's ids depend on; an edited manifest or a swapped vocabulary must not pass unnoticed.
+IDENTITY_KEYS = ("inputs_fingerprint", "vocab_sha256", "tokenizer_sha256", "dataset_files")
+
+
+def identity_fingerprint(identity: dict[str, Any]) -> str:
+    """The manifest's ``fingerprint``: sha256 over the ``IDENTITY_KEYS`` entries (JSON, sorted keys)."""
+    return hashlib.sha256(json.dumps({key: identity[key] for key in IDENTITY_KEYS},
+                                     sort_keys=True).encode()).hexdigest()
+
+
+def _check_against_files(folder: Path, manifest: dict[str, Any]) -> None:
+    """The manifest must describe the files beside it: the recorded hashes of vocab.txt and
+    tokenizer.json, the fingerprint over them, and vocab_size and the special ids read off vocab.txt
+    (which is small; the Arrow files are checked by size when loaded, see :func:`load_examples`)."""
+    path = folder / "manifest.json"
+    for key, name in (("vocab_sha256", "vocab.txt"), ("tokenizer_sha256", "tokenizer.json")):
+        if manifest.get(key) and (folder / name).is_file():
+            found = hashlib.sha256((folder / name).read_bytes()).hexdigest()
+            if found != manifest[key]:
+                raise DataError(f"{folder / name}: its sha256 is {found[:12]}..., the manifest recorded "
+                                f"{manifest[key][:12]}...: the file was changed after prepare; prepare the data again")
+    if all(key in manifest for key in IDENTITY_KEYS) and manifest.get("fingerprint") != identity_fingerprint(manifest):
+        raise DataError(f"{path}: the fingerprint does not match the hashes the manifest lists (the manifest was "
+                        "edited); prepare the data again")
+    vocab_file = folder / "vocab.txt"
+    if not vocab_file.is_file():
+        return
+    tokens = vocab_file.read_text(encoding="utf-8").splitlines()
+    if int(manifest["vocab_size"]) != len(tokens):
+        raise DataError(f"{path}: vocab_size is {manifest['vocab_size']} but {vocab_file} holds {len(tokens)} tokens "
+                        "(the manifest was edited); prepare the data again")
+    ids = {token: index for index, token in enumerate(tokens)}
+    for key, token in zip(SPECIAL_KEYS, SPECIAL_TOKENS):
+        recorded = manifest["special_token_ids"].get(key)
+        if recorded != ids.get(token):
+            raise DataError(f"{path}: special_token_ids.{key} is {recorded} but {token} is id {ids.get(token)} in "
+                            f"{vocab_file} (the manifest was edited); prepare the data again")
+
+
+def dataset_files(dataset_dir: Path) -> dict[str, dict[str, Any]]:
+    """``{name: {"bytes", "sha256"}}`` of the Arrow files of a saved dataset, by name: what the manifest
+    records so that a reader can tell a truncated or replaced file (and the fingerprint covers)."""
+    files = {}
+    for path in sorted(Path(dataset_dir).glob("*.arrow")):
+        digest = hashlib.sha256()
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(8 << 20), b""):
+                digest.update(block)
+        files[path.name] = {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+    return files
+
+
+def damaged_arrow_file(dataset_dir: Path) -> str | None:
+    """``"FILE: what is wrong"`` for the first Arrow file of a saved dataset that cannot be read to its
+    end, else None (pyarrow's own errors do not say which file they were reading)."""
+    import pyarrow as pa
+
+    for path in sorted(Path(dataset_dir).glob("*.arrow")):
+        try:
+            with pa.memory_map(str(path)) as source:
+                reader = pa.ipc.open_stream(source)
+                for _ in reader:
+                    pass
+        except (OSError, pa.ArrowException) as exc:
+            return f"{path}: not a readable Arrow file, truncated or damaged ({' '.join(str(exc).split())})"
+    return None
+
+
+def load_examples(data_dir: str, manifest: dict[str, Any]):
+    """The prepared examples of ``data_dir``, memory-mapped. A file the manifest lists that is missing
+    or has another size, or an Arrow file that cannot be read, is a DataError naming that file."""
+    from datasets import load_from_disk
+
+    folder = Path(data_dir).expanduser() / manifest.get("dataset_dir", "dataset")
+    for name, entry in sorted((manifest.get("dataset_files") or {}).items()):
+        path = folder / name
+        size = path.stat().st_size if path.is_file() else None
+        if size != entry["bytes"]:
+            found = "is missing" if size is None else f"has {size} bytes"
+            raise DataError(f"{path}: the file {found}, the manifest says {entry['bytes']} bytes (truncated or "
+                            "replaced); prepare the data again")
+    try:
+        return load_from_disk(str(folder))
+    except Exception as exc:  # noqa: BLE001  datasets and pyarrow raise several types for a broken folder
+        raise DataError(damaged_arrow_file(folder) or f"{folder}: cannot load the prepared dataset: {exc}") from None
 
 
 def check_vocab(manifest: dict[str, Any], model_vocab_size: int) -> None:

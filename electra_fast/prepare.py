@@ -10,7 +10,9 @@ and, for training, ``loader``.
 
 What ``prepare`` writes (``DIR``)::
 
-    DIR/manifest.json    inputs and their sha256, counts, settings, special ids, library versions
+    DIR/manifest.json    inputs and their sha256, counts (tokens read / kept / dropped), settings,
+                         special ids, library versions; the sha256 of vocab.txt, tokenizer.json and
+                         every Arrow file, and the ``fingerprint`` over them (see _output_identity)
     DIR/tokenizer.json   the `tokenizers` WordPiece tokenizer (BERT normaliser and pre-tokeniser)
     DIR/vocab.txt        the same vocabulary, one token a line (id = line number)
     DIR/dataset/         `datasets.Dataset.save_to_disk`: input_ids (uint16, or int32 past 65536
@@ -29,16 +31,19 @@ The pipeline, and which library does each part:
    ``Dataset.from_generator(num_proc=...)``; large files are cut into byte ranges at blank lines so
    that one big file still uses every process. Saved datasets are memory-mapped as they are.
 3. Tokenizer: a lower-cased WordPiece trained with ``tokenizers`` on the first
-   ``TOKENIZER_TRAIN_CHARS`` characters, or the WordPiece of a given ``vocab.txt``. The trained ids
-   are renumbered canonically; ``tokenizers`` breaks ties between equally frequent merges in hash
-   order, so two trainings may still differ in a few tied pieces (2 of 1024 seen on the default
-   corpus). A re-run with the same inputs reuses the saved tokenizer, and ``--vocab`` pins it.
-4. Examples: ``Dataset.map(batched=True, num_proc=...)`` tokenises each document and packs it exactly
-   as the reference ``ExampleBuilder`` does (see :class:`electra_fast.packing.ExampleBuilder`). Every
-   document draws its random numbers from its own generator, seeded by (seed, input, position in the
-   input), so the result does not depend on ``num_proc`` or batch boundaries.
+   ``TOKENIZER_TRAIN_CHARS`` characters, or the WordPiece of a given ``vocab.txt``. Training is
+   reproducible (the alphabet and the continuation pieces are fixed before the trainer runs, see
+   :func:`electra_fast.tokenizer_training.train_tokenizer`) and the ids are renumbered canonically:
+   the same text gives a byte-identical ``vocab.txt`` and ``tokenizer.json``.
+4. Examples: ``Dataset.map(batched=True, num_proc=...)`` tokenises each document and packs it as the
+   reference ``ExampleBuilder`` does, but keeping every token: lines too long for an example are
+   split into sentences (or cut), and what the reference would drop at an example's end begins the
+   next (see :mod:`electra_fast.packing`). Every document draws its random numbers from its own
+   generator, seeded by (seed, input, position in the input), so the result does not depend on
+   ``num_proc`` or batch boundaries.
 5. Output: ``save_to_disk`` into a hidden sibling folder of ``DIR``, manifest last, then a rename. On
-   any error the sibling is removed and ``DIR`` is left as it was.
+   any error the sibling is removed and ``DIR`` is left as it was; a full disk is one line naming
+   ``DIR`` and the space left.
 
 For inputs too large to keep a second, decoded copy on disk ("streaming", chosen automatically past
 a quarter of the free disk or the machine's memory), step 2 is skipped: each process reads its files
@@ -49,6 +54,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -64,8 +70,9 @@ import numpy as np
 from .atomic import make_staging_directory, publish_directory
 from .corpus_reader import (MAX_DOCUMENT_CHARS, Source, discover_inputs, document_features, generate_documents,
                             load_text_dataset, shards_of, training_texts, worker_errors)
-from .manifest import FORMAT_VERSION, SPECIAL_TOKENS, DataError, read_manifest
-from .packing import DOCUMENTS_PER_BATCH, Packer, example_features, example_stats, id_dtype
+from .manifest import FORMAT_VERSION, SPECIAL_TOKENS, DataError, dataset_files, identity_fingerprint, read_manifest
+from .packing import (DOCUMENTS_PER_BATCH, PACKING_VERSION, STAT_COLUMNS, Packer, example_features, example_stats,
+                      id_dtype, token_account_line, token_accounting)
 from .tokenizer_training import (TOKENIZER_TRAIN_CHARS, build_tokenizer, finish_tokenizer, read_vocab_file,
                                  train_tokenizer, write_vocab_txt)
 
@@ -105,8 +112,32 @@ def _reusable(out: Path, fingerprint: str) -> bool:
         manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
-    return (manifest.get("fingerprint") == fingerprint and (out / manifest.get("dataset_dir", "dataset")).is_dir()
-            and (out / "tokenizer.json").is_file())
+    return (manifest.get("inputs_fingerprint") == fingerprint
+            and (out / manifest.get("dataset_dir", "dataset")).is_dir() and (out / "tokenizer.json").is_file())
+
+
+def _disk_full_error(out: Path, exc: BaseException) -> DataError | None:
+    """A DataError naming ``out`` and the space left when ``exc`` is (or was caused by) a full disk,
+    wherever it happened: in this process, in a datasets worker (re-raised as another type, the
+    OSError as its cause or only in its message), or in pyarrow (an OSError without an errno)."""
+    cause: BaseException | None = exc
+    while cause is not None:
+        if (isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT)) \
+                or "No space left on device" in str(cause) or "Disk quota exceeded" in str(cause):
+            where = next(p for p in [out, *out.parents] if p.exists())
+            free = shutil.disk_usage(where).free
+            return DataError(f"disk full while writing {out}: {_format_bytes(free)} free on its disk now; prepare "
+                             "needs room for the dataset and a working copy of it beside --out (nothing was written)")
+        cause = cause.__cause__ or cause.__context__
+    return None
+
+
+def _format_bytes(count: float) -> str:
+    units = ("bytes", "KB", "MB", "GB", "TB")
+    step = 0
+    while count >= 1000 and step < len(units) - 1:
+        count, step = count / 1000, step + 1
+    return f"{count:.0f} bytes" if step == 0 else f"{count:.1f} {units[step]}"
 
 
 def _prefer_streaming(text_bytes: int, where: Path) -> bool:
@@ -155,7 +186,10 @@ def prepare(inputs: list[str], out_dir: str, *, vocab: str | None = None, vocab_
     _check_out_dir(out)
     vocab_table = read_vocab_file(vocab) if vocab is not None else None
 
-    staging = make_staging_directory(out)
+    try:
+        staging = make_staging_directory(out)
+    except OSError as exc:
+        raise (_disk_full_error(out, exc) or exc) from None
     started = time.time()
     try:
         with _progress_bars(verbose):
@@ -167,8 +201,11 @@ def prepare(inputs: list[str], out_dir: str, *, vocab: str | None = None, vocab_
             shutil.rmtree(staging, ignore_errors=True)
             return out
         publish_directory(staging, out)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(staging, ignore_errors=True)
+        disk_full = _disk_full_error(out, exc)
+        if disk_full is not None:
+            raise disk_full from None
         raise
     _log(verbose, f"wrote {manifest['num_examples']} examples ({manifest['num_tokens']} tokens, "
                   f"{manifest['padding_fraction']:.1%} padding) to {out} in {time.time() - started:.1f}s")
@@ -202,7 +239,7 @@ def _prepare_into(staging: Path, out: Path, *, inputs: list[str], vocab_path: st
                 "vocab_sha256": hashlib.sha256(Path(vocab_path).expanduser().read_bytes()).hexdigest()
                 if vocab_path else None,
                 "vocab_size": None if vocab_path else vocab_size, "tokenizer_train_chars": TOKENIZER_TRAIN_CHARS,
-                "max_document_chars": MAX_DOCUMENT_CHARS}
+                "max_document_chars": MAX_DOCUMENT_CHARS, "packing_version": PACKING_VERSION}
     fingerprint = hashlib.sha256(json.dumps(
         {"settings": settings, "inputs": [(s.kind, s.sha256) for s in sources]}, sort_keys=True).encode()).hexdigest()
     if not force and _reusable(out, fingerprint):
@@ -221,9 +258,13 @@ def _prepare_into(staging: Path, out: Path, *, inputs: list[str], vocab_path: st
         tokenizer_info = {"source": str(Path(vocab_path).expanduser().absolute()), "trained": False}
     else:
         _log(verbose, f"training a WordPiece tokenizer ({vocab_size} tokens)")
+
+        def training_batches():  # read twice: characters are counted first (see train_tokenizer)
+            trained_on.update(chars=0, documents=0)
+            return training_texts(shards, arrow_sources, TOKENIZER_TRAIN_CHARS, trained_on)
+
         with worker_errors(error_dir):
-            tokenizer = train_tokenizer(
-                training_texts(shards, arrow_sources, TOKENIZER_TRAIN_CHARS, trained_on), vocab_size, lowercase)
+            tokenizer = train_tokenizer(training_batches, vocab_size, lowercase)
         if trained_on["chars"] == 0:
             raise DataError(_empty_corpus_message(sources))
         tokenizer_info = {"source": "trained", "trained": True, "trained_on_chars": trained_on["chars"],
@@ -236,7 +277,7 @@ def _prepare_into(staging: Path, out: Path, *, inputs: list[str], vocab_path: st
         else bool(streaming)
     packer = Packer(tokenizer, seq_len, seed, special_ids, actual_vocab_size, str(error_dir),
                      parallel_tokenizer=num_proc == 1)
-    features = example_features(seq_len, actual_vocab_size)
+    features = example_features(seq_len, actual_vocab_size, with_stats=True)
     parts = []
     if shards and not _any_text(shards):
         shards = []  # datasets cannot build a dataset from a generator that yields nothing
@@ -269,13 +310,18 @@ def _prepare_into(staging: Path, out: Path, *, inputs: list[str], vocab_path: st
     if not parts:
         raise DataError(_empty_corpus_message(sources))
     examples = concatenate_datasets(parts) if len(parts) > 1 else parts[0]
-    stats = example_stats(examples, seq_len)
+    stats = example_stats(examples, seq_len, unk_id=special_ids["unk"])
+    stats.update(token_accounting(stats))
+    # datasets' own fingerprint of the result would hash the packer's objects, differently each run; the
+    # inputs and settings are what determine the examples, so state.json is reproducible too.
+    examples = examples.remove_columns(list(STAT_COLUMNS), new_fingerprint=fingerprint[:16])
 
     # Output ---------------------------------------------------------------------------------------
     examples.save_to_disk(str(staging / "dataset"), num_proc=num_proc if len(examples) > 200_000 else None)
     del examples, parts
     tokenizer.save(str(staging / "tokenizer.json"))
     write_vocab_txt(tokenizer, staging / "vocab.txt")
+    identity = _output_identity(staging, fingerprint)
     shutil.rmtree(cache_dir, ignore_errors=True)
     if default_corpus:
         (staging / "default_corpus.txt").unlink()
@@ -283,7 +329,7 @@ def _prepare_into(staging: Path, out: Path, *, inputs: list[str], vocab_path: st
     manifest = {
         "format": "electra-fast-pretraining-data",
         "format_version": FORMAT_VERSION,
-        "fingerprint": fingerprint,
+        **identity,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "inputs": [s.describe() for s in sources],
         "default_corpus": corpus_summary,
@@ -303,6 +349,20 @@ def _prepare_into(staging: Path, out: Path, *, inputs: list[str], vocab_path: st
     # Written last: a folder with a manifest is a finished one.
     (staging / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     return manifest
+
+
+def _output_identity(staging: Path, inputs_fingerprint: str) -> dict[str, Any]:
+    """What identifies the result: hashes of the vocabulary, the tokenizer and every Arrow file, and the
+    ``fingerprint`` over all of them (and the inputs and settings). Two preparations with the same
+    fingerprint hold the same bytes; a run compares it before it resumes on a dataset."""
+
+    def sha256(path: Path) -> str:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+
+    identity = {"inputs_fingerprint": inputs_fingerprint, "vocab_sha256": sha256(staging / "vocab.txt"),
+                "tokenizer_sha256": sha256(staging / "tokenizer.json"),
+                "dataset_files": dataset_files(staging / "dataset")}
+    return {**identity, "fingerprint": identity_fingerprint(identity)}
 
 
 def _any_text(shards: list[tuple]) -> bool:
@@ -377,6 +437,8 @@ def run_prepare(args: argparse.Namespace) -> int:
     print(f"{out}: {manifest['num_examples']} examples of {manifest['seq_len']} tokens, {manifest['num_tokens']} "
           f"tokens ({manifest['num_text_tokens']} text), {manifest['padding_fraction']:.1%} padding, "
           f"vocabulary {manifest['vocab_size']}")
+    if "num_tokens_read" in manifest:  # manifests written before the token account have none
+        print(token_account_line(manifest))
     return 0
 
 
