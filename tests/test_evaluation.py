@@ -141,3 +141,19 @@ def test_evaluation_rejects_bad_input():
                                       "attention_mask": batches[0]["attention_mask"]}], seed=0)
     with pytest.raises(TypeError, match="ElectraPretrainingModel"):
         evaluate_pretraining(torch.nn.Linear(2, 2), batches, seed=0)
+
+
+def test_labels_follow_the_forwards_token_layout():
+    """Padded rows (every position) and packed rows (real tokens only) give the same labels."""
+    from electra_fast.evaluation import _real_token_labels
+
+    input_ids = torch.tensor([[2, 7, 8, 3], [2, 9, 3, 0]])
+    attention_mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]])
+    disc_padded = torch.tensor([2, 7, 5, 3, 2, 9, 3, 0])
+    disc_packed = torch.tensor([2, 7, 5, 3, 2, 9, 3])
+    for disc_ids in (disc_padded, disc_packed):
+        originals, seen, real_rows = _real_token_labels(input_ids, attention_mask, disc_ids)
+        assert (seen != originals).tolist() == [False, False, True, False, False, False, False]
+        assert int(real_rows.sum()) == 7 and real_rows.numel() == disc_ids.numel()
+    with pytest.raises(RuntimeError, match="matches neither"):
+        _real_token_labels(input_ids, attention_mask, disc_packed[:5])
