@@ -242,7 +242,7 @@ def synthetic_batch(model_cfg, batch: int, seq_len: int, *, device, random_lengt
 
 
 # ----------------------------------------------------------------------------------------------
-# The Hugging Face baselines (as a user would write them today; see shared/ANCHORS.md)
+# The Hugging Face baselines (as a user would write them today; the reference numbers are in benchmarks/RESULTS.md)
 # ----------------------------------------------------------------------------------------------
 def hf_config(model_cfg, *, generator: bool, attn_implementation: str = "sdpa"):
     """transformers.ElectraConfig for our generator or discriminator."""
@@ -275,7 +275,7 @@ def build_hf_electra(model_cfg, device):
 
 
 def build_hf_bert_mlm(model_cfg, device):
-    """BERT-MLM as ANCHORS.md defines it: ElectraForMaskedLM at the discriminator's size."""
+    """BERT-MLM as benchmarks/RESULTS.md defines it: ElectraForMaskedLM at the discriminator's size."""
     from transformers import ElectraForMaskedLM
 
     return ElectraForMaskedLM(hf_config(model_cfg, generator=False)).to(device)

@@ -19,7 +19,7 @@ One full optimizer step (forward, backward, AdamW) on synthetic token batches, p
                   (under --cpu-smoke: DeepSpeed's CPU accelerator, fp32, to check the script only)
   hf-eager        Hugging Face ElectraForMaskedLM generator + ElectraForPreTraining discriminator sharing
                   embeddings, 15% masking, Gumbel-max sampling from the generator's full logits,
-                  loss = MLM + 50 BCE, fused torch AdamW, autocast bf16, SDPA attention (shared/ANCHORS.md)
+                  loss = MLM + 50 BCE, fused torch AdamW, autocast bf16, SDPA attention (the reference step in benchmarks/RESULTS.md)
   hf-compile      hf-eager with torch.compile on both networks
   hf-bert-mlm[-compile]  BERT-MLM: ElectraForMaskedLM at the discriminator's size, 80/10/10 masking
 
@@ -189,7 +189,7 @@ def _deepspeed_step(model, cfg, batch_inputs, args, device):
         import deepspeed
         from deepspeed.accelerator import get_accelerator
     except ImportError:
-        raise Skip("deepspeed is not installed (on the lent GPU carry it in as wheels: shared/GPU.md)") from None
+        raise Skip("deepspeed is not installed (on a GPU machine without a registry, carry its wheels in: see benchmarks/README.md)") from None
     if get_accelerator().device_name() != device.type:
         raise Skip(f"DeepSpeed's accelerator is {get_accelerator().device_name()!r}, not {device.type!r}")
     # A single-process "world": DeepSpeed still wants torch.distributed initialised.
