@@ -234,7 +234,9 @@ class Trainer:
             # the tied word-embedding matrix (the MLM head's output projection, owned by `embeddings`) and
             # the discriminator's output layer (handed to the fused BCE head as tensors). ZeRO-3 gathers a
             # parameter only around its owner's forward unless it is registered with the module using it.
-            # gdes sharing adds the discriminator's word-table delta, summed with that matrix up there too.
+            # gdes: the discriminator's word-table delta is summed with that matrix up there as well; it is a
+            # parameter of the top-level module (gathered around its forward anyway) and is named here so
+            # that every parameter the top-level forward reads directly is registered in one list.
             head = self.module.discriminator_predictions.dense_prediction
             external = [self.module.embeddings.word_embeddings.weight, head.weight, head.bias]
             if cfg.model.embedding_sharing == "gdes":

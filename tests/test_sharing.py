@@ -116,6 +116,17 @@ def test_export_writes_what_each_network_reads_and_import_recovers_it(tmp_path, 
                                    rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("sharing", ["gdes", "separate"])
+def test_fine_tuning_copies_the_discriminators_effective_embeddings(sharing):
+    from electra_fast.task_models import load_encoder
+
+    model = _trained(sharing)
+    encoder, _ = load_encoder(model)
+    effective = model.network_state_dict("discriminator")[WORDS]
+    assert torch.equal(encoder.embeddings.word_embeddings.weight.detach(), effective)
+    assert not torch.equal(effective, model.embeddings.word_embeddings.weight.detach())
+
+
 def test_gdes_import_without_generator_shares_the_imported_table(tmp_path):
     to_hf(_trained("tied"), tmp_path / "export")
     model = from_hf(tmp_path / "export" / "discriminator", attention_impl="torch", embedding_sharing="gdes")
