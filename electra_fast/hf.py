@@ -19,8 +19,10 @@ keeps the discriminator's embeddings for both networks.
 
 Generator shape: the generator folder's own shape is used whether or not it follows the rules
 electra-fast derives from the discriminator (``ModelConfig.set_generator_shape``); without a generator
-folder a fresh generator is built by the rules, recorded in the discriminator's config.json. Folders are written as config.json + model.safetensors without importing
-transformers (it is only needed to load them), into a temporary folder that is renamed at the end.
+folder a fresh generator is built by the rules, recorded in the discriminator's config.json.
+
+Folders are written as config.json + model.safetensors without importing transformers (it is only
+needed to load them), into a temporary folder that is renamed at the end.
 Reading uses safetensors (or ``torch.load(weights_only=True)`` for legacy ``pytorch_model.bin``).
 """
 
@@ -220,7 +222,9 @@ def from_hf(discriminator_dir: str | os.PathLike, generator_dir: str | os.PathLi
             objective: ObjectiveConfig | None = None, **model_overrides) -> ElectraPretrainingModel:
     """Build an ElectraPretrainingModel from HF folders; a fresh generator when none is given.
 
-    ``model_overrides`` set ModelConfig fields that are not weights (e.g. attention_impl="torch").
+    ``model_overrides`` set ModelConfig fields that are not weights (e.g. attention_impl="torch"), among
+    them ``embedding_sharing``: how to read the pair (default: the mode an electra-fast export recorded,
+    else tied), e.g. ``embedding_sharing="gdes"`` recovers E_delta = E_disc - E_gen.
     """
     disc_config, disc_state = read_hf_folder(discriminator_dir)
     gen_config, gen_state = read_hf_folder(generator_dir) if generator_dir is not None else (None, None)
