@@ -224,6 +224,7 @@ class Trainer:
             from .init_from import load_initial_weights
 
             load_initial_weights(model, *init)
+        self.init = init
         self.num_parameters = model.num_parameters()
         self.engine, _, _, _ = deepspeed.initialize(
             model=model, model_parameters=weight_decay_groups(model.named_parameters(), cfg.train.weight_decay),
@@ -315,6 +316,9 @@ class Trainer:
             f"({self.manifest['num_examples']} examples of {self.manifest['seq_len']} tokens); FLOPs/step "
             f"{self.flops_per_step:.3g} ({flops_source})"
             + (f"; resumed from {self.resumed_from} at step {self.step}" if self.resumed_from else ""))
+        if self.init is not None and self.resumed_from is None:
+            self.log.say(f"[electra-fast] weights from {' + '.join(str(d) for d in self.init if d)} "
+                         f"({'fresh generator, ' if self.init[1] is None else ''}fresh optimizer and schedule)")
 
         batches: Iterator[dict] = iter(self.loader)
         self.window_start, self.window_steps = time.perf_counter(), 0

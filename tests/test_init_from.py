@@ -72,10 +72,12 @@ def _weights(folder) -> dict[str, torch.Tensor]:
     return {k: v for k, v in load_file(folder / "model.safetensors").items() if k.startswith("electra.")}
 
 
-def test_a_new_run_starts_from_the_export_with_a_fresh_optimizer(corpus_dir, export, tmp_path, clean_env):  # noqa: F811
+def test_a_new_run_starts_from_the_export_with_a_fresh_optimizer(corpus_dir, export, tmp_path, clean_env,  # noqa: F811
+                                                                  capsys):
     first = FirstForward()
     assert _main(corpus_dir, tmp_path / "run", "--init-from", str(export / "discriminator"), "--init-generator",
                  str(export / "generator"), callbacks=[first]) == 0
+    assert f"weights from {export / 'discriminator'} + {export / 'generator'}" in capsys.readouterr().err
     for network in ("discriminator", "generator"):
         exported = _weights(export / network)
         ours = {"electra." + k: v for k, v in first.state[network].items()}
