@@ -22,15 +22,15 @@ WORDS = "embeddings.word_embeddings.weight"
 DELTA = "discriminator_word_embeddings_delta"
 
 
-def _model(sharing: str, *sets: str) -> ElectraPretrainingModel:
+def _model(sharing: str, *sets: str, impl: str = "torch") -> ElectraPretrainingModel:
     torch.manual_seed(0)  # the same weights for every mode (what the modes add is registered last)
-    return ElectraPretrainingModel(tiny_config(*NO_DROPOUT, f"model.embedding_sharing={sharing}", *sets))
+    return ElectraPretrainingModel(tiny_config(*NO_DROPOUT, f"model.embedding_sharing={sharing}", *sets, impl=impl))
 
 
-def _grads(sharing: str, *weights: str) -> dict[str, torch.Tensor]:
+def _grads(sharing: str, *weights: str, impl: str = "torch") -> dict[str, torch.Tensor]:
     """Every parameter's gradient after one backward of the loss with the given objective weights
     (e.g. "objective.disc_weight=0": the masked-LM loss alone). Same masks and samples in every call."""
-    model = _model(sharing, *weights)
+    model = _model(sharing, *weights, impl=impl)
     model(*random_batch(tiny_config())).loss.backward()
     return {name: (p.grad if p.grad is not None else torch.zeros_like(p)) for name, p in model.named_parameters()}
 
@@ -62,6 +62,14 @@ def test_gdes_gradients_flow_exactly_as_defined():
     # Together: the sum of the two (the total loss is linear in the two losses).
     both, tied_both = _grads("gdes"), _grads("tied")
     torch.testing.assert_close(both[WORDS] + both[DELTA], tied_both[WORDS], rtol=1e-5, atol=1e-7)
+
+
+def test_gdes_separation_holds_with_the_fused_kernels():
+    """The Triton hot spots (Triton's interpreter here): the fused MLM head takes E_gen as its output
+    layer, the packed layout gathers the embeddings' rows; neither may leak one loss into the other table."""
+    mlm, rtd = _grads("gdes", *MLM_ONLY, impl="triton"), _grads("gdes", *RTD_ONLY, impl="triton")
+    assert torch.count_nonzero(mlm[DELTA]) == 0 and torch.count_nonzero(rtd[WORDS]) == 0
+    assert torch.count_nonzero(mlm[WORDS]) > 0 and torch.count_nonzero(rtd[DELTA]) > 0
 
 
 def test_separate_shares_nothing():
@@ -135,9 +143,10 @@ def test_gdes_import_without_generator_shares_the_imported_table(tmp_path):
     assert torch.count_nonzero(getattr(model, DELTA)) == 0
 
 
-def test_exports_of_every_mode_load_in_transformers(tmp_path):
+@pytest.mark.parametrize("sharing", ["gdes", "separate"])  # tied: tests/test_hf.py
+def test_exports_of_every_mode_load_in_transformers(tmp_path, sharing):
     transformers = pytest.importorskip("transformers")
-    model = _trained("gdes")
+    model = _trained(sharing)
     to_hf(model, tmp_path / "export")
     ids, mask, types = random_batch(tiny_config(), seed=3)
     real = mask.bool()
@@ -166,6 +175,10 @@ def test_generator_layers_fraction_and_explicit_shape():
     cfg = tiny_config("model.num_layers=4", "model.generator_layers=0.5")
     model = ElectraPretrainingModel(cfg)
     assert len(model.generator.encoder.layer) == 2 and len(model.discriminator.encoder.layer) == 4
+    full_depth = electra_flops(tiny_config("model.num_layers=4"), seq_len=64, batch=8).by_component()
+    half_depth = electra_flops(cfg, seq_len=64, batch=8).by_component()
+    assert half_depth["generator.layers"] == pytest.approx(full_depth["generator.layers"] / 2)
+    assert half_depth["discriminator.layers"] == full_depth["discriminator.layers"]
     cfg = tiny_config("model.explicit_generator_num_layers=1", "model.explicit_generator_num_heads=2",
                       "model.explicit_generator_intermediate_size=48")
     model = ElectraPretrainingModel(cfg)
