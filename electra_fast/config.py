@@ -140,10 +140,11 @@ class ModelConfig:
         config stays the plain one), explicit ones where they do not."""
         for name in ("hidden_size", "num_heads", "intermediate_size", "num_layers"):
             setattr(self, f"explicit_generator_{name}", 0)
-        self.explicit_generator_hidden_size = hidden if hidden != self.generator_hidden_size else 0
-        self.explicit_generator_num_heads = heads if heads != self.generator_num_heads else 0
-        self.explicit_generator_intermediate_size = intermediate if intermediate != self.generator_intermediate_size else 0
-        self.explicit_generator_num_layers = layers if layers != self.generator_num_layers else 0
+        # In this order: the derived heads and FFN follow the hidden size just set.
+        for name, value in (("hidden_size", hidden), ("num_heads", heads), ("intermediate_size", intermediate),
+                            ("num_layers", layers)):
+            if value != getattr(self, f"generator_{name}"):
+                setattr(self, f"explicit_generator_{name}", value)
 
     @property
     def head_dim(self) -> int:

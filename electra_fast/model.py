@@ -552,7 +552,7 @@ class ElectraPretrainingModel(nn.Module):
         self.discriminator = ElectraBody(model_cfg.hidden_size, model_cfg.num_heads, model_cfg.intermediate_size,
                                          model_cfg.num_layers, model_cfg)
         self.discriminator_predictions = ElectraDiscriminatorPredictions(model_cfg.hidden_size)
-        # Registered after everything else, so that the weights all modes have start the same for a seed.
+        # Registered after everything else: for one seed, the parameters every mode has start equal.
         if model_cfg.embedding_sharing == "separate":
             self.discriminator_embeddings = ElectraEmbeddings(model_cfg)
         elif model_cfg.embedding_sharing == "gdes":
@@ -573,10 +573,11 @@ class ElectraPretrainingModel(nn.Module):
         return check_encoder_inputs(self.config, input_ids, attention_mask, token_type_ids)
 
     def _encode(self, body: ElectraBody, input_ids, token_type_ids, layout: TokenLayout):
+        """The generator or the discriminator (``body``) on the embeddings that network reads."""
+        embeddings, table = self.embeddings, None
         if body is self.discriminator:
             embeddings, table = self.discriminator_embedding_parts()
-            return encode_tokens(embeddings, body, input_ids, token_type_ids, layout, word_table=table)
-        return encode_tokens(self.embeddings, body, input_ids, token_type_ids, layout)
+        return encode_tokens(embeddings, body, input_ids, token_type_ids, layout, word_table=table)
 
     def discriminator_embedding_parts(self) -> tuple[ElectraEmbeddings, torch.Tensor | None]:
         """(the embedding module the discriminator runs, the word table it reads instead of that module's
@@ -585,7 +586,9 @@ class ElectraPretrainingModel(nn.Module):
         if sharing == "separate":
             return self.discriminator_embeddings, None
         if sharing == "gdes":
-            return self.embeddings, self.embeddings.word_embeddings.weight.detach() + self.discriminator_word_embeddings_delta
+            # detach(): the replaced-token loss reaches E_delta only, never E_gen (the MLM head's output layer)
+            table = self.embeddings.word_embeddings.weight.detach() + self.discriminator_word_embeddings_delta
+            return self.embeddings, table
         return self.embeddings, None
 
     def network_state_dict(self, network: str) -> dict[str, torch.Tensor]:

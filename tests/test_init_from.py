@@ -34,7 +34,8 @@ class FirstForward(trainer.TrainerCallback):
     def on_loss(self, run: trainer.Trainer, loss: torch.Tensor) -> torch.Tensor:
         if self.state is None:
             model = run.module
-            self.state = {network: {k: v.detach().clone() for k, v in split_qkv(model.network_state_dict(network)).items()}
+            self.state = {network: {k: v.detach().clone() for k, v in
+                                    split_qkv(model.network_state_dict(network)).items()}
                           for network in ("discriminator", "generator")}
             self.delta = getattr(model, "discriminator_word_embeddings_delta", None)
             self.delta = None if self.delta is None else self.delta.detach().clone()

@@ -101,7 +101,10 @@ def test_export_writes_what_each_network_reads_and_import_recovers_it(tmp_path, 
     e_gen = model.embeddings.word_embeddings.weight.detach()
     torch.testing.assert_close(gen["electra." + WORDS], e_gen, rtol=0, atol=0)
     torch.testing.assert_close(gen["generator_lm_head.weight"], e_gen, rtol=0, atol=0)  # MLM layer tied to E_gen
-    effective = e_gen + getattr(model, DELTA) if sharing == "gdes" else model.discriminator_embeddings.word_embeddings.weight
+    if sharing == "gdes":
+        effective = e_gen + getattr(model, DELTA)
+    else:
+        effective = model.discriminator_embeddings.word_embeddings.weight
     torch.testing.assert_close(disc["electra." + WORDS], effective.detach(), rtol=0, atol=0)
     assert not torch.equal(disc["electra." + WORDS], e_gen)
 
@@ -113,15 +116,14 @@ def test_export_writes_what_each_network_reads_and_import_recovers_it(tmp_path, 
         torch.testing.assert_close(theirs[name], ours[name], rtol=0, atol=1e-6, msg=name)
     ids, mask, types = random_batch(tiny_config(), seed=5)
     with torch.no_grad():
-        torch.testing.assert_close(back.discriminator_logits(ids, mask, types), model.discriminator_logits(ids, mask, types),
-                                   rtol=0, atol=1e-5)
+        expected = model.discriminator_logits(ids, mask, types)
+        torch.testing.assert_close(back.discriminator_logits(ids, mask, types), expected, rtol=0, atol=1e-5)
 
     # The same folders read as tied: one table, the discriminator's (its logits are unchanged).
     tied = from_hf(tmp_path / "export" / "discriminator", tmp_path / "export" / "generator",
                    attention_impl="torch", embedding_sharing="tied").eval()
     with torch.no_grad():
-        torch.testing.assert_close(tied.discriminator_logits(ids, mask, types), model.discriminator_logits(ids, mask, types),
-                                   rtol=0, atol=1e-5)
+        torch.testing.assert_close(tied.discriminator_logits(ids, mask, types), expected, rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("sharing", ["gdes", "separate"])
@@ -156,7 +158,8 @@ def test_exports_of_every_mode_load_in_transformers(tmp_path, sharing):
         assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
         with torch.no_grad():
             got = hf.eval()(input_ids=ids, attention_mask=mask, token_type_ids=types).logits
-            ours = (model.discriminator_logits if network == "discriminator" else model.generator_logits)(ids, mask, types)
+            logits = model.discriminator_logits if network == "discriminator" else model.generator_logits
+            ours = logits(ids, mask, types)
         torch.testing.assert_close(got[real], ours[real], rtol=0, atol=1e-5)
 
 
@@ -214,8 +217,8 @@ def test_from_hf_accepts_a_generator_off_the_rule(tmp_path):
     transformers = pytest.importorskip("transformers")
     cfg = tiny_config(*NO_DROPOUT)
     m = cfg.model
-    common = dict(vocab_size=m.vocab_size, embedding_size=m.embedding_size, max_position_embeddings=m.max_position_embeddings,
-                  type_vocab_size=m.type_vocab_size, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    common = dict(vocab_size=m.vocab_size, embedding_size=m.embedding_size,
+                  max_position_embeddings=m.max_position_embeddings, type_vocab_size=m.type_vocab_size, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
                   layer_norm_eps=m.layer_norm_eps, pad_token_id=m.pad_token_id)
     disc = transformers.ElectraForPreTraining(transformers.ElectraConfig(
         hidden_size=m.hidden_size, num_hidden_layers=m.num_layers, num_attention_heads=m.num_heads,
