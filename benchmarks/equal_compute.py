@@ -4,6 +4,7 @@
     python benchmarks/equal_compute.py --size small          # ELECTRA-Small-sized, on a GPU
     python benchmarks/equal_compute.py --size small --electra-steps 3000 --seeds 1,2,3,4,5
     python benchmarks/equal_compute.py --corpus my_corpus.txt --heldout-every 20
+    python benchmarks/equal_compute.py --size small --sharing tied,gdes,separate   # embedding sharing modes
 
 1. Corpus: ``--corpus`` (text in the reference layout: one sentence a line, a blank line between
    documents) or the embedded default corpus (electra_fast/corpus.py: Python's own documentation
@@ -20,6 +21,10 @@
    clipping 1.0, bf16 autocast on CUDA). ELECTRA runs ``--electra-steps``; BERT runs as many steps as
    cost the same FLOPs (electra_fast/flops.py, ``--convention``, default the paper's method), so it
    sees more tokens. Encoders are snapshotted at the ``--checkpoints`` fractions of that budget.
+   ``--sharing`` trains one ELECTRA per embedding-sharing mode (``model.embedding_sharing``: tied,
+   gdes, separate; rows ``electra``, ``electra_gdes``, ``electra_separate``): the modes cost the same
+   FLOPs per step, so they get the same steps and one BERT-MLM baseline serves them all. On the CPU
+   this is a pipeline check; the GPU runs at ``--size small`` are what compare them.
 4. Probe: a CoLA-like acceptability task from held-out sentences: half as written, half corrupted
    -- by default a quarter of the words replaced with words drawn from the corpus's running text
    (frequency-matched, so only context gives them away); ``--corruption shuffle`` reorders all words,
@@ -174,26 +179,24 @@ def encoder_snapshot(model, cfg):
     """The fine-tunable encoder (embeddings + discriminator-size body) as a CPU task_models.ElectraModel."""
     from electra_fast.task_models import ElectraModel
 
-    body_prefix = "discriminator." if hasattr(model, "discriminator") else "electra."
-    state = {}
-    for name, tensor in model.state_dict().items():
-        if name.startswith("embeddings."):
-            state[name] = tensor
-        elif name.startswith(body_prefix):
-            state[name[len(body_prefix):]] = tensor
+    if hasattr(model, "network_state_dict"):  # ELECTRA: the embeddings the discriminator reads (any sharing)
+        state = model.network_state_dict("discriminator")
+    else:
+        state = {name[len("electra."):] if name.startswith("electra.") else name: tensor
+                 for name, tensor in model.state_dict().items() if name.startswith(("embeddings.", "electra."))}
     encoder = ElectraModel(cfg.model)
     encoder.load_state_dict({k: v.detach().float().cpu() for k, v in state.items()})
     return encoder
 
 
 def pretrain(kind: str, cfg, data_dir: Path, steps: int, snapshot_steps: list[int], args, device):
-    """Train ``kind`` ("electra" | "bert_mlm") for ``steps``; returns ({step: encoder}, log)."""
+    """Train ``kind`` ("electra*" | "bert_mlm") for ``steps``; returns ({step: encoder}, log)."""
     from electra_fast.loader import PretrainingLoader
     from electra_fast.mlm_baseline import BertMLMModel
     from electra_fast.model import ElectraPretrainingModel
 
     torch.manual_seed(args.seed)
-    model = (ElectraPretrainingModel(cfg) if kind == "electra" else BertMLMModel(cfg)).to(device).train()
+    model = (BertMLMModel(cfg) if kind == "bert_mlm" else ElectraPretrainingModel(cfg)).to(device).train()
     optimizer = torch.optim.AdamW(weight_decay_groups(model.named_parameters(), cfg.train.weight_decay),
                                   lr=cfg.train.lr, betas=(cfg.train.adam_beta1, cfg.train.adam_beta2), eps=cfg.train.adam_eps,
                                   **({"fused": True} if device.type == "cuda" else {}))
@@ -259,6 +262,9 @@ def main(argv=None) -> int:
     parser.add_argument("--seq-len", type=int, default=None, help="default: the config's data.seq_len")
     parser.add_argument("--batch", type=int, default=None, help="pre-training batch (sequences per step)")
     parser.add_argument("--electra-steps", type=int, default=None, help="ELECTRA's steps; BERT gets equal FLOPs")
+    parser.add_argument("--sharing", default="tied",
+                        help="ELECTRA embedding-sharing modes to train, comma-separated: tied, gdes, separate "
+                             "(model.embedding_sharing; equal FLOPs, one BERT-MLM baseline)")
     parser.add_argument("--convention", default="paper", choices=("paper", "modern"),
                         help="FLOPs convention that equalises the budgets (default: the paper's)")
     parser.add_argument("--checkpoints", default="0.25,0.5,1.0", help="fractions of the budget to probe at")
@@ -282,6 +288,12 @@ def main(argv=None) -> int:
         if getattr(args, key) is None:
             setattr(args, key, value)
     args.seed_list = [int(s) for s in args.seeds.split(",") if s.strip()]
+    from electra_fast.config import EMBEDDING_SHARING
+
+    args.sharing_modes = list(dict.fromkeys(m.strip() for m in args.sharing.split(",") if m.strip()))
+    unknown = [m for m in args.sharing_modes if m not in EMBEDDING_SHARING]
+    if not args.sharing_modes or unknown:
+        parser.error(f"--sharing takes modes among {', '.join(EMBEDDING_SHARING)}; got {args.sharing!r}")
     fractions = sorted({float(f) for f in args.checkpoints.split(",") if f.strip()})
     if not fractions or any(not 0 < f <= 1 for f in fractions):
         parser.error("--checkpoints must be fractions in (0, 1]")
@@ -312,8 +324,9 @@ def run(args, parser, fractions: list[float], device: torch.device, workdir: Pat
     manifest = read_manifest(str(data_dir))
     tokenizer = load_tokenizer(data_dir)
     vocab_size = int(manifest["vocab_size"])
-    cfg = build_config(args.size, overrides=[f"model.vocab_size={vocab_size}", *overrides] + [
-        f"model.{name}_token_id={token_id}" for name, token_id in manifest["special_token_ids"].items()])
+    cfg_overrides = [f"model.vocab_size={vocab_size}", *overrides] + [
+        f"model.{name}_token_id={token_id}" for name, token_id in manifest["special_token_ids"].items()]
+    cfg = build_config(args.size, overrides=cfg_overrides)
     num_examples = int(manifest["num_examples"])
     probe_train, probe_dev = build_probe(heldout, args.probe_train, args.probe_dev, seed=args.seed,
                                         corruption=args.corruption)
@@ -326,12 +339,20 @@ def run(args, parser, fractions: list[float], device: torch.device, workdir: Pat
     if num_examples < args.batch:
         parser.error(f"only {num_examples} pre-training examples for --batch {args.batch}")
 
-    # 3. Equal budgets.
+    # 3. Equal budgets: every sharing mode costs ELECTRA's FLOPs per step (checked here), so one BERT-MLM
+    # step count matches them all.
     electra_step = electra_flops(cfg, seq_len=args.seq_len, batch=args.batch, convention=args.convention)
     bert_step = bert_mlm_flops(cfg, seq_len=args.seq_len, batch=args.batch, convention=args.convention)
     budget = electra_step.training_per_step * args.electra_steps
     bert_steps = max(1, round(budget / bert_step.training_per_step))
-    plan = {"electra": (args.electra_steps, electra_step), "bert_mlm": (bert_steps, bert_step)}
+    plan = {}  # row name -> (steps, FLOPs of a step, config)
+    for mode in args.sharing_modes:
+        mode_cfg = build_config(args.size, overrides=[*cfg_overrides, f"model.embedding_sharing={mode}"])
+        mode_step = electra_flops(mode_cfg, seq_len=args.seq_len, batch=args.batch, convention=args.convention)
+        if mode_step.training_per_step != electra_step.training_per_step:
+            raise RuntimeError(f"embedding sharing {mode} changes the FLOPs per step: the budgets would differ")
+        plan["electra" if mode == "tied" else f"electra_{mode}"] = (args.electra_steps, mode_step, mode_cfg)
+    plan["bert_mlm"] = (bert_steps, bert_step, cfg)
     print(f"budget: {budget:.3e} FLOPs ({args.convention} convention) = ELECTRA {args.electra_steps} steps "
           f"x {electra_step.training_per_step:.3e} = BERT-MLM {bert_steps} steps x "
           f"{bert_step.training_per_step:.3e}", flush=True)
@@ -344,14 +365,15 @@ def run(args, parser, fractions: list[float], device: torch.device, workdir: Pat
         accs = probe_accuracy(ElectraModel(cfg.model), tokenizer, probe_train, probe_dev, args, device)
         rows.append({"model": "random_init", "fraction": 0.0, "steps": 0, "flops": 0.0, "accuracies": accs})
         print(f"  probe random_init: accuracy {statistics.median(accs):.4f} {accs}", flush=True)
-    for kind, (steps, step_flops) in plan.items():
+    for kind, (steps, step_flops, kind_cfg) in plan.items():
         snapshot_steps = sorted({max(1, round(f * steps)) for f in fractions})
-        snapshots, log = pretrain(kind, cfg, data_dir, steps, snapshot_steps, args, device)
+        snapshots, log = pretrain(kind, kind_cfg, data_dir, steps, snapshot_steps, args, device)
         print(f"pre-trained {kind} for {steps} steps in {log['seconds']:.1f}s (final loss {log['final_loss']:.4f})",
               flush=True)
         for step in snapshot_steps:
             accs = probe_accuracy(snapshots.pop(step), tokenizer, probe_train, probe_dev, args, device)
-            rows.append({"model": kind, "fraction": step / steps, "steps": step,
+            rows.append({"model": kind, "sharing": kind_cfg.model.embedding_sharing if kind != "bert_mlm" else None,
+                         "fraction": step / steps, "steps": step,
                          "flops": step * step_flops.training_per_step, "accuracies": accs,
                          "pretrain_seconds": log["seconds"], "final_pretrain_loss": log["final_loss"]})
             print(f"  probe {kind} @ step {step}: accuracy {statistics.median(accs):.4f} {accs}", flush=True)
@@ -370,7 +392,8 @@ def run(args, parser, fractions: list[float], device: torch.device, workdir: Pat
                 [[r["model"], f"{r['fraction']:.0%}", r["steps"], r["flops"], f"{r['accuracy_median']:.4f}",
                   f"{r['accuracy_mean']:.4f} ± {r['accuracy_std']:.4f}", len(r["accuracies"])] for r in rows],
                 f"Acceptability probe ({args.corruption}) accuracy vs pre-training FLOPs ({args.size}, {args.convention} FLOPs, "
-                f"ELECTRA {args.electra_steps} steps = BERT-MLM {bert_steps} steps)")
+                f"ELECTRA {args.electra_steps} steps = BERT-MLM {bert_steps} steps; embedding sharing: "
+                f"{', '.join(args.sharing_modes)})")
     print(f"chance: always answering the commoner label scores {majority:.4f} on this dev set; a row at that "
           "value learned nothing from the probe's training set.\n")
     path = append_rows(args, "equal_compute", rows)
@@ -378,7 +401,9 @@ def run(args, parser, fractions: list[float], device: torch.device, workdir: Pat
         print(f"rows: {path}")
 
     def draw(plt):
-        for kind, label in (("electra", "ELECTRA"), ("bert_mlm", "BERT-MLM")):
+        labels = {kind: "BERT-MLM" if kind == "bert_mlm" else "ELECTRA" + (
+            f" ({kind.split('_', 1)[1]} embeddings)" if "_" in kind else "") for kind in plan}
+        for kind, label in labels.items():
             series = [r for r in rows if r["model"] in (kind, "random_init")]
             series.sort(key=lambda r: r["flops"])
             plt.errorbar([r["flops"] for r in series], [r["accuracy_median"] for r in series],

@@ -28,8 +28,8 @@ _TORCH_MODES = {
 }
 
 # The submodules that are compiled, where the model has them.
-_COMPILED_PARTS = ("embeddings", "generator", "discriminator", "electra", "generator_predictions",
-                   "discriminator_predictions")
+_COMPILED_PARTS = ("embeddings", "discriminator_embeddings", "generator", "discriminator", "electra",
+                   "generator_predictions", "discriminator_predictions")
 
 
 def torch_compile_mode(mode: str, cuda_graphs: bool = False) -> str | None:

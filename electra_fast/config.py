@@ -30,6 +30,9 @@ class ConfigError(ValueError):
     """A configuration value that cannot be used; the message names the key."""
 
 
+# model.embedding_sharing: how generator and discriminator share embeddings (see ModelConfig).
+EMBEDDING_SHARING = ("tied", "gdes", "separate")
+
 # Which implementation runs a hot spot: "auto" (Triton on CUDA, PyTorch elsewhere), "torch" (the
 # reference) or "triton" (the kernel; on CPU only under TRITON_INTERPRET=1).
 IMPLEMENTATIONS = ("auto", "torch", "triton")
@@ -76,8 +79,24 @@ class ModelConfig:
     layer_norm_eps: float = 1e-12
     initializer_range: float = 0.02
     # Generator width as a fraction of the discriminator's (the paper's best: 1/4 to 1/2). Its FFN is
-    # 4x its hidden size, its heads hidden/64 (at least one), its depth the discriminator's.
+    # 4x its hidden size, its heads hidden/64 (at least one).
     generator_fraction: float = 0.25
+    # Generator depth as a fraction of the discriminator's, in (0, 1] (the reference implementation's
+    # generator_layers; rounded, at least one layer). 1.0: the paper's generators, as deep as the discriminator.
+    generator_layers: float = 1.0
+    # An explicit generator shape, each 0 = derived by the rules above. For generators that do not follow
+    # them (from_hf sets these for such imports), or a layer count instead of generator_layers' fraction.
+    explicit_generator_hidden_size: int = 0
+    explicit_generator_num_heads: int = 0
+    explicit_generator_intermediate_size: int = 0
+    explicit_generator_num_layers: int = 0
+    # How the two networks share embeddings (electra_fast.model's docstring has the details):
+    #   tied     -- one table set for both, updated by both losses (the paper's recipe);
+    #   gdes     -- DeBERTaV3's gradient-disentangled sharing: the discriminator's word table is
+    #               stop_gradient(E_gen) + E_delta (E_delta starts at 0); the MLM loss alone updates E_gen,
+    #               the replaced-token loss alone E_delta. Position/segment tables and the LayerNorm stay tied;
+    #   separate -- none shared (the paper's ablation); the MLM output layer stays tied to the generator's table.
+    embedding_sharing: str = "tied"
     # Special token ids of the vocabulary (the trainer takes them from the prepared dataset).
     pad_token_id: int = 0
     unk_token_id: int = 1
@@ -102,19 +121,30 @@ class ModelConfig:
 
     @property
     def generator_hidden_size(self) -> int:
-        return max(1, int(round(self.hidden_size * self.generator_fraction)))
+        return self.explicit_generator_hidden_size or max(1, int(round(self.hidden_size * self.generator_fraction)))
 
     @property
     def generator_intermediate_size(self) -> int:
-        return 4 * self.generator_hidden_size
+        return self.explicit_generator_intermediate_size or 4 * self.generator_hidden_size
 
     @property
     def generator_num_heads(self) -> int:
-        return max(1, self.generator_hidden_size // 64)
+        return self.explicit_generator_num_heads or max(1, self.generator_hidden_size // 64)
 
     @property
     def generator_num_layers(self) -> int:
-        return self.num_layers
+        return self.explicit_generator_num_layers or max(1, int(round(self.num_layers * self.generator_layers)))
+
+    def set_generator_shape(self, hidden: int, heads: int, intermediate: int, layers: int) -> None:
+        """Make the generator (hidden, heads, FFN, layers): the rules' values where they agree (so the
+        config stays the plain one), explicit ones where they do not."""
+        for name in ("hidden_size", "num_heads", "intermediate_size", "num_layers"):
+            setattr(self, f"explicit_generator_{name}", 0)
+        # In this order: the derived heads and FFN follow the hidden size just set.
+        for name, value in (("hidden_size", hidden), ("num_heads", heads), ("intermediate_size", intermediate),
+                            ("num_layers", layers)):
+            if value != getattr(self, f"generator_{name}"):
+                setattr(self, f"explicit_generator_{name}", value)
 
     @property
     def head_dim(self) -> int:
@@ -127,8 +157,8 @@ class ModelConfig:
             )
         if self.generator_hidden_size % self.generator_num_heads:
             raise ConfigError(
-                f"generator hidden size {self.generator_hidden_size} (model.hidden_size x "
-                f"model.generator_fraction) is not divisible by its {self.generator_num_heads} heads"
+                f"generator hidden size {self.generator_hidden_size} (model.hidden_size x model.generator_fraction, "
+                f"or model.explicit_generator_hidden_size) is not divisible by its {self.generator_num_heads} heads"
             )
         for key in ("attention_impl", "mlm_head_impl", "disc_head_impl", "elementwise_impl"):
             check_choice(f"model.{key}", getattr(self, key), IMPLEMENTATIONS)
@@ -139,6 +169,13 @@ class ModelConfig:
                 raise ConfigError(f"model.{key}={value} is outside the vocabulary (vocab_size={self.vocab_size})")
         if not 0.0 < self.generator_fraction <= 1.0:
             raise ConfigError(f"model.generator_fraction must be in (0, 1], got {self.generator_fraction}")
+        if not 0.0 < self.generator_layers <= 1.0:
+            raise ConfigError(f"model.generator_layers must be a fraction of the discriminator's depth in (0, 1], "
+                              f"got {self.generator_layers} (an explicit layer count: "
+                              "model.explicit_generator_num_layers)")
+        check_non_negative(self, "model", ("explicit_generator_hidden_size", "explicit_generator_num_heads",
+                                           "explicit_generator_intermediate_size", "explicit_generator_num_layers"))
+        check_choice("model.embedding_sharing", self.embedding_sharing, EMBEDDING_SHARING)
 
 
 @dataclass

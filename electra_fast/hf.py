@@ -8,8 +8,21 @@
 Our parameter names are HF's with the shared embeddings hoisted out of each network (see model.py), so
 the mapping is a rename, plus the fused QKV projection: export splits ``attention.self.qkv`` into HF's
 ``query``/``key``/``value`` (``split_qkv``), and import hands the three to the model, whose attention
-module fuses them as the state dict loads. Folders are written as config.json + model.safetensors without importing
-transformers (it is only needed to load them), into a temporary folder that is renamed at the end.
+module fuses them as the state dict loads.
+
+Embedding sharing (``model.embedding_sharing``): each folder holds the embeddings its network reads
+(``ElectraPretrainingModel.network_state_dict``), so both load in transformers whatever the mode. gdes
+exports the discriminator's effective word table E_gen + E_delta and the generator's E_gen; importing
+such a pair as gdes recovers E_delta = E_disc - E_gen (the other embedding tables, shared in gdes as in
+tied, are the discriminator's). separate keeps the two folders' embeddings apart. An import as tied
+keeps the discriminator's embeddings for both networks.
+
+Generator shape: the generator folder's own shape is used whether or not it follows the rules
+electra-fast derives from the discriminator (``ModelConfig.set_generator_shape``); without a generator
+folder a fresh generator is built by the rules, recorded in the discriminator's config.json.
+
+Folders are written as config.json + model.safetensors without importing transformers (it is only
+needed to load them), into a temporary folder that is renamed at the end.
 Reading uses safetensors (or ``torch.load(weights_only=True)`` for legacy ``pytorch_model.bin``).
 """
 
@@ -24,7 +37,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .atomic import atomic_directory
-from .config import Config, ModelConfig, ObjectiveConfig
+from .config import Config, ConfigError, ModelConfig, ObjectiveConfig
 from .model import ElectraPretrainingModel, split_qkv
 
 
@@ -66,20 +79,19 @@ def hf_config_dict(cfg: ModelConfig, network: str) -> dict:
         "electra_fast": {
             "special_token_ids": {k: getattr(cfg, f"{k}_token_id") for k in ("pad", "unk", "cls", "sep", "mask")},
             "generator_fraction": cfg.generator_fraction,
+            "generator_layers": cfg.generator_layers,
+            "embedding_sharing": cfg.embedding_sharing,
         },
     }
 
 
 def _network_state(model: ElectraPretrainingModel, network: str) -> dict[str, torch.Tensor]:
-    """Our state dict -> HF names for one network (shared embeddings copied into both)."""
-    state = {}
-    for name, tensor in split_qkv(model.state_dict()).items():  # HF keeps query/key/value apart
-        if name.startswith("embeddings."):
-            state["electra." + name] = tensor
-        elif name.startswith(network + "."):
-            state["electra." + name[len(network) + 1:]] = tensor
-        elif name.startswith(f"{network}_predictions."):
-            state[name] = tensor
+    """Our state dict -> HF names for one network, with the embeddings that network reads (shared ones
+    copied into both)."""
+    # HF keeps query/key/value apart.
+    state = {"electra." + name: tensor for name, tensor in split_qkv(model.network_state_dict(network)).items()}
+    state.update({name: tensor for name, tensor in model.state_dict().items()
+                  if name.startswith(f"{network}_predictions.")})
     if network == "generator":
         # A separate copy: safetensors stores no aliased tensors, and with both keys present the
         # folder loads with no missing keys whether or not the loader re-ties the weights.
@@ -130,8 +142,8 @@ def to_hf(model: ElectraPretrainingModel, out_dir: str | os.PathLike, tokenizer_
     return out_dir
 
 
-def read_hf_folder(folder: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(config.json as a dict, weights) of an HF ELECTRA folder; ExportError when it is not one."""
+def read_hf_config(folder: str | os.PathLike) -> dict:
+    """config.json of an HF ELECTRA folder as a dict; ExportError when it is not one."""
     folder = Path(folder)
     config_path = folder / "config.json"
     if not config_path.is_file():
@@ -141,6 +153,13 @@ def read_hf_folder(folder: str | os.PathLike) -> tuple[dict, dict[str, torch.Ten
         raise ExportError(f"{folder}: model_type is {config.get('model_type')!r}, expected 'electra'")
     if config.get("position_embedding_type", "absolute") != "absolute":
         raise ExportError(f"{folder}: position_embedding_type {config['position_embedding_type']!r} is not supported")
+    return config
+
+
+def read_hf_folder(folder: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(config.json as a dict, weights) of an HF ELECTRA folder; ExportError when it is not one."""
+    folder = Path(folder)
+    config = read_hf_config(folder)
     if (folder / "model.safetensors").is_file():
         state = load_file(str(folder / "model.safetensors"))
     elif (folder / "pytorch_model.bin").is_file():
@@ -169,61 +188,105 @@ def model_config_from_hf(disc: dict, gen: dict | None) -> ModelConfig:
         cfg.sep_token_id, cfg.mask_token_id = specials["sep"], specials["mask"]
     elif cfg.vocab_size == 30522:  # Google's BERT/ELECTRA uncased vocabulary
         cfg.unk_token_id, cfg.cls_token_id, cfg.sep_token_id, cfg.mask_token_id = 100, 101, 102, 103
+    cfg.generator_layers = float(extra.get("generator_layers", 1.0))
     if gen is not None:
-        cfg.generator_fraction = gen["hidden_size"] / disc["hidden_size"]
-        expected = (cfg.generator_hidden_size, cfg.generator_num_heads, cfg.generator_intermediate_size,
-                    cfg.generator_num_layers, cfg.embedding_size, cfg.vocab_size)
-        given = (gen["hidden_size"], gen["num_attention_heads"], gen["intermediate_size"], gen["num_hidden_layers"],
-                 gen.get("embedding_size", gen["hidden_size"]), gen["vocab_size"])
-        if expected != given:
-            raise ExportError(
-                "generator shape (hidden, heads, ffn, layers, embedding, vocab) = "
-                f"{given} does not match the shape electra-fast derives from the discriminator: {expected}"
-            )
+        adopt_generator_shape(cfg, gen)
+    try:
+        cfg.validate()
+    except ConfigError as exc:
+        raise ExportError(f"the model folder's shape cannot be built: {exc}") from None
     return cfg
+
+
+def adopt_generator_shape(cfg: ModelConfig, gen: dict) -> None:
+    """Give ``cfg`` the generator of an HF config dict: the width and depth fractions it implies (so a
+    generator that follows the rules stays described by them), explicit sizes where it does not."""
+    shared = (gen.get("embedding_size", gen["hidden_size"]), gen["vocab_size"],
+              gen.get("max_position_embeddings", cfg.max_position_embeddings),
+              gen.get("type_vocab_size", cfg.type_vocab_size))
+    expected = (cfg.embedding_size, cfg.vocab_size, cfg.max_position_embeddings, cfg.type_vocab_size)
+    if shared != expected:
+        raise ExportError(
+            "generator shape (embedding, vocab, positions, segment types) = "
+            f"{shared} does not match the discriminator's {expected}: the two networks' embeddings must have one shape"
+        )
+    hidden, heads = gen["hidden_size"], gen["num_attention_heads"]
+    if hidden % heads:
+        raise ExportError(f"generator shape: hidden size {hidden} is not divisible by its {heads} heads")
+    cfg.generator_fraction = min(1.0, hidden / cfg.hidden_size)
+    cfg.generator_layers = min(1.0, gen["num_hidden_layers"] / cfg.num_layers)
+    cfg.set_generator_shape(hidden, heads, gen["intermediate_size"], gen["num_hidden_layers"])
 
 
 def from_hf(discriminator_dir: str | os.PathLike, generator_dir: str | os.PathLike | None = None,
             objective: ObjectiveConfig | None = None, **model_overrides) -> ElectraPretrainingModel:
     """Build an ElectraPretrainingModel from HF folders; a fresh generator when none is given.
 
-    ``model_overrides`` set ModelConfig fields that are not weights (e.g. attention_impl="torch").
+    ``model_overrides`` set ModelConfig fields that are not weights (e.g. attention_impl="torch"), among
+    them ``embedding_sharing``: how to read the pair (default: the mode an electra-fast export recorded,
+    else tied), e.g. ``embedding_sharing="gdes"`` recovers E_delta = E_disc - E_gen.
     """
     disc_config, disc_state = read_hf_folder(discriminator_dir)
     gen_config, gen_state = read_hf_folder(generator_dir) if generator_dir is not None else (None, None)
     cfg = model_config_from_hf(disc_config, gen_config)
+    cfg.embedding_sharing = disc_config.get("electra_fast", {}).get("embedding_sharing", "tied")
     for key, value in model_overrides.items():
         if not hasattr(cfg, key):
             raise ExportError(f"unknown model option {key!r}")
         setattr(cfg, key, value)
     model = ElectraPretrainingModel(cfg, objective)
+    load_hf_state(model, disc_state, gen_state, where=str(discriminator_dir))
+    return model
 
+
+def _embeddings_of(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    prefix = "electra.embeddings."
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix) and not k.endswith("position_ids")}
+
+
+def load_hf_state(model: ElectraPretrainingModel, disc_state: dict[str, torch.Tensor],
+                  gen_state: dict[str, torch.Tensor] | None, where: str = "the model folder") -> None:
+    """Load HF discriminator (and optional generator) weights into ``model`` as its sharing mode reads
+    them (see the module docstring); without generator weights the generator keeps the model's own
+    (fresh) weights, and in tied / gdes mode shares the imported embeddings. ExportError naming
+    ``where`` when the weights do not fit the model."""
+    sharing = model.config.embedding_sharing
     ours = {}
     for name, tensor in disc_state.items():
-        if name.startswith("electra.embeddings."):
-            ours[name[len("electra."):]] = tensor
-        elif name.startswith("electra."):
+        if name.startswith("electra.") and not name.startswith("electra.embeddings."):
             ours["discriminator." + name[len("electra."):]] = tensor
         elif name.startswith("discriminator_predictions."):
             ours[name] = tensor
     if gen_state is not None:
         for name, tensor in gen_state.items():
-            if name.startswith("electra.embeddings."):
-                continue  # shared: the discriminator's copy is the one we keep
-            if name.startswith("electra."):
+            if name.startswith("electra.") and not name.startswith("electra.embeddings."):
                 ours["generator." + name[len("electra."):]] = tensor
             elif name.startswith("generator_predictions."):
                 ours[name] = tensor
             elif name == "generator_lm_head.bias":
                 ours["generator_lm_head_bias"] = tensor
-    ours = {k: v for k, v in ours.items() if not k.endswith("position_ids")}
+    disc_embeddings = _embeddings_of(disc_state)
+    gen_embeddings = _embeddings_of(gen_state) if gen_state is not None else None
+    if sharing == "separate":
+        ours.update({"discriminator_embeddings." + k: v for k, v in disc_embeddings.items()})
+        ours.update({"embeddings." + k: v for k, v in (gen_embeddings or {}).items()})
+    else:  # tied, gdes: one embedding module, the discriminator's tables
+        ours.update({"embeddings." + k: v for k, v in disc_embeddings.items()})
+    if sharing == "gdes" and "word_embeddings.weight" in disc_embeddings:
+        disc_words = disc_embeddings["word_embeddings.weight"]
+        gen_words = disc_words if gen_embeddings is None else gen_embeddings.get("word_embeddings.weight", disc_words)
+        if gen_words.shape != disc_words.shape:
+            raise ExportError(f"{where}: the generator's word table {tuple(gen_words.shape)} and the "
+                              f"discriminator's {tuple(disc_words.shape)} differ in shape")
+        ours["embeddings.word_embeddings.weight"] = gen_words
+        ours["discriminator_word_embeddings_delta"] = disc_words.float() - gen_words.float()
     result = model.load_state_dict(ours, strict=False)
-    expected_missing = {n for n in result.missing_keys if gen_state is None and (
-        n.startswith("generator") or n == "generator_lm_head_bias")}
-    missing = sorted(set(result.missing_keys) - expected_missing)
+    fresh_generator = ("generator.", "generator_predictions.", "generator_lm_head_bias")
+    if sharing == "separate":
+        fresh_generator += ("embeddings.",)
+    missing = sorted(n for n in result.missing_keys if not (gen_state is None and n.startswith(fresh_generator)))
     if missing or result.unexpected_keys:
         raise ExportError(
-            f"{discriminator_dir}: weights do not match the model (missing: {missing[:8]}, "
+            f"{where}: weights do not match the model (missing: {missing[:8]}, "
             f"unexpected: {result.unexpected_keys[:8]})"
         )
-    return model

@@ -2,10 +2,27 @@
 
 Parameter names and math follow Hugging Face's ``ElectraModel`` so weights move both ways
 (see ``electra_fast.hf``), except that each attention block's query/key/value projections are one
-fused ``attention.self.qkv`` Linear (split back into HF's three on export): ``embeddings.*`` is the one shared embedding module;
+fused ``attention.self.qkv`` Linear (split back into HF's three on export): ``embeddings.*`` is the
+generator's embedding module (and, unless ``model.embedding_sharing`` says otherwise, the discriminator's);
 ``generator.*`` / ``discriminator.*`` are ``ElectraModel`` minus its embeddings;
 ``generator_predictions`` / ``discriminator_predictions`` are HF's heads, and the generator's output
-projection is the tied word-embedding matrix plus ``generator_lm_head_bias``.
+projection is the generator's word-embedding matrix (E_gen) plus ``generator_lm_head_bias``.
+:meth:`ElectraPretrainingModel.network_state_dict` gives either network under ``ElectraModel``'s names
+with the embeddings it really reads (what exports and fine-tuning copy).
+
+Embedding sharing (``model.embedding_sharing``):
+
+* ``tied`` (the paper): one ``embeddings`` module (word, position and segment tables, LayerNorm) for
+  both networks; both losses update it.
+* ``gdes`` (DeBERTaV3, He et al. 2021, arXiv 2111.09543): the discriminator's word table is
+  ``E_gen.detach() + discriminator_word_embeddings_delta``, the delta starting at zero, so the
+  masked-LM loss alone updates E_gen and the replaced-token loss alone the delta. Only the word table
+  is disentangled, as in DeBERTaV3 (its conflict is between the MLM output layer, which is E_gen, and
+  the discriminator's use of the same rows); the position and segment tables and the embedding
+  LayerNorm stay tied as in ELECTRA, updated by both losses. No host work: the sum is one elementwise
+  add of the table per forward (not counted in the FLOPs, like the other elementwise work on weights).
+* ``separate`` (the paper's ablation): the discriminator has its own ``discriminator_embeddings``
+  module; nothing is shared, the MLM output layer stays tied to the generator's table.
 
 Layout: the encoders run on a flat (tokens, hidden) block. With ``model.unpad`` and the Triton
 attention, that block holds only the real tokens (unpadded once per step, variable-length attention);
@@ -168,9 +185,14 @@ class ElectraEmbeddings(nn.Module):
         self.LayerNorm = nn.LayerNorm(cfg.embedding_size, eps=cfg.layer_norm_eps)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, input_ids, token_type_ids, position_ids):
-        """Any matching shapes: (B, S) padded or (T,) packed ids -> (..., embedding_size)."""
-        embeddings = self.word_embeddings(input_ids) + self.token_type_embeddings(token_type_ids)
+    def forward(self, input_ids, token_type_ids, position_ids, word_table: torch.Tensor | None = None):
+        """Any matching shapes: (B, S) padded or (T,) packed ids -> (..., embedding_size). ``word_table``:
+        a (vocab, embedding_size) table to read instead of ``word_embeddings.weight`` (gdes sharing)."""
+        if word_table is None:
+            words = self.word_embeddings(input_ids)
+        else:
+            words = F.embedding(input_ids, word_table, padding_idx=self.word_embeddings.padding_idx)
+        embeddings = words + self.token_type_embeddings(token_type_ids)
         embeddings = embeddings + self.position_embeddings(position_ids)
         return self.dropout(self.LayerNorm(embeddings))
 
@@ -475,12 +497,12 @@ def check_encoder_inputs(cfg: ModelConfig, input_ids, attention_mask=None, token
 
 
 def encode_tokens(embeddings: ElectraEmbeddings, body: nn.Module, input_ids, token_type_ids,
-                  layout: TokenLayout, **body_kwargs) -> torch.Tensor:
-    """(B, S) ids -> embeddings -> ``body`` -> (T, hidden) rows in ``layout`` (``body_kwargs``, e.g. the
-    last layer's ``query_index``, go to the body)."""
+                  layout: TokenLayout, word_table: torch.Tensor | None = None, **body_kwargs) -> torch.Tensor:
+    """(B, S) ids -> embeddings -> ``body`` -> (T, hidden) rows in ``layout`` (``word_table``: see
+    :class:`ElectraEmbeddings`; ``body_kwargs``, e.g. the last layer's ``query_index``, go to the body)."""
     positions = torch.arange(layout.seq_len, device=input_ids.device).expand(layout.batch, -1)
     ids, types, pos = (layout.flatten(t) for t in (input_ids, token_type_ids, positions))
-    return body(embeddings(ids, types, pos), layout, **body_kwargs)
+    return body(embeddings(ids, types, pos, word_table), layout, **body_kwargs)
 
 
 def masked_rows(layout: TokenLayout, positions: torch.Tensor) -> torch.Tensor:
@@ -530,8 +552,14 @@ class ElectraPretrainingModel(nn.Module):
         self.discriminator = ElectraBody(model_cfg.hidden_size, model_cfg.num_heads, model_cfg.intermediate_size,
                                          model_cfg.num_layers, model_cfg)
         self.discriminator_predictions = ElectraDiscriminatorPredictions(model_cfg.hidden_size)
+        # Registered after everything else: for one seed, the parameters every mode has start equal.
+        if model_cfg.embedding_sharing == "separate":
+            self.discriminator_embeddings = ElectraEmbeddings(model_cfg)
+        elif model_cfg.embedding_sharing == "gdes":
+            self.discriminator_word_embeddings_delta = nn.Parameter(
+                torch.zeros(model_cfg.vocab_size, model_cfg.embedding_size))
         self.rng = ObjectiveRNG(seed)
-        init_weights(self, model_cfg.initializer_range)
+        init_weights(self, model_cfg.initializer_range)  # leaves the gdes delta at zero (not an Embedding)
 
     # ---------------------------------------------------------------- helpers
     def _impl(self, name: str, device: torch.device) -> str:
@@ -545,7 +573,39 @@ class ElectraPretrainingModel(nn.Module):
         return check_encoder_inputs(self.config, input_ids, attention_mask, token_type_ids)
 
     def _encode(self, body: ElectraBody, input_ids, token_type_ids, layout: TokenLayout):
-        return encode_tokens(self.embeddings, body, input_ids, token_type_ids, layout)
+        """The generator or the discriminator (``body``) on the embeddings that network reads."""
+        embeddings, table = self.embeddings, None
+        if body is self.discriminator:
+            embeddings, table = self.discriminator_embedding_parts()
+        return encode_tokens(embeddings, body, input_ids, token_type_ids, layout, word_table=table)
+
+    def discriminator_embedding_parts(self) -> tuple[ElectraEmbeddings, torch.Tensor | None]:
+        """(the embedding module the discriminator runs, the word table it reads instead of that module's
+        own or None): the one place the sharing mode is decided. gdes: ``E_gen.detach() + E_delta``."""
+        sharing = self.config.embedding_sharing
+        if sharing == "separate":
+            return self.discriminator_embeddings, None
+        if sharing == "gdes":
+            # detach(): the replaced-token loss reaches E_delta only, never E_gen (the MLM head's output layer)
+            table = self.embeddings.word_embeddings.weight.detach() + self.discriminator_word_embeddings_delta
+            return self.embeddings, table
+        return self.embeddings, None
+
+    def network_state_dict(self, network: str) -> dict[str, torch.Tensor]:
+        """One network ("generator" / "discriminator") under HF ``ElectraModel``'s names (``embeddings.*``,
+        ``embeddings_project.*``, ``encoder.*``; QKV fused), with the embeddings it reads: the
+        generator's ``embeddings``; the discriminator's effective ones (gdes: word table E_gen + E_delta;
+        separate: ``discriminator_embeddings``). Detached tensors, as ``state_dict`` gives them."""
+        if network not in ("generator", "discriminator"):
+            raise ValueError(f"network must be 'generator' or 'discriminator', got {network!r}")
+        embeddings, table = self.embeddings, None
+        if network == "discriminator":
+            embeddings, table = self.discriminator_embedding_parts()
+        state = {f"embeddings.{k}": v for k, v in embeddings.state_dict().items()}
+        if table is not None:
+            state["embeddings.word_embeddings.weight"] = table.detach()
+        state.update(getattr(self, network).state_dict())  # embeddings_project.*, encoder.*
+        return state
 
     def max_predictions(self, seq_len: int) -> int:
         """Chosen positions per sequence: the configured bound, else derived from ``seq_len``."""

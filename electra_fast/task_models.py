@@ -239,9 +239,7 @@ def load_encoder(source, options: ModelOptions | None = None) -> tuple[ElectraMo
     if isinstance(source, ElectraPretrainingModel):
         cfg = _apply_model_options(source.config, options)
         encoder = ElectraModel(cfg)
-        state = {k: v for k, v in source.state_dict().items() if k.startswith("embeddings.")}
-        state.update({k[len("discriminator."):]: v for k, v in source.state_dict().items()
-                      if k.startswith("discriminator.")})
+        state = source.network_state_dict("discriminator")  # the embeddings it reads, whatever the sharing
         _load_state_into(encoder, {k: v.detach().float().cpu() for k, v in state.items()}, "ElectraPretrainingModel")
         return encoder, hf_config_dict(cfg, "discriminator")
     if isinstance(source, ElectraModel):

@@ -17,6 +17,10 @@ checkpoints, metrics and the Hugging Face export):
     # torchrun works as well (it sets LOCAL_RANK instead of passing --local_rank)
     torchrun --nproc_per_node 8 -m electra_fast.train --config configs/electra-small.yaml --run-dir runs/small
 
+    # continued pretraining from Hugging Face ELECTRA folders (an export or a download; fresh optimizer)
+    electra-fast pretrain --config configs/electra-small.yaml --run-dir runs/dapt --set data.path=data/domain \
+        --init-from runs/small/export/discriminator --init-generator runs/small/export/generator
+
     # continue after a crash, a kill or a preemption: the same command with --resume
     deepspeed --num_gpus 8 --module electra_fast.train --run-dir runs/small --resume
 
@@ -155,17 +159,28 @@ def _environment(world_size: int, device: torch.device, precision: str, resumed_
 # Training
 # ==================================================================================================
 def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, local_rank: int = -1,
-          callbacks: Sequence[TrainerCallback] = ()) -> dict:
-    """Pretrain under DeepSpeed; returns a summary (steps, final metrics, paths). See the module docstring."""
+          callbacks: Sequence[TrainerCallback] = (), init_from: str | None = None,
+          init_generator: str | None = None) -> dict:
+    """Pretrain under DeepSpeed; returns a summary (steps, final metrics, paths). See the module docstring.
+    ``init_from`` / ``init_generator``: HF folders the new run starts from (electra_fast.init_from)."""
     run_dir = Path(run_dir)
     # Everything that can be checked without DeepSpeed is checked first, so a bad config fails in seconds.
     manifest = apply_data_manifest(cfg)
+    init = None
+    if init_from is not None:
+        from .init_from import adopt_architecture
+
+        adopt_architecture(cfg, manifest, init_from, init_generator)
+        init = (init_from, init_generator)
+    elif init_generator is not None:
+        raise ConfigError("--init-generator needs --init-from (the discriminator the run starts from)")
     cfg.train.batch_layout(launcher_world()[2])
     ds_user, ds_path = read_deepspeed_json(cfg.train.deepspeed_config)
     if not resume and read_latest(checkpoint_root(run_dir)) is not None:
         raise ConfigError(f"{run_dir} already holds checkpoints: pass --resume to continue that run, or choose "
                           "another --run-dir")
-    trainer = Trainer(cfg, run_dir, ds_user, ds_path, manifest, local_rank=local_rank, callbacks=callbacks)
+    trainer = Trainer(cfg, run_dir, ds_user, ds_path, manifest, local_rank=local_rank, callbacks=callbacks,
+                      init=init)
     return trainer.run(resume=resume)
 
 
@@ -173,7 +188,8 @@ class Trainer:
     """One pretraining run on a DeepSpeed engine: set-up, resume, the step loop, checkpoints, logs."""
 
     def __init__(self, cfg: Config, run_dir: Path, ds_user: dict, ds_path: Path, manifest: dict, *,
-                 local_rank: int, callbacks: Sequence[TrainerCallback] = ()):
+                 local_rank: int, callbacks: Sequence[TrainerCallback] = (),
+                 init: tuple[str, str | None] | None = None):
         import deepspeed
         from deepspeed.accelerator import get_accelerator
 
@@ -204,6 +220,11 @@ class Trainer:
         seed = cfg.train.seed + self.rank
         torch.manual_seed(cfg.train.seed)
         model = ElectraPretrainingModel(cfg, seed=seed)
+        if init is not None:  # before DeepSpeed partitions / broadcasts the weights; a resume loads over them
+            from .init_from import load_initial_weights
+
+            load_initial_weights(model, *init)
+        self.init = init
         self.num_parameters = model.num_parameters()
         self.engine, _, _, _ = deepspeed.initialize(
             model=model, model_parameters=weight_decay_groups(model.named_parameters(), cfg.train.weight_decay),
@@ -214,8 +235,14 @@ class Trainer:
             # the tied word-embedding matrix (the MLM head's output projection, owned by `embeddings`) and
             # the discriminator's output layer (handed to the fused BCE head as tensors). ZeRO-3 gathers a
             # parameter only around its owner's forward unless it is registered with the module using it.
+            # gdes: the discriminator's word-table delta is summed with that matrix up there as well; it is a
+            # parameter of the top-level module (gathered around its forward anyway) and is named here so
+            # that every parameter the top-level forward reads directly is registered in one list.
             head = self.module.discriminator_predictions.dense_prediction
-            for parameter in (self.module.embeddings.word_embeddings.weight, head.weight, head.bias):
+            external = [self.module.embeddings.word_embeddings.weight, head.weight, head.bias]
+            if cfg.model.embedding_sharing == "gdes":
+                external.append(self.module.discriminator_word_embeddings_delta)
+            for parameter in external:
                 deepspeed.zero.register_external_parameter(self.module, parameter)
         # Dropout and the other global streams: seeded by (seed, rank) as well.
         random.seed(seed)
@@ -289,6 +316,9 @@ class Trainer:
             f"({self.manifest['num_examples']} examples of {self.manifest['seq_len']} tokens); FLOPs/step "
             f"{self.flops_per_step:.3g} ({flops_source})"
             + (f"; resumed from {self.resumed_from} at step {self.step}" if self.resumed_from else ""))
+        if self.init is not None and self.resumed_from is None:
+            self.log.say(f"[electra-fast] weights from {' + '.join(str(d) for d in self.init if d)} "
+                         f"({'fresh generator, ' if self.init[1] is None else ''}fresh optimizer and schedule)")
 
         batches: Iterator[dict] = iter(self.loader)
         self.window_start, self.window_steps = time.perf_counter(), 0
@@ -440,6 +470,11 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run-dir", required=True, help="folder for checkpoints, metrics and the export")
     parser.add_argument("--resume", action="store_true",
                         help="continue from the run dir's latest checkpoint (starts fresh if there is none)")
+    parser.add_argument("--init-from", metavar="DISC_DIR",
+                        help="start a new run from these weights (a Hugging Face ELECTRA discriminator folder: an "
+                             "`electra-fast export` or a download), with a fresh optimizer and schedule")
+    parser.add_argument("--init-generator", metavar="GEN_DIR",
+                        help="with --init-from: the generator's folder (default: a fresh generator)")
     # The deepspeed launcher passes --local_rank=N (torch's launchers: --local-rank or $LOCAL_RANK).
     parser.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, default=-1,
                         help=argparse.SUPPRESS)
@@ -461,7 +496,8 @@ def run_train(args: argparse.Namespace, callbacks: Sequence[TrainerCallback] = (
         logging.basicConfig(level=logging.INFO, format="[electra-fast] %(levelname)s: %(message)s")
     cfg = _load_train_config(args)
     try:
-        train(cfg, args.run_dir, resume=args.resume, local_rank=args.local_rank, callbacks=callbacks)
+        train(cfg, args.run_dir, resume=args.resume, local_rank=args.local_rank, callbacks=callbacks,
+              init_from=getattr(args, "init_from", None), init_generator=getattr(args, "init_generator", None))
     except TrainingAborted as exc:
         print(f"electra-fast pretrain: error: {exc}", file=sys.stderr, flush=True)
         return 1

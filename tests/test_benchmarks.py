@@ -82,12 +82,14 @@ def test_equal_compute_tiny_smoke(tmp_path):
     corpus = _tiny_corpus(tmp_path / "corpus.txt")
     _run("equal_compute.py", "--corpus", str(corpus), "--vocab-size", "200", "--electra-steps", "2", "--batch", "4",
          "--set", "data.seq_len=32", "--probe-train", "32", "--probe-dev", "16", "--probe-epochs", "1",
-         "--seeds", "1", "--checkpoints", "1.0", "--results-dir", str(tmp_path), "--device", "cpu")
+         "--seeds", "1", "--checkpoints", "1.0", "--results-dir", str(tmp_path), "--device", "cpu",
+         "--sharing", "tied,gdes,separate")
     rows = _rows(tmp_path / "equal_compute.jsonl")
-    assert [r["model"] for r in rows] == ["random_init", "electra", "bert_mlm"]
-    electra, bert = rows[1], rows[2]
-    # Equal budgets: BERT-MLM's steps cost the same FLOPs (to within one BERT step).
-    assert electra["steps"] == 2 and bert["steps"] >= 2
+    assert [r["model"] for r in rows] == ["random_init", "electra", "electra_gdes", "electra_separate", "bert_mlm"]
+    assert [r["sharing"] for r in rows[1:]] == ["tied", "gdes", "separate", None]
+    electra, bert = rows[1], rows[-1]
+    # Equal budgets: every sharing mode costs the same; BERT-MLM's steps the same FLOPs (to within one step).
+    assert all(r["steps"] == 2 and r["flops"] == electra["flops"] for r in rows[1:-1]) and bert["steps"] >= 2
     assert abs(bert["flops"] - electra["flops"]) <= bert["flops"] / bert["steps"]
     for row in rows:
         assert 0.0 <= row["accuracy_median"] <= 1.0 and row["seq_len"] == 32
