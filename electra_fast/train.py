@@ -62,6 +62,7 @@ import json
 import logging
 import platform
 import random
+import shlex
 import socket
 import sys
 import time
@@ -70,8 +71,6 @@ from typing import Iterator, Sequence
 
 import numpy as np
 import torch
-import yaml
-
 from .checkpoints import (Checkpoints, checkpoint_root, export_checkpoint, read_latest, rng_state, set_rng_state,
                           tag_for)
 from .config import Config, ConfigError, build_config, load_config
@@ -80,6 +79,8 @@ from .ds_config import build_deepspeed_config, lookup, read_deepspeed_json
 from .metrics import MetricsLog, StepStats, model_flops_per_step, peak_tflops, plot_curves
 from .optim import warmup_decay_schedule, weight_decay_groups
 from .provenance import git_commit
+from .run_state import RunRecord, RunRecordUpdate, data_identity, has_checkpoint, launch_record
+from .stop_signals import StepBoundaryControl, TrainingStopped, host_group
 
 logger = logging.getLogger(__name__)
 
@@ -103,16 +104,23 @@ class TrainerCallback:
 # ==================================================================================================
 # Data and model set-up
 # ==================================================================================================
-def apply_data_manifest(cfg: Config) -> dict:
-    """Read the prepared data's manifest and make the model's vocabulary and special ids match it."""
-    from .manifest import DataError, check_seq_len, check_vocab, read_manifest
+def read_data_manifest(cfg: Config) -> dict:
+    """The manifest of the prepared data ``data.path`` names; one clear error if there is none."""
+    from .manifest import DataError, read_manifest
 
     if not cfg.data.path:
         raise ConfigError("data.path is not set: point it at a folder written by `electra-fast prepare` "
                           "(e.g. --set data.path=data/default)")
     if not Path(cfg.data.path).expanduser().is_dir():
         raise DataError(f"data.path: no such directory: {cfg.data.path} (run `electra-fast prepare` first)")
-    manifest = read_manifest(cfg.data.path)
+    return read_manifest(cfg.data.path)
+
+
+def apply_data_manifest(cfg: Config, manifest: dict | None = None) -> dict:
+    """Read the prepared data's manifest and make the model's vocabulary and special ids match it."""
+    from .manifest import check_seq_len, check_vocab
+
+    manifest = read_data_manifest(cfg) if manifest is None else manifest
     check_seq_len(manifest, cfg.data.seq_len)
     # The size presets carry a vocabulary size only as a placeholder: a config that leaves it there
     # takes the data's; one that names another size must match the data exactly.
@@ -155,17 +163,29 @@ def _environment(world_size: int, device: torch.device, precision: str, resumed_
 # Training
 # ==================================================================================================
 def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, local_rank: int = -1,
-          callbacks: Sequence[TrainerCallback] = ()) -> dict:
-    """Pretrain under DeepSpeed; returns a summary (steps, final metrics, paths). See the module docstring."""
+          callbacks: Sequence[TrainerCallback] = (), allow_config_change: Sequence[str] = (),
+          launch: dict | None = None) -> dict:
+    """Pretrain under DeepSpeed; returns a summary (steps, final metrics, paths). See the module docstring.
+
+    With ``resume`` and a checkpoint to continue from, ``cfg`` and the data must be what the run was
+    trained with, except for the keys named in ``allow_config_change`` (rules: electra_fast.run_state).
+    ``launch`` is what the run was started from (YAML and overrides), recorded in the run directory."""
     run_dir = Path(run_dir)
     # Everything that can be checked without DeepSpeed is checked first, so a bad config fails in seconds.
-    manifest = apply_data_manifest(cfg)
-    cfg.train.batch_layout(launcher_world()[2])
-    ds_user, ds_path = read_deepspeed_json(cfg.train.deepspeed_config)
+    resuming = resume and has_checkpoint(run_dir)
     if not resume and read_latest(checkpoint_root(run_dir)) is not None:
         raise ConfigError(f"{run_dir} already holds checkpoints: pass --resume to continue that run, or choose "
                           "another --run-dir")
-    trainer = Trainer(cfg, run_dir, ds_user, ds_path, manifest, local_rank=local_rank, callbacks=callbacks)
+    manifest = read_data_manifest(cfg)
+    record = RunRecord.read(run_dir) if resuming else RunRecord(run_dir)
+    identity = data_identity(cfg.data.path, manifest)
+    changes = record.check_resume(cfg, identity, allow_config_change) if resuming else {}
+    apply_data_manifest(cfg, manifest)
+    cfg.train.batch_layout(launcher_world()[2])
+    ds_user, ds_path = read_deepspeed_json(cfg.train.deepspeed_config)
+    update = RunRecordUpdate(record, identity, launch, changes, tuple(allow_config_change))
+    trainer = Trainer(cfg, run_dir, ds_user, ds_path, manifest, local_rank=local_rank, callbacks=callbacks,
+                      record_update=update)
     return trainer.run(resume=resume)
 
 
@@ -173,7 +193,8 @@ class Trainer:
     """One pretraining run on a DeepSpeed engine: set-up, resume, the step loop, checkpoints, logs."""
 
     def __init__(self, cfg: Config, run_dir: Path, ds_user: dict, ds_path: Path, manifest: dict, *,
-                 local_rank: int, callbacks: Sequence[TrainerCallback] = ()):
+                 local_rank: int, callbacks: Sequence[TrainerCallback] = (),
+                 record_update: RunRecordUpdate | None = None):
         import deepspeed
         from deepspeed.accelerator import get_accelerator
 
@@ -182,6 +203,7 @@ class Trainer:
 
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)  # its INFO lines would bury the progress bar
         self.cfg, self.run_dir, self.manifest, self.callbacks = cfg, run_dir, manifest, list(callbacks)
+        self.record_update = record_update or RunRecordUpdate(RunRecord(run_dir), data_identity(cfg.data.path, manifest))
         self.rank, self.world_size, self.device = init_distributed(local_rank)
         self.local_rank = local_rank if local_rank >= 0 else launcher_world()[1]
         self.is_main = self.rank == 0
@@ -231,6 +253,7 @@ class Trainer:
                                         num_workers=cfg.data.num_workers, prefetch_factor=cfg.data.prefetch_factor,
                                         pin_memory=cfg.data.pin_memory)
         self.checkpoints = Checkpoints(run_dir, self.rank, self.local_rank, cfg.train.keep_last)
+        self.control = StepBoundaryControl(cfg.train.save_every_minutes, host_group())
         self.stats = StepStats(self.device)
         self.step = self.tokens_seen = 0
         self.resumed_from: str | None = None
@@ -273,8 +296,7 @@ class Trainer:
         if resume:
             self.resume()
         if self.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+            self.record_update.write(cfg, self.step)  # config.yaml and run_identity.json
             (run_dir / "deepspeed.json").write_text(json.dumps(self.ds_config, indent=2) + "\n")
             environment = _environment(self.world_size, self.device, self.precision, self.resumed_from)
             (run_dir / "env.json").write_text(json.dumps(environment, indent=2) + "\n")
@@ -289,12 +311,15 @@ class Trainer:
             f"({self.manifest['num_examples']} examples of {self.manifest['seq_len']} tokens); FLOPs/step "
             f"{self.flops_per_step:.3g} ({flops_source})"
             + (f"; resumed from {self.resumed_from} at step {self.step}" if self.resumed_from else ""))
+        for line in self.record_update.describe():
+            self.log.say(f"[electra-fast] {line}")
 
         batches: Iterator[dict] = iter(self.loader)
         self.window_start, self.window_steps = time.perf_counter(), 0
         self.run_start = time.perf_counter()
         last: dict = {}
         self.engine.train()
+        self.control.install()
         try:
             while self.step < cfg.train.max_steps:
                 for _ in range(self.accumulation):
@@ -305,11 +330,18 @@ class Trainer:
                 self.log.advance()
                 if self.step % cfg.train.log_every == 0 or self.step == cfg.train.max_steps:
                     last = self._log_window()
-                if self.step % cfg.train.save_every == 0 or self.step == cfg.train.max_steps:
-                    self._save()
+                stop_signal, save_now = self.control.poll()  # the same answer on every rank
+                if stop_signal and self.window_steps:
+                    last = self._log_window()  # the steps since the last log are not lost
+                if (save_now or stop_signal or self.step % cfg.train.save_every == 0
+                        or self.step == cfg.train.max_steps):
+                    self._save(announce=not stop_signal)
                 for callback in self.callbacks:
                     callback.on_step_end(self)
+                if stop_signal:
+                    raise TrainingStopped(stop_signal, self.step, self.checkpoints.root / tag_for(self.step))
         finally:
+            self.control.restore()
             self.log.close()
 
         export_dir = None
@@ -390,7 +422,7 @@ class Trainer:
         self.window_start, self.window_steps = now, 0
         return record
 
-    def _save(self) -> None:
+    def _save(self, announce: bool = True) -> None:
         started = time.perf_counter()
         self.tokens_seen += self.stats.take_tokens()  # exact in every checkpoint
         client = {"step": self.step, "tokens_seen": self.tokens_seen, "world_size": self.world_size,
@@ -398,7 +430,9 @@ class Trainer:
         rank_state = {"rng": rng_state(self.module), "loader": self.loader.state_dict()}
         tag = self.checkpoints.save(self.engine, self.step, client, rank_state, self.cfg)
         self.last_saved = self.step
-        self.log.say(f"[electra-fast] step {self.step}: saved checkpoint {self.checkpoints.root / tag}")
+        self.control.saved()
+        if announce:
+            self.log.say(f"[electra-fast] step {self.step}: saved checkpoint {self.checkpoints.root / tag}")
         self.window_start += time.perf_counter() - started  # throughput excludes checkpointing
 
 
@@ -439,32 +473,66 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                         metavar="SECTION.KEY=VALUE", help="override config values, e.g. --set train.max_steps=1000")
     parser.add_argument("--run-dir", required=True, help="folder for checkpoints, metrics and the export")
     parser.add_argument("--resume", action="store_true",
-                        help="continue from the run dir's latest checkpoint (starts fresh if there is none)")
+                        help="continue from the run dir's latest checkpoint (starts fresh if there is none), with "
+                             "the run's own config and data; --config/--set may change only what "
+                             "--allow-config-change names (and where the data lives, logging and saving)")
+    parser.add_argument("--allow-config-change", dest="allow_config_change", nargs="+", action="extend", default=[],
+                        metavar="SECTION.KEY", help="with --resume: accept a new value for these keys (e.g. "
+                                                    "train.max_steps); each change is recorded in run_identity.json")
     # The deepspeed launcher passes --local_rank=N (torch's launchers: --local-rank or $LOCAL_RANK).
     parser.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, default=-1,
                         help=argparse.SUPPRESS)
 
 
-def _load_train_config(args: argparse.Namespace) -> Config:
-    path = args.config
-    if path is None:
-        saved = Path(args.run_dir) / "config.yaml"
+def resolve_train_config(args: argparse.Namespace) -> tuple[Config, dict | None]:
+    """The config to train with, and what it was started from (None: keep the run's record).
+
+    Resuming a run that has a checkpoint: the run's own config with the user's changes on top
+    (RunRecord.resolve; train() then refuses changes it does not allow). Otherwise a fresh start from
+    --config (or, with --resume and nothing to resume yet, the run dir's config.yaml) and --set."""
+    run_dir, size = Path(args.run_dir), getattr(args, "size", None)
+    if args.resume and has_checkpoint(run_dir):
+        return RunRecord.read(run_dir).resolve(args.config, args.overrides, size)
+    if args.config is None:
+        saved = run_dir / "config.yaml"
         if not (args.resume and saved.is_file()):
             raise ConfigError("--config is required (or --resume with a run dir that holds config.yaml)")
-        path = saved
-    return load_config(path, args.overrides, size=getattr(args, "size", None))
+        return load_config(saved, args.overrides, size=size), None
+    return load_config(args.config, args.overrides, size=size), launch_record(args.config, args.overrides, size)
+
+
+def resume_command(args: argparse.Namespace, world_size: int) -> str:
+    """The command that continues this run (its own config is in the run dir, so no --config)."""
+    run_dir = shlex.quote(str(args.run_dir))
+    if world_size > 1:
+        return f"the same launcher with --module electra_fast.train --run-dir {run_dir} --resume"
+    prog = "electra-fast pretrain" if getattr(args, "command", None) == "pretrain" else "python -m electra_fast.train"
+    return f"{prog} --run-dir {run_dir} --resume"
 
 
 def run_train(args: argparse.Namespace, callbacks: Sequence[TrainerCallback] = ()) -> int:
-    """Run training from parsed arguments; 1 if the run aborted itself (the message says why)."""
+    """Run training from parsed arguments: 0 when done, 1 if the run aborted itself (the message says
+    why), 128 + the signal's number when SIGINT/SIGTERM stopped it (130, 143)."""
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="[electra-fast] %(levelname)s: %(message)s")
-    cfg = _load_train_config(args)
+    cfg, launch = resolve_train_config(args)
     try:
-        train(cfg, args.run_dir, resume=args.resume, local_rank=args.local_rank, callbacks=callbacks)
+        train(cfg, args.run_dir, resume=args.resume, local_rank=args.local_rank, callbacks=callbacks,
+              allow_config_change=getattr(args, "allow_config_change", ()), launch=launch)
     except TrainingAborted as exc:
         print(f"electra-fast pretrain: error: {exc}", file=sys.stderr, flush=True)
         return 1
+    except TrainingStopped as stop:
+        rank, _, world = launcher_world()
+        if rank == 0:
+            print(f"stopped at step {stop.step}; checkpoint {stop.checkpoint}; resume with: "
+                  f"{resume_command(args, world)}", file=sys.stderr, flush=True)
+        return stop.exit_code
+    except KeyboardInterrupt:  # outside the step loop (set-up, export), or Ctrl-C twice
+        if launcher_world()[0] == 0:
+            print(f"interrupted (nothing saved since the last checkpoint); resume with: "
+                  f"{resume_command(args, launcher_world()[2])}", file=sys.stderr, flush=True)
+        return 130
     return 0
 
 
