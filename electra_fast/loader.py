@@ -264,7 +264,8 @@ class PretrainingLoader:
         return torch.utils.data.DataLoader(
             batches, batch_size=None, sampler=_Forever(), num_workers=workers, pin_memory=self.pin_memory,
             prefetch_factor=self.prefetch_factor if workers else None, persistent_workers=False,
-            generator=torch.Generator().manual_seed(self.seed), worker_init_fn=_ignore_stop_signals if workers else None)
+            generator=torch.Generator().manual_seed(self.seed),
+            worker_init_fn=_ignore_stop_signals if workers else None)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         generation = self._generation

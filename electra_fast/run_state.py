@@ -98,7 +98,8 @@ def _identity_from_config(stored: Config) -> dict[str, Any]:
     """What a run recorded before run_identity.json existed still says about its data: sizes and ids."""
     m = stored.model
     return {"vocab_size": m.vocab_size, "seq_len": stored.data.seq_len,
-            "special_token_ids": {name: getattr(m, f"{name}_token_id") for name in ("pad", "unk", "cls", "sep", "mask")}}
+            "special_token_ids": {name: getattr(m, f"{name}_token_id")
+                                  for name in ("pad", "unk", "cls", "sep", "mask")}}
 
 
 def data_differences(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
@@ -247,15 +248,15 @@ class RunRecord:
         if refused or data_lines:
             hints = []
             if refused:
-                hints.append(f"to continue with the new values, add --allow-config-change {' '.join(refused_keys)} (recorded "
-                             f"in {RUN_RECORD}); to continue unchanged, drop them (`--run-dir {self.run_dir} --resume` "
-                             "alone uses the run's own config)")
+                hints.append(f"to continue with the new values, add --allow-config-change {' '.join(refused_keys)} "
+                             f"(recorded in {RUN_RECORD}); to continue unchanged, drop them (`--run-dir {self.run_dir} "
+                             "--resume` alone uses the run's own config)")
             if data_lines:
-                hints.append("a run continues only on the data it was trained on: point data.path at that "
-                             "prepared folder, or start a new run")
+                hints.append(f"a run continues only on the data it was trained on (data.path={self.config.data.path} "
+                             "when it was last started): point data.path at that prepared folder, or start a new run")
             raise ResumeRefused(f"cannot resume {self.run_dir}: {len(refused) + len(data_lines)} difference(s) from "
                                 "what the run was trained with:\n  " + "\n  ".join(refused + data_lines) + "\n"
-                                + "; ".join(hints))
+                                + "\n".join(hints))
         return changes
 
     # ---------------------------------------------------------------------------- writing (rank 0)

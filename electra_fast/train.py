@@ -17,8 +17,11 @@ checkpoints, metrics and the Hugging Face export):
     # torchrun works as well (it sets LOCAL_RANK instead of passing --local_rank)
     torchrun --nproc_per_node 8 -m electra_fast.train --config configs/electra-small.yaml --run-dir runs/small
 
-    # continue after a crash, a kill or a preemption: the same command with --resume
+    # continue after a crash, a kill or a preemption: the run's own config and data (electra_fast.run_state);
+    # a changed key is refused unless named by --allow-config-change, and then recorded
     deepspeed --num_gpus 8 --module electra_fast.train --run-dir runs/small --resume
+    deepspeed --num_gpus 8 --module electra_fast.train --run-dir runs/small --resume \
+        --set train.max_steps=2000000 --allow-config-change train.max_steps
 
     # ZeRO-3, a bigger batch, 10k steps: any key, from the command line
     deepspeed --num_gpus 8 --module electra_fast.train --config configs/electra-base.yaml --run-dir runs/base \
@@ -31,6 +34,8 @@ checkpoints, metrics and the Hugging Face export):
 A run directory::
 
     config.yaml           the resolved config (sizes, special ids and vocabulary from the data)
+    run_identity.json     the data trained on (vocabulary hash, special ids, seq_len, fingerprint), the YAML
+                          and overrides it was started from, and the config changes accepted on resume
     deepspeed.json        the DeepSpeed config given to deepspeed.initialize (JSON + derived values)
     env.json              versions, git commit, devices, world size, command line
     metrics.jsonl         one record per log step (and one per skipped update)
@@ -51,8 +56,9 @@ forward, so ZeRO-3 gathers every parameter where it is used.
 
 This file is the loop; the other jobs have their own modules: ``ds_config`` (the DeepSpeed config),
 ``distributed`` (the process group), ``checkpoints`` (save, resume, consolidation, export) and
-``metrics`` (statistics, logs, curves, MFU). Tests and tools hook into the loop through
-:class:`TrainerCallback` (``train(..., callbacks=[...])``), never through the config.
+``metrics`` (statistics, logs, curves, MFU), ``run_state`` (the run's identity and what a resume may
+change) and ``stop_signals`` (SIGINT/SIGTERM: finish the step, save, exit 130/143). Tests and tools
+hook into the loop through :class:`TrainerCallback` (``train(..., callbacks=[...])``), never through the config.
 """
 
 from __future__ import annotations
@@ -71,6 +77,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 import torch
+
 from .checkpoints import (Checkpoints, checkpoint_root, export_checkpoint, read_latest, rng_state, set_rng_state,
                           tag_for)
 from .config import Config, ConfigError, build_config, load_config
@@ -203,7 +210,8 @@ class Trainer:
 
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)  # its INFO lines would bury the progress bar
         self.cfg, self.run_dir, self.manifest, self.callbacks = cfg, run_dir, manifest, list(callbacks)
-        self.record_update = record_update or RunRecordUpdate(RunRecord(run_dir), data_identity(cfg.data.path, manifest))
+        self.record_update = record_update or RunRecordUpdate(RunRecord(run_dir),
+                                                              data_identity(cfg.data.path, manifest))
         self.rank, self.world_size, self.device = init_distributed(local_rank)
         self.local_rank = local_rank if local_rank >= 0 else launcher_world()[1]
         self.is_main = self.rank == 0

@@ -30,7 +30,7 @@ from electra_fast import cli
 from electra_fast import train as trainer
 from electra_fast.config import ConfigError, load_config
 from electra_fast.metrics import read_metrics
-from electra_fast.run_state import RUN_RECORD, RunRecord, data_identity, launch_record
+from electra_fast.run_state import RUN_RECORD, ResumeRefused, RunRecord, data_identity, launch_record
 from electra_fast.stop_signals import StepBoundaryControl
 
 START_SETS = ("train.max_steps=4", "train.save_every=2", "train.log_every=1", "train.export_at_end=false",
@@ -49,6 +49,14 @@ def trained_run(run_dir: Path, data: str, *sets: str, config: str = TINY) -> Pat
     (run_dir / "checkpoints" / "step-00000002").mkdir(parents=True)
     (run_dir / "checkpoints" / "latest").write_text("step-00000002")
     return run_dir
+
+
+def run_cli(argv: list[str], callbacks=()) -> int:
+    """`python -m electra_fast.train ARGV` in this process (run_train: main() would also tear down the
+    process group, which DeepSpeed's cached groups of a later in-process run still refer to)."""
+    parser = argparse.ArgumentParser()
+    trainer.add_train_arguments(parser)
+    return trainer.run_train(parser.parse_args(argv), callbacks)
 
 
 def files(run_dir: Path) -> dict[str, bytes]:
@@ -189,7 +197,7 @@ def test_readme_commands_resume_and_an_allowed_change_is_recorded(corpus_dir, tm
     run = tmp_path / "run"
     start = ["--config", TINY, "--run-dir", str(run), "--set", f"data.path={corpus_dir}", *START_SETS]
     with pytest.raises(RuntimeError, match="injected failure"):  # a crash after the step-2 checkpoint
-        trainer.main(start, callbacks=[FailAfterStep("raise", 2)])
+        run_cli(start, callbacks=[FailAfterStep("raise", 2)])
     config_at_start = (run / "config.yaml").read_bytes()
     identity = json.loads((run / RUN_RECORD).read_text())
     assert identity["data"]["vocab_size"] == 300 and identity["data"]["special_token_ids"]["mask"] == 4
@@ -197,15 +205,15 @@ def test_readme_commands_resume_and_an_allowed_change_is_recorded(corpus_dir, tm
     assert identity["launch"]["overrides"] == [f"data.path={corpus_dir}", *START_SETS]
 
     # README: python -m electra_fast.train --config configs/electra-tiny.yaml --run-dir RUN --resume
-    assert trainer.main(["--config", TINY, "--run-dir", str(run), "--resume"]) == 0
+    assert run_cli(["--config", TINY, "--run-dir", str(run), "--resume"]) == 0
     assert [r["step"] for r in read_metrics(run) if "loss" in r] == [1, 2, 3, 4]
     assert (run / "config.yaml").read_bytes() == config_at_start  # never silently overwritten
 
     # More steps: refused as a change, accepted when named, and recorded; a time-based save (an
     # operational key) is accepted by itself and saves after every step here.
     more = ["--run-dir", str(run), "--resume", "--set", "train.max_steps=6", "train.save_every_minutes=1e-9"]
-    assert trainer.main(more) == 2
-    assert "config train.max_steps: 4 -> 6" in capsys.readouterr().err
+    with pytest.raises(ResumeRefused, match="config train.max_steps: 4 -> 6"):
+        run_cli(more)
     # README: electra-fast pretrain --run-dir RUN --resume (the CLI), with the change allowed
     assert cli.main(["pretrain", *more, "--allow-config-change", "train.max_steps"]) == 0
     assert "config change accepted (--allow-config-change): train.max_steps: 4 -> 6" in capsys.readouterr().err
@@ -308,3 +316,36 @@ def test_a_signal_stops_after_the_step_with_a_checkpoint_and_resume_is_exact(cor
     assert trainer.run_train(_args(reference, f"data.path={corpus_dir}", *sets)) == 0
     assert [r["step"] for r in read_metrics(run)] == list(range(1, 13))
     assert losses(run) == losses(reference)
+
+
+@pytest.mark.slow
+def test_sigterm_to_a_two_rank_launch_stops_every_rank_after_the_same_step(corpus_dir, tmp_path, clean_env):
+    """A preemption signals the whole job (launcher and ranks): both ranks finish the same step, save it
+    together, rank 0 prints the one line, and nothing prints a traceback."""
+    from test_train import free_port
+
+    run = tmp_path / "two"
+    cmd = [PYTHON, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
+           "--no_local_rank", str(REPO / "tests" / "_faults.py"), "--step-delay", "0.5", "--", "--config", TINY,
+           "--run-dir", str(run), "--set", f"data.path={corpus_dir}", "train.max_steps=40", "train.save_every=100",
+           "train.log_every=1", "train.export_at_end=false"]
+    proc = subprocess.Popen(cmd, env=child_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 400
+        while not read_metrics(run):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0][-3000:]
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGTERM)
+        output = proc.communicate(timeout=300)[0]  # the pipe closes when the ranks have exited too
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert "Traceback" not in output, output[-3000:]
+    [line] = [text for text in output.splitlines() if "stopped at step" in text]
+    step = int(re.search(r"stopped at step (\d+);", line).group(1))
+    tag = run / "checkpoints" / f"step-{step:08d}"
+    assert (run / "checkpoints" / "latest").read_text() == tag.name
+    assert sorted(p.name for p in tag.glob("trainer_state_rank*.pt")) == ["trainer_state_rank00000.pt",
+                                                                          "trainer_state_rank00001.pt"]
+    assert "the same launcher with --module electra_fast.train" in line
