@@ -82,6 +82,8 @@ def test_resume_resolves_the_runs_config_plus_only_what_the_user_changed(corpus_
 
     assert resolved() == stored  # --run-dir RUN --resume: the run's own config
     assert resolved("--config", TINY) == stored  # the README's form: the start's --set values are kept
+    # `make demo` repeats its whole start command with --resume: the same values are no change
+    assert resolved("--config", TINY, "--set", f"data.path={corpus_dir}", *START_SETS) == stored
     assert changed(resolved("--config", TINY, "--set", "train.log_every=5")) == {"train.log_every"}
     # An edited YAML: only the keys edited since the run started count
     edited = yaml.safe_load(Path(TINY).read_text())
