@@ -223,6 +223,7 @@ class TrainConfig:
     seed: int = 1234
     log_every: int = 10
     save_every: int = 1000
+    save_every_minutes: float = 0.0  # also save when this much time passed since the last save (0 = off)
     keep_last: int = 3
     max_nonfinite_steps: int = 5  # consecutive skipped updates before the run stops
     peak_tflops: float = 0.0  # device peak for MFU; 0 = look the device up
@@ -242,6 +243,8 @@ class TrainConfig:
         for key in ("global_batch_size", "max_steps", "log_every", "save_every", "keep_last", "max_nonfinite_steps"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"train.{key} must be positive, got {getattr(self, key)}")
+        if self.save_every_minutes < 0:
+            raise ConfigError(f"train.save_every_minutes must be >= 0 (0 = off), got {self.save_every_minutes}")
         if self.micro_batch_size < 0 or self.gradient_accumulation_steps < 0:
             raise ConfigError("train.micro_batch_size and train.gradient_accumulation_steps must be >= 0")
         if self.compile not in COMPILE_MODES:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import signal
 import sys
 from typing import Any, Iterator
 
@@ -165,6 +166,14 @@ class _Forever(torch.utils.data.Sampler):
         return itertools.count()
 
 
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Loader workers leave SIGINT/SIGTERM to the training process, which finishes its step (with
+    batches from them) before it stops; they end with it. A Ctrl-C reaches every process of the
+    terminal's group, and torch's workers would otherwise exit on it mid-step."""
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
+
+
 class PretrainingLoader:
     """Endless, rank-sharded, seeded, resumable batches of a prepared dataset (masking happens on device).
 
@@ -252,7 +261,8 @@ class PretrainingLoader:
         return torch.utils.data.DataLoader(
             batches, batch_size=None, sampler=_Forever(), num_workers=workers, pin_memory=self.pin_memory,
             prefetch_factor=self.prefetch_factor if workers else None, persistent_workers=False,
-            generator=torch.Generator().manual_seed(self.seed))
+            generator=torch.Generator().manual_seed(self.seed),
+            worker_init_fn=_ignore_stop_signals if workers else None)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         generation = self._generation

@@ -21,8 +21,11 @@ checkpoints, metrics and the Hugging Face export):
     electra-fast pretrain --config configs/electra-small.yaml --run-dir runs/dapt --set data.path=data/domain \
         --init-from runs/small/export/discriminator --init-generator runs/small/export/generator
 
-    # continue after a crash, a kill or a preemption: the same command with --resume
+    # continue after a crash, a kill or a preemption: the run's own config and data (electra_fast.run_state);
+    # a changed key is refused unless named by --allow-config-change, and then recorded
     deepspeed --num_gpus 8 --module electra_fast.train --run-dir runs/small --resume
+    deepspeed --num_gpus 8 --module electra_fast.train --run-dir runs/small --resume \
+        --set train.max_steps=2000000 --allow-config-change train.max_steps
 
     # ZeRO-3, a bigger batch, 10k steps: any key, from the command line
     deepspeed --num_gpus 8 --module electra_fast.train --config configs/electra-base.yaml --run-dir runs/base \
@@ -35,6 +38,8 @@ checkpoints, metrics and the Hugging Face export):
 A run directory::
 
     config.yaml           the resolved config (sizes, special ids and vocabulary from the data)
+    run_identity.json     the data trained on (vocabulary hash, special ids, seq_len, fingerprint), the YAML
+                          and overrides it was started from, and the config changes accepted on resume
     deepspeed.json        the DeepSpeed config given to deepspeed.initialize (JSON + derived values)
     env.json              versions, git commit, devices, world size, command line
     metrics.jsonl         one record per log step (and one per skipped update)
@@ -55,8 +60,9 @@ forward, so ZeRO-3 gathers every parameter where it is used.
 
 This file is the loop; the other jobs have their own modules: ``ds_config`` (the DeepSpeed config),
 ``distributed`` (the process group), ``checkpoints`` (save, resume, consolidation, export) and
-``metrics`` (statistics, logs, curves, MFU). Tests and tools hook into the loop through
-:class:`TrainerCallback` (``train(..., callbacks=[...])``), never through the config.
+``metrics`` (statistics, logs, curves, MFU), ``run_state`` (the run's identity and what a resume may
+change) and ``stop_signals`` (SIGINT/SIGTERM: finish the step, save, exit 130/143). Tests and tools
+hook into the loop through :class:`TrainerCallback` (``train(..., callbacks=[...])``), never through the config.
 """
 
 from __future__ import annotations
@@ -66,6 +72,7 @@ import json
 import logging
 import platform
 import random
+import shlex
 import socket
 import sys
 import time
@@ -74,7 +81,6 @@ from typing import Iterator, Sequence
 
 import numpy as np
 import torch
-import yaml
 
 from .checkpoints import (Checkpoints, checkpoint_root, export_checkpoint, read_latest, rng_state, set_rng_state,
                           tag_for)
@@ -84,6 +90,8 @@ from .ds_config import build_deepspeed_config, lookup, read_deepspeed_json
 from .metrics import MetricsLog, StepStats, model_flops_per_step, peak_tflops, plot_curves
 from .optim import warmup_decay_schedule, weight_decay_groups
 from .provenance import git_commit
+from .run_state import RunRecord, RunRecordUpdate, data_identity, has_checkpoint, launch_record
+from .stop_signals import StepBoundaryControl, TrainingStopped, host_group
 
 logger = logging.getLogger(__name__)
 
@@ -107,16 +115,23 @@ class TrainerCallback:
 # ==================================================================================================
 # Data and model set-up
 # ==================================================================================================
-def apply_data_manifest(cfg: Config) -> dict:
-    """Read the prepared data's manifest and make the model's vocabulary and special ids match it."""
-    from .manifest import DataError, check_seq_len, check_vocab, read_manifest
+def read_data_manifest(cfg: Config) -> dict:
+    """The manifest of the prepared data ``data.path`` names; one clear error if there is none."""
+    from .manifest import DataError, read_manifest
 
     if not cfg.data.path:
         raise ConfigError("data.path is not set: point it at a folder written by `electra-fast prepare` "
                           "(e.g. --set data.path=data/default)")
     if not Path(cfg.data.path).expanduser().is_dir():
         raise DataError(f"data.path: no such directory: {cfg.data.path} (run `electra-fast prepare` first)")
-    manifest = read_manifest(cfg.data.path)
+    return read_manifest(cfg.data.path)
+
+
+def apply_data_manifest(cfg: Config, manifest: dict | None = None) -> dict:
+    """Read the prepared data's manifest and make the model's vocabulary and special ids match it."""
+    from .manifest import check_seq_len, check_vocab
+
+    manifest = read_data_manifest(cfg) if manifest is None else manifest
     check_seq_len(manifest, cfg.data.seq_len)
     # The size presets carry a vocabulary size only as a placeholder: a config that leaves it there
     # takes the data's; one that names another size must match the data exactly.
@@ -159,28 +174,38 @@ def _environment(world_size: int, device: torch.device, precision: str, resumed_
 # Training
 # ==================================================================================================
 def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, local_rank: int = -1,
-          callbacks: Sequence[TrainerCallback] = (), init_from: str | None = None,
-          init_generator: str | None = None) -> dict:
+          callbacks: Sequence[TrainerCallback] = (), allow_config_change: Sequence[str] = (),
+          launch: dict | None = None, init_from: str | None = None, init_generator: str | None = None) -> dict:
     """Pretrain under DeepSpeed; returns a summary (steps, final metrics, paths). See the module docstring.
+
+    With ``resume`` and a checkpoint to continue from, ``cfg`` and the data must be what the run was
+    trained with, except for the keys named in ``allow_config_change`` (rules: electra_fast.run_state).
+    ``launch`` is what the run was started from (YAML and overrides), recorded in the run directory.
     ``init_from`` / ``init_generator``: HF folders the new run starts from (electra_fast.init_from)."""
     run_dir = Path(run_dir)
     # Everything that can be checked without DeepSpeed is checked first, so a bad config fails in seconds.
-    manifest = apply_data_manifest(cfg)
+    if init_generator is not None and init_from is None:
+        raise ConfigError("--init-generator needs --init-from (the discriminator the run starts from)")
+    resuming = resume and has_checkpoint(run_dir)
+    if not resume and read_latest(checkpoint_root(run_dir)) is not None:
+        raise ConfigError(f"{run_dir} already holds checkpoints: pass --resume to continue that run, or choose "
+                          "another --run-dir")
+    manifest = read_data_manifest(cfg)
+    record = RunRecord.read(run_dir) if resuming else RunRecord(run_dir)
+    identity = data_identity(cfg.data.path, manifest)
+    changes = record.check_resume(cfg, identity, allow_config_change) if resuming else {}
+    apply_data_manifest(cfg, manifest)
     init = None
     if init_from is not None:
         from .init_from import adopt_architecture
 
         adopt_architecture(cfg, manifest, init_from, init_generator)
         init = (init_from, init_generator)
-    elif init_generator is not None:
-        raise ConfigError("--init-generator needs --init-from (the discriminator the run starts from)")
     cfg.train.batch_layout(launcher_world()[2])
     ds_user, ds_path = read_deepspeed_json(cfg.train.deepspeed_config)
-    if not resume and read_latest(checkpoint_root(run_dir)) is not None:
-        raise ConfigError(f"{run_dir} already holds checkpoints: pass --resume to continue that run, or choose "
-                          "another --run-dir")
+    update = RunRecordUpdate(record, identity, launch, changes, tuple(allow_config_change))
     trainer = Trainer(cfg, run_dir, ds_user, ds_path, manifest, local_rank=local_rank, callbacks=callbacks,
-                      init=init)
+                      record_update=update, init=init)
     return trainer.run(resume=resume)
 
 
@@ -189,7 +214,7 @@ class Trainer:
 
     def __init__(self, cfg: Config, run_dir: Path, ds_user: dict, ds_path: Path, manifest: dict, *,
                  local_rank: int, callbacks: Sequence[TrainerCallback] = (),
-                 init: tuple[str, str | None] | None = None):
+                 record_update: RunRecordUpdate | None = None, init: tuple[str, str | None] | None = None):
         import deepspeed
         from deepspeed.accelerator import get_accelerator
 
@@ -198,6 +223,8 @@ class Trainer:
 
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)  # its INFO lines would bury the progress bar
         self.cfg, self.run_dir, self.manifest, self.callbacks = cfg, run_dir, manifest, list(callbacks)
+        self.record_update = record_update or RunRecordUpdate(RunRecord(run_dir),
+                                                              data_identity(cfg.data.path, manifest))
         self.rank, self.world_size, self.device = init_distributed(local_rank)
         self.local_rank = local_rank if local_rank >= 0 else launcher_world()[1]
         self.is_main = self.rank == 0
@@ -258,6 +285,7 @@ class Trainer:
                                         num_workers=cfg.data.num_workers, prefetch_factor=cfg.data.prefetch_factor,
                                         pin_memory=cfg.data.pin_memory)
         self.checkpoints = Checkpoints(run_dir, self.rank, self.local_rank, cfg.train.keep_last)
+        self.control = StepBoundaryControl(cfg.train.save_every_minutes, host_group())
         self.stats = StepStats(self.device)
         self.step = self.tokens_seen = 0
         self.resumed_from: str | None = None
@@ -300,8 +328,7 @@ class Trainer:
         if resume:
             self.resume()
         if self.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+            self.record_update.write(cfg, self.step)  # config.yaml and run_identity.json
             (run_dir / "deepspeed.json").write_text(json.dumps(self.ds_config, indent=2) + "\n")
             environment = _environment(self.world_size, self.device, self.precision, self.resumed_from)
             (run_dir / "env.json").write_text(json.dumps(environment, indent=2) + "\n")
@@ -319,12 +346,15 @@ class Trainer:
         if self.init is not None and self.resumed_from is None:
             self.log.say(f"[electra-fast] weights from {' + '.join(str(d) for d in self.init if d)} "
                          f"({'fresh generator, ' if self.init[1] is None else ''}fresh optimizer and schedule)")
+        for line in self.record_update.describe():
+            self.log.say(f"[electra-fast] {line}")
 
         batches: Iterator[dict] = iter(self.loader)
         self.window_start, self.window_steps = time.perf_counter(), 0
         self.run_start = time.perf_counter()
         last: dict = {}
         self.engine.train()
+        self.control.install()
         try:
             while self.step < cfg.train.max_steps:
                 for _ in range(self.accumulation):
@@ -335,11 +365,18 @@ class Trainer:
                 self.log.advance()
                 if self.step % cfg.train.log_every == 0 or self.step == cfg.train.max_steps:
                     last = self._log_window()
-                if self.step % cfg.train.save_every == 0 or self.step == cfg.train.max_steps:
-                    self._save()
+                stop_signal, save_now = self.control.poll()  # the same answer on every rank
+                if stop_signal and self.window_steps:
+                    last = self._log_window()  # the steps since the last log are not lost
+                if (save_now or stop_signal or self.step % cfg.train.save_every == 0
+                        or self.step == cfg.train.max_steps):
+                    self._save(announce=not stop_signal)
                 for callback in self.callbacks:
                     callback.on_step_end(self)
+                if stop_signal:
+                    raise TrainingStopped(stop_signal, self.step, self.checkpoints.root / tag_for(self.step))
         finally:
+            self.control.restore()
             self.log.close()
 
         export_dir = None
@@ -420,7 +457,7 @@ class Trainer:
         self.window_start, self.window_steps = now, 0
         return record
 
-    def _save(self) -> None:
+    def _save(self, announce: bool = True) -> None:
         started = time.perf_counter()
         self.tokens_seen += self.stats.take_tokens()  # exact in every checkpoint
         client = {"step": self.step, "tokens_seen": self.tokens_seen, "world_size": self.world_size,
@@ -428,7 +465,9 @@ class Trainer:
         rank_state = {"rng": rng_state(self.module), "loader": self.loader.state_dict()}
         tag = self.checkpoints.save(self.engine, self.step, client, rank_state, self.cfg)
         self.last_saved = self.step
-        self.log.say(f"[electra-fast] step {self.step}: saved checkpoint {self.checkpoints.root / tag}")
+        self.control.saved()
+        if announce:
+            self.log.say(f"[electra-fast] step {self.step}: saved checkpoint {self.checkpoints.root / tag}")
         self.window_start += time.perf_counter() - started  # throughput excludes checkpointing
 
 
@@ -469,7 +508,12 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                         metavar="SECTION.KEY=VALUE", help="override config values, e.g. --set train.max_steps=1000")
     parser.add_argument("--run-dir", required=True, help="folder for checkpoints, metrics and the export")
     parser.add_argument("--resume", action="store_true",
-                        help="continue from the run dir's latest checkpoint (starts fresh if there is none)")
+                        help="continue from the run dir's latest checkpoint (starts fresh if there is none), with "
+                             "the run's own config and data; --config/--set may change only what "
+                             "--allow-config-change names (and where the data lives, logging and saving)")
+    parser.add_argument("--allow-config-change", dest="allow_config_change", nargs="+", action="extend", default=[],
+                        metavar="SECTION.KEY", help="with --resume: accept a new value for these keys (e.g. "
+                                                    "train.max_steps); each change is recorded in run_identity.json")
     parser.add_argument("--init-from", metavar="DISC_DIR",
                         help="start a new run from these weights (a Hugging Face ELECTRA discriminator folder: an "
                              "`electra-fast export` or a download), with a fresh optimizer and schedule")
@@ -480,27 +524,56 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                         help=argparse.SUPPRESS)
 
 
-def _load_train_config(args: argparse.Namespace) -> Config:
-    path = args.config
-    if path is None:
-        saved = Path(args.run_dir) / "config.yaml"
+def resolve_train_config(args: argparse.Namespace) -> tuple[Config, dict | None]:
+    """The config to train with, and what it was started from (None: keep the run's record).
+
+    Resuming a run that has a checkpoint: the run's own config with the user's changes on top
+    (RunRecord.resolve; train() then refuses changes it does not allow). Otherwise a fresh start from
+    --config (or, with --resume and nothing to resume yet, the run dir's config.yaml) and --set."""
+    run_dir, size = Path(args.run_dir), getattr(args, "size", None)
+    if args.resume and has_checkpoint(run_dir):
+        return RunRecord.read(run_dir).resolve(args.config, args.overrides, size)
+    if args.config is None:
+        saved = run_dir / "config.yaml"
         if not (args.resume and saved.is_file()):
             raise ConfigError("--config is required (or --resume with a run dir that holds config.yaml)")
-        path = saved
-    return load_config(path, args.overrides, size=getattr(args, "size", None))
+        return load_config(saved, args.overrides, size=size), None
+    return load_config(args.config, args.overrides, size=size), launch_record(args.config, args.overrides, size)
+
+
+def resume_command(args: argparse.Namespace, world_size: int) -> str:
+    """The command that continues this run (its own config is in the run dir, so no --config)."""
+    run_dir = shlex.quote(str(args.run_dir))
+    if world_size > 1:
+        return f"the same launcher with --module electra_fast.train --run-dir {run_dir} --resume"
+    prog = "electra-fast pretrain" if getattr(args, "command", None) == "pretrain" else "python -m electra_fast.train"
+    return f"{prog} --run-dir {run_dir} --resume"
 
 
 def run_train(args: argparse.Namespace, callbacks: Sequence[TrainerCallback] = ()) -> int:
-    """Run training from parsed arguments; 1 if the run aborted itself (the message says why)."""
+    """Run training from parsed arguments: 0 when done, 1 if the run aborted itself (the message says
+    why), 128 + the signal's number when SIGINT/SIGTERM stopped it (130, 143)."""
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="[electra-fast] %(levelname)s: %(message)s")
-    cfg = _load_train_config(args)
+    cfg, launch = resolve_train_config(args)
     try:
         train(cfg, args.run_dir, resume=args.resume, local_rank=args.local_rank, callbacks=callbacks,
+              allow_config_change=getattr(args, "allow_config_change", ()), launch=launch,
               init_from=getattr(args, "init_from", None), init_generator=getattr(args, "init_generator", None))
     except TrainingAborted as exc:
         print(f"electra-fast pretrain: error: {exc}", file=sys.stderr, flush=True)
         return 1
+    except TrainingStopped as stop:
+        rank, _, world = launcher_world()
+        if rank == 0:
+            print(f"stopped at step {stop.step}; checkpoint {stop.checkpoint}; resume with: "
+                  f"{resume_command(args, world)}", file=sys.stderr, flush=True)
+        return stop.exit_code
+    except KeyboardInterrupt:  # outside the step loop (set-up, export), or Ctrl-C twice
+        if launcher_world()[0] == 0:
+            print(f"interrupted (nothing saved since the last checkpoint); resume with: "
+                  f"{resume_command(args, launcher_world()[2])}", file=sys.stderr, flush=True)
+        return 130
     return 0
 
 

@@ -3,11 +3,13 @@
     NonFiniteLossAt({2, 3})          rank 0's loss is NaN in optimizer steps 2 and 3 (1-based)
     FailAfterStep("raise", 2, 1)     rank 1 raises once step 2 finished (and its checkpoint was written)
     FailAfterStep("sigkill", 5)      every rank kills itself with SIGKILL after step 5, as `kill -9` does
+    StepDelay(0.5)                   every step takes half a second longer (time for a test to send a signal)
 
 As a script it is ``python -m electra_fast.train`` with one fault installed, for tests that need a
 separate process (the trainer's own command line, run by ``electra_fast.train.main``):
 
     python tests/_faults.py --fault sigkill@5 -- --config configs/electra-tiny.yaml --run-dir RUN ...
+    python tests/_faults.py --step-delay 0.5 -- --config configs/electra-tiny.yaml --run-dir RUN ...
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import os
 import re
 import signal
 import sys
+import time
 
 import torch
 
@@ -58,13 +61,27 @@ class FailAfterStep(TrainerCallback):
             raise RuntimeError(f"test fault: injected failure on rank {trainer.rank} after step {trainer.step}")
 
 
+class StepDelay(TrainerCallback):
+    """Sleep after every optimizer step, so that a test can signal the run while it is mid-way."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+
+    def on_step_end(self, trainer: Trainer) -> None:
+        time.sleep(self.seconds)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tests/_faults.py", description=__doc__.split("\n")[0])
-    parser.add_argument("--fault", required=True, help="KIND@STEP or KIND@STEP:RANK (KIND: sigkill | raise)")
+    parser.add_argument("--fault", help="KIND@STEP or KIND@STEP:RANK (KIND: sigkill | raise)")
+    parser.add_argument("--step-delay", type=float, default=0.0, help="seconds to sleep after every step")
     parser.add_argument("train_args", nargs=argparse.REMAINDER, help="-- then the arguments of electra_fast.train")
     args = parser.parse_args(argv)
     train_args = args.train_args[1:] if args.train_args[:1] == ["--"] else args.train_args
-    return train_main(train_args, callbacks=[FailAfterStep.parse(args.fault)])
+    callbacks = [FailAfterStep.parse(args.fault)] if args.fault else []
+    if args.step_delay:
+        callbacks.append(StepDelay(args.step_delay))
+    return train_main(train_args, callbacks=callbacks)
 
 
 if __name__ == "__main__":
