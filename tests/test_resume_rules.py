@@ -157,22 +157,40 @@ def _swap_two_word_pieces(folder: Path):
     (folder / "vocab.txt").write_text("\n".join(lines) + "\n")
 
 
-@pytest.mark.parametrize("edit, expected", [
-    (_edit_manifest(mask=7), ["data special token id mask: 4 -> 7"]),
-    (_edit_manifest(vocab_size=512, sep=9), ["data vocab_size: 300 -> 512", "data special token id sep: 3 -> 9"]),
-    (_swap_two_word_pieces, ["data vocabulary (vocab.txt sha256): "]),
-    (_edit_manifest(fingerprint="0" * 64), ["data fingerprint: "]),
+@pytest.mark.parametrize("edit, named", [
+    (_edit_manifest(mask=7), "manifest.json"),
+    (_edit_manifest(vocab_size=512, sep=9), "manifest.json"),
+    (_swap_two_word_pieces, "vocab.txt"),
+    (_edit_manifest(fingerprint="0" * 64), "manifest.json"),
 ], ids=["special-id", "vocab-size", "reprepared-vocabulary", "fingerprint"])
-def test_resume_refuses_other_data(corpus_dir, tmp_path, capsys, clean_env, edit, expected):
+def test_resume_refuses_tampered_data(corpus_dir, tmp_path, capsys, clean_env, edit, named):
+    """A data folder whose manifest no longer matches its own files is refused by the data check itself
+    (electra_fast.manifest), before the run's record is compared: one line naming the file."""
     run = trained_run(tmp_path / "run", corpus_dir, *START_SETS)
     before = files(run)
     other = _data_copy(corpus_dir, tmp_path / "other-data", edit)
-    # --set data.path=OTHER changes where the data lives (allowed by itself) but not what it is
     for extra in ([], ["--allow-config-change", "data.path", "model.vocab_size"]):
         assert trainer.main(["--run-dir", str(run), "--resume", "--set", f"data.path={other}", *extra]) == 2
         err = capsys.readouterr().err
-        assert f"{len(expected)} difference(s)" in err and "Traceback" not in err
-        assert all(line in err for line in expected), err
+        assert "Traceback" not in err and named in err and "prepare the data again" in err, err
+    assert files(run) == before
+
+
+def test_resume_refuses_other_data(corpus_dir, tmp_path, capsys, clean_env):
+    """A valid, differently prepared folder (the same text with another vocabulary size) is refused by the
+    run's record with one message listing each difference, whatever --allow-config-change names."""
+    from electra_fast.prepare import prepare
+
+    run = trained_run(tmp_path / "run", corpus_dir, *START_SETS)
+    before = files(run)
+    corpus = Path(corpus_dir).parent / "corpus.txt"
+    other = str(prepare([str(corpus)], str(tmp_path / "other-data"), vocab_size=320, seq_len=64, num_proc=1,
+                        verbose=False))
+    for extra in ([], ["--allow-config-change", "data.path", "model.vocab_size"]):
+        assert trainer.main(["--run-dir", str(run), "--resume", "--set", f"data.path={other}", *extra]) == 2
+        err = capsys.readouterr().err
+        assert "difference(s)" in err and "Traceback" not in err, err
+        assert "data vocab_size: 300 -> 320" in err and "data fingerprint: " in err, err
         assert "only on the data it was trained on" in err
     assert files(run) == before
 
