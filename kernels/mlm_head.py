@@ -69,12 +69,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._dispatch import HAS_TRITON, interpreter_enabled, use_triton
+from ._outputs import new_empty
 from ._triton_utils import device_guard, target_programs
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
 
+    from ._autotune import device_smem_limit, triton_configs
     from ._triton_utils import cast_rne, mma
 else:  # pragma: no cover - the reference path needs no triton
     triton = None
@@ -88,8 +90,6 @@ _MIN_TEMPERATURE = 1e-6
 _DLOGITS_CHUNK_BYTES = 32 << 20
 # Programs to aim for per launch: two waves of the GPU's SMs.
 _PROGRAMS_PER_SM = 2
-# Every kernel output is allocated through this name, so tests can make it return NaN-filled memory.
-_new_empty = torch.empty
 
 
 # --------------------------------------------------------------------------------------------------
@@ -99,55 +99,56 @@ def _next_pow2(n: int) -> int:
     return 1 << max(int(n) - 1, 0).bit_length()
 
 
-# The forward walks the vocabulary in groups of 4 x 64 columns (see _gumbel4); its tiles are
-# BLOCK_M rows x one group. The backward's dlogits tiles are plain BLOCK_M x BLOCK_V.
-def _fwd_configs():
-    """A small search space for the forward (BLOCK_M x 256-column tiles); one config in the interpreter.
-    Eight warps throughout: the fused epilogue (online softmax, Philox, two arg-maxes over four
-    64-column tiles) needs the registers of 256 threads (compiled for sm_90, four warps spill heavily)."""
+# Candidate spaces (kernels/_autotune.py: the first entry is the default). The forward walks the
+# vocabulary in groups of 4 x 64 columns (see _gumbel4); its tiles are BLOCK_M rows x one group:
+# (BLOCK_M, BLOCK_E, num_warps, num_stages). Eight warps throughout: the fused epilogue (online softmax,
+# Philox, two arg-maxes over four 64-column tiles) needs the registers of 256 threads.
+_FWD_SPACE = [(128, 64, 8, 3), (64, 64, 8, 3), (64, 64, 8, 4), (128, 32, 8, 4), (64, 32, 8, 3)]
+# The backward's dlogits tiles are plain BLOCK_M x BLOCK_V: (BLOCK_M, BLOCK_V, BLOCK_E, warps, stages).
+_DLOGITS_SPACE = [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4), (128, 64, 128, 4, 3),
+                  (64, 256, 32, 8, 4)]
+# One small config each under the interpreter (the CPU tests).
+_FWD_INTERPRETED = (64, 32, 4, 1)
+_DLOGITS_INTERPRETED = (64, 256, 32, 4, 1)
+_FWD_NAMES = ("BLOCK_M", "BLOCK_E")
+_DLOGITS_NAMES = ("BLOCK_M", "BLOCK_V", "BLOCK_E")
+
+
+def _configs(space, interpreted, names):
     if interpreter_enabled():
-        return [triton.Config({"BLOCK_M": 64, "BLOCK_E": 32}, num_warps=4, num_stages=1)]
-    return [
-        triton.Config({"BLOCK_M": 128, "BLOCK_E": 64}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_M": 64, "BLOCK_E": 64}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_M": 64, "BLOCK_E": 64}, num_warps=8, num_stages=4),
-        triton.Config({"BLOCK_M": 128, "BLOCK_E": 32}, num_warps=8, num_stages=4),
-        triton.Config({"BLOCK_M": 64, "BLOCK_E": 32}, num_warps=8, num_stages=3),
-    ]
+        return triton_configs([interpreted], names)
+    return triton_configs(space, names)
 
 
-def _dlogits_configs():
-    """A small search space for the backward's (BLOCK_M x BLOCK_V) logit tiles; one in the interpreter."""
-    if interpreter_enabled():
-        return [triton.Config({"BLOCK_M": 64, "BLOCK_V": 256, "BLOCK_E": 32}, num_warps=4, num_stages=1)]
-    return [
-        triton.Config({"BLOCK_M": 128, "BLOCK_V": 128, "BLOCK_E": 64}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_M": 128, "BLOCK_V": 256, "BLOCK_E": 64}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_M": 64, "BLOCK_V": 128, "BLOCK_E": 64}, num_warps=4, num_stages=4),
-        triton.Config({"BLOCK_M": 128, "BLOCK_V": 64, "BLOCK_E": 128}, num_warps=4, num_stages=3),
-        triton.Config({"BLOCK_M": 64, "BLOCK_V": 256, "BLOCK_E": 32}, num_warps=8, num_stages=4),
-    ]
+def _smem_need(block_m, block_v, block_e, stages, element_size) -> int:
+    """Operand buffers of the software pipeline: stages x (hidden tile + weight tile)."""
+    return stages * (block_m + block_v) * block_e * element_size
 
 
-# Shared memory the software pipeline may use (H100: 227 KiB per block; leave room for the rest).
-_SMEM_BUDGET = 200 << 10
+def _keep_candidate(cand, names, M, E, element_size, smem_budget) -> bool:
+    """Tiles not far larger than the problem (tiny M or E), operand buffers within the budget."""
+    blocks = dict(zip(names, cand[:-2]))
+    block_v = blocks.get("BLOCK_V", 256)
+    return (blocks["BLOCK_M"] <= max(64, _next_pow2(M)) and blocks["BLOCK_E"] <= max(32, _next_pow2(E))
+            and _smem_need(blocks["BLOCK_M"], block_v, blocks["BLOCK_E"], cand[-1], element_size) <= smem_budget)
 
 
 def _prune_matmul_configs(configs, named_args, **kwargs):
-    """Drop tiles far larger than the problem (tiny M or E) and pipelines whose operand buffers
-    (num_stages x (hidden tile + weight tile)) would not fit in shared memory (fp32 inputs);
-    keep at least one config, the smallest."""
-    m_cap = max(64, _next_pow2(named_args["M"]))
-    e_cap = max(32, _next_pow2(named_args["E"]))
+    """Drop candidates that do not fit this problem or the device's shared memory (its own per-block
+    limit: 163 KiB on an A100, 227 KiB on an H100); keep at least one config, the smallest."""
     element_size = named_args["H"].element_size()
+    budget = device_smem_limit(named_args)
 
-    def smem(c):
-        block_v = c.kwargs.get("BLOCK_V", 256)
-        return c.num_stages * (c.kwargs["BLOCK_M"] + block_v) * c.kwargs["BLOCK_E"] * element_size
+    def as_tuple(c):
+        return (*c.kwargs.values(), c.num_warps, c.num_stages)
 
-    kept = [c for c in configs if c.kwargs["BLOCK_M"] <= m_cap and c.kwargs["BLOCK_E"] <= e_cap
-            and smem(c) <= _SMEM_BUDGET]
-    return kept or [min(configs, key=smem)]
+    def need(c):
+        return _smem_need(c.kwargs["BLOCK_M"], c.kwargs.get("BLOCK_V", 256), c.kwargs["BLOCK_E"], c.num_stages,
+                          element_size)
+
+    kept = [c for c in configs
+            if _keep_candidate(as_tuple(c), tuple(c.kwargs), named_args["M"], named_args["E"], element_size, budget)]
+    return kept or [min(configs, key=need)]
 
 
 if HAS_TRITON:
@@ -271,7 +272,7 @@ if HAS_TRITON:
         return acc0, acc1, acc2, acc3
 
     @triton.autotune(
-        configs=_fwd_configs(),
+        configs=_configs(_FWD_SPACE, _FWD_INTERPRETED, _FWD_NAMES),
         key=["M_BUCKET", "V", "E"],
         prune_configs_by={"early_config_prune": _prune_matmul_configs},
     )
@@ -400,7 +401,7 @@ if HAS_TRITON:
         tl.store(NUM_USED, num_used)
 
     @triton.autotune(
-        configs=_dlogits_configs(),
+        configs=_configs(_DLOGITS_SPACE, _DLOGITS_INTERPRETED, _DLOGITS_NAMES),
         key=["M_BUCKET", "V", "E", "chunk_cols"],
         prune_configs_by={"early_config_prune": _prune_matmul_configs},
     )
@@ -520,25 +521,25 @@ def mlm_head_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], tar
     M, E = hidden.shape
     V = weight.shape[0]
     device = hidden.device
-    sampled = _new_empty((M,), dtype=torch.int64, device=device)
-    correct = _new_empty((M,), dtype=torch.bool, device=device)
-    lse = _new_empty((M,), dtype=torch.float32, device=device)
+    sampled = new_empty((M,), dtype=torch.int64, device=device)
+    correct = new_empty((M,), dtype=torch.bool, device=device)
+    lse = new_empty((M,), dtype=torch.float32, device=device)
     if M == 0:
         return (torch.zeros((), dtype=torch.float32, device=device), sampled, correct, lse,
                 torch.zeros((), dtype=torch.int32, device=device))
-    loss = _new_empty((), dtype=torch.float32, device=device)
-    num_used = _new_empty((), dtype=torch.int32, device=device)
+    loss = new_empty((), dtype=torch.float32, device=device)
+    num_used = new_empty((), dtype=torch.int32, device=device)
 
     # Vocabulary splits: enough (row blocks x splits) programs to fill the GPU, each split at least a
     # few hundred columns so the merge stays negligible.
     row_blocks_hint = triton.cdiv(M, 128)
     max_splits = 3 if interpreter_enabled() else triton.cdiv(V, 256)
     num_splits = max(1, min(max_splits, triton.cdiv(target_programs(device, _PROGRAMS_PER_SM), row_blocks_hint)))
-    parts_f = _new_empty((5, num_splits, M), dtype=torch.float32, device=device)
-    parts_i = _new_empty((2, num_splits, M), dtype=torch.int32, device=device)
+    parts_f = new_empty((5, num_splits, M), dtype=torch.float32, device=device)
+    parts_i = new_empty((2, num_splits, M), dtype=torch.int32, device=device)
     part_max, part_sumexp, part_target, part_best, part_draw = parts_f.unbind(0)
     part_best_col, part_draw_col = parts_i.unbind(0)
-    row_loss = _new_empty((M,), dtype=torch.float32, device=device)
+    row_loss = new_empty((M,), dtype=torch.float32, device=device)
 
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), num_splits)  # noqa: E731
     with device_guard(hidden):
@@ -591,20 +592,20 @@ def mlm_head_backward(grad_loss: Tensor, hidden: Tensor, weight: Tensor, bias: O
         return (torch.zeros_like(hidden) if need_hidden else None,
                 torch.zeros_like(weight) if need_weight else None,
                 torch.zeros(V, dtype=torch.float32, device=device) if need_bias else None)
-    grad_hidden = _new_empty(hidden.shape, dtype=hidden.dtype, device=device) if need_hidden else None
-    grad_weight = _new_empty(weight.shape, dtype=weight.dtype, device=device) if need_weight else None
+    grad_hidden = new_empty(hidden.shape, dtype=hidden.dtype, device=device) if need_hidden else None
+    grad_weight = new_empty(weight.shape, dtype=weight.dtype, device=device) if need_weight else None
     grad_bias = None
 
     chunk_bytes = _DLOGITS_CHUNK_BYTES if chunk_bytes is None else chunk_bytes
     chunk_cols = max(chunk_bytes // (M * hidden.element_size()), 256) // 256 * 256
     chunk_cols = min(chunk_cols, V)
     num_chunks = triton.cdiv(V, chunk_cols)
-    dlogits = _new_empty((M, chunk_cols), dtype=hidden.dtype, device=device)
+    dlogits = new_empty((M, chunk_cols), dtype=hidden.dtype, device=device)
     num_row_splits = max(1, min(triton.cdiv(M, 64),
                                 triton.cdiv(target_programs(device, _PROGRAMS_PER_SM), triton.cdiv(chunk_cols, 128))))
     if interpreter_enabled():
         num_row_splits = min(num_row_splits, 2)
-    part_dbias = _new_empty((num_row_splits, V), dtype=torch.float32, device=device) if need_bias else None
+    part_dbias = new_empty((num_row_splits, V), dtype=torch.float32, device=device) if need_bias else None
     # dH sums over vocabulary chunks: accumulate in fp32 when there is more than one.
     dh_acc = None
     if need_hidden and num_chunks > 1:
@@ -641,7 +642,7 @@ def gumbel_noise(shape, seed: int, device) -> Tensor:
     """The (M, V) Gumbel noise the Triton kernels draw for ``seed`` (fp32), materialised: for tests and
     debugging only; the kernels never store it. Needs the Triton path (CUDA or the interpreter)."""
     M, V = shape
-    out = torch.empty((M, V), dtype=torch.float32, device=device)
+    out = new_empty((M, V), dtype=torch.float32, device=device)
     if M == 0 or V == 0:
         return out
     BLOCK_M = 32
@@ -651,6 +652,60 @@ def gumbel_noise(shape, seed: int, device) -> Tensor:
             BLOCK_M=BLOCK_M,
         )
     return out
+
+
+def compile_variants():
+    """The kernels above in the variants the launchers use (dtypes, embedding sizes, ELECTRA's vocabulary,
+    bias on), every candidate the pruning keeps for a large M: for ``benchmarks/compile_report.py`` and
+    ``tests/kernels/test_gpu_compile.py``."""
+    from ._gpu_compile import Variant, runtime_args
+
+    vocab = 30522
+    aligned = frozenset({"stride_hm", "stride_wv"})
+
+    def types(kernel, dtype):
+        def arg_type(name):
+            if name in ("H", "W", "DLOGITS"):
+                return "*" + dtype
+            if name == "BIAS":
+                return "*fp32"
+            if name == "TARGETS":
+                return "*i64"
+            if name in ("PART_BEST_COL", "PART_DRAW_COL", "NUM_USED", "SAMPLED"):
+                return "*i64" if name == "SAMPLED" else "*i32"
+            if name == "CORRECT":
+                return "*u8"
+            if name.startswith("PART_") or name in ("LSE", "GRAD_LOSS", "ROW_LOSS", "LOSS", "OUT"):
+                return "*fp32"
+            return "fp32" if name == "inv_temperature" else "i32"
+
+        return {a: arg_type(a) for a in runtime_args(kernel)}
+
+    variants = []
+    for dtype in ("bf16", "fp16", "fp32"):
+        element_size = 4 if dtype == "fp32" else 2
+        precision = "ieee" if dtype == "fp32" else "tf32"  # fp32 follows torch's allow_tf32 (off by default)
+        for embedding in (128, 256, 768, 1024):
+            tags = dict(dtype=dtype, embedding=embedding, vocab=vocab)
+            for kernel, name, space, names, extra in (
+                    (_mlm_head_fwd_kernel, "mlm head fwd", _FWD_SPACE, _FWD_NAMES, dict(RNG_OFFSET_64=False)),
+                    (_mlm_head_dlogits_kernel, "mlm head dlogits", _DLOGITS_SPACE, _DLOGITS_NAMES,
+                     dict(WRITE_DBIAS=True))):
+                kept = [c for c in space if _keep_candidate(c, names, 1 << 16, embedding, element_size, 1 << 30)]
+                for i, cand in enumerate(kept):
+                    blocks = dict(zip(names, cand[:-2]))
+                    constexprs = dict(HAS_BIAS=True, INPUT_PRECISION=precision,
+                                      EVEN_E=embedding % blocks["BLOCK_E"] == 0, **extra, **blocks)
+                    variants.append(Variant(name, kernel, types(kernel, dtype), constexprs, cand[-2], cand[-1],
+                                            default=i == 0, matmul=True, tags=tags, aligned=aligned))
+    # The small kernels do not depend on the dtype or the sizes (splits <= 16 for ELECTRA's M).
+    variants.append(Variant("mlm head fwd merge", _mlm_head_fwd_reduce_kernel,
+                            types(_mlm_head_fwd_reduce_kernel, "fp32"), dict(BLOCK_S=16, BLOCK_R=128), 4))
+    variants.append(Variant("mlm head loss sum", _mlm_head_loss_kernel, types(_mlm_head_loss_kernel, "fp32"),
+                            dict(BLOCK=1024), 4))
+    variants.append(Variant("mlm head gumbel noise (tests)", _gumbel_noise_kernel,
+                            types(_gumbel_noise_kernel, "fp32"), dict(RNG_OFFSET_64=False, BLOCK_M=32), 4))
+    return variants
 
 
 # --------------------------------------------------------------------------------------------------
