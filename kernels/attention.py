@@ -79,22 +79,28 @@ if HAS_TRITON:
     _INTERPRET = interpreter_enabled()
 
     # Candidates: (BLOCK_M, BLOCK_N, num_warps, num_stages), the first one the default (see
-    # kernels/_autotune.py). BLOCK_M=128/BLOCK_N=64 with 4-8 warps is the Hopper sweet spot for d=64
-    # (Triton tutorial 06); BLOCK_M=64 doubles the programs for short sequences (S=128: B·H programs
-    # only with BLOCK_M=128).
+    # kernels/_autotune.py; benchmarks/compile_report.py shows what each costs in registers, spills and
+    # shared memory on sm_80 / sm_90). BLOCK_M=128/BLOCK_N=64 is the Hopper sweet spot for d=64 (Triton
+    # tutorial 06); the default runs it with 8 warps because with 4 the online softmax, the dropout mask
+    # and the fp32 accumulator exceed 255 registers (ptxas spills 32-64 B on sm_80, with dropout also
+    # on sm_90). BLOCK_M=64 doubles the programs for short sequences (S=128: B·H programs only with
+    # BLOCK_M=128).
     _FWD_SPACE = [
-        (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 32, 4, 4),
+        (128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 3), (128, 32, 4, 4),
         (64, 64, 4, 3), (64, 64, 4, 4), (64, 32, 4, 3),
     ]
     # dK/dV: BLOCK_N1 keys stay in registers (two fp32 accumulators) while BLOCK_M1 queries stream by.
     # With 128 keys per program the default has 8 warps, because 4 warps spill a few registers there.
     _DKDV_SPACE = [(32, 128, 8, 3), (32, 128, 4, 3), (64, 128, 8, 3), (32, 64, 4, 3), (64, 64, 4, 3), (16, 64, 4, 4)]
-    # Fused dK/dV/dQ for short sequences: BLOCK_N = FUSED_BLOCK_N covers the whole sequence.
+    # Fused dK/dV/dQ for short sequences: BLOCK_N = FUSED_BLOCK_N covers the whole sequence. 16 query
+    # rows per step by default: the program also holds dK, dV (fp32) and K, V for all 128 keys, and
+    # 32 rows spill 8-100 B on sm_80.
     FUSED_BLOCK_N = 128
-    _FUSED_SPACE = [(32, FUSED_BLOCK_N, 8, 3), (32, FUSED_BLOCK_N, 4, 3), (64, FUSED_BLOCK_N, 8, 3),
+    _FUSED_SPACE = [(16, FUSED_BLOCK_N, 8, 3), (32, FUSED_BLOCK_N, 8, 3), (64, FUSED_BLOCK_N, 8, 3),
                     (16, FUSED_BLOCK_N, 4, 4)]
-    # dQ: BLOCK_M2 queries stay, BLOCK_N2 keys stream (the mirror image of dK/dV).
-    _DQ_SPACE = [(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3), (128, 32, 8, 4)]
+    # dQ: BLOCK_M2 queries stay, BLOCK_N2 keys stream (the mirror image of dK/dV); 8 warps by default
+    # for the same reason as the forward (4 warps spill 8-60 B on sm_80).
+    _DQ_SPACE = [(128, 32, 8, 3), (128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3), (128, 32, 8, 4)]
     _BLOCK_NAMES = ("BLOCK_M", "BLOCK_N")
 
     if _INTERPRET:
@@ -390,10 +396,12 @@ if HAS_TRITON:
             dk = mma(dsT, tl.trans(qT), dk, DOT_PRECISION)
             if FUSE_DQ:
                 # This program holds every key of the sequence, so dQ of these query rows is complete:
-                # dQ = scale · dS · K, written once, no atomics, no second kernel.
-                dq = mma(tl.trans(dsT), k, None, DOT_PRECISION) * sm_scale
-                dq_mask = (rows < rows_q)[:, None] & d_ok[None, :]
-                tl.store(dq_ptrs + start_m * stride_dqm, cast_rne(dq, qT.dtype), mask=dq_mask)
+                # dQ = scale · dS · K, written once, no atomics, no second kernel. Computed transposed,
+                # dQᵀ = Kᵀ · dSᵀ (BLOCK_D, BLOCK_M): its M dimension is then the head dim (64), which
+                # Hopper's wgmma takes, where the BLOCK_M = 32 rows of dQ fall back to mma.sync.
+                dqT = mma(tl.trans(k), dsT, None, DOT_PRECISION) * sm_scale
+                dq_mask = d_ok[:, None] & (rows < rows_q)[None, :]
+                tl.store(dq_ptrs + start_m * stride_dqm, cast_rne(dqT, qT.dtype), mask=dq_mask)
         return dk, dv
 
     @triton.jit(do_not_specialize=_NO_SPECIALIZE)
@@ -444,7 +452,7 @@ if HAS_TRITON:
         q_rows = seq_start + offs_m
         q_ptrs = Q + b64 * stride_qb + h64 * stride_qh + q_rows[None, :] * stride_qm + offs_d[:, None]  # Qᵀ
         do_ptrs = DO + b64 * stride_dob + h64 * stride_doh + q_rows[:, None] * stride_dom + offs_d[None, :]
-        dq_ptrs = DQ + b64 * stride_dqb + h64 * stride_dqh + q_rows[:, None] * stride_dqm + offs_d[None, :]
+        dq_ptrs = DQ + b64 * stride_dqb + h64 * stride_dqh + q_rows[None, :] * stride_dqm + offs_d[:, None]  # dQᵀ
         lse_ptr = LSE + b64 * stride_lb + h64 * stride_lh + seq_start
         delta_ptr = Delta + b64 * stride_lb + h64 * stride_lh + seq_start
         rng_base = (b64 * n_heads + h64) * rng_stride_bh + rng_offset

@@ -11,16 +11,16 @@ For M gathered rows h_m (E features), the tied embedding matrix W (V, E) and bia
 
 The Gumbel-max trick makes ``sample_m`` an exact draw from softmax(z_m / T). The uniforms u_mv come
 from Philox inside the kernel; no noise tensor exists. One ``tl.rand4x(seed, counter)`` call gives
-four uniforms, so the vocabulary is walked in groups of 256 columns and the counter
-m·(64·groups) + 64·g + j serves the four columns 256·g + j + 64·lane (lane 0..3, j < 64). That costs
+four uniforms, so the vocabulary is walked in groups of 4·Q columns (Q = ``_QUARTER`` = 32) and the
+counter m·(Q·groups) + Q·g + j serves the four columns 4Q·g + j + Q·lane (lane 0..3, j < Q). That costs
 a quarter of the integer work of one ``tl.rand(seed, m·V + v)`` per logit, which at ELECTRA-Base
 (75M logits, ~100 integer ops per Philox-10 draw) would be ~0.5 ms of the head's budget on an H100,
 more than its matmul; the map from column to (counter, lane) is independent of block sizes, so the
 same seed gives the same samples whatever config the autotuner picks. ``gumbel_noise`` materialises
 this noise for tests.
 
-Forward. Programs tile (row block) x (vocabulary split). Each one walks its split in 256-column
-groups: four (BLOCK_M, 64) logit tiles per group with ``tl.dot`` over E in BLOCK_E chunks (fp32
+Forward. Programs tile (row block) x (vocabulary split). Each one walks its split in 4Q-column
+groups: four (BLOCK_M, Q) logit tiles per group with ``tl.dot`` over E in BLOCK_E chunks (fp32
 accumulation, one load of the hidden tile shared by the four dots), each folded into per-row running
 statistics: max and rescaled sum of exponentials (flash-attention's online softmax), the target
 logit, the best logit and its column, the best Gumbel score and its column. A second, tiny kernel
@@ -90,6 +90,12 @@ _MIN_TEMPERATURE = 1e-6
 _DLOGITS_CHUNK_BYTES = 32 << 20
 # Programs to aim for per launch: two waves of the GPU's SMs.
 _PROGRAMS_PER_SM = 2
+# The forward walks the vocabulary in groups of four QUARTER-column logit tiles, one Philox evaluation
+# giving the Gumbel noise of four logits, one in each tile (see _gumbel4). 32 columns rather than 64:
+# the four accumulators and the four noise tiles are live together, and with 64 columns they need more
+# than the 255 registers a thread may have (ptxas spills 1.2-1.8 KB per thread, sm_80 and sm_90).
+_QUARTER = 32
+_GROUP = 4 * _QUARTER
 
 
 # --------------------------------------------------------------------------------------------------
@@ -100,13 +106,15 @@ def _next_pow2(n: int) -> int:
 
 
 # Candidate spaces (kernels/_autotune.py: the first entry is the default). The forward walks the
-# vocabulary in groups of 4 x 64 columns (see _gumbel4); its tiles are BLOCK_M rows x one group:
+# vocabulary in groups of 4 x _QUARTER columns (see _gumbel4); its tiles are BLOCK_M rows x one group:
 # (BLOCK_M, BLOCK_E, num_warps, num_stages). Eight warps throughout: the fused epilogue (online softmax,
-# Philox, two arg-maxes over four 64-column tiles) needs the registers of 256 threads.
+# Philox, two arg-maxes over four column tiles) needs the registers of 256 threads.
 _FWD_SPACE = [(128, 64, 8, 3), (64, 64, 8, 3), (64, 64, 8, 4), (128, 32, 8, 4), (64, 32, 8, 3)]
 # The backward's dlogits tiles are plain BLOCK_M x BLOCK_V: (BLOCK_M, BLOCK_V, BLOCK_E, warps, stages).
-_DLOGITS_SPACE = [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4), (128, 64, 128, 4, 3),
-                  (64, 256, 32, 8, 4)]
+# The default's 64-column tiles: at 128 x 128 the recomputed logits, their pointers and the epilogue
+# spill 192-348 B (sm_80 / sm_90).
+_DLOGITS_SPACE = [(128, 64, 64, 8, 3), (64, 128, 32, 8, 3), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3),
+                  (128, 64, 128, 4, 3), (64, 256, 32, 8, 4)]
 # One small config each under the interpreter (the CPU tests).
 _FWD_INTERPRETED = (64, 32, 4, 1)
 _DLOGITS_INTERPRETED = (64, 256, 32, 4, 1)
@@ -128,7 +136,7 @@ def _smem_need(block_m, block_v, block_e, stages, element_size) -> int:
 def _keep_candidate(cand, names, M, E, element_size, smem_budget) -> bool:
     """Tiles not far larger than the problem (tiny M or E), operand buffers within the budget."""
     blocks = dict(zip(names, cand[:-2]))
-    block_v = blocks.get("BLOCK_V", 256)
+    block_v = blocks.get("BLOCK_V", _GROUP)
     return (blocks["BLOCK_M"] <= max(64, _next_pow2(M)) and blocks["BLOCK_E"] <= max(32, _next_pow2(E))
             and _smem_need(blocks["BLOCK_M"], block_v, blocks["BLOCK_E"], cand[-1], element_size) <= smem_budget)
 
@@ -143,7 +151,7 @@ def _prune_matmul_configs(configs, named_args, **kwargs):
         return (*c.kwargs.values(), c.num_warps, c.num_stages)
 
     def need(c):
-        return _smem_need(c.kwargs["BLOCK_M"], c.kwargs.get("BLOCK_V", 256), c.kwargs["BLOCK_E"], c.num_stages,
+        return _smem_need(c.kwargs["BLOCK_M"], c.kwargs.get("BLOCK_V", _GROUP), c.kwargs["BLOCK_E"], c.num_stages,
                           element_size)
 
     kept = [c for c in configs
@@ -152,6 +160,7 @@ def _prune_matmul_configs(configs, named_args, **kwargs):
 
 
 if HAS_TRITON:
+    _QUARTER_C = tl.constexpr(_QUARTER)
 
     @triton.jit
     def _uniform_to_gumbel(u):
@@ -162,9 +171,10 @@ if HAS_TRITON:
     @triton.jit
     def _gumbel4(seed, rows, group, counters_per_row, RNG_OFFSET_64: tl.constexpr,
                  QUARTER: tl.constexpr):
-        """Gumbel(0, 1) noise for the four 64-column quarters of 256-column group ``group``.
+        """Gumbel(0, 1) noise for the four QUARTER-column quarters of column group ``group``.
 
-        Philox counter (row, 64·group + j) yields four uniforms, for columns 256·group + j + 64·lane,
+        Philox counter (row, QUARTER·group + j) yields four uniforms, for columns 4·QUARTER·group + j +
+        QUARTER·lane,
         lane = 0..3: one Philox evaluation per four logits (a quarter of tl.rand's integer work, the
         epilogue's largest cost), and a column -> (counter, lane) map that does not depend on block
         sizes, so a seed gives the same samples whatever config the autotuner picks."""
@@ -181,7 +191,7 @@ if HAS_TRITON:
     def _fold_quarter(logits, first_col, targets, gumbel, inv_temperature,
                       run_max, run_sumexp, target_logit, best, best_col, draw, draw_col, V,
                       QUARTER: tl.constexpr):
-        """Fold one (BLOCK_M, 64) logit tile into the running per-row statistics. Tiles arrive in
+        """Fold one (BLOCK_M, QUARTER) logit tile into the running per-row statistics. Tiles arrive in
         increasing column order, so a strictly greater value is needed to replace a best column:
         with tl.max's first-index tie-break, that is torch.argmax's first-occurrence rule."""
         cols = first_col + tl.arange(0, QUARTER)
@@ -237,12 +247,12 @@ if HAS_TRITON:
     def _logit_quarters(H, W, rows, row_ok, v0, V, E, stride_hm, stride_wv,
                         INPUT_PRECISION: tl.constexpr, EVEN_E: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, QUARTER: tl.constexpr):
-        """The (BLOCK_M, 64) fp32 logit tiles of columns v0 + 64·q + [0, 64), q = 0..3, bias not
+        """The (BLOCK_M, QUARTER) fp32 logit tiles of columns v0 + QUARTER·q + [0, QUARTER), q = 0..3, bias not
         added: four tl.dot per BLOCK_E step sharing one load of the hidden tile."""
         offs_e = tl.arange(0, BLOCK_E)
         q_cols = v0 + tl.arange(0, QUARTER)
         h_ptrs = H + rows.to(tl.int64)[:, None] * stride_hm + offs_e[None, :]
-        # W is (V, E) row-major: loading (BLOCK_E, 64) tiles transposed feeds tl.dot directly.
+        # W is (V, E) row-major: loading (BLOCK_E, QUARTER) tiles transposed feeds tl.dot directly.
         w_ptrs = W + q_cols.to(tl.int64)[None, :] * stride_wv + offs_e[:, None]
         quarter_stride = QUARTER * stride_wv
         ok0 = q_cols < V
@@ -285,8 +295,8 @@ if HAS_TRITON:
         HAS_BIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
         RNG_OFFSET_64: tl.constexpr, EVEN_E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr,
     ):
-        QUARTER: tl.constexpr = 64
-        GROUP: tl.constexpr = 256
+        QUARTER: tl.constexpr = _QUARTER_C
+        GROUP: tl.constexpr = 4 * _QUARTER_C
         tl.static_assert(BLOCK_M >= 16)  # tl.dot needs every operand dimension >= 16
         tl.static_assert(BLOCK_E >= 16)
         pid_m = tl.program_id(0)
@@ -297,7 +307,7 @@ if HAS_TRITON:
         targets = tl.load(TARGETS + rows, mask=row_ok, other=-100)
         q = tl.arange(0, QUARTER)
 
-        # This split's columns: a contiguous run of whole 256-column groups (the last split may be
+        # This split's columns: a contiguous run of whole column groups (the last split may be
         # short or empty; an empty split writes neutral partials).
         groups_per_split = tl.cdiv(tl.cdiv(V, GROUP), num_splits)
         v_begin = split * groups_per_split * GROUP
@@ -458,8 +468,8 @@ if HAS_TRITON:
     @triton.jit(do_not_specialize=["seed"])
     def _gumbel_noise_kernel(OUT, M, V, seed, counters_per_row, RNG_OFFSET_64: tl.constexpr,
                              BLOCK_M: tl.constexpr):
-        """The forward's noise for one row block and one 256-column group, materialised."""
-        QUARTER: tl.constexpr = 64
+        """The forward's noise for one row block and one column group, materialised."""
+        QUARTER: tl.constexpr = _QUARTER_C
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         group = tl.program_id(1)
         g0, g1, g2, g3 = _gumbel4(seed, rows, group, counters_per_row, RNG_OFFSET_64, QUARTER)
@@ -483,8 +493,8 @@ def _input_precision(dtype: torch.dtype) -> str:
 
 
 def _counters_per_row(V: int) -> int:
-    # Philox counters per row: 64 per 256-column group, each giving four uniforms (see _gumbel4).
-    return triton.cdiv(V, 256) * 64
+    # Philox counters per row: QUARTER per group of four quarters, each giving four uniforms (_gumbel4).
+    return triton.cdiv(V, _GROUP) * _QUARTER
 
 
 def _rng_offset_64(M: int, V: int) -> bool:
@@ -533,7 +543,7 @@ def mlm_head_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], tar
     # Vocabulary splits: enough (row blocks x splits) programs to fill the GPU, each split at least a
     # few hundred columns so the merge stays negligible.
     row_blocks_hint = triton.cdiv(M, 128)
-    max_splits = 3 if interpreter_enabled() else triton.cdiv(V, 256)
+    max_splits = 3 if interpreter_enabled() else triton.cdiv(V, _GROUP)
     num_splits = max(1, min(max_splits, triton.cdiv(target_programs(device, _PROGRAMS_PER_SM), row_blocks_hint)))
     parts_f = new_empty((5, num_splits, M), dtype=torch.float32, device=device)
     parts_i = new_empty((2, num_splits, M), dtype=torch.int32, device=device)
@@ -647,7 +657,7 @@ def gumbel_noise(shape, seed: int, device) -> Tensor:
         return out
     BLOCK_M = 32
     with device_guard(out):
-        _gumbel_noise_kernel[(triton.cdiv(M, BLOCK_M), triton.cdiv(V, 256))](
+        _gumbel_noise_kernel[(triton.cdiv(M, BLOCK_M), triton.cdiv(V, _GROUP))](
             out, M, V, int(seed), _counters_per_row(V), RNG_OFFSET_64=_rng_offset_64(M, V),
             BLOCK_M=BLOCK_M,
         )
