@@ -98,12 +98,17 @@ _PTXAS_SPILL = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
 
 
 def _ptxas_path(arch: int) -> str:
-    """The ptxas Triton itself uses for ``arch`` (it picks a newer one for sm_90+ in 3.9)."""
+    """The ptxas Triton itself uses for ``arch`` (3.9 picks a newer one for sm_90+)."""
     from triton.backends.nvidia import compiler
 
     if hasattr(compiler, "get_ptxas"):
-        return compiler.get_ptxas(arch).path
-    return compiler._path_to_binary("ptxas")[0]  # Triton <= 3.2
+        try:
+            found = compiler.get_ptxas(arch)
+        except TypeError:  # no arch argument
+            found = compiler.get_ptxas()
+    else:
+        found = compiler._path_to_binary("ptxas")
+    return found.path if hasattr(found, "path") else found[0]  # a tool object (3.4+) or (path, version)
 
 
 def _ptxas_usage(ptx: str, arch: int) -> tuple[Optional[int], Optional[int]]:
@@ -162,11 +167,17 @@ def _source(triton, fn, variant: Variant):
         constexprs = {(names.index(n),): v for n, v in variant.constexprs.items()}
         attrs = {(i,): [["tt.divisibility", 16]] for i in aligned}
         return ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+    if major_minor < (3, 2):  # Triton 3.0 / 3.1: index-keyed signature without the constexprs
+        from triton.compiler.compiler import AttrsDescriptor
+
+        signature = {i: variant.types[n] for i, n in enumerate(names) if n in variant.types}
+        constants = {names.index(n): v for n, v in variant.constexprs.items()}
+        return ASTSource(fn=fn, signature=signature, constants=constants,
+                         attrs=AttrsDescriptor(divisible_by_16=set(aligned), equal_to_1=set()))
     from triton.backends.compiler import AttrsDescriptor  # Triton 3.2
 
     signature = {n: variant.types.get(n, "constexpr") for n in names}
-    attrs = AttrsDescriptor.from_dict({"arg_properties": {"tt.divisibility": aligned, "tt.equal_to": {}},
-                                       "cls": "AttrsDescriptor"})
+    attrs = AttrsDescriptor.from_hints({i: 16 for i in aligned})
     return ASTSource(fn=fn, signature=signature, constants=dict(variant.constexprs), attrs=attrs)
 
 

@@ -23,7 +23,7 @@ differs from the GPU in two places:
   at every bf16 store, double the CPU tests' errors);
 * its ``tl.dot`` multiplies bf16 operands as their raw uint16 storage.
 
-``cast_rne`` and ``mma`` correct both, guarded by ``INTERPRETER``: a ``tl.constexpr`` fixed at import,
+``cast_rne``, ``mma`` and ``dot`` correct both, guarded by ``INTERPRETER``: a ``tl.constexpr`` fixed at import,
 when ``triton.jit`` also decides between interpreting and compiling. On the GPU it is False, so the
 work-arounds are not even compiled and the helpers are a plain ``.to(DTYPE)`` and ``tl.dot``.
 A @triton.jit function imported from this module is called from another module's kernel like a local one.
@@ -57,8 +57,17 @@ if HAS_TRITON:
         return x.to(DTYPE)
 
     @triton.jit
+    def dot(a, b, INPUT_PRECISION: tl.constexpr):
+        """a·b in fp32: ``mma`` without an accumulator (a separate helper, because Triton < 3.4 turns a
+        None passed through a jitted function into a constexpr that tl.dot rejects)."""
+        if INTERPRETER:
+            return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+        else:
+            return tl.dot(a, b, input_precision=INPUT_PRECISION)
+
+    @triton.jit
     def mma(a, b, acc, INPUT_PRECISION: tl.constexpr):
-        """acc + a·b with fp32 accumulation (acc may be None). Under the interpreter the operands are
+        """acc + a·b with fp32 accumulation. Under the interpreter the operands are
         widened to fp32 first: bf16/fp16 products are exact in fp32, so the result is the tensor-core
         result up to summation order (and the interpreter ignores input_precision anyway)."""
         if INTERPRETER:

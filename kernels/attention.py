@@ -60,8 +60,8 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from ._autotune import device_smem_limit, triton_configs
-    from ._triton_utils import cast_rne, dropout_keep16, mma
+    from ._autotune import autotune, device_smem_limit, triton_configs
+    from ._triton_utils import cast_rne, dot, dropout_keep16, mma
 
 LOG2E = 1.4426950408889634  # log2(e): exp(x) = exp2(x * LOG2E)
 MAX_HEAD_DIM = 128
@@ -225,7 +225,7 @@ if HAS_TRITON:
             cols = start_n + offs_n
             k = _load_tile(k_ptrs + start_n * stride_kn, cols, live_k, d_ok, HEAD_DIM, BLOCK_D, BOUNDARY, False)
             v = _load_tile(v_ptrs + start_n * stride_vn, cols, live_k, d_ok, HEAD_DIM, BLOCK_D, BOUNDARY, False)
-            qk = mma(q, tl.trans(k), None, DOT_PRECISION)
+            qk = dot(q, tl.trans(k), DOT_PRECISION)
             if HAS_KPM:
                 key_ok = tl.load(kpm_ptr + cols, mask=cols < live_k, other=0) != 0
                 qk = tl.where(key_ok[None, :], qk, float("-inf"))
@@ -251,7 +251,7 @@ if HAS_TRITON:
             m_i = m_new
         return acc, l_i, m_i
 
-    @triton.autotune(configs=_FWD_CONFIGS, key=_TUNE_KEY, prune_configs_by=_prune("M"))
+    @autotune(configs=_FWD_CONFIGS, key=_TUNE_KEY, prune_configs_by=_prune("M"))
     @triton.jit(do_not_specialize=_NO_SPECIALIZE)
     def _attn_fwd_kernel(
         Q, K, V, Out, LSE, CU_SEQLENS, KV_LEN, KPM,
@@ -267,7 +267,10 @@ if HAS_TRITON:
         IS_VARLEN: tl.constexpr, HAS_KPM: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ):
-        tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and BLOCK_D >= 16, "tl.dot needs every dim >= 16")
+        # tl.dot needs every dim >= 16 (one assert each: Triton < 3.4 rejects chained `and`).
+        tl.static_assert(BLOCK_M >= 16)
+        tl.static_assert(BLOCK_N >= 16)
+        tl.static_assert(BLOCK_D >= 16)
         start_m = tl.program_id(0) * BLOCK_M
         off_h = tl.program_id(1)
         off_b = tl.program_id(2)
@@ -377,13 +380,13 @@ if HAS_TRITON:
             lse2 = _load_lse2(lse_ptr, rows, rows_q)
             delta = tl.load(delta_ptr + rows, mask=rows < rows_q, other=0.0)
             # Rows past the sequence load q = dO = 0, lse2 = delta = 0: they add exactly zero below.
-            qkT = mma(k, qT, None, DOT_PRECISION)  # (BLOCK_N, BLOCK_M)
+            qkT = dot(k, qT, DOT_PRECISION)  # (BLOCK_N, BLOCK_M)
             pT = tl.math.exp2(qkT * qk_scale - lse2[None, :])
             if HAS_KPM or FUSE_DQ:
                 # Padding keys (and, for the fused dQ, keys past the sequence, whose k = 0 would
                 # otherwise give P = exp2(-lse2) and leak into dQ) carry no probability.
                 pT = tl.where(key_ok[:, None], pT, 0.0)
-            dpT = mma(v, tl.trans(do), None, DOT_PRECISION)
+            dpT = dot(v, tl.trans(do), DOT_PRECISION)
             if DROPOUT:
                 # Drawn as (queries, keys) like the forward's, then transposed to (keys, queries).
                 keep = tl.trans(_keep_mask(seed, rng_base, rows, start_n, rng_stride_m, drop_threshold, BLOCK_N))
@@ -399,7 +402,7 @@ if HAS_TRITON:
                 # dQ = scale · dS · K, written once, no atomics, no second kernel. Computed transposed,
                 # dQᵀ = Kᵀ · dSᵀ (BLOCK_D, BLOCK_M): its M dimension is then the head dim (64), which
                 # Hopper's wgmma takes, where the BLOCK_M = 32 rows of dQ fall back to mma.sync.
-                dqT = mma(tl.trans(k), dsT, None, DOT_PRECISION) * sm_scale
+                dqT = dot(tl.trans(k), dsT, DOT_PRECISION) * sm_scale
                 dq_mask = d_ok[:, None] & (rows < rows_q)[None, :]
                 tl.store(dq_ptrs + start_m * stride_dqm, cast_rne(dqT, qT.dtype), mask=dq_mask)
         return dk, dv
@@ -423,7 +426,10 @@ if HAS_TRITON:
         DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ):
         """dK, dV of one key block (and with FUSE_DQ, when one block holds the whole sequence, dQ too)."""
-        tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and BLOCK_D >= 16, "tl.dot needs every dim >= 16")
+        # tl.dot needs every dim >= 16 (one assert each: Triton < 3.4 rejects chained `and`).
+        tl.static_assert(BLOCK_M >= 16)
+        tl.static_assert(BLOCK_N >= 16)
+        tl.static_assert(BLOCK_D >= 16)
         start_n = tl.program_id(0) * BLOCK_N
         off_h = tl.program_id(1)
         off_b = tl.program_id(2)
@@ -483,12 +489,12 @@ if HAS_TRITON:
         tl.store(DV + b64 * stride_dvb + h64 * stride_dvh + kv_rows * stride_dvn + offs_d[None, :],
                  cast_rne(dv, DV.dtype.element_ty), mask=kv_mask)
 
-    _attn_bwd_dkdv_kernel = triton.autotune(configs=_DKDV_CONFIGS, key=_TUNE_KEY,
+    _attn_bwd_dkdv_kernel = autotune(configs=_DKDV_CONFIGS, key=_TUNE_KEY,
                                             prune_configs_by=_prune("N"))(_attn_bwd_dkdv_jit)
     # Sequences of at most FUSED_BLOCK_N tokens (ELECTRA-Small's 128): one program per (sequence, head)
     # holds all keys and also writes dQ, which skips the dQ kernel and its Q·Kᵀ, dO·Vᵀ recomputation
     # (backward = 5 matmuls instead of 7).
-    _attn_bwd_fused_kernel = triton.autotune(configs=_FUSED_CONFIGS, key=_TUNE_KEY)(_attn_bwd_dkdv_jit)
+    _attn_bwd_fused_kernel = autotune(configs=_FUSED_CONFIGS, key=_TUNE_KEY)(_attn_bwd_dkdv_jit)
 
     @triton.jit
     def _attn_bwd_dq_inner(dq, q, do, lse2, delta, k_ptrs, v_ptrs, kpm_ptr, lo, hi, live_k,
@@ -503,14 +509,14 @@ if HAS_TRITON:
             # Kᵀ and Vᵀ loaded transposed: (BLOCK_D, BLOCK_N).
             kT = _load_tile(k_ptrs + start_n * stride_kn, cols, live_k, d_ok, HEAD_DIM, BLOCK_D, BOUNDARY, True)
             vT = _load_tile(v_ptrs + start_n * stride_vn, cols, live_k, d_ok, HEAD_DIM, BLOCK_D, BOUNDARY, True)
-            qk = mma(q, kT, None, DOT_PRECISION)
+            qk = dot(q, kT, DOT_PRECISION)
             p = tl.math.exp2(qk * qk_scale - lse2[:, None])
             if HAS_KPM:
                 key_ok = tl.load(kpm_ptr + cols, mask=cols < live_k, other=0) != 0
                 p = tl.where(key_ok[None, :], p, 0.0)
             elif BOUNDARY:
                 p = tl.where((cols < live_k)[None, :], p, 0.0)
-            dp = mma(do, vT, None, DOT_PRECISION)
+            dp = dot(do, vT, DOT_PRECISION)
             if DROPOUT:
                 keep = _keep_mask(seed, rng_base, offs_m, start_n, rng_stride_m, drop_threshold, BLOCK_N)
                 dp = tl.where(keep, dp * keep_scale, 0.0)
@@ -518,7 +524,7 @@ if HAS_TRITON:
             dq = mma(cast_rne(ds, kT.dtype), tl.trans(kT), dq, DOT_PRECISION)
         return dq
 
-    @triton.autotune(configs=_DQ_CONFIGS, key=_TUNE_KEY, prune_configs_by=_prune("M"))
+    @autotune(configs=_DQ_CONFIGS, key=_TUNE_KEY, prune_configs_by=_prune("M"))
     @triton.jit(do_not_specialize=_NO_SPECIALIZE)
     def _attn_bwd_dq_kernel(
         Q, K, V, DO, LSE, Delta, DQ, CU_SEQLENS, KV_LEN, KPM,
@@ -535,7 +541,10 @@ if HAS_TRITON:
         IS_VARLEN: tl.constexpr, HAS_KPM: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ):
-        tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and BLOCK_D >= 16, "tl.dot needs every dim >= 16")
+        # tl.dot needs every dim >= 16 (one assert each: Triton < 3.4 rejects chained `and`).
+        tl.static_assert(BLOCK_M >= 16)
+        tl.static_assert(BLOCK_N >= 16)
+        tl.static_assert(BLOCK_D >= 16)
         start_m = tl.program_id(0) * BLOCK_M
         off_h = tl.program_id(1)
         off_b = tl.program_id(2)

@@ -76,7 +76,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from ._autotune import device_smem_limit, triton_configs
+    from ._autotune import autotune, device_smem_limit, triton_configs
     from ._triton_utils import cast_rne, mma
 else:  # pragma: no cover - the reference path needs no triton
     triton = None
@@ -281,7 +281,7 @@ if HAS_TRITON:
             w_ptrs += BLOCK_E
         return acc0, acc1, acc2, acc3
 
-    @triton.autotune(
+    @autotune(
         configs=_configs(_FWD_SPACE, _FWD_INTERPRETED, _FWD_NAMES),
         key=["M_BUCKET", "V", "E"],
         prune_configs_by={"early_config_prune": _prune_matmul_configs},
@@ -410,7 +410,7 @@ if HAS_TRITON:
         tl.store(LOSS, tl.sum(loss_sum, axis=0) / tl.maximum(num_used, 1).to(tl.float32))
         tl.store(NUM_USED, num_used)
 
-    @triton.autotune(
+    @autotune(
         configs=_configs(_DLOGITS_SPACE, _DLOGITS_INTERPRETED, _DLOGITS_NAMES),
         key=["M_BUCKET", "V", "E", "chunk_cols"],
         prune_configs_by={"early_config_prune": _prune_matmul_configs},
