@@ -45,7 +45,6 @@ functions and ``FusedAttention`` -> references.
 """
 
 import math
-import os
 from typing import Optional
 
 import torch
@@ -79,28 +78,32 @@ if HAS_TRITON:
     _INTERPRET = interpreter_enabled()
 
     # Candidates: (BLOCK_M, BLOCK_N, num_warps, num_stages), the first one the default (see
-    # kernels/_autotune.py; benchmarks/compile_report.py shows what each costs in registers, spills and
-    # shared memory on sm_80 / sm_90). BLOCK_M=128/BLOCK_N=64 is the Hopper sweet spot for d=64 (Triton
-    # tutorial 06); the default runs it with 8 warps because with 4 the online softmax, the dropout mask
-    # and the fp32 accumulator exceed 255 registers (ptxas spills 32-64 B on sm_80, with dropout also
-    # on sm_90). BLOCK_M=64 doubles the programs for short sequences (S=128: B·H programs only with
-    # BLOCK_M=128).
+    # kernels/_autotune.py). What each costs in registers, spills and shared memory on sm_80 / sm_90 is
+    # in `python benchmarks/compile_report.py --kernel attention`; the notes below quote it for bf16,
+    # d=64 (Triton 3.9). Candidates that spilled more than ~100 B were dropped; the ones kept with a
+    # small spill are timed by the tuner like any other, so they win only where the spill is free.
+    # Forward: BLOCK_M=128/BLOCK_N=64 is the Hopper sweet spot for d=64 (Triton tutorial 06). The
+    # default runs it with 8 warps: with 4 (the second candidate) the online softmax, the dropout mask
+    # and the fp32 accumulator exceed 255 registers (32-64 B spilled on sm_80, 56-104 B with dropout on
+    # sm_90). (128, 128, 8) spills 56-144 B with dropout on sm_80 only. BLOCK_M=64 doubles the
+    # programs for short sequences (S=128: B·H programs only with BLOCK_M=128).
     _FWD_SPACE = [
         (128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 3), (128, 32, 4, 4),
         (64, 64, 4, 3), (64, 64, 4, 4), (64, 32, 4, 3),
     ]
     # dK/dV: BLOCK_N1 keys stay in registers (two fp32 accumulators) while BLOCK_M1 queries stream by.
-    # With 128 keys per program the default has 8 warps, because 4 warps spill a few registers there.
-    _DKDV_SPACE = [(32, 128, 8, 3), (32, 128, 4, 3), (64, 128, 8, 3), (32, 64, 4, 3), (64, 64, 4, 3), (16, 64, 4, 4)]
-    # Fused dK/dV/dQ for short sequences: BLOCK_N = FUSED_BLOCK_N covers the whole sequence. 16 query
-    # rows per step by default: the program also holds dK, dV (fp32) and K, V for all 128 keys, and
-    # 32 rows spill 8-100 B on sm_80.
+    # 128 keys per program need 8 warps (4 warps: 168-944 B spilled on sm_80, 4-272 B on sm_90;
+    # (64, 128, 8) and (64, 64, 4) spill 100-1000 B on sm_80: dropped).
+    _DKDV_SPACE = [(32, 128, 8, 3), (32, 64, 4, 3), (16, 64, 4, 4)]
+    # Fused dK/dV/dQ for short sequences: BLOCK_N = FUSED_BLOCK_N covers the whole sequence. The program
+    # also holds dK, dV (fp32) and K, V for all 128 keys, so the default steps 16 query rows at a time;
+    # 32 rows spill 8-100 B on sm_80 (kept for Hopper), 64 rows 180-1036 B (dropped).
     FUSED_BLOCK_N = 128
-    _FUSED_SPACE = [(16, FUSED_BLOCK_N, 8, 3), (32, FUSED_BLOCK_N, 8, 3), (64, FUSED_BLOCK_N, 8, 3),
-                    (16, FUSED_BLOCK_N, 4, 4)]
+    _FUSED_SPACE = [(16, FUSED_BLOCK_N, 8, 3), (32, FUSED_BLOCK_N, 8, 3)]
     # dQ: BLOCK_M2 queries stay, BLOCK_N2 keys stream (the mirror image of dK/dV); 8 warps by default
-    # for the same reason as the forward (4 warps spill 8-60 B on sm_80).
-    _DQ_SPACE = [(128, 32, 8, 3), (128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3), (128, 32, 8, 4)]
+    # for the same reason as the forward. (128, 32, 4) and (128, 64, 8) spill 8-96 B on sm_80 only;
+    # (64, 64, 4) spilled up to 164 B there (dropped).
+    _DQ_SPACE = [(128, 32, 8, 3), (128, 32, 4, 3), (128, 64, 8, 3), (64, 32, 4, 3), (128, 32, 8, 4)]
     _BLOCK_NAMES = ("BLOCK_M", "BLOCK_N")
 
     if _INTERPRET:

@@ -8,7 +8,7 @@ Ampere (a ``tl.dot`` whose shape wgmma cannot take falls back to mma.sync silent
 
 The variants come from the kernel files' own ``compile_variants()`` (``electra_kernels._gpu_compile``),
 the same list ``benchmarks/compile_report.py --electra --defaults-only`` prints. The compiles run in a
-subprocess without TRITON_INTERPRET (the interpreter replaces the compiler at import), two at a time, in
+subprocess without TRITON_INTERPRET (the interpreter replaces the compiler at import), one per CPU, in
 a fresh Triton cache: nothing is reused between runs.
 """
 
@@ -24,14 +24,14 @@ import pytest
 from electra_kernels import _gpu_compile
 
 _COMPILE = r"""
-import json, sys
+import json, os, sys
 try:
     import triton.backends.nvidia  # noqa: F401
 except ImportError as err:
     print("SKIP", err); sys.exit(0)
 from electra_kernels import _gpu_compile as g
 variants = [v for v in g.all_variants() if v.default and g.is_electra(v)]
-rows = g.compile_many(variants, (90, 80), jobs=2)
+rows = g.compile_many(variants, (90, 80), jobs=os.cpu_count() or 2)
 print("ROWS", json.dumps(rows))
 """
 
