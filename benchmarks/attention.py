@@ -289,8 +289,8 @@ def check(args, dtype) -> bool:
 
 
 def _check_dropout(args, dtype, rows) -> bool:
-    """Dropout on the GPU: same seed -> same output, keep rate ~ 1-p, and forward/backward equal to the
-    fp32 reference that applies the kernel's own keep-mask."""
+    """Dropout on the GPU: same seed -> same output, keep rate ~ q (the keep probability, quantised to
+    1/256), and forward/backward equal to the fp32 reference that applies the kernel's own keep-mask."""
     import electra_kernels
 
     batch, heads, seqlen, p_drop = 2, 4, 256, 0.1
@@ -305,9 +305,10 @@ def _check_dropout(args, dtype, rows) -> bool:
     rows.append([f"{batch}x{heads}x{seqlen}", "yes", "dropout same seed", 0.0 if ok else float("nan"), 0.0,
                  "ok" if ok else "FAIL"])
     keep_rate = keep.float().mean().item()
-    rate_ok = abs(keep_rate - (1 - p_drop)) < 0.01
+    q_keep = electra_kernels.dropout_keep_probability(p_drop)
+    rate_ok = abs(keep_rate - q_keep) < 0.01
     ok &= rate_ok
-    rows.append([f"{batch}x{heads}x{seqlen}", "yes", "dropout keep rate", keep_rate, 1 - p_drop,
+    rows.append([f"{batch}x{heads}x{seqlen}", "yes", "dropout keep rate", keep_rate, q_keep,
                  "ok" if rate_ok else "FAIL"])
     rq, rk, rv = (t.detach().float().requires_grad_() for t in (prob.q, prob.k, prob.v))
     ref = electra_kernels.attention_ref(rq, rk, rv, prob.mask, p_drop, dropout_mask=keep)
@@ -316,7 +317,7 @@ def _check_dropout(args, dtype, rows) -> bool:
     with torch.autocast("cuda", enabled=False):
         scores = (lq.transpose(1, 2) @ lk.transpose(1, 2).transpose(-1, -2)) / math.sqrt(args.head_dim)
         scores = scores.masked_fill(~prob.mask[:, None, None, :], float("-inf"))
-        low = ((scores.softmax(-1) * keep / (1 - p_drop)) @ lv.transpose(1, 2)).transpose(1, 2)
+        low = ((scores.softmax(-1) * keep / q_keep) @ lv.transpose(1, 2)).transpose(1, 2)
     low.backward(prob.dout)
     real = prob.mask
     for name, ours, want, lowp in zip(("out", "dq", "dk", "dv"), (again, q.grad, k.grad, v.grad),

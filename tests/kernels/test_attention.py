@@ -38,7 +38,7 @@ def _lowp_attention(q, k, v, key_padding_mask=None, dropout_mask=None, dropout_p
     if key_padding_mask is not None:  # rows without any real key: output 0, like the reference
         probs = probs * key_padding_mask.any(-1)[:, None, None, None].to(probs.dtype)
     if dropout_mask is not None:
-        probs = probs * dropout_mask.to(probs.dtype) / (1.0 - dropout_p)
+        probs = probs * dropout_mask.to(probs.dtype) / electra_kernels.dropout_keep_probability(dropout_p)
     return torch.matmul(probs, vt).transpose(1, 2)
 
 
