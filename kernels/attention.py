@@ -655,7 +655,7 @@ def _last_dim_contiguous(t):
 def _key_padding_args(key_padding_mask, layout, device):
     """uint8 view of the mask and, per batch element, one past the position of its last real key."""
     if key_padding_mask is None:
-        dummy = torch.empty(1, dtype=torch.int32, device=device)
+        dummy = torch.zeros(1, dtype=torch.int32, device=device)  # a pointer argument never read
         return dummy, dummy, 0
     kpm = key_padding_mask
     if kpm.dtype != torch.bool:
