@@ -150,9 +150,12 @@ if HAS_TRITON:
             return False
         return _smem_estimate(block_m, block_n, block_d, stages, stationary, element_size) <= smem_budget
 
-    def _prune(stationary: str):
+    def _prune(stationary: str, by_length: bool = True):
+        """Autotune pruning with _keep_candidate; the fused kernel's block always covers the whole
+        sequence (by_length=False: no rule on the sequence length)."""
+
         def prune(configs, named_args, **kwargs):
-            seq_bucket = named_args.get("SEQ_BUCKET", kwargs.get("SEQ_BUCKET"))
+            seq_bucket = named_args.get("SEQ_BUCKET", kwargs.get("SEQ_BUCKET")) if by_length else None
             block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D")) or 0
             budget = device_smem_limit(named_args)
             element_size = named_args["Q"].element_size() if hasattr(named_args.get("Q"), "element_size") else 2
@@ -497,7 +500,8 @@ if HAS_TRITON:
     # Sequences of at most FUSED_BLOCK_N tokens (ELECTRA-Small's 128): one program per (sequence, head)
     # holds all keys and also writes dQ, which skips the dQ kernel and its Q·Kᵀ, dO·Vᵀ recomputation
     # (backward = 5 matmuls instead of 7).
-    _attn_bwd_fused_kernel = autotune(configs=_FUSED_CONFIGS, key=_TUNE_KEY)(_attn_bwd_dkdv_jit)
+    _attn_bwd_fused_kernel = autotune(configs=_FUSED_CONFIGS, key=_TUNE_KEY,
+                                      prune_configs_by=_prune("N", by_length=False))(_attn_bwd_dkdv_jit)
 
     @triton.jit
     def _attn_bwd_dq_inner(dq, q, do, lse2, delta, k_ptrs, v_ptrs, kpm_ptr, lo, hi, live_k,
