@@ -14,10 +14,10 @@ probability 26/256 = 0.1016). Element (row r, column c) of a mask uses Philox co
 the element's position, never on block sizes or on which kernel (forward or backward, padded or packed
 layout) asks, so every kernel regenerates the same mask. Chosen by compiled instruction counts: in the
 attention forward's default config (bf16, d = 64, Triton 3.9) dropout adds 5,063 PTX instructions with
-one ``tl.rand`` per element and 813 with ``dropout_keep16`` on sm_90 (5,035 and 865 on sm_80), per
-128 x 64 tile of probabilities. ``tl.rand4x`` would give 4 decisions per evaluation; a stored 1-bit
-mask would write and read S²/8 bytes per head (24 MiB per ELECTRA-Base layer) and still need the
-random bits once.
+one ``tl.rand`` per element and 813 with ``dropout_keep16`` on sm_90 (5,035 and 865 on sm_80; static
+counts over the kernel, whose key loop appears twice). ``tl.rand4x`` would give 4 decisions per
+evaluation; a stored 1-bit mask would write and read S²/8 bytes per head (24 MiB per ELECTRA-Base
+layer) and still need the random bits once.
 
 Interpreter work-arounds. Triton's interpreter (3.9), which runs the kernels on the CPU for the tests,
 differs from the GPU in two places:
