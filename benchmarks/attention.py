@@ -5,7 +5,7 @@
     python benchmarks/attention.py --shapes 32x12x512 --dropout 0.1
     python benchmarks/attention.py --no-autotune         # one fixed config per kernel: no tuning pass (fast start)
     python benchmarks/attention.py --compile-report      # no GPU needed: compile every candidate config for
-                                                         # sm_90 and print registers / spills / shared memory
+                                                         # --arch (benchmarks/compile_report.py --kernel attention)
 
 Shapes are BxHxS (head_dim from --head-dim, default 64): B128 H4 S128 (ELECTRA-Small), B32 H12 S512
 (Base), B16 H16 S512 (Large), B4 H12 S2048 (long). Each runs twice:
@@ -289,8 +289,8 @@ def check(args, dtype) -> bool:
 
 
 def _check_dropout(args, dtype, rows) -> bool:
-    """Dropout on the GPU: same seed -> same output, keep rate ~ 1-p, and forward/backward equal to the
-    fp32 reference that applies the kernel's own keep-mask."""
+    """Dropout on the GPU: same seed -> same output, keep rate ~ q (the keep probability, quantised to
+    1/256), and forward/backward equal to the fp32 reference that applies the kernel's own keep-mask."""
     import electra_kernels
 
     batch, heads, seqlen, p_drop = 2, 4, 256, 0.1
@@ -305,9 +305,10 @@ def _check_dropout(args, dtype, rows) -> bool:
     rows.append([f"{batch}x{heads}x{seqlen}", "yes", "dropout same seed", 0.0 if ok else float("nan"), 0.0,
                  "ok" if ok else "FAIL"])
     keep_rate = keep.float().mean().item()
-    rate_ok = abs(keep_rate - (1 - p_drop)) < 0.01
+    q_keep = electra_kernels.dropout_keep_probability(p_drop)
+    rate_ok = abs(keep_rate - q_keep) < 0.01
     ok &= rate_ok
-    rows.append([f"{batch}x{heads}x{seqlen}", "yes", "dropout keep rate", keep_rate, 1 - p_drop,
+    rows.append([f"{batch}x{heads}x{seqlen}", "yes", "dropout keep rate", keep_rate, q_keep,
                  "ok" if rate_ok else "FAIL"])
     rq, rk, rv = (t.detach().float().requires_grad_() for t in (prob.q, prob.k, prob.v))
     ref = electra_kernels.attention_ref(rq, rk, rv, prob.mask, p_drop, dropout_mask=keep)
@@ -316,7 +317,7 @@ def _check_dropout(args, dtype, rows) -> bool:
     with torch.autocast("cuda", enabled=False):
         scores = (lq.transpose(1, 2) @ lk.transpose(1, 2).transpose(-1, -2)) / math.sqrt(args.head_dim)
         scores = scores.masked_fill(~prob.mask[:, None, None, :], float("-inf"))
-        low = ((scores.softmax(-1) * keep / (1 - p_drop)) @ lv.transpose(1, 2)).transpose(1, 2)
+        low = ((scores.softmax(-1) * keep / q_keep) @ lv.transpose(1, 2)).transpose(1, 2)
     low.backward(prob.dout)
     real = prob.mask
     for name, ours, want, lowp in zip(("out", "dq", "dk", "dv"), (again, q.grad, k.grad, v.grad),
@@ -330,91 +331,15 @@ def _check_dropout(args, dtype, rows) -> bool:
 
 
 # -------------------------------------------------------------------------------------------------
-# --compile-report: what each candidate config costs in registers / spills / shared memory, from the
-# compiler alone (triton.compile for an explicit GPU target + the bundled cuobjdump), on any machine.
+# --compile-report: the attention rows of benchmarks/compile_report.py (every candidate config compiled
+# for --arch, no GPU needed: registers, spills, shared memory, tensor cores).
 # -------------------------------------------------------------------------------------------------
 def compile_report(args) -> int:
-    if os.environ.get("TRITON_INTERPRET", "0") == "1":
-        print("--compile-report compiles real kernels: unset TRITON_INTERPRET", file=sys.stderr)
-        return 2
-    import importlib
-    import re
-    import subprocess
-    import tempfile
-    import time
+    import compile_report as report
 
-    import triton
-    from triton.backends.compiler import GPUTarget
-
-    attn = importlib.import_module("electra_kernels.attention")
-    elem = {"bf16": "bf16", "fp16": "fp16"}[args.dtype]
-    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    unaligned = {"stride_lb", "stride_lh", "stride_kpmb"}  # the packed token count need not divide by 16
-
-    def arg_type(name):
-        if name in ("Q", "K", "V", "Out", "DO", "DQ", "DK", "DV"):
-            return "*" + elem
-        if name in ("LSE", "Delta"):
-            return "*fp32"
-        if name in ("CU_SEQLENS", "KV_LEN"):
-            return "*i32"
-        if name == "KPM":
-            return "*u8"
-        if name in ("qk_scale", "sm_scale", "dropout_p"):
-            return "fp32"
-        return "i32"
-
-    def compile_one(jit_fn, constexprs, num_warps, num_stages):
-        # Mirror the JIT's specialisation: 16-byte aligned pointers, strides divisible by 16.
-        signature, attrs = {}, {}
-        for i, name in enumerate(jit_fn.arg_names):
-            signature[name] = "constexpr" if name in constexprs else arg_type(name)
-            if name not in constexprs and (signature[name].startswith("*")
-                                           or (name.startswith("stride_") and name not in unaligned)):
-                attrs[(i,)] = [["tt.divisibility", 16]]
-        src = triton.compiler.ASTSource(fn=jit_fn, signature=signature, constexprs=constexprs, attrs=attrs)
-        start = time.time()
-        kernel = triton.compile(src, target=GPUTarget("cuda", args.arch, 32),
-                                options={"num_warps": num_warps, "num_stages": num_stages})
-        seconds = time.time() - start
-        regs = stack = None
-        if cuobjdump.exists():
-            with tempfile.TemporaryDirectory() as tmp:
-                path = Path(tmp) / "k.cubin"
-                path.write_bytes(kernel.asm["cubin"])
-                usage = subprocess.run([str(cuobjdump), "--dump-resource-usage", str(path)], capture_output=True,
-                                       text=True).stdout
-            found = re.search(r"REG:(\d+) STACK:(\d+)", usage)
-            if found:
-                regs, stack = int(found.group(1)), int(found.group(2))
-        return regs, stack, kernel.metadata.shared, seconds
-
-    head_dim = args.head_dim
-    block_d = max(16, triton.next_power_of_2(head_dim))
-    variants = [dict(IS_VARLEN=True, HAS_KPM=False), dict(IS_VARLEN=False, HAS_KPM=True)]
-    kernels = [("forward", attn._attn_fwd_kernel.fn, attn._FWD_SPACE, {}),
-               ("dK/dV", attn._attn_bwd_dkdv_jit, attn._DKDV_SPACE, {"FUSE_DQ": False}),
-               ("dK/dV/dQ fused", attn._attn_bwd_dkdv_jit, attn._FUSED_SPACE, {"FUSE_DQ": True}),
-               ("dQ", attn._attn_bwd_dq_kernel.fn, attn._DQ_SPACE, {})]
-    rows, failures = [], 0
-    for variant in variants:
-        layout = "packed" if variant["IS_VARLEN"] else "padded+mask"
-        for name, jit_fn, space, extra in kernels:
-            for block_m, block_n, warps, stages in space:
-                constexprs = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, DROPOUT=args.dropout > 0.0,
-                                  DOT_PRECISION="tf32", BLOCK_M=block_m, BLOCK_N=block_n, **variant, **extra)
-                try:
-                    regs, stack, smem, seconds = compile_one(jit_fn, constexprs, warps, stages)
-                    rows.append([layout, name, block_m, block_n, warps, stages, regs, stack, smem, seconds])
-                except Exception as exc:  # noqa: BLE001 - report every failing config, keep going
-                    failures += 1
-                    rows.append([layout, name, block_m, block_n, warps, stages, "ERROR", str(exc)[:60], "-", "-"])
-                print(f"  {layout} {name} {block_m}x{block_n} w{warps} s{stages}: {rows[-1][6:]}", flush=True)
-    print_table(["layout", "kernel", "BLOCK_M", "BLOCK_N", "warps", "stages", "registers", "spill/stack B",
-                 "shared B", "compile s"], rows,
-                title=f"compile report: sm_{args.arch}, triton {triton.__version__}, {args.dtype}, d={head_dim}, "
-                      f"dropout {'on' if args.dropout > 0 else 'off'}")
-    return 1 if failures else 0
+    argv = ["--kernel", "attention", "--arch", str(args.arch), "--dtype", args.dtype, "--head-dim",
+            str(args.head_dim)]
+    return report.main(argv + (["--no-save"] if args.no_save else []))
 
 
 # -------------------------------------------------------------------------------------------------

@@ -1,19 +1,23 @@
 #!/usr/bin/env bash
-# Every benchmark on one GPU machine, in under 10 minutes, with all results in one folder.
+# The kernel gates, then every benchmark on one GPU machine (gates <= 9 minutes, benchmarks < 10), with
+# all results in one folder.
 #
 #   benchmarks/run_gpu.sh                     # -> benchmarks/results/gpu-<UTC date>/
 #   benchmarks/run_gpu.sh /path/to/out        # or an explicit folder ($OUT on the lent GPU machine)
 #   QUICK=1 benchmarks/run_gpu.sh             # fewer steps everywhere (about 5 minutes)
 #   FULL=1 benchmarks/run_gpu.sh              # autotune the attention kernel too (about 15 minutes)
+#   GATES=0 benchmarks/run_gpu.sh             # skip the compile report and the kernel tests
 #
 # The folder receives each script's .jsonl rows and .png plot (through $ELECTRA_BENCH_RESULTS, which
 # benchmarks/_common.py reads) and its printed tables as <script>.log; summary.txt lists what ran, how
 # long it took and how it ended. Each script runs under its own time limit so one overrun cannot eat
 # the others' time; a failure is recorded and the next script still runs.
 #
-# On the lent H100 (shared/GPU.md): DeepSpeed is not installed there; carry its wheels in .whl/
-# (../shared/tools/gpu-wheels) and this script installs them into /tmp/site. The project itself is
-# installed editable when `import electra_fast, electra_kernels` fails.
+# First the kernel gates (a few minutes, before any timing): the compile report of every default
+# config (registers, spills, shared memory, tensor cores; compile_report.log) and the kernel tests on
+# the GPU itself (kernel_tests.log). Then the benchmarks. On a machine without DeepSpeed, carry its
+# wheels in .whl/ and this script installs them into /tmp/site. The project itself is installed
+# editable when `import electra_fast, electra_kernels` fails.
 set -uo pipefail
 
 cd "$(dirname "$0")/.."
@@ -38,6 +42,22 @@ SUMMARY="$OUT_DIR/summary.txt"
     echo "electra-fast GPU benchmarks, $(date -u +%FT%TZ), commit $(git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)"
     $PY -c "import torch; print('device:', torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu', '| torch', torch.__version__)"
 } | tee "$SUMMARY"
+
+# run_cmd NAME SECONDS COMMAND [ARGS...]: any command, its output in NAME.log, its status in summary.txt
+run_cmd() {
+    local name=$1 limit=$2
+    shift 2
+    echo "== $name: $* (limit ${limit}s)"
+    local start=$SECONDS status
+    timeout --kill-after=10 "$limit" "$@" > >(tee "$OUT_DIR/$name.log") 2>&1
+    status=$?
+    local took=$((SECONDS - start))
+    case $status in
+        0) echo "$name: ok in ${took}s" ;;
+        124|137) echo "$name: TIMED OUT after ${took}s (limit ${limit}s)" ;;
+        *) echo "$name: FAILED (exit $status) after ${took}s" ;;
+    esac | tee -a "$SUMMARY"
+}
 
 # run NAME SECONDS SCRIPT [ARGS...]
 run() {
@@ -65,7 +85,15 @@ else
     STEPS=600; ITERS=10; SEEDS=1,2,3
 fi
 
-# Limits (seconds) add up to 9.7 minutes. The attention kernel's autotuning compiles ~20 configs per
+# Kernel gates first: what the compiler says about every default config (no GPU needed, but this is
+# where the numbers matter), then the kernel tests on the GPU (CUDA tensors, no interpreter; one config
+# per kernel so that no tuning pass runs).
+if [ "${GATES:-1}" = 1 ]; then
+    run_cmd compile_report 240 env -u TRITON_INTERPRET $PY benchmarks/compile_report.py --defaults-only --electra
+    run_cmd kernel_tests 300 env TRITON_INTERPRET=0 ELECTRA_KERNELS_AUTOTUNE=0 $PY -m pytest -q -x tests/kernels
+fi
+
+# Benchmark limits (seconds) add up to 9.7 minutes. The attention kernel's autotuning compiles ~20 configs per
 # layout (minutes), so the 10-minute run uses its default configs; FULL=1 autotunes, with room for it.
 if [ "${FULL:-0}" = 1 ]; then ATTN_ARGS=(); ATTN_LIMIT=400; else ATTN_ARGS=(--no-autotune); ATTN_LIMIT=90; fi
 run flops 40 flops.py --counted-size small --batch 4

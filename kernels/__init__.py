@@ -24,6 +24,7 @@ from .mlm_head import IGNORE_INDEX, MLMHeadLoss, mlm_head_loss, mlm_head_loss_re
 from .bias_gelu import LinearGELU, bias_gelu, bias_gelu_ref
 from .layer_norm import DropoutAddLayerNorm, FusedLayerNorm, layer_norm, layer_norm_ref
 from .hf_patch import patch_hf
+from ._triton_utils import dropout_keep_probability
 
 __all__ = [
     "DropoutAddLayerNorm",
@@ -31,6 +32,7 @@ __all__ = [
     "LinearGELU",
     "bias_gelu",
     "bias_gelu_ref",
+    "dropout_keep_probability",
     "layer_norm",
     "layer_norm_ref",
     "patch_hf",

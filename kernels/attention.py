@@ -20,14 +20,19 @@ the probabilities block by block from Q, K and the LSE. No (seq × seq) matrix e
   result is deterministic. When one key block holds the whole sequence (S <= 128, ELECTRA-Small),
   ``_attn_bwd_fused_kernel`` (the dK/dV kernel with FUSE_DQ) also writes dQ and the dQ kernel is skipped.
 
-Dropout on the attention probabilities is drawn inside the kernels with Philox (``tl.rand``) from a
-(seed, offset) pair. Element (b, h, i, j) of the keep-mask uses the counter
-``offset + ((b·H + h)·Sq + i)·Sk + j`` with i, j the positions inside the sequence (Sq = Sk = max_seqlen
-for the packed layout), so the forward and both backward kernels regenerate exactly the same mask, and
-the padded and packed layouts of the same batch drop the same probabilities. ``attention_dropout_mask``
-materialises that mask for tests.
+Dropout on the attention probabilities is drawn inside the kernels with Philox from a (seed, offset)
+pair, 16 keep decisions per Philox evaluation (``dropout_keep16`` in ``_triton_utils``: four 32-bit
+words = 16 bytes, each compared with an 8-bit threshold). That is a sixteenth of the integer work of
+one ``tl.rand`` per probability, which at B32 H12 S512 (100 M probabilities, three passes) would cost
+more than the attention's matmuls. The drop probability is therefore quantised to 1/256, and the
+survivors are scaled by 1/q with q the exact quantised keep probability (``dropout_keep_probability``),
+so E[dropout(P)] = P. Element (b, h, i, j) of the keep-mask is byte j % 16 of the Philox counter
+``offset + ((b·H + h)·Sq + i)·⌈Sk/16⌉ + j // 16`` with i, j the positions inside the sequence (Sq = Sk =
+max_seqlen for the packed layout): the forward and both backward kernels (whatever their block sizes)
+regenerate exactly the same mask, and the padded and packed layouts of the same batch drop the same
+probabilities. ``attention_dropout_mask`` materialises that mask for tests.
 
-Backward math (P = softmax(S), Z = keep / (1 - p) the dropout scaling, O = (P∘Z)·V):
+Backward math (P = softmax(S), Z = keep / q the dropout scaling, O = (P∘Z)·V):
     dV = (P∘Z)ᵀ·dO,   dP = (dO·Vᵀ)∘Z,   dS = P∘(dP - delta),   delta_i = Σ_j P_ij dP_ij = dO_i·O_i,
     dQ = scale · dS·K,   dK = scale · dSᵀ·Q.
 
@@ -40,7 +45,6 @@ functions and ``FusedAttention`` -> references.
 """
 
 import math
-import os
 from typing import Optional
 
 import torch
@@ -48,27 +52,23 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._dispatch import HAS_TRITON, interpreter_enabled, use_triton
-from ._triton_utils import device_guard
+from ._outputs import new_empty
+from ._triton_utils import device_guard, dropout_scale, dropout_threshold
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from ._triton_utils import cast_rne, mma
+    from ._autotune import autotune, device_smem_limit, triton_configs
+    from ._triton_utils import cast_rne, dot, dropout_keep16, mma
 
 LOG2E = 1.4426950408889634  # log2(e): exp(x) = exp2(x * LOG2E)
 MAX_HEAD_DIM = 128
 
-# Tests set this to True: every output buffer is then allocated full of NaN, so an element a kernel
-# forgets to write fails the comparison instead of silently holding whatever was in memory.
-POISON_OUTPUTS = False
 
 
 def _alloc(shape, like: torch.Tensor, dtype=None) -> torch.Tensor:
-    dtype = like.dtype if dtype is None else dtype
-    if POISON_OUTPUTS:
-        return torch.full(shape, float("nan"), dtype=dtype, device=like.device)
-    return torch.empty(shape, dtype=dtype, device=like.device)
+    return new_empty(shape, dtype=like.dtype if dtype is None else dtype, device=like.device)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -77,32 +77,34 @@ def _alloc(shape, like: torch.Tensor, dtype=None) -> torch.Tensor:
 if HAS_TRITON:
     _INTERPRET = interpreter_enabled()
 
-    def _configs(space, names):
-        return [triton.Config(dict(zip(names, c[:-2])), num_warps=c[-2], num_stages=c[-1]) for c in space]
-
-    # Candidates: (BLOCK_M, BLOCK_N, num_warps, num_stages). BLOCK_M=128/BLOCK_N=64 with 4-8 warps is the
-    # Hopper sweet spot for d=64 (Triton tutorial 06); BLOCK_M=64 doubles the programs for short
-    # sequences (S=128: B·H programs only with BLOCK_M=128). The interpreter runs a single small
-    # config so the CPU tests stay fast and still cross several block boundaries.
+    # Candidates: (BLOCK_M, BLOCK_N, num_warps, num_stages), the first one the default (see
+    # kernels/_autotune.py). What each costs in registers, spills and shared memory on sm_80 / sm_90 is
+    # in `python benchmarks/compile_report.py --kernel attention`; the notes below quote it for bf16,
+    # d=64 (Triton 3.9). Candidates that spilled more than ~100 B were dropped; the ones kept with a
+    # small spill are timed by the tuner like any other, so they win only where the spill is free.
+    # Forward: BLOCK_M=128/BLOCK_N=64 is the Hopper sweet spot for d=64 (Triton tutorial 06). The
+    # default runs it with 8 warps: with 4 (the second candidate) the online softmax, the dropout mask
+    # and the fp32 accumulator exceed 255 registers (32-64 B spilled on sm_80, 56-104 B with dropout on
+    # sm_90). (128, 128, 8) spills 56-144 B with dropout on sm_80 only. BLOCK_M=64 doubles the
+    # programs for short sequences (S=128: B·H programs only with BLOCK_M=128).
     _FWD_SPACE = [
-        (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 32, 4, 4),
+        (128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 3), (128, 32, 4, 4),
         (64, 64, 4, 3), (64, 64, 4, 4), (64, 32, 4, 3),
     ]
     # dK/dV: BLOCK_N1 keys stay in registers (two fp32 accumulators) while BLOCK_M1 queries stream by.
-    # The first candidate of each space is the no-autotune default; with 128 keys per program it has
-    # 8 warps, because 4 warps spill a few registers there (ptxas -v for sm_90, triton 3.6 and 3.9).
-    _DKDV_SPACE = [(32, 128, 8, 3), (32, 128, 4, 3), (64, 128, 8, 3), (32, 64, 4, 3), (64, 64, 4, 3), (16, 64, 4, 4)]
-    # Fused dK/dV/dQ for short sequences: BLOCK_N = FUSED_BLOCK_N covers the whole sequence.
+    # 128 keys per program need 8 warps (4 warps: 168-944 B spilled on sm_80, 4-272 B on sm_90;
+    # (64, 128, 8) and (64, 64, 4) spill 100-1000 B on sm_80: dropped).
+    _DKDV_SPACE = [(32, 128, 8, 3), (32, 64, 4, 3), (16, 64, 4, 4)]
+    # Fused dK/dV/dQ for short sequences: BLOCK_N = FUSED_BLOCK_N covers the whole sequence. The program
+    # also holds dK, dV (fp32) and K, V for all 128 keys, so the default steps 16 query rows at a time;
+    # 32 rows spill 8-100 B on sm_80 (kept for Hopper), 64 rows 180-1036 B (dropped).
     FUSED_BLOCK_N = 128
-    _FUSED_SPACE = [(32, FUSED_BLOCK_N, 8, 3), (32, FUSED_BLOCK_N, 4, 3), (64, FUSED_BLOCK_N, 8, 3),
-                    (16, FUSED_BLOCK_N, 4, 4)]
-    # dQ: BLOCK_M2 queries stay, BLOCK_N2 keys stream (the mirror image of dK/dV).
-    _DQ_SPACE = [(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3), (128, 32, 8, 4)]
-
-    # ELECTRA_KERNELS_AUTOTUNE=0 keeps only the first candidate of each space: no tuning pass (which
-    # compiles every candidate on the first call of a new shape bucket), for quick starts and benchmarks
-    # under a tight time limit.
-    _AUTOTUNE = os.environ.get("ELECTRA_KERNELS_AUTOTUNE", "1") != "0"
+    _FUSED_SPACE = [(16, FUSED_BLOCK_N, 8, 3), (32, FUSED_BLOCK_N, 8, 3)]
+    # dQ: BLOCK_M2 queries stay, BLOCK_N2 keys stream (the mirror image of dK/dV); 8 warps by default
+    # for the same reason as the forward. (128, 32, 4) and (128, 64, 8) spill 8-96 B on sm_80 only;
+    # (64, 64, 4) spilled up to 164 B there (dropped).
+    _DQ_SPACE = [(128, 32, 8, 3), (128, 32, 4, 3), (128, 64, 8, 3), (64, 32, 4, 3), (128, 32, 8, 4)]
+    _BLOCK_NAMES = ("BLOCK_M", "BLOCK_N")
 
     if _INTERPRET:
         _FWD_CONFIGS = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
@@ -111,10 +113,10 @@ if HAS_TRITON:
         FUSED_BLOCK_N = 32  # sequences <= 32 take the fused path in the tests, longer ones the split one
         _FUSED_CONFIGS = [triton.Config({"BLOCK_M": 16, "BLOCK_N": FUSED_BLOCK_N}, num_warps=4, num_stages=1)]
     else:  # pragma: no cover - GPU only
-        _FWD_CONFIGS = _configs(_FWD_SPACE if _AUTOTUNE else _FWD_SPACE[:1], ("BLOCK_M", "BLOCK_N"))
-        _DKDV_CONFIGS = _configs(_DKDV_SPACE if _AUTOTUNE else _DKDV_SPACE[:1], ("BLOCK_M", "BLOCK_N"))
-        _DQ_CONFIGS = _configs(_DQ_SPACE if _AUTOTUNE else _DQ_SPACE[:1], ("BLOCK_M", "BLOCK_N"))
-        _FUSED_CONFIGS = _configs(_FUSED_SPACE if _AUTOTUNE else _FUSED_SPACE[:1], ("BLOCK_M", "BLOCK_N"))
+        _FWD_CONFIGS = triton_configs(_FWD_SPACE, _BLOCK_NAMES)
+        _DKDV_CONFIGS = triton_configs(_DKDV_SPACE, _BLOCK_NAMES)
+        _DQ_CONFIGS = triton_configs(_DQ_SPACE, _BLOCK_NAMES)
+        _FUSED_CONFIGS = triton_configs(_FUSED_SPACE, _BLOCK_NAMES)
 
     # Values that change from batch to batch in training (lengths, the packed token count in the LSE
     # strides, the seed) are not specialised on, so they never trigger a recompilation.
@@ -122,29 +124,44 @@ if HAS_TRITON:
                       "stride_lh"]
     _TUNE_KEY = ["SEQ_BUCKET", "BLOCK_D", "IS_VARLEN", "HAS_KPM", "DROPOUT"]
 
-    def _prune(stationary: str):
-        """Drop configs that cannot pay off for this shape.
+    def _smem_estimate(block_m, block_n, block_d, stages, stationary, element_size):
+        """Shared memory a config needs, roughly: the software pipeline buffers ``stages`` copies of
+        the two streamed (rows, BLOCK_D) tiles; the stationary tile and the layout conversions of
+        the probability tile (fp32) come on top."""
+        streamed, stat = (block_n, block_m) if stationary == "M" else (block_m, block_n)
+        return (stages * 2 * streamed * block_d + stat * block_d) * element_size + block_m * block_n * 4
+
+    def _keep_candidate(cand, stationary, seq_bucket, block_d, element_size, smem_budget):
+        """Whether a candidate can pay off (and fit) for this shape:
 
         * a stationary block (the one a program keeps in registers: BLOCK_M for the forward and dQ,
           BLOCK_N for dK/dV) longer than the sequence only computes masked rows;
         * at head dim 128 a 128-row stationary block with 4 warps spills registers (ptxas, sm_90),
-          and 128-wide streamed blocks with 4 stages do not fit in shared memory.
+          and 128-wide streamed blocks with 4 stages do not fit in shared memory;
+        * the estimated shared memory must fit the device's per-block limit.
         """
+        block_m, block_n, warps, stages = cand
+        stat, streamed = (block_m, block_n) if stationary == "M" else (block_n, block_m)
+        if seq_bucket is not None and stat > max(64, seq_bucket):
+            return False
+        if block_d >= 128 and stat >= 128 and warps < 8:
+            return False
+        if block_d >= 128 and streamed >= 128 and stages > 3:
+            return False
+        return _smem_estimate(block_m, block_n, block_d, stages, stationary, element_size) <= smem_budget
+
+    def _prune(stationary: str, by_length: bool = True):
+        """Autotune pruning with _keep_candidate; the fused kernel's block always covers the whole
+        sequence (by_length=False: no rule on the sequence length)."""
 
         def prune(configs, named_args, **kwargs):
-            seq_bucket = named_args.get("SEQ_BUCKET", kwargs.get("SEQ_BUCKET"))
+            seq_bucket = named_args.get("SEQ_BUCKET", kwargs.get("SEQ_BUCKET")) if by_length else None
             block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D")) or 0
-            kept = []
-            for cfg in configs:
-                block_m, block_n = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
-                stat, streamed = (block_m, block_n) if stationary == "M" else (block_n, block_m)
-                if seq_bucket is not None and stat > max(64, seq_bucket):
-                    continue
-                if block_d >= 128 and stat >= 128 and cfg.num_warps < 8:
-                    continue
-                if block_d >= 128 and streamed >= 128 and cfg.num_stages > 3:
-                    continue
-                kept.append(cfg)
+            budget = device_smem_limit(named_args)
+            element_size = named_args["Q"].element_size() if hasattr(named_args.get("Q"), "element_size") else 2
+            kept = [cfg for cfg in configs
+                    if _keep_candidate((cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.num_warps, cfg.num_stages),
+                                       stationary, seq_bucket, block_d, element_size, budget)]
             return kept or configs[:1]
 
         return {"early_config_prune": prune}
@@ -195,15 +212,17 @@ if HAS_TRITON:
         return tile
 
     @triton.jit
-    def _keep_mask(seed, rng_base, rows, cols, rng_stride_m, dropout_p):
-        # rows/cols are positions inside the sequence; see the module docstring for the counter.
-        rng_offs = rng_base + (rows * rng_stride_m + cols)
-        return tl.rand(seed, rng_offs) >= dropout_p
+    def _keep_mask(seed, rng_base, rows, col_start, rng_stride_m, drop_threshold, BLOCK_N: tl.constexpr):
+        """Keep decisions (len(rows), BLOCK_N) for query rows ``rows`` and key columns col_start + [0,
+        BLOCK_N) (positions inside the sequence; col_start a multiple of 16): 16 per Philox counter
+        rng_base + row·rng_stride_m + column // 16 (``dropout_keep16``, see the module docstring)."""
+        groups = col_start // 16 + tl.arange(0, BLOCK_N // 16)
+        return dropout_keep16(seed, rng_base + rows[:, None] * rng_stride_m + groups[None, :], drop_threshold)
 
     @triton.jit
     def _attn_fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, kpm_ptr, lo, hi, live_k,
                         offs_m, offs_n, offs_d, stride_kn, stride_vn,
-                        qk_scale, dropout_p, seed, rng_base, rng_stride_m,
+                        qk_scale, drop_threshold, seed, rng_base, rng_stride_m,
                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                         BOUNDARY: tl.constexpr, HAS_KPM: tl.constexpr, DROPOUT: tl.constexpr,
                         DOT_PRECISION: tl.constexpr):
@@ -212,7 +231,7 @@ if HAS_TRITON:
             cols = start_n + offs_n
             k = _load_tile(k_ptrs + start_n * stride_kn, cols, live_k, d_ok, HEAD_DIM, BLOCK_D, BOUNDARY, False)
             v = _load_tile(v_ptrs + start_n * stride_vn, cols, live_k, d_ok, HEAD_DIM, BLOCK_D, BOUNDARY, False)
-            qk = mma(q, tl.trans(k), None, DOT_PRECISION)
+            qk = dot(q, tl.trans(k), DOT_PRECISION)
             if HAS_KPM:
                 key_ok = tl.load(kpm_ptr + cols, mask=cols < live_k, other=0) != 0
                 qk = tl.where(key_ok[None, :], qk, float("-inf"))
@@ -232,13 +251,13 @@ if HAS_TRITON:
             l_i = l_i * alpha + tl.sum(p, 1)
             acc = acc * alpha[:, None]
             if DROPOUT:
-                keep = _keep_mask(seed, rng_base, offs_m[:, None], cols[None, :], rng_stride_m, dropout_p)
-                p = tl.where(keep, p, 0.0)  # the 1/(1-p) rescale is applied once, at the end
+                keep = _keep_mask(seed, rng_base, offs_m, start_n, rng_stride_m, drop_threshold, BLOCK_N)
+                p = tl.where(keep, p, 0.0)  # the 1/q rescale is applied once, at the end
             acc = mma(cast_rne(p, v.dtype), v, acc, DOT_PRECISION)
             m_i = m_new
         return acc, l_i, m_i
 
-    @triton.autotune(configs=_FWD_CONFIGS, key=_TUNE_KEY, prune_configs_by=_prune("M"))
+    @autotune(configs=_FWD_CONFIGS, key=_TUNE_KEY, prune_configs_by=_prune("M"))
     @triton.jit(do_not_specialize=_NO_SPECIALIZE)
     def _attn_fwd_kernel(
         Q, K, V, Out, LSE, CU_SEQLENS, KV_LEN, KPM,
@@ -247,13 +266,17 @@ if HAS_TRITON:
         stride_vb, stride_vn, stride_vh,
         stride_ob, stride_om, stride_oh,
         stride_lb, stride_lh, stride_kpmb,
-        n_heads, seqlen_q, seqlen_k, qk_scale, dropout_p, seed, rng_offset, rng_stride_m, rng_stride_bh,
+        n_heads, seqlen_q, seqlen_k, qk_scale, drop_threshold, keep_scale, seed, rng_offset, rng_stride_m,
+        rng_stride_bh,
         SEQ_BUCKET,  # autotune key only: next power of two of the longest sequence
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
         IS_VARLEN: tl.constexpr, HAS_KPM: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ):
-        tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and BLOCK_D >= 16, "tl.dot needs every dim >= 16")
+        # tl.dot needs every dim >= 16 (one assert each: Triton < 3.4 rejects chained `and`).
+        tl.static_assert(BLOCK_M >= 16)
+        tl.static_assert(BLOCK_N >= 16)
+        tl.static_assert(BLOCK_D >= 16)
         start_m = tl.program_id(0) * BLOCK_M
         off_h = tl.program_id(1)
         off_b = tl.program_id(2)
@@ -288,18 +311,18 @@ if HAS_TRITON:
         full_end = (live_k // BLOCK_N) * BLOCK_N
         acc, l_i, m_i = _attn_fwd_inner(
             acc, l_i, m_i, q, k_ptrs, v_ptrs, kpm_ptr, 0, full_end, live_k,
-            offs_m, offs_n, offs_d, stride_kn, stride_vn, qk_scale, dropout_p, seed, rng_base, rng_stride_m,
+            offs_m, offs_n, offs_d, stride_kn, stride_vn, qk_scale, drop_threshold, seed, rng_base, rng_stride_m,
             HEAD_DIM, BLOCK_D, BLOCK_N, False, HAS_KPM, DROPOUT, DOT_PRECISION)
         acc, l_i, m_i = _attn_fwd_inner(
             acc, l_i, m_i, q, k_ptrs, v_ptrs, kpm_ptr, full_end, live_k, live_k,
-            offs_m, offs_n, offs_d, stride_kn, stride_vn, qk_scale, dropout_p, seed, rng_base, rng_stride_m,
+            offs_m, offs_n, offs_d, stride_kn, stride_vn, qk_scale, drop_threshold, seed, rng_base, rng_stride_m,
             HEAD_DIM, BLOCK_D, BLOCK_N, True, HAS_KPM, DROPOUT, DOT_PRECISION)
 
         # A row with no real key (l = 0) gets output 0 and LSE -inf, like the reference.
         l_safe = tl.where(l_i == 0.0, 1.0, l_i)
         inv_l = 1.0 / l_safe
         if DROPOUT:
-            inv_l = inv_l / (1.0 - dropout_p)
+            inv_l = inv_l * keep_scale
         out = acc * inv_l[:, None]
         # Back to the natural log: lse = ln Σ_j exp(scale·qk_j) = (m + log2 l)·ln 2.
         lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
@@ -348,9 +371,10 @@ if HAS_TRITON:
 
     @triton.jit
     def _attn_bwd_dkdv_inner(dk, dv, k, v, key_ok, q_ptrs, do_ptrs, dq_ptrs, lse_ptr, delta_ptr, lo, hi, rows_q,
-                             offs_m, offs_n, offs_d, stride_qm, stride_dom, stride_dqm,
-                             sm_scale, qk_scale, dropout_p, seed, rng_base, rng_stride_m,
+                             start_n, offs_m, offs_n, offs_d, stride_qm, stride_dom, stride_dqm,
+                             sm_scale, qk_scale, drop_threshold, keep_scale, seed, rng_base, rng_stride_m,
                              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                             BLOCK_N: tl.constexpr,
                              BOUNDARY: tl.constexpr, HAS_KPM: tl.constexpr, DROPOUT: tl.constexpr,
                              FUSE_DQ: tl.constexpr, DOT_PRECISION: tl.constexpr):
         d_ok = offs_d < HEAD_DIM
@@ -362,18 +386,18 @@ if HAS_TRITON:
             lse2 = _load_lse2(lse_ptr, rows, rows_q)
             delta = tl.load(delta_ptr + rows, mask=rows < rows_q, other=0.0)
             # Rows past the sequence load q = dO = 0, lse2 = delta = 0: they add exactly zero below.
-            qkT = mma(k, qT, None, DOT_PRECISION)  # (BLOCK_N, BLOCK_M)
+            qkT = dot(k, qT, DOT_PRECISION)  # (BLOCK_N, BLOCK_M)
             pT = tl.math.exp2(qkT * qk_scale - lse2[None, :])
             if HAS_KPM or FUSE_DQ:
                 # Padding keys (and, for the fused dQ, keys past the sequence, whose k = 0 would
                 # otherwise give P = exp2(-lse2) and leak into dQ) carry no probability.
                 pT = tl.where(key_ok[:, None], pT, 0.0)
-            dpT = mma(v, tl.trans(do), None, DOT_PRECISION)
+            dpT = dot(v, tl.trans(do), DOT_PRECISION)
             if DROPOUT:
-                keep = _keep_mask(seed, rng_base, rows[None, :], offs_n[:, None], rng_stride_m, dropout_p)
-                scale_keep = 1.0 / (1.0 - dropout_p)
-                pT_drop = tl.where(keep, pT * scale_keep, 0.0)
-                dpT = tl.where(keep, dpT * scale_keep, 0.0)
+                # Drawn as (queries, keys) like the forward's, then transposed to (keys, queries).
+                keep = tl.trans(_keep_mask(seed, rng_base, rows, start_n, rng_stride_m, drop_threshold, BLOCK_N))
+                pT_drop = tl.where(keep, pT * keep_scale, 0.0)
+                dpT = tl.where(keep, dpT * keep_scale, 0.0)
             else:
                 pT_drop = pT
             dv = mma(cast_rne(pT_drop, do.dtype), do, dv, DOT_PRECISION)
@@ -381,10 +405,12 @@ if HAS_TRITON:
             dk = mma(dsT, tl.trans(qT), dk, DOT_PRECISION)
             if FUSE_DQ:
                 # This program holds every key of the sequence, so dQ of these query rows is complete:
-                # dQ = scale · dS · K, written once, no atomics, no second kernel.
-                dq = mma(tl.trans(dsT), k, None, DOT_PRECISION) * sm_scale
-                dq_mask = (rows < rows_q)[:, None] & d_ok[None, :]
-                tl.store(dq_ptrs + start_m * stride_dqm, cast_rne(dq, qT.dtype), mask=dq_mask)
+                # dQ = scale · dS · K, written once, no atomics, no second kernel. Computed transposed,
+                # dQᵀ = Kᵀ · dSᵀ (BLOCK_D, BLOCK_M): its M dimension is then the head dim (64), which
+                # Hopper's wgmma takes, where the BLOCK_M = 32 rows of dQ fall back to mma.sync.
+                dqT = dot(tl.trans(k), dsT, DOT_PRECISION) * sm_scale
+                dq_mask = d_ok[:, None] & (rows < rows_q)[None, :]
+                tl.store(dq_ptrs + start_m * stride_dqm, cast_rne(dqT, qT.dtype), mask=dq_mask)
         return dk, dv
 
     @triton.jit(do_not_specialize=_NO_SPECIALIZE)
@@ -398,14 +424,18 @@ if HAS_TRITON:
         stride_dvb, stride_dvn, stride_dvh,
         stride_dqb, stride_dqm, stride_dqh,
         stride_lb, stride_lh, stride_kpmb,
-        n_heads, seqlen_q, seqlen_k, sm_scale, qk_scale, dropout_p, seed, rng_offset, rng_stride_m, rng_stride_bh,
+        n_heads, seqlen_q, seqlen_k, sm_scale, qk_scale, drop_threshold, keep_scale, seed, rng_offset, rng_stride_m,
+        rng_stride_bh,
         SEQ_BUCKET,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
         IS_VARLEN: tl.constexpr, HAS_KPM: tl.constexpr, DROPOUT: tl.constexpr, FUSE_DQ: tl.constexpr,
         DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ):
         """dK, dV of one key block (and with FUSE_DQ, when one block holds the whole sequence, dQ too)."""
-        tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and BLOCK_D >= 16, "tl.dot needs every dim >= 16")
+        # tl.dot needs every dim >= 16 (one assert each: Triton < 3.4 rejects chained `and`).
+        tl.static_assert(BLOCK_M >= 16)
+        tl.static_assert(BLOCK_N >= 16)
+        tl.static_assert(BLOCK_D >= 16)
         start_n = tl.program_id(0) * BLOCK_N
         off_h = tl.program_id(1)
         off_b = tl.program_id(2)
@@ -434,7 +464,7 @@ if HAS_TRITON:
         q_rows = seq_start + offs_m
         q_ptrs = Q + b64 * stride_qb + h64 * stride_qh + q_rows[None, :] * stride_qm + offs_d[:, None]  # Qᵀ
         do_ptrs = DO + b64 * stride_dob + h64 * stride_doh + q_rows[:, None] * stride_dom + offs_d[None, :]
-        dq_ptrs = DQ + b64 * stride_dqb + h64 * stride_dqh + q_rows[:, None] * stride_dqm + offs_d[None, :]
+        dq_ptrs = DQ + b64 * stride_dqb + h64 * stride_dqh + q_rows[None, :] * stride_dqm + offs_d[:, None]  # dQᵀ
         lse_ptr = LSE + b64 * stride_lb + h64 * stride_lh + seq_start
         delta_ptr = Delta + b64 * stride_lb + h64 * stride_lh + seq_start
         rng_base = (b64 * n_heads + h64) * rng_stride_bh + rng_offset
@@ -450,12 +480,14 @@ if HAS_TRITON:
         full_end = (q_hi // BLOCK_M) * BLOCK_M
         dk, dv = _attn_bwd_dkdv_inner(
             dk, dv, k, v, key_ok, q_ptrs, do_ptrs, dq_ptrs, lse_ptr, delta_ptr, 0, full_end, rows_q,
-            offs_m, offs_n, offs_d, stride_qm, stride_dom, stride_dqm, sm_scale, qk_scale, dropout_p, seed, rng_base,
-            rng_stride_m, HEAD_DIM, BLOCK_D, BLOCK_M, False, HAS_KPM, DROPOUT, FUSE_DQ, DOT_PRECISION)
+            start_n, offs_m, offs_n, offs_d, stride_qm, stride_dom, stride_dqm, sm_scale, qk_scale, drop_threshold,
+            keep_scale, seed, rng_base, rng_stride_m, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, False, HAS_KPM, DROPOUT,
+            FUSE_DQ, DOT_PRECISION)
         dk, dv = _attn_bwd_dkdv_inner(
             dk, dv, k, v, key_ok, q_ptrs, do_ptrs, dq_ptrs, lse_ptr, delta_ptr, full_end, q_hi, rows_q,
-            offs_m, offs_n, offs_d, stride_qm, stride_dom, stride_dqm, sm_scale, qk_scale, dropout_p, seed, rng_base,
-            rng_stride_m, HEAD_DIM, BLOCK_D, BLOCK_M, True, HAS_KPM, DROPOUT, FUSE_DQ, DOT_PRECISION)
+            start_n, offs_m, offs_n, offs_d, stride_qm, stride_dom, stride_dqm, sm_scale, qk_scale, drop_threshold,
+            keep_scale, seed, rng_base, rng_stride_m, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, True, HAS_KPM, DROPOUT,
+            FUSE_DQ, DOT_PRECISION)
         dk = dk * sm_scale
 
         tl.store(DK + b64 * stride_dkb + h64 * stride_dkh + kv_rows * stride_dkn + offs_d[None, :],
@@ -463,17 +495,18 @@ if HAS_TRITON:
         tl.store(DV + b64 * stride_dvb + h64 * stride_dvh + kv_rows * stride_dvn + offs_d[None, :],
                  cast_rne(dv, DV.dtype.element_ty), mask=kv_mask)
 
-    _attn_bwd_dkdv_kernel = triton.autotune(configs=_DKDV_CONFIGS, key=_TUNE_KEY,
+    _attn_bwd_dkdv_kernel = autotune(configs=_DKDV_CONFIGS, key=_TUNE_KEY,
                                             prune_configs_by=_prune("N"))(_attn_bwd_dkdv_jit)
     # Sequences of at most FUSED_BLOCK_N tokens (ELECTRA-Small's 128): one program per (sequence, head)
     # holds all keys and also writes dQ, which skips the dQ kernel and its Q·Kᵀ, dO·Vᵀ recomputation
     # (backward = 5 matmuls instead of 7).
-    _attn_bwd_fused_kernel = triton.autotune(configs=_FUSED_CONFIGS, key=_TUNE_KEY)(_attn_bwd_dkdv_jit)
+    _attn_bwd_fused_kernel = autotune(configs=_FUSED_CONFIGS, key=_TUNE_KEY,
+                                      prune_configs_by=_prune("N", by_length=False))(_attn_bwd_dkdv_jit)
 
     @triton.jit
     def _attn_bwd_dq_inner(dq, q, do, lse2, delta, k_ptrs, v_ptrs, kpm_ptr, lo, hi, live_k,
                            offs_m, offs_n, offs_d, stride_kn, stride_vn,
-                           qk_scale, dropout_p, seed, rng_base, rng_stride_m,
+                           qk_scale, drop_threshold, keep_scale, seed, rng_base, rng_stride_m,
                            HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                            BOUNDARY: tl.constexpr, HAS_KPM: tl.constexpr, DROPOUT: tl.constexpr,
                            DOT_PRECISION: tl.constexpr):
@@ -483,22 +516,22 @@ if HAS_TRITON:
             # Kᵀ and Vᵀ loaded transposed: (BLOCK_D, BLOCK_N).
             kT = _load_tile(k_ptrs + start_n * stride_kn, cols, live_k, d_ok, HEAD_DIM, BLOCK_D, BOUNDARY, True)
             vT = _load_tile(v_ptrs + start_n * stride_vn, cols, live_k, d_ok, HEAD_DIM, BLOCK_D, BOUNDARY, True)
-            qk = mma(q, kT, None, DOT_PRECISION)
+            qk = dot(q, kT, DOT_PRECISION)
             p = tl.math.exp2(qk * qk_scale - lse2[:, None])
             if HAS_KPM:
                 key_ok = tl.load(kpm_ptr + cols, mask=cols < live_k, other=0) != 0
                 p = tl.where(key_ok[None, :], p, 0.0)
             elif BOUNDARY:
                 p = tl.where((cols < live_k)[None, :], p, 0.0)
-            dp = mma(do, vT, None, DOT_PRECISION)
+            dp = dot(do, vT, DOT_PRECISION)
             if DROPOUT:
-                keep = _keep_mask(seed, rng_base, offs_m[:, None], cols[None, :], rng_stride_m, dropout_p)
-                dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
+                keep = _keep_mask(seed, rng_base, offs_m, start_n, rng_stride_m, drop_threshold, BLOCK_N)
+                dp = tl.where(keep, dp * keep_scale, 0.0)
             ds = p * (dp - delta[:, None])
             dq = mma(cast_rne(ds, kT.dtype), tl.trans(kT), dq, DOT_PRECISION)
         return dq
 
-    @triton.autotune(configs=_DQ_CONFIGS, key=_TUNE_KEY, prune_configs_by=_prune("M"))
+    @autotune(configs=_DQ_CONFIGS, key=_TUNE_KEY, prune_configs_by=_prune("M"))
     @triton.jit(do_not_specialize=_NO_SPECIALIZE)
     def _attn_bwd_dq_kernel(
         Q, K, V, DO, LSE, Delta, DQ, CU_SEQLENS, KV_LEN, KPM,
@@ -508,13 +541,17 @@ if HAS_TRITON:
         stride_dob, stride_dom, stride_doh,
         stride_dqb, stride_dqm, stride_dqh,
         stride_lb, stride_lh, stride_kpmb,
-        n_heads, seqlen_q, seqlen_k, sm_scale, qk_scale, dropout_p, seed, rng_offset, rng_stride_m, rng_stride_bh,
+        n_heads, seqlen_q, seqlen_k, sm_scale, qk_scale, drop_threshold, keep_scale, seed, rng_offset, rng_stride_m,
+        rng_stride_bh,
         SEQ_BUCKET,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
         IS_VARLEN: tl.constexpr, HAS_KPM: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ):
-        tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and BLOCK_D >= 16, "tl.dot needs every dim >= 16")
+        # tl.dot needs every dim >= 16 (one assert each: Triton < 3.4 rejects chained `and`).
+        tl.static_assert(BLOCK_M >= 16)
+        tl.static_assert(BLOCK_N >= 16)
+        tl.static_assert(BLOCK_D >= 16)
         start_m = tl.program_id(0) * BLOCK_M
         off_h = tl.program_id(1)
         off_b = tl.program_id(2)
@@ -548,27 +585,28 @@ if HAS_TRITON:
         full_end = (live_k // BLOCK_N) * BLOCK_N
         dq = _attn_bwd_dq_inner(
             dq, q, do, lse2, delta, k_ptrs, v_ptrs, kpm_ptr, 0, full_end, live_k,
-            offs_m, offs_n, offs_d, stride_kn, stride_vn, qk_scale, dropout_p, seed, rng_base, rng_stride_m,
-            HEAD_DIM, BLOCK_D, BLOCK_N, False, HAS_KPM, DROPOUT, DOT_PRECISION)
+            offs_m, offs_n, offs_d, stride_kn, stride_vn, qk_scale, drop_threshold, keep_scale, seed, rng_base,
+            rng_stride_m, HEAD_DIM, BLOCK_D, BLOCK_N, False, HAS_KPM, DROPOUT, DOT_PRECISION)
         dq = _attn_bwd_dq_inner(
             dq, q, do, lse2, delta, k_ptrs, v_ptrs, kpm_ptr, full_end, live_k, live_k,
-            offs_m, offs_n, offs_d, stride_kn, stride_vn, qk_scale, dropout_p, seed, rng_base, rng_stride_m,
-            HEAD_DIM, BLOCK_D, BLOCK_N, True, HAS_KPM, DROPOUT, DOT_PRECISION)
+            offs_m, offs_n, offs_d, stride_kn, stride_vn, qk_scale, drop_threshold, keep_scale, seed, rng_base,
+            rng_stride_m, HEAD_DIM, BLOCK_D, BLOCK_N, True, HAS_KPM, DROPOUT, DOT_PRECISION)
         dq = dq * sm_scale
         tl.store(DQ + b64 * stride_dqb + h64 * stride_dqh + rows * stride_dqm + offs_d[None, :],
                  cast_rne(dq, DQ.dtype.element_ty), mask=qo_mask)
 
     @triton.jit(do_not_specialize=["seed", "rng_offset"])
-    def _dropout_mask_kernel(Mask, seqlen_q, seqlen_k, dropout_p, seed, rng_offset,
+    def _dropout_mask_kernel(Mask, seqlen_q, seqlen_k, rng_stride_m, drop_threshold, seed, rng_offset,
                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         """Writes the keep-mask the attention kernels use, (batch·heads, Sq, Sk) uint8 (1 = keep)."""
         offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         off_bh = tl.program_id(1).to(tl.int64)
-        rng_base = off_bh * seqlen_q * seqlen_k + rng_offset
+        rng_base = off_bh * seqlen_q * rng_stride_m + rng_offset
+        mask_base = Mask + off_bh * seqlen_q * seqlen_k
         for start_n in range(0, seqlen_k, BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
-            keep = _keep_mask(seed, rng_base, offs_m[:, None], offs_n[None, :], seqlen_k, dropout_p)
-            ptrs = Mask + rng_base - rng_offset + offs_m[:, None] * seqlen_k + offs_n[None, :]
+            keep = _keep_mask(seed, rng_base, offs_m, start_n, rng_stride_m, drop_threshold, BLOCK_N)
+            ptrs = mask_base + offs_m[:, None] * seqlen_k + offs_n[None, :]
             tl.store(ptrs, keep.to(tl.uint8), mask=(offs_m < seqlen_q)[:, None] & (offs_n < seqlen_k)[None, :])
 
 
@@ -621,7 +659,7 @@ def _last_dim_contiguous(t):
 def _key_padding_args(key_padding_mask, layout, device):
     """uint8 view of the mask and, per batch element, one past the position of its last real key."""
     if key_padding_mask is None:
-        dummy = torch.empty(1, dtype=torch.int32, device=device)
+        dummy = torch.zeros(1, dtype=torch.int32, device=device)  # a pointer argument never read
         return dummy, dummy, 0
     kpm = key_padding_mask
     if kpm.dtype != torch.bool:
@@ -630,6 +668,11 @@ def _key_padding_args(key_padding_mask, layout, device):
     positions = torch.arange(1, kpm.shape[1] + 1, device=device, dtype=torch.int32)
     kv_len = (kpm.to(torch.int32) * positions).amax(dim=1).to(torch.int32)
     return kpm, kv_len, kpm.stride(0)
+
+
+def _rng_stride_m(seqlen_k: int) -> int:
+    """Philox counters per query row: one per 16 keys (``dropout_keep16``)."""
+    return triton.cdiv(seqlen_k, 16)
 
 
 def _scale(softmax_scale, head_dim):
@@ -651,7 +694,7 @@ def attention_forward(q, k, v, key_padding_mask=None, cu_seqlens=None, max_seqle
     kpm, kv_len, stride_kpmb = _key_padding_args(key_padding_mask, layout, q.device)
     cu = cu_seqlens if cu_seqlens is not None else kv_len
     scale = _scale(softmax_scale, layout.head_dim)
-    rng_stride_m = layout.seqlen_k
+    rng_stride_m = _rng_stride_m(layout.seqlen_k)
 
     def grid(meta):
         return (triton.cdiv(layout.seqlen_q, meta["BLOCK_M"]), layout.heads, layout.batch)
@@ -660,8 +703,8 @@ def attention_forward(q, k, v, key_padding_mask=None, cu_seqlens=None, max_seqle
         q, k, v, out, lse, cu, kv_len, kpm,
         *layout.strides(q), *layout.strides(k), *layout.strides(v), *layout.strides(out),
         *layout.lse_strides(lse), stride_kpmb,
-        layout.heads, layout.seqlen_q, layout.seqlen_k, scale * LOG2E, float(dropout_p), int(seed), int(rng_offset),
-        rng_stride_m, layout.seqlen_q * layout.seqlen_k,
+        layout.heads, layout.seqlen_q, layout.seqlen_k, scale * LOG2E, dropout_threshold(dropout_p),
+        dropout_scale(dropout_p), int(seed), int(rng_offset), rng_stride_m, layout.seqlen_q * rng_stride_m,
         layout.seq_bucket,
         HEAD_DIM=layout.head_dim, BLOCK_D=layout.block_d,
         IS_VARLEN=layout.is_varlen, HAS_KPM=key_padding_mask is not None, DROPOUT=dropout_p > 0.0,
@@ -689,8 +732,10 @@ def attention_backward(dout, q, k, v, out, lse, key_padding_mask=None, cu_seqlen
         out, dout, delta, cu, *layout.strides(out), *layout.strides(dout), *layout.lse_strides(delta),
         layout.seqlen_q, BLOCK_M=pre_block, num_warps=4, **common,
     )
-    scalars = (layout.heads, layout.seqlen_q, layout.seqlen_k, scale, scale * LOG2E, float(dropout_p),
-               int(seed), int(rng_offset), layout.seqlen_k, layout.seqlen_q * layout.seqlen_k, layout.seq_bucket)
+    rng_stride_m = _rng_stride_m(layout.seqlen_k)
+    scalars = (layout.heads, layout.seqlen_q, layout.seqlen_k, scale, scale * LOG2E, dropout_threshold(dropout_p),
+               dropout_scale(dropout_p), int(seed), int(rng_offset), rng_stride_m, layout.seqlen_q * rng_stride_m,
+               layout.seq_bucket)
     flags = dict(common, HAS_KPM=key_padding_mask is not None, DROPOUT=dropout_p > 0.0,
                  DOT_PRECISION=_dot_precision(q.dtype))
 
@@ -729,14 +774,77 @@ def attention_dropout_mask(batch: int, heads: int, seqlen_q: int, seqlen_k: int,
     """
     if not HAS_TRITON:
         raise RuntimeError("attention_dropout_mask needs triton (the mask is the kernels' own Philox stream)")
-    mask = torch.empty((batch, heads, seqlen_q, seqlen_k), dtype=torch.uint8, device=device)
+    mask = new_empty((batch, heads, seqlen_q, seqlen_k), dtype=torch.uint8, device=device)
     if mask.numel() == 0:
         return mask.view(torch.bool)
     block = 32
     _dropout_mask_kernel[(triton.cdiv(seqlen_q, block), batch * heads)](
-        mask, seqlen_q, seqlen_k, float(dropout_p), int(seed), int(rng_offset), BLOCK_M=block, BLOCK_N=block,
+        mask, seqlen_q, seqlen_k, _rng_stride_m(seqlen_k), dropout_threshold(dropout_p), int(seed), int(rng_offset),
+        BLOCK_M=block, BLOCK_N=block,
     )
     return mask.view(torch.bool)
+
+
+def compile_variants():
+    """Every kernel above in every variant the launchers use, with every autotune candidate the
+    pruning keeps for some sequence length (the first candidate marked default): the list
+    ``benchmarks/compile_report.py`` and ``tests/kernels/test_gpu_compile.py`` compile for real GPUs."""
+    from ._gpu_compile import Variant, runtime_args
+
+    def arg_type(name, dtype):
+        if name in ("Q", "K", "V", "Out", "DO", "DQ", "DK", "DV"):
+            return "*" + dtype
+        if name in ("LSE", "Delta"):
+            return "*fp32"
+        if name in ("CU_SEQLENS", "KV_LEN"):
+            return "*i32"
+        if name in ("KPM", "Mask"):
+            return "*u8"
+        if name in ("qk_scale", "sm_scale", "keep_scale"):
+            return "fp32"
+        return "i32"
+
+    # The packed token count (LSE strides) and the mask's row stride need not be multiples of 16.
+    aligned = frozenset({"stride_qb", "stride_qm", "stride_qh", "stride_kb", "stride_kn", "stride_kh", "stride_vb",
+                         "stride_vn", "stride_vh", "stride_ob", "stride_om", "stride_oh", "stride_dob", "stride_dom",
+                         "stride_doh", "stride_dkb", "stride_dkn", "stride_dkh", "stride_dvb", "stride_dvn",
+                         "stride_dvh", "stride_dqb", "stride_dqm", "stride_dqh"})
+    layouts = {"packed": dict(IS_VARLEN=True, HAS_KPM=False), "padded": dict(IS_VARLEN=False, HAS_KPM=False),
+               "padded+mask": dict(IS_VARLEN=False, HAS_KPM=True)}
+    kernels = [("attention fwd", _attn_fwd_kernel, _FWD_SPACE, "M", {}),
+               ("attention dk/dv", _attn_bwd_dkdv_kernel, _DKDV_SPACE, "N", {"FUSE_DQ": False}),
+               ("attention dk/dv/dq fused", _attn_bwd_fused_kernel, _FUSED_SPACE, "N", {"FUSE_DQ": True}),
+               ("attention dq", _attn_bwd_dq_kernel, _DQ_SPACE, "M", {})]
+    variants = []
+    for dtype in ("bf16", "fp16", "fp32"):
+        element_size = 4 if dtype == "fp32" else 2
+        precision = "ieee" if dtype == "fp32" else "tf32"  # _dot_precision
+        for layout, flags in layouts.items():
+            for dropout in (False, True):
+                for head_dim in (32, 64, 128):
+                    block_d = max(16, triton.next_power_of_2(head_dim))  # _Layout.block_d
+                    tags = dict(dtype=dtype, layout=layout, dropout=dropout, head_dim=head_dim)
+                    for name, kernel, space, stationary, extra in kernels:
+                        types = {a: arg_type(a, dtype) for a in runtime_args(kernel)}
+                        kept = [c for c in space
+                                if _keep_candidate(c, stationary, None, block_d, element_size, 1 << 30)]
+                        for i, (block_m, block_n, warps, stages) in enumerate(kept):
+                            constexprs = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, DROPOUT=dropout,
+                                              DOT_PRECISION=precision, BLOCK_M=block_m, BLOCK_N=block_n,
+                                              **flags, **extra)
+                            variants.append(Variant(name, kernel, types, constexprs, warps, stages,
+                                                    default=i == 0, matmul=True, tags=tags, aligned=aligned))
+                    if not dropout:
+                        pre = _attn_bwd_preprocess_kernel
+                        variants.append(Variant(
+                            "attention bwd preprocess", pre, {a: arg_type(a, dtype) for a in runtime_args(pre)},
+                            dict(HEAD_DIM=head_dim, BLOCK_D=block_d, IS_VARLEN=flags["IS_VARLEN"], BLOCK_M=64),
+                            4, tags=dict(tags, dropout=None), aligned=aligned))
+    mask_kernel = _dropout_mask_kernel
+    variants.append(Variant("attention dropout mask (tests)", mask_kernel,
+                            {a: arg_type(a, "fp32") for a in runtime_args(mask_kernel)},
+                            dict(BLOCK_M=32, BLOCK_N=32), 4, tags=dict(dropout=True)))
+    return variants
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -837,6 +945,11 @@ def _autocast(q, k, v):
     return q, k, v
 
 
+def _sample_keep(shape, dropout_p, device) -> torch.Tensor:
+    """A keep-mask with the kernels' quantised keep probability (byte >= threshold), drawn by torch."""
+    return torch.randint(0, 256, shape, device=device) >= dropout_threshold(dropout_p)
+
+
 def _draw_seed() -> torch.Tensor:
     # From torch's default CPU generator: torch.manual_seed governs reproducibility, and
     # torch.utils.checkpoint (which restores the CPU RNG state) replays the same dropout mask.
@@ -850,7 +963,8 @@ def attention(q, k, v, key_padding_mask=None, dropout_p: float = 0.0, softmax_sc
     q: (batch, seq_q, heads, head_dim); k, v: (batch, seq_k, heads, head_dim); fp16/bf16 (fp32 works, exact
     but slow on the GPU); head_dim <= 128. key_padding_mask: (batch, seq_k) bool, True = real token (the
     Hugging Face ``attention_mask`` meaning) or None. dropout_p: probability of zeroing an attention
-    probability (the survivors are scaled by 1/(1-p)); the seed is drawn from torch's default CPU
+    probability, quantised to 1/256 (the survivors are scaled by 1/q, q = ``dropout_keep_probability(p)``,
+    the exact keep probability); the seed is drawn from torch's default CPU
     generator. softmax_scale: defaults to 1/sqrt(head_dim).
     Returns (batch, seq_q, heads, head_dim) in q's dtype. Rows of padded queries are computed like any
     other row (their values are never used by a correct model); a row with no real key returns zeros.
@@ -873,7 +987,7 @@ def attention(q, k, v, key_padding_mask=None, dropout_p: float = 0.0, softmax_sc
     if not use_triton(q, k, v) or q.dtype == torch.float64:
         keep = None  # the reference samples its own mask unless the caller wants to see it
         if dropout_p > 0.0 and return_dropout_mask:
-            keep = torch.rand((batch, heads, seq_q, seq_k), device=q.device) >= dropout_p
+            keep = _sample_keep((batch, heads, seq_q, seq_k), dropout_p, q.device)
         out = attention_ref(q, k, v, key_padding_mask, dropout_p, softmax_scale, dropout_mask=keep)
         return (out, keep) if return_dropout_mask else out
 
@@ -916,7 +1030,7 @@ def attention_varlen(q, k, v, cu_seqlens, max_seqlen: int, dropout_p: float = 0.
     if not use_triton(q, k, v) or q.dtype == torch.float64:
         keep = None
         if dropout_p > 0.0 and return_dropout_mask:
-            keep = torch.rand((batch, heads, max_seqlen, max_seqlen), device=q.device) >= dropout_p
+            keep = _sample_keep((batch, heads, max_seqlen, max_seqlen), dropout_p, q.device)
         out = attention_varlen_ref(q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale, dropout_mask=keep)
         return (out, keep) if return_dropout_mask else out
 
@@ -982,7 +1096,7 @@ def attention_ref(q, k, v, key_padding_mask=None, dropout_p: float = 0.0, softma
         lse = torch.logsumexp(scores, dim=-1)
         probs = torch.exp(scores - lse[..., None]).nan_to_num(0.0)  # fully padded rows -> zeros
         if dropout_mask is not None:
-            probs = probs * dropout_mask.to(probs.dtype) / (1.0 - dropout_p)
+            probs = probs * dropout_mask.to(probs.dtype) * dropout_scale(dropout_p)
         elif dropout_p > 0.0:
             probs = F.dropout(probs, p=dropout_p, training=True)
         out = torch.matmul(probs, vf).transpose(1, 2).to(q.dtype)

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._dispatch import HAS_TRITON, use_triton
+from ._outputs import new_empty
 from ._triton_utils import device_guard, target_programs
 
 if HAS_TRITON:
@@ -112,7 +113,7 @@ def _blocks(n: int) -> tuple[int, int]:
 def bias_gelu_forward(x: Tensor, bias: Optional[Tensor]) -> Tensor:
     """gelu(x + bias) on (M, N) rows with unit column stride; returns (M, N) in x.dtype."""
     M, N = x.shape
-    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    y = new_empty((M, N), dtype=x.dtype, device=x.device)
     if M == 0 or N == 0:
         return y
     block_m, block_n = _blocks(N)
@@ -128,7 +129,7 @@ def bias_gelu_forward(x: Tensor, bias: Optional[Tensor]) -> Tensor:
 def bias_gelu_backward(dy: Tensor, x: Tensor, bias: Optional[Tensor]):
     """Returns (dx (M, N) in x.dtype, dbias (N,) fp32 or None)."""
     M, N = x.shape
-    dx = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    dx = new_empty((M, N), dtype=x.dtype, device=x.device)
     block_m, block_n = _blocks(N)
     col_blocks = triton.cdiv(N, block_n) if N else 1
     row_blocks = max(1, triton.cdiv(M, block_m))
@@ -136,7 +137,7 @@ def bias_gelu_backward(dy: Tensor, x: Tensor, bias: Optional[Tensor]):
     rows_per_program = triton.cdiv(row_blocks, programs_m) * block_m
     programs_m = max(1, triton.cdiv(M, rows_per_program))
     # Every program owns at least one row block, so each partial row is written (zeros when M == 0).
-    alloc = torch.empty if M > 0 else torch.zeros
+    alloc = new_empty if M > 0 else torch.zeros
     db_partial = alloc((programs_m, N), dtype=torch.float32, device=x.device) if bias is not None else None
     if M > 0 and N > 0:
         with device_guard(x):
@@ -146,6 +147,26 @@ def bias_gelu_backward(dy: Tensor, x: Tensor, bias: Optional[Tensor]):
                 HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=_NUM_WARPS,
             )
     return dx, (db_partial.sum(0) if db_partial is not None else None)
+
+
+def compile_variants():
+    """The kernels above for the feed-forward widths ELECTRA uses (4 x hidden; tile sizes from ``_blocks``,
+    as the launchers pick them): for ``benchmarks/compile_report.py`` and ``tests/kernels/test_gpu_compile.py``."""
+    from ._gpu_compile import Variant, runtime_args
+
+    def types(kernel, dtype):
+        return {a: ("*" + dtype if a in ("X", "Y", "DY", "DX") else "*fp32" if a in ("B", "DB_PARTIAL") else "i32")
+                for a in runtime_args(kernel)}
+
+    variants = []
+    for dtype in ("bf16", "fp16", "fp32"):
+        for hidden in (128, 256, 768, 1024):
+            block_m, block_n = _blocks(4 * hidden)
+            tags = dict(dtype=dtype, hidden=hidden, features=4 * hidden)
+            for name, kernel in (("bias gelu fwd", _bias_gelu_fwd_kernel), ("bias gelu bwd", _bias_gelu_bwd_kernel)):
+                variants.append(Variant(name, kernel, types(kernel, dtype),
+                                        dict(HAS_BIAS=True, BLOCK_M=block_m, BLOCK_N=block_n), _NUM_WARPS, tags=tags))
+    return variants
 
 
 # --------------------------------------------------------------------------------------------------

@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._dispatch import HAS_TRITON, interpreter_enabled, use_triton
+from ._outputs import new_empty
 from ._triton_utils import device_guard, target_programs
 
 if HAS_TRITON:
@@ -57,8 +58,6 @@ _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # A row block lives in registers: BLOCK_N x next_pow2(H) fp32 values per program.
 _MAX_HIDDEN = 8192
 _TILE_ELEMENTS = 8192
-# Every kernel output is allocated through this name, so tests can make it return NaN-filled memory.
-_new_empty = torch.empty
 
 
 # --------------------------------------------------------------------------------------------------
@@ -233,16 +232,16 @@ def disc_head_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], la
     rows_per_program = block_n * triton.cdiv(triton.cdiv(N, block_n), num_parts) if N else block_n
     num_parts = max(1, triton.cdiv(N, rows_per_program))
 
-    logits = _new_empty((N,), dtype=torch.float32, device=device)
-    dz = _new_empty((N,), dtype=torch.float32, device=device)
-    part_dw = _new_empty((num_parts, HID), dtype=torch.float32, device=device)
-    part_sums = _new_empty((num_parts, 2), dtype=torch.float32, device=device)
-    part_counts = _new_empty((num_parts, 2), dtype=torch.int32, device=device)
-    dw_sum = _new_empty((HID,), dtype=torch.float32, device=device)
-    loss = _new_empty((), dtype=torch.float32, device=device)
-    db_sum = _new_empty((), dtype=torch.float32, device=device)
-    num_tokens = _new_empty((), dtype=torch.int64, device=device)
-    num_correct = _new_empty((), dtype=torch.int64, device=device)
+    logits = new_empty((N,), dtype=torch.float32, device=device)
+    dz = new_empty((N,), dtype=torch.float32, device=device)
+    part_dw = new_empty((num_parts, HID), dtype=torch.float32, device=device)
+    part_sums = new_empty((num_parts, 2), dtype=torch.float32, device=device)
+    part_counts = new_empty((num_parts, 2), dtype=torch.int32, device=device)
+    dw_sum = new_empty((HID,), dtype=torch.float32, device=device)
+    loss = new_empty((), dtype=torch.float32, device=device)
+    db_sum = new_empty((), dtype=torch.float32, device=device)
+    num_tokens = new_empty((), dtype=torch.int64, device=device)
+    num_correct = new_empty((), dtype=torch.int64, device=device)
 
     block_f = min(block_h, 128)
     with device_guard(hidden):
@@ -268,9 +267,9 @@ def disc_head_backward(grad_loss: Optional[Tensor], grad_logits: Optional[Tensor
     N, HID = hidden.shape
     device = hidden.device
     block_n, block_h, num_warps = _blocks(HID)
-    grad_hidden = _new_empty((N, HID), dtype=hidden.dtype, device=device) if need_hidden else None
-    grad_weight = _new_empty((1, HID), dtype=weight.dtype, device=device) if need_weight else None
-    grad_bias = _new_empty((1,), dtype=bias.dtype, device=device) if need_bias else None
+    grad_hidden = new_empty((N, HID), dtype=hidden.dtype, device=device) if need_hidden else None
+    grad_weight = new_empty((1, HID), dtype=weight.dtype, device=device) if need_weight else None
+    grad_bias = new_empty((1,), dtype=bias.dtype, device=device) if need_bias else None
     if grad_logits is not None and grad_logits.stride(-1) != 1:
         grad_logits = grad_logits.contiguous()
     grid = (max(1, triton.cdiv(N, block_n)) if need_hidden else 1,)
@@ -293,6 +292,48 @@ def disc_head_backward(grad_loss: Optional[Tensor], grad_logits: Optional[Tensor
         if need_bias:
             grad_bias += gl.sum().to(bias.dtype)
     return grad_hidden, grad_weight, grad_bias
+
+
+def compile_variants():
+    """The kernels above in the variants the launchers use (dtypes x hidden sizes; tile sizes and warps
+    from ``_blocks``, as the launchers pick them): for ``benchmarks/compile_report.py`` and
+    ``tests/kernels/test_gpu_compile.py``. These kernels have one config per size, no candidates."""
+    from ._gpu_compile import Variant, runtime_args
+
+    def types(kernel, dtype):
+        def arg_type(name):
+            if name in ("HIDDEN", "W", "BIAS", "DHIDDEN", "DW", "DB"):
+                return "*" + dtype
+            if name in ("LABELS",):
+                return "*i64"
+            if name == "MASK":
+                return "*u8"
+            if name in ("PART_COUNTS",):
+                return "*i32"
+            if name in ("NUM_TOKENS", "NUM_CORRECT"):
+                return "*i64"
+            if name.isupper() and name not in ("N", "HID") or name.startswith(("PART_", "DW_", "DB_", "GRAD_")):
+                return "*fp32"
+            return "i32"
+
+        return {a: arg_type(a) for a in runtime_args(kernel)}
+
+    variants = []
+    for dtype in ("bf16", "fp16", "fp32"):
+        for hidden in (128, 256, 768, 1024):
+            block_n, block_h, num_warps = _blocks(hidden)
+            tags = dict(dtype=dtype, hidden=hidden)
+            variants.append(Variant("disc head fwd", _disc_head_fwd_kernel, types(_disc_head_fwd_kernel, dtype),
+                                    dict(HAS_BIAS=True, BLOCK_N=block_n, BLOCK_H=block_h), num_warps, tags=tags,
+                                    aligned=frozenset({"stride_hn"})))
+            variants.append(Variant("disc head bwd", _disc_head_bwd_kernel, types(_disc_head_bwd_kernel, dtype),
+                                    dict(HAS_GRAD_LOSS=True, HAS_GRAD_LOGITS=False, WRITE_DH=True, WRITE_DW=True,
+                                         WRITE_DB=True, BLOCK_N=block_n, BLOCK_H=block_h), num_warps, tags=tags,
+                                    aligned=frozenset({"stride_dn"})))
+            variants.append(Variant("disc head finalize", _disc_head_finalize_kernel,
+                                    types(_disc_head_finalize_kernel, "fp32"),
+                                    dict(BLOCK_P=32, BLOCK_H=min(block_h, 128)), 4, tags=dict(hidden=hidden)))
+    return variants
 
 
 # --------------------------------------------------------------------------------------------------

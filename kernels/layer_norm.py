@@ -7,12 +7,17 @@ the whole activation, plus a saved dropout mask. Here one program normalises who
     z    = dropout(x) + residual              (dropout mask drawn in-kernel from a seed)
     y    = (z - mean(z)) * rstd(z) * weight + bias,   rstd = 1 / sqrt(var(z) + eps)
 
-Statistics are fp32 whatever the I/O dtype. The backward pass regenerates the same dropout mask from
-the seed (philox counter = element index), so no mask is stored; it saves z (or x when there is
-neither residual nor dropout), mean and rstd. For one row, with x̂ = (z - mean)·rstd, g = dy·weight:
+Statistics are fp32 whatever the I/O dtype. The dropout mask comes 16 keep decisions per Philox
+evaluation (``dropout_keep16``: four random words = 16 bytes against an 8-bit threshold, a sixteenth
+of the integer work of one ``tl.rand`` per element, which would cost more than this memory-bound
+kernel's loads); the drop probability is therefore quantised to 1/256 and survivors are scaled by 1/q,
+q the exact quantised keep probability (``dropout_keep_probability``), so E[dropout(x)] = x. The mask
+depends only on (seed, row, column), so the backward pass regenerates it and no mask is stored; the
+forward saves z (or x when there is neither residual nor dropout), mean and rstd. For one row, with
+x̂ = (z - mean)·rstd, g = dy·weight:
 
     dz = rstd · (g - mean(g) - x̂ · mean(g · x̂))
-    dx = dz · keep / (1 - p),   dresidual = dz,   dweight = Σ_rows dy·x̂,   dbias = Σ_rows dy
+    dx = dz · keep / q,   dresidual = dz,   dweight = Σ_rows dy·x̂,   dbias = Σ_rows dy
 
 Weight and bias gradients are accumulated per program over a contiguous block of rows in registers and
 the (programs, N) partial sums reduced once at the end (the flash-attn / Liger backward layout). Narrow
@@ -35,11 +40,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._dispatch import HAS_TRITON, use_triton
-from ._triton_utils import device_guard, target_programs
+from ._outputs import new_empty
+from ._triton_utils import device_guard, dropout_scale, dropout_threshold, target_programs
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
+
+    from ._triton_utils import dropout_keep16
 else:  # pragma: no cover - the reference path needs no triton
     triton = None
 
@@ -57,10 +65,17 @@ _TILE_ELEMENTS = 2048
 if HAS_TRITON:
 
     @triton.jit
+    def _keep_mask(SEED, rows, N, drop_threshold, BLOCK_N: tl.constexpr):
+        """Keep decisions (len(rows), BLOCK_N) for whole rows: element (r, c) is byte c % 16 of Philox
+        counter r·⌈N/16⌉ + c // 16 (``dropout_keep16``: one Philox evaluation per 16 elements)."""
+        counters = rows[:, None] * tl.cdiv(N, 16) + tl.arange(0, BLOCK_N // 16)[None, :]
+        return dropout_keep16(tl.load(SEED), counters, drop_threshold)
+
+    @triton.jit
     def _layer_norm_fwd_kernel(
         X, RESIDUAL, W, B, Y, Z, MEAN, RSTD, DROPOUT_MASK, SEED,
         stride_x_row, stride_res_row, stride_y_row, stride_z_row,
-        M, N, eps, dropout_p, dropout_scale,
+        M, N, eps, drop_threshold, dropout_scale,
         HAS_RESIDUAL: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
         HAS_DROPOUT: tl.constexpr, STORE_Z: tl.constexpr, STORE_DROPOUT_MASK: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -74,12 +89,11 @@ if HAS_TRITON:
         inside = row_in[:, None] & col_in[None, :]
         z = tl.load(X + rows[:, None] * stride_x_row + cols[None, :], mask=inside, other=0.0).to(tl.float32)
         if HAS_DROPOUT:
-            # Philox counter = flat element index, so the backward pass regenerates the same mask.
-            element = rows[:, None] * N + cols[None, :]
-            keep = tl.rand(tl.load(SEED), element) >= dropout_p
+            # The backward pass regenerates the same mask from the seed (_keep_mask).
+            keep = _keep_mask(SEED, rows, N, drop_threshold, BLOCK_N)
             z = tl.where(keep, z * dropout_scale, 0.0)
             if STORE_DROPOUT_MASK:
-                tl.store(DROPOUT_MASK + element, keep, mask=inside)
+                tl.store(DROPOUT_MASK + rows[:, None] * N + cols[None, :], keep, mask=inside)
         if HAS_RESIDUAL:
             z += tl.load(RESIDUAL + rows[:, None] * stride_res_row + cols[None, :], mask=inside,
                          other=0.0).to(tl.float32)
@@ -103,7 +117,7 @@ if HAS_TRITON:
     def _layer_norm_bwd_kernel(
         DY, Z, W, MEAN, RSTD, DX, DRESIDUAL, DW_PARTIAL, DB_PARTIAL, SEED,
         stride_dy_row, stride_z_row, stride_dx_row, stride_dres_row,
-        M, N, rows_per_program, dropout_p, dropout_scale,
+        M, N, rows_per_program, drop_threshold, dropout_scale,
         HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
         STORE_DRESIDUAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ):
@@ -143,7 +157,7 @@ if HAS_TRITON:
                 tl.store(DRESIDUAL + rows[:, None] * stride_dres_row + cols[None, :],
                          dz.to(DRESIDUAL.dtype.element_ty), mask=inside)
             if HAS_DROPOUT:
-                keep = tl.rand(tl.load(SEED), rows[:, None] * N + cols[None, :]) >= dropout_p
+                keep = _keep_mask(SEED, rows, N, drop_threshold, BLOCK_N)
                 dz = tl.where(keep, dz * dropout_scale, 0.0)
             tl.store(DX + rows[:, None] * stride_dx_row + cols[None, :], dz.to(DX.dtype.element_ty), mask=inside)
         if HAS_WEIGHT:
@@ -156,7 +170,7 @@ if HAS_TRITON:
 # 2. Launchers
 # --------------------------------------------------------------------------------------------------
 def _block_n(n: int, element_size: int) -> int:
-    block_n = triton.next_power_of_2(n)
+    block_n = max(16, triton.next_power_of_2(n))  # >= 16: the dropout mask comes 16 columns at a time
     if n * element_size > _MAX_FUSED_BYTES:
         raise ValueError(
             f"layer_norm: the Triton kernel holds a row in registers and supports up to "
@@ -174,10 +188,6 @@ def _num_warps(tile_elements: int) -> int:
     return min(max(tile_elements // 256, 1), 32)
 
 
-def _dropout_scale(dropout_p: float) -> float:
-    return 1.0 / (1.0 - dropout_p) if dropout_p < 1.0 else 0.0
-
-
 def layer_norm_forward(
     x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], residual: Optional[Tensor],
     seed: Optional[Tensor], eps: float, dropout_p: float, return_dropout_mask: bool, keep_for_backward: bool = True,
@@ -193,12 +203,12 @@ def layer_norm_forward(
     out_dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
     has_dropout = dropout_p > 0.0
     store_z = keep_for_backward and (residual is not None or has_dropout)
-    y = torch.empty((M, N), dtype=out_dtype, device=x.device)
-    z = torch.empty((M, N) if store_z else (0,), dtype=out_dtype, device=x.device)
-    mean = torch.empty((M,), dtype=torch.float32, device=x.device)
-    rstd = torch.empty((M,), dtype=torch.float32, device=x.device)
+    y = new_empty((M, N), dtype=out_dtype, device=x.device)
+    z = new_empty((M, N) if store_z else (0,), dtype=out_dtype, device=x.device)
+    mean = new_empty((M,), dtype=torch.float32, device=x.device)
+    rstd = new_empty((M,), dtype=torch.float32, device=x.device)
     store_mask = has_dropout and return_dropout_mask
-    dropout_mask = torch.empty((M, N) if store_mask else (0,), dtype=torch.bool, device=x.device)
+    dropout_mask = new_empty((M, N) if store_mask else (0,), dtype=torch.bool, device=x.device)
     if M == 0:
         return y, z, mean, rstd, dropout_mask
     block_n = _block_n(N, max(x.element_size(), y.element_size()))
@@ -208,7 +218,7 @@ def layer_norm_forward(
             x, residual, weight, bias, y, z, mean, rstd, dropout_mask, seed,
             x.stride(0), residual.stride(0) if residual is not None else 0, y.stride(0),
             z.stride(0) if store_z else 0,
-            M, N, eps, dropout_p, _dropout_scale(dropout_p),
+            M, N, eps, dropout_threshold(dropout_p), dropout_scale(dropout_p),
             HAS_RESIDUAL=residual is not None, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
             HAS_DROPOUT=has_dropout, STORE_Z=store_z, STORE_DROPOUT_MASK=store_mask,
             BLOCK_M=block_m, BLOCK_N=block_n, num_warps=_num_warps(block_m * block_n),
@@ -226,8 +236,8 @@ def layer_norm_backward(
     M, N = z.shape
     has_dropout = dropout_p > 0.0
     store_dresidual = residual_dtype is not None and (has_dropout or residual_dtype != x_dtype)
-    dx = torch.empty((M, N), dtype=x_dtype, device=z.device)
-    dresidual = torch.empty((M, N), dtype=residual_dtype, device=z.device) if store_dresidual else None
+    dx = new_empty((M, N), dtype=x_dtype, device=z.device)
+    dresidual = new_empty((M, N), dtype=residual_dtype, device=z.device) if store_dresidual else None
     block_n = _block_n(N, max(z.element_size(), dy.element_size()))
     block_m = _block_m(block_n)
     # Whole row blocks per program, and every program gets at least one row.
@@ -239,7 +249,7 @@ def layer_norm_backward(
     programs = max(1, triton.cdiv(M, rows_per_program))
     # Every program owns at least one row, so each partial row is written; with no rows at all the
     # gradients are zeros.
-    alloc = torch.empty if M > 0 else torch.zeros
+    alloc = new_empty if M > 0 else torch.zeros
     dw_partial = alloc((programs, N), dtype=torch.float32, device=z.device) if weight is not None else None
     db_partial = alloc((programs, N), dtype=torch.float32, device=z.device) if has_bias else None
     if M > 0:
@@ -247,7 +257,7 @@ def layer_norm_backward(
             _layer_norm_bwd_kernel[(programs,)](
                 dy, z, weight, mean, rstd, dx, dresidual, dw_partial, db_partial, seed,
                 dy.stride(0), z.stride(0), dx.stride(0), dresidual.stride(0) if store_dresidual else 0,
-                M, N, rows_per_program, dropout_p, _dropout_scale(dropout_p),
+                M, N, rows_per_program, dropout_threshold(dropout_p), dropout_scale(dropout_p),
                 HAS_WEIGHT=weight is not None, HAS_BIAS=has_bias, HAS_DROPOUT=has_dropout,
                 STORE_DRESIDUAL=store_dresidual, BLOCK_M=block_m, BLOCK_N=block_n,
                 num_warps=_num_warps(block_m * block_n),
@@ -255,6 +265,48 @@ def layer_norm_backward(
     dweight = dw_partial.sum(0) if dw_partial is not None else None
     dbias = db_partial.sum(0) if db_partial is not None else None
     return dx, dresidual, dweight, dbias
+
+
+def compile_variants():
+    """The kernels above in the variants the launchers use (dtypes x hidden sizes x residual / dropout;
+    tile sizes and warps from ``_block_n``, ``_block_m`` and ``_num_warps``, as the launchers pick them):
+    for ``benchmarks/compile_report.py`` and ``tests/kernels/test_gpu_compile.py``. One config per size."""
+    from ._gpu_compile import Variant, runtime_args
+
+    def types(kernel, dtype):
+        def arg_type(name):
+            if name in ("X", "RESIDUAL", "Y", "Z", "DY", "DX", "DRESIDUAL"):
+                return "*" + dtype
+            if name == "DROPOUT_MASK":
+                return "*i1"
+            if name == "SEED":
+                return "*i64"
+            if name.isupper() and name not in ("M", "N") or name.endswith("_PARTIAL"):
+                return "*fp32"
+            return "fp32" if name in ("eps", "dropout_scale") else "i32"
+
+        return {a: arg_type(a) for a in runtime_args(kernel)}
+
+    variants = []
+    for dtype in ("bf16", "fp16", "fp32"):
+        element_size = 4 if dtype == "fp32" else 2
+        for hidden in (128, 256, 768, 1024):
+            block_n = _block_n(hidden, element_size)
+            block_m = _block_m(block_n)
+            warps = _num_warps(block_m * block_n)
+            for dropout in (False, True):
+                for residual in (False, True):
+                    tags = dict(dtype=dtype, hidden=hidden, dropout=dropout, residual=residual)
+                    variants.append(Variant(
+                        "layer norm fwd", _layer_norm_fwd_kernel, types(_layer_norm_fwd_kernel, dtype),
+                        dict(HAS_RESIDUAL=residual, HAS_WEIGHT=True, HAS_BIAS=True, HAS_DROPOUT=dropout,
+                             STORE_Z=residual or dropout, STORE_DROPOUT_MASK=False, BLOCK_M=block_m, BLOCK_N=block_n),
+                        warps, tags=tags))
+                    variants.append(Variant(
+                        "layer norm bwd", _layer_norm_bwd_kernel, types(_layer_norm_bwd_kernel, dtype),
+                        dict(HAS_WEIGHT=True, HAS_BIAS=True, HAS_DROPOUT=dropout, STORE_DRESIDUAL=residual and dropout,
+                             BLOCK_M=block_m, BLOCK_N=block_n), warps, tags=tags))
+    return variants
 
 
 # --------------------------------------------------------------------------------------------------
@@ -509,9 +561,9 @@ def layer_norm_ref(
     compute = torch.float64 if wide else torch.float32
     z = x.to(compute)
     if dropout_mask is None and dropout_p > 0.0 and return_dropout_mask:
-        dropout_mask = torch.rand(x.shape, device=x.device) >= dropout_p
+        dropout_mask = torch.randint(0, 256, x.shape, device=x.device) >= dropout_threshold(dropout_p)
     if dropout_mask is not None:
-        z = z * dropout_mask.to(compute) * _dropout_scale(dropout_p) if dropout_p > 0.0 else z
+        z = z * dropout_mask.to(compute) * dropout_scale(dropout_p) if dropout_p > 0.0 else z
     elif dropout_p > 0.0:
         z = F.dropout(z, p=dropout_p, training=True)
     if residual is not None:

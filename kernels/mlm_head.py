@@ -11,16 +11,16 @@ For M gathered rows h_m (E features), the tied embedding matrix W (V, E) and bia
 
 The Gumbel-max trick makes ``sample_m`` an exact draw from softmax(z_m / T). The uniforms u_mv come
 from Philox inside the kernel; no noise tensor exists. One ``tl.rand4x(seed, counter)`` call gives
-four uniforms, so the vocabulary is walked in groups of 256 columns and the counter
-m·(64·groups) + 64·g + j serves the four columns 256·g + j + 64·lane (lane 0..3, j < 64). That costs
+four uniforms, so the vocabulary is walked in groups of 4·Q columns (Q = ``_QUARTER`` = 32) and the
+counter m·(Q·groups) + Q·g + j serves the four columns 4Q·g + j + Q·lane (lane 0..3, j < Q). That costs
 a quarter of the integer work of one ``tl.rand(seed, m·V + v)`` per logit, which at ELECTRA-Base
 (75M logits, ~100 integer ops per Philox-10 draw) would be ~0.5 ms of the head's budget on an H100,
 more than its matmul; the map from column to (counter, lane) is independent of block sizes, so the
 same seed gives the same samples whatever config the autotuner picks. ``gumbel_noise`` materialises
 this noise for tests.
 
-Forward. Programs tile (row block) x (vocabulary split). Each one walks its split in 256-column
-groups: four (BLOCK_M, 64) logit tiles per group with ``tl.dot`` over E in BLOCK_E chunks (fp32
+Forward. Programs tile (row block) x (vocabulary split). Each one walks its split in 4Q-column
+groups: four (BLOCK_M, Q) logit tiles per group with ``tl.dot`` over E in BLOCK_E chunks (fp32
 accumulation, one load of the hidden tile shared by the four dots), each folded into per-row running
 statistics: max and rescaled sum of exponentials (flash-attention's online softmax), the target
 logit, the best logit and its column, the best Gumbel score and its column. A second, tiny kernel
@@ -69,12 +69,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._dispatch import HAS_TRITON, interpreter_enabled, use_triton
+from ._outputs import new_empty
 from ._triton_utils import device_guard, target_programs
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
 
+    from ._autotune import autotune, device_smem_limit, triton_configs
     from ._triton_utils import cast_rne, mma
 else:  # pragma: no cover - the reference path needs no triton
     triton = None
@@ -88,8 +90,12 @@ _MIN_TEMPERATURE = 1e-6
 _DLOGITS_CHUNK_BYTES = 32 << 20
 # Programs to aim for per launch: two waves of the GPU's SMs.
 _PROGRAMS_PER_SM = 2
-# Every kernel output is allocated through this name, so tests can make it return NaN-filled memory.
-_new_empty = torch.empty
+# The forward walks the vocabulary in groups of four QUARTER-column logit tiles, one Philox evaluation
+# giving the Gumbel noise of four logits, one in each tile (see _gumbel4). 32 columns rather than 64:
+# the four accumulators and the four noise tiles are live together, and with 64 columns they need more
+# than the 255 registers a thread may have (ptxas spills 1.2-1.8 KB per thread, sm_80 and sm_90).
+_QUARTER = 32
+_GROUP = 4 * _QUARTER
 
 
 # --------------------------------------------------------------------------------------------------
@@ -99,58 +105,63 @@ def _next_pow2(n: int) -> int:
     return 1 << max(int(n) - 1, 0).bit_length()
 
 
-# The forward walks the vocabulary in groups of 4 x 64 columns (see _gumbel4); its tiles are
-# BLOCK_M rows x one group. The backward's dlogits tiles are plain BLOCK_M x BLOCK_V.
-def _fwd_configs():
-    """A small search space for the forward (BLOCK_M x 256-column tiles); one config in the interpreter.
-    Eight warps throughout: the fused epilogue (online softmax, Philox, two arg-maxes over four
-    64-column tiles) needs the registers of 256 threads (compiled for sm_90, four warps spill heavily)."""
+# Candidate spaces (kernels/_autotune.py: the first entry is the default). The forward walks the
+# vocabulary in groups of 4 x _QUARTER columns (see _gumbel4); its tiles are BLOCK_M rows x one group:
+# (BLOCK_M, BLOCK_E, num_warps, num_stages). Eight warps throughout: the fused epilogue (online softmax,
+# Philox, two arg-maxes over four column tiles) needs the registers of 256 threads. The BLOCK_M=64
+# candidates spill 8 B on sm_80 (none on sm_90); the tuner times them like the others.
+_FWD_SPACE = [(128, 64, 8, 3), (64, 64, 8, 3), (64, 64, 8, 4), (128, 32, 8, 4), (64, 32, 8, 3)]
+# The backward's dlogits tiles are plain BLOCK_M x BLOCK_V: (BLOCK_M, BLOCK_V, BLOCK_E, warps, stages).
+# The recomputed logits, their pointers and the epilogue fill the registers quickly: 128 x 128 tiles
+# spill 192-348 B (sm_80 / sm_90), 128 x 256 up to 1.9 KB, (128, 64, 128, 4 warps) 116-284 B and
+# (64, 256, 32, 8 warps, 4 stages) 284 B on sm_90 (all dropped); the two kept do not spill.
+_DLOGITS_SPACE = [(128, 64, 64, 8, 3), (64, 128, 32, 8, 3)]
+# One small config each under the interpreter (the CPU tests).
+_FWD_INTERPRETED = (64, 32, 4, 1)
+_DLOGITS_INTERPRETED = (64, 256, 32, 4, 1)
+_FWD_NAMES = ("BLOCK_M", "BLOCK_E")
+_DLOGITS_NAMES = ("BLOCK_M", "BLOCK_V", "BLOCK_E")
+
+
+def _configs(space, interpreted, names):
     if interpreter_enabled():
-        return [triton.Config({"BLOCK_M": 64, "BLOCK_E": 32}, num_warps=4, num_stages=1)]
-    return [
-        triton.Config({"BLOCK_M": 128, "BLOCK_E": 64}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_M": 64, "BLOCK_E": 64}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_M": 64, "BLOCK_E": 64}, num_warps=8, num_stages=4),
-        triton.Config({"BLOCK_M": 128, "BLOCK_E": 32}, num_warps=8, num_stages=4),
-        triton.Config({"BLOCK_M": 64, "BLOCK_E": 32}, num_warps=8, num_stages=3),
-    ]
+        return triton_configs([interpreted], names)
+    return triton_configs(space, names)
 
 
-def _dlogits_configs():
-    """A small search space for the backward's (BLOCK_M x BLOCK_V) logit tiles; one in the interpreter."""
-    if interpreter_enabled():
-        return [triton.Config({"BLOCK_M": 64, "BLOCK_V": 256, "BLOCK_E": 32}, num_warps=4, num_stages=1)]
-    return [
-        triton.Config({"BLOCK_M": 128, "BLOCK_V": 128, "BLOCK_E": 64}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_M": 128, "BLOCK_V": 256, "BLOCK_E": 64}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_M": 64, "BLOCK_V": 128, "BLOCK_E": 64}, num_warps=4, num_stages=4),
-        triton.Config({"BLOCK_M": 128, "BLOCK_V": 64, "BLOCK_E": 128}, num_warps=4, num_stages=3),
-        triton.Config({"BLOCK_M": 64, "BLOCK_V": 256, "BLOCK_E": 32}, num_warps=8, num_stages=4),
-    ]
+def _smem_need(block_m, block_v, block_e, stages, element_size) -> int:
+    """Operand buffers of the software pipeline: stages x (hidden tile + weight tile)."""
+    return stages * (block_m + block_v) * block_e * element_size
 
 
-# Shared memory the software pipeline may use (H100: 227 KiB per block; leave room for the rest).
-_SMEM_BUDGET = 200 << 10
+def _keep_candidate(cand, names, M, E, element_size, smem_budget) -> bool:
+    """Tiles not far larger than the problem (tiny M or E), operand buffers within the budget."""
+    blocks = dict(zip(names, cand[:-2]))
+    block_v = blocks.get("BLOCK_V", _GROUP)
+    return (blocks["BLOCK_M"] <= max(64, _next_pow2(M)) and blocks["BLOCK_E"] <= max(32, _next_pow2(E))
+            and _smem_need(blocks["BLOCK_M"], block_v, blocks["BLOCK_E"], cand[-1], element_size) <= smem_budget)
 
 
 def _prune_matmul_configs(configs, named_args, **kwargs):
-    """Drop tiles far larger than the problem (tiny M or E) and pipelines whose operand buffers
-    (num_stages x (hidden tile + weight tile)) would not fit in shared memory (fp32 inputs);
-    keep at least one config, the smallest."""
-    m_cap = max(64, _next_pow2(named_args["M"]))
-    e_cap = max(32, _next_pow2(named_args["E"]))
+    """Drop candidates that do not fit this problem or the device's shared memory (its own per-block
+    limit: 163 KiB on an A100, 227 KiB on an H100); keep at least one config, the smallest."""
     element_size = named_args["H"].element_size()
+    budget = device_smem_limit(named_args)
 
-    def smem(c):
-        block_v = c.kwargs.get("BLOCK_V", 256)
-        return c.num_stages * (c.kwargs["BLOCK_M"] + block_v) * c.kwargs["BLOCK_E"] * element_size
+    def as_tuple(c):
+        return (*c.kwargs.values(), c.num_warps, c.num_stages)
 
-    kept = [c for c in configs if c.kwargs["BLOCK_M"] <= m_cap and c.kwargs["BLOCK_E"] <= e_cap
-            and smem(c) <= _SMEM_BUDGET]
-    return kept or [min(configs, key=smem)]
+    def need(c):
+        return _smem_need(c.kwargs["BLOCK_M"], c.kwargs.get("BLOCK_V", _GROUP), c.kwargs["BLOCK_E"], c.num_stages,
+                          element_size)
+
+    kept = [c for c in configs
+            if _keep_candidate(as_tuple(c), tuple(c.kwargs), named_args["M"], named_args["E"], element_size, budget)]
+    return kept or [min(configs, key=need)]
 
 
 if HAS_TRITON:
+    _QUARTER_C = tl.constexpr(_QUARTER)
 
     @triton.jit
     def _uniform_to_gumbel(u):
@@ -161,9 +172,10 @@ if HAS_TRITON:
     @triton.jit
     def _gumbel4(seed, rows, group, counters_per_row, RNG_OFFSET_64: tl.constexpr,
                  QUARTER: tl.constexpr):
-        """Gumbel(0, 1) noise for the four 64-column quarters of 256-column group ``group``.
+        """Gumbel(0, 1) noise for the four QUARTER-column quarters of column group ``group``.
 
-        Philox counter (row, 64·group + j) yields four uniforms, for columns 256·group + j + 64·lane,
+        Philox counter (row, QUARTER·group + j) yields four uniforms, for columns 4·QUARTER·group + j +
+        QUARTER·lane,
         lane = 0..3: one Philox evaluation per four logits (a quarter of tl.rand's integer work, the
         epilogue's largest cost), and a column -> (counter, lane) map that does not depend on block
         sizes, so a seed gives the same samples whatever config the autotuner picks."""
@@ -180,7 +192,7 @@ if HAS_TRITON:
     def _fold_quarter(logits, first_col, targets, gumbel, inv_temperature,
                       run_max, run_sumexp, target_logit, best, best_col, draw, draw_col, V,
                       QUARTER: tl.constexpr):
-        """Fold one (BLOCK_M, 64) logit tile into the running per-row statistics. Tiles arrive in
+        """Fold one (BLOCK_M, QUARTER) logit tile into the running per-row statistics. Tiles arrive in
         increasing column order, so a strictly greater value is needed to replace a best column:
         with tl.max's first-index tie-break, that is torch.argmax's first-occurrence rule."""
         cols = first_col + tl.arange(0, QUARTER)
@@ -236,12 +248,12 @@ if HAS_TRITON:
     def _logit_quarters(H, W, rows, row_ok, v0, V, E, stride_hm, stride_wv,
                         INPUT_PRECISION: tl.constexpr, EVEN_E: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, QUARTER: tl.constexpr):
-        """The (BLOCK_M, 64) fp32 logit tiles of columns v0 + 64·q + [0, 64), q = 0..3, bias not
+        """The (BLOCK_M, QUARTER) fp32 logit tiles of columns v0 + QUARTER·q + [0, QUARTER), q = 0..3, bias not
         added: four tl.dot per BLOCK_E step sharing one load of the hidden tile."""
         offs_e = tl.arange(0, BLOCK_E)
         q_cols = v0 + tl.arange(0, QUARTER)
         h_ptrs = H + rows.to(tl.int64)[:, None] * stride_hm + offs_e[None, :]
-        # W is (V, E) row-major: loading (BLOCK_E, 64) tiles transposed feeds tl.dot directly.
+        # W is (V, E) row-major: loading (BLOCK_E, QUARTER) tiles transposed feeds tl.dot directly.
         w_ptrs = W + q_cols.to(tl.int64)[None, :] * stride_wv + offs_e[:, None]
         quarter_stride = QUARTER * stride_wv
         ok0 = q_cols < V
@@ -270,8 +282,8 @@ if HAS_TRITON:
             w_ptrs += BLOCK_E
         return acc0, acc1, acc2, acc3
 
-    @triton.autotune(
-        configs=_fwd_configs(),
+    @autotune(
+        configs=_configs(_FWD_SPACE, _FWD_INTERPRETED, _FWD_NAMES),
         key=["M_BUCKET", "V", "E"],
         prune_configs_by={"early_config_prune": _prune_matmul_configs},
     )
@@ -284,8 +296,8 @@ if HAS_TRITON:
         HAS_BIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
         RNG_OFFSET_64: tl.constexpr, EVEN_E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr,
     ):
-        QUARTER: tl.constexpr = 64
-        GROUP: tl.constexpr = 256
+        QUARTER: tl.constexpr = _QUARTER_C
+        GROUP: tl.constexpr = 4 * _QUARTER_C
         tl.static_assert(BLOCK_M >= 16)  # tl.dot needs every operand dimension >= 16
         tl.static_assert(BLOCK_E >= 16)
         pid_m = tl.program_id(0)
@@ -296,7 +308,7 @@ if HAS_TRITON:
         targets = tl.load(TARGETS + rows, mask=row_ok, other=-100)
         q = tl.arange(0, QUARTER)
 
-        # This split's columns: a contiguous run of whole 256-column groups (the last split may be
+        # This split's columns: a contiguous run of whole column groups (the last split may be
         # short or empty; an empty split writes neutral partials).
         groups_per_split = tl.cdiv(tl.cdiv(V, GROUP), num_splits)
         v_begin = split * groups_per_split * GROUP
@@ -399,8 +411,8 @@ if HAS_TRITON:
         tl.store(LOSS, tl.sum(loss_sum, axis=0) / tl.maximum(num_used, 1).to(tl.float32))
         tl.store(NUM_USED, num_used)
 
-    @triton.autotune(
-        configs=_dlogits_configs(),
+    @autotune(
+        configs=_configs(_DLOGITS_SPACE, _DLOGITS_INTERPRETED, _DLOGITS_NAMES),
         key=["M_BUCKET", "V", "E", "chunk_cols"],
         prune_configs_by={"early_config_prune": _prune_matmul_configs},
     )
@@ -457,8 +469,8 @@ if HAS_TRITON:
     @triton.jit(do_not_specialize=["seed"])
     def _gumbel_noise_kernel(OUT, M, V, seed, counters_per_row, RNG_OFFSET_64: tl.constexpr,
                              BLOCK_M: tl.constexpr):
-        """The forward's noise for one row block and one 256-column group, materialised."""
-        QUARTER: tl.constexpr = 64
+        """The forward's noise for one row block and one column group, materialised."""
+        QUARTER: tl.constexpr = _QUARTER_C
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         group = tl.program_id(1)
         g0, g1, g2, g3 = _gumbel4(seed, rows, group, counters_per_row, RNG_OFFSET_64, QUARTER)
@@ -482,8 +494,8 @@ def _input_precision(dtype: torch.dtype) -> str:
 
 
 def _counters_per_row(V: int) -> int:
-    # Philox counters per row: 64 per 256-column group, each giving four uniforms (see _gumbel4).
-    return triton.cdiv(V, 256) * 64
+    # Philox counters per row: QUARTER per group of four quarters, each giving four uniforms (_gumbel4).
+    return triton.cdiv(V, _GROUP) * _QUARTER
 
 
 def _rng_offset_64(M: int, V: int) -> bool:
@@ -520,25 +532,25 @@ def mlm_head_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], tar
     M, E = hidden.shape
     V = weight.shape[0]
     device = hidden.device
-    sampled = _new_empty((M,), dtype=torch.int64, device=device)
-    correct = _new_empty((M,), dtype=torch.bool, device=device)
-    lse = _new_empty((M,), dtype=torch.float32, device=device)
+    sampled = new_empty((M,), dtype=torch.int64, device=device)
+    correct = new_empty((M,), dtype=torch.bool, device=device)
+    lse = new_empty((M,), dtype=torch.float32, device=device)
     if M == 0:
         return (torch.zeros((), dtype=torch.float32, device=device), sampled, correct, lse,
                 torch.zeros((), dtype=torch.int32, device=device))
-    loss = _new_empty((), dtype=torch.float32, device=device)
-    num_used = _new_empty((), dtype=torch.int32, device=device)
+    loss = new_empty((), dtype=torch.float32, device=device)
+    num_used = new_empty((), dtype=torch.int32, device=device)
 
     # Vocabulary splits: enough (row blocks x splits) programs to fill the GPU, each split at least a
     # few hundred columns so the merge stays negligible.
     row_blocks_hint = triton.cdiv(M, 128)
-    max_splits = 3 if interpreter_enabled() else triton.cdiv(V, 256)
+    max_splits = 3 if interpreter_enabled() else triton.cdiv(V, _GROUP)
     num_splits = max(1, min(max_splits, triton.cdiv(target_programs(device, _PROGRAMS_PER_SM), row_blocks_hint)))
-    parts_f = _new_empty((5, num_splits, M), dtype=torch.float32, device=device)
-    parts_i = _new_empty((2, num_splits, M), dtype=torch.int32, device=device)
+    parts_f = new_empty((5, num_splits, M), dtype=torch.float32, device=device)
+    parts_i = new_empty((2, num_splits, M), dtype=torch.int32, device=device)
     part_max, part_sumexp, part_target, part_best, part_draw = parts_f.unbind(0)
     part_best_col, part_draw_col = parts_i.unbind(0)
-    row_loss = _new_empty((M,), dtype=torch.float32, device=device)
+    row_loss = new_empty((M,), dtype=torch.float32, device=device)
 
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), num_splits)  # noqa: E731
     with device_guard(hidden):
@@ -591,20 +603,20 @@ def mlm_head_backward(grad_loss: Tensor, hidden: Tensor, weight: Tensor, bias: O
         return (torch.zeros_like(hidden) if need_hidden else None,
                 torch.zeros_like(weight) if need_weight else None,
                 torch.zeros(V, dtype=torch.float32, device=device) if need_bias else None)
-    grad_hidden = _new_empty(hidden.shape, dtype=hidden.dtype, device=device) if need_hidden else None
-    grad_weight = _new_empty(weight.shape, dtype=weight.dtype, device=device) if need_weight else None
+    grad_hidden = new_empty(hidden.shape, dtype=hidden.dtype, device=device) if need_hidden else None
+    grad_weight = new_empty(weight.shape, dtype=weight.dtype, device=device) if need_weight else None
     grad_bias = None
 
     chunk_bytes = _DLOGITS_CHUNK_BYTES if chunk_bytes is None else chunk_bytes
     chunk_cols = max(chunk_bytes // (M * hidden.element_size()), 256) // 256 * 256
     chunk_cols = min(chunk_cols, V)
     num_chunks = triton.cdiv(V, chunk_cols)
-    dlogits = _new_empty((M, chunk_cols), dtype=hidden.dtype, device=device)
+    dlogits = new_empty((M, chunk_cols), dtype=hidden.dtype, device=device)
     num_row_splits = max(1, min(triton.cdiv(M, 64),
                                 triton.cdiv(target_programs(device, _PROGRAMS_PER_SM), triton.cdiv(chunk_cols, 128))))
     if interpreter_enabled():
         num_row_splits = min(num_row_splits, 2)
-    part_dbias = _new_empty((num_row_splits, V), dtype=torch.float32, device=device) if need_bias else None
+    part_dbias = new_empty((num_row_splits, V), dtype=torch.float32, device=device) if need_bias else None
     # dH sums over vocabulary chunks: accumulate in fp32 when there is more than one.
     dh_acc = None
     if need_hidden and num_chunks > 1:
@@ -641,16 +653,70 @@ def gumbel_noise(shape, seed: int, device) -> Tensor:
     """The (M, V) Gumbel noise the Triton kernels draw for ``seed`` (fp32), materialised: for tests and
     debugging only; the kernels never store it. Needs the Triton path (CUDA or the interpreter)."""
     M, V = shape
-    out = torch.empty((M, V), dtype=torch.float32, device=device)
+    out = new_empty((M, V), dtype=torch.float32, device=device)
     if M == 0 or V == 0:
         return out
     BLOCK_M = 32
     with device_guard(out):
-        _gumbel_noise_kernel[(triton.cdiv(M, BLOCK_M), triton.cdiv(V, 256))](
+        _gumbel_noise_kernel[(triton.cdiv(M, BLOCK_M), triton.cdiv(V, _GROUP))](
             out, M, V, int(seed), _counters_per_row(V), RNG_OFFSET_64=_rng_offset_64(M, V),
             BLOCK_M=BLOCK_M,
         )
     return out
+
+
+def compile_variants():
+    """The kernels above in the variants the launchers use (dtypes, embedding sizes, ELECTRA's vocabulary,
+    bias on), every candidate the pruning keeps for a large M: for ``benchmarks/compile_report.py`` and
+    ``tests/kernels/test_gpu_compile.py``."""
+    from ._gpu_compile import Variant, runtime_args
+
+    vocab = 30522
+    aligned = frozenset({"stride_hm", "stride_wv"})
+
+    def types(kernel, dtype):
+        def arg_type(name):
+            if name in ("H", "W", "DLOGITS"):
+                return "*" + dtype
+            if name == "BIAS":
+                return "*fp32"
+            if name == "TARGETS":
+                return "*i64"
+            if name in ("PART_BEST_COL", "PART_DRAW_COL", "NUM_USED", "SAMPLED"):
+                return "*i64" if name == "SAMPLED" else "*i32"
+            if name == "CORRECT":
+                return "*u8"
+            if name.startswith("PART_") or name in ("LSE", "GRAD_LOSS", "ROW_LOSS", "LOSS", "OUT"):
+                return "*fp32"
+            return "fp32" if name == "inv_temperature" else "i32"
+
+        return {a: arg_type(a) for a in runtime_args(kernel)}
+
+    variants = []
+    for dtype in ("bf16", "fp16", "fp32"):
+        element_size = 4 if dtype == "fp32" else 2
+        precision = "ieee" if dtype == "fp32" else "tf32"  # fp32 follows torch's allow_tf32 (off by default)
+        for embedding in (128, 256, 768, 1024):
+            tags = dict(dtype=dtype, embedding=embedding, vocab=vocab)
+            for kernel, name, space, names, extra in (
+                    (_mlm_head_fwd_kernel, "mlm head fwd", _FWD_SPACE, _FWD_NAMES, dict(RNG_OFFSET_64=False)),
+                    (_mlm_head_dlogits_kernel, "mlm head dlogits", _DLOGITS_SPACE, _DLOGITS_NAMES,
+                     dict(WRITE_DBIAS=True))):
+                kept = [c for c in space if _keep_candidate(c, names, 1 << 16, embedding, element_size, 1 << 30)]
+                for i, cand in enumerate(kept):
+                    blocks = dict(zip(names, cand[:-2]))
+                    constexprs = dict(HAS_BIAS=True, INPUT_PRECISION=precision,
+                                      EVEN_E=embedding % blocks["BLOCK_E"] == 0, **extra, **blocks)
+                    variants.append(Variant(name, kernel, types(kernel, dtype), constexprs, cand[-2], cand[-1],
+                                            default=i == 0, matmul=True, tags=tags, aligned=aligned))
+    # The small kernels do not depend on the dtype or the sizes (splits <= 16 for ELECTRA's M).
+    variants.append(Variant("mlm head fwd merge", _mlm_head_fwd_reduce_kernel,
+                            types(_mlm_head_fwd_reduce_kernel, "fp32"), dict(BLOCK_S=16, BLOCK_R=128), 4))
+    variants.append(Variant("mlm head loss sum", _mlm_head_loss_kernel, types(_mlm_head_loss_kernel, "fp32"),
+                            dict(BLOCK=1024), 4))
+    variants.append(Variant("mlm head gumbel noise (tests)", _gumbel_noise_kernel,
+                            types(_gumbel_noise_kernel, "fp32"), dict(RNG_OFFSET_64=False, BLOCK_M=32), 4))
+    return variants
 
 
 # --------------------------------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
 Error budget (STYLE.md): in bf16/fp16 the kernel's error against the fp64 reference must stay within
 2x the error of PyTorch's own computation in that dtype, plus a small atol. Every output buffer is
-allocated full of NaN (``POISON_OUTPUTS``), so an element a kernel forgets to write fails the test.
+allocated full of NaN (the ``poisoned_outputs`` fixture), so an element a kernel forgets to write fails the test.
 Shapes are small because the interpreter is slow; block sizes under the interpreter are 32x16 (forward,
 dQ) and 16x32 (dK/dV), so lengths 1, 7, 33, 77 cover single, partial and several blocks.
 """
@@ -12,6 +12,7 @@ import math
 
 import pytest
 import torch
+import triton
 from torch import nn
 
 import electra_kernels
@@ -21,11 +22,6 @@ from electra_kernels import FusedAttention, attention, attention_dropout_mask, a
 attn_mod = importlib.import_module("electra_kernels.attention")
 
 ATOL = {torch.bfloat16: 2e-3, torch.float16: 5e-4}
-
-
-@pytest.fixture(autouse=True)
-def _poison_outputs(monkeypatch):
-    monkeypatch.setattr(attn_mod, "POISON_OUTPUTS", True)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -42,7 +38,7 @@ def _lowp_attention(q, k, v, key_padding_mask=None, dropout_mask=None, dropout_p
     if key_padding_mask is not None:  # rows without any real key: output 0, like the reference
         probs = probs * key_padding_mask.any(-1)[:, None, None, None].to(probs.dtype)
     if dropout_mask is not None:
-        probs = probs * dropout_mask.to(probs.dtype) / (1.0 - dropout_p)
+        probs = probs * dropout_mask.to(probs.dtype) / electra_kernels.dropout_keep_probability(dropout_p)
     return torch.matmul(probs, vt).transpose(1, 2)
 
 
@@ -262,8 +258,9 @@ def test_dropout_keep_mask_statistics(dropout_p):
     keep = attention_dropout_mask(batch, heads, seqlen, seqlen, dropout_p, seed=1234, device="cpu")
     assert keep.shape == (batch, heads, seqlen, seqlen) and keep.dtype == torch.bool
     n = keep.numel()
-    sigma = math.sqrt(dropout_p * (1 - dropout_p) / n)
-    assert abs(keep.float().mean().item() - (1 - dropout_p)) < 5 * sigma
+    q = electra_kernels.dropout_keep_probability(dropout_p)  # quantised to 1/256: 230/256 for p = 0.1
+    sigma = math.sqrt(q * (1 - q) / n)
+    assert abs(keep.float().mean().item() - q) < 4 * sigma
     # Every (batch, head) slice and every row gets its own stream: no two are equal.
     flat = keep.reshape(batch * heads, -1)
     assert len({tuple(row.tolist()) for row in flat}) == batch * heads
@@ -274,7 +271,21 @@ def test_dropout_keep_mask_statistics(dropout_p):
     assert not torch.equal(keep, attention_dropout_mask(batch, heads, seqlen, seqlen, dropout_p, 1235, device="cpu"))
     small = attention_dropout_mask(1, 1, 8, 8, dropout_p, 1234, device="cpu")
     shifted = attention_dropout_mask(1, 1, 8, 8, dropout_p, 1234, rng_offset=1, device="cpu")
-    assert torch.equal(shifted.flatten()[:-1], small.flatten()[1:])  # the offset shifts the Philox counter
+    # The offset shifts the Philox counter; with 8 keys (<= 16) one counter serves a whole row.
+    assert torch.equal(shifted[0, 0, :-1], small[0, 0, 1:])
+
+
+def test_dropout_keep_rate_is_the_quantised_probability():
+    """16 keep decisions per Philox evaluation (one byte each) quantise p to 1/256: p = 0.1 keeps with
+    q = 230/256 = 0.8984, not 0.9; 1M draws (sd 0.0003) tell the two apart, and every kernel rescales by
+    exactly 1/q (the reference replays the mask with that scale), so E[dropout(P)] = P."""
+    q = electra_kernels.dropout_keep_probability(0.1)
+    assert q == 230 / 256
+    keep = attention_dropout_mask(4, 4, 256, 256, 0.1, seed=99, device="cpu")
+    n = keep.numel()
+    assert abs(keep.float().mean().item() - q) < 4 * math.sqrt(q * (1 - q) / n)
+    # Columns in each 16-key group come from one Philox output but are not copies of each other.
+    assert not torch.equal(keep[..., 0::16], keep[..., 1::16])
 
 
 @pytest.mark.parametrize("layout", ["padded", "varlen"])
@@ -432,7 +443,7 @@ def test_autotune_spaces_and_pruning():
     for space, stationary in ((attn_mod._FWD_SPACE, "M"), (attn_mod._DKDV_SPACE, "N"), (attn_mod._DQ_SPACE, "M"),
                               (attn_mod._FUSED_SPACE, "N")):
         assert 1 <= len(space) <= 8
-        configs = attn_mod._configs(space, ("BLOCK_M", "BLOCK_N"))
+        configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in space]
         for block_m, block_n, warps, stages in space:
             assert block_m >= 16 and block_n >= 16 and block_m & (block_m - 1) == 0 and block_n & (block_n - 1) == 0
         prune = attn_mod._prune(stationary)["early_config_prune"]
@@ -443,6 +454,18 @@ def test_autotune_spaces_and_pruning():
                 for cfg in kept:
                     stat = cfg.kwargs["BLOCK_M" if stationary == "M" else "BLOCK_N"]
                     assert stat <= max(64, bucket) or len(kept) == 1
+
+
+def test_pruning_respects_the_shared_memory_limit():
+    """A candidate whose estimated shared memory exceeds the device's per-block limit is never launched:
+    with an A100's 163 KiB the d=128 candidates that need more are dropped, with a tiny budget all are."""
+    for space, stationary in ((attn_mod._FWD_SPACE, "M"), (attn_mod._DKDV_SPACE, "N"), (attn_mod._DQ_SPACE, "M")):
+        for cand in space:
+            if not attn_mod._keep_candidate(cand, stationary, None, 128, 2, 1 << 30):
+                continue  # dropped for another reason (registers at d=128)
+            need = attn_mod._smem_estimate(cand[0], cand[1], 128, cand[3], stationary, 2)
+            assert attn_mod._keep_candidate(cand, stationary, None, 128, 2, need)
+            assert not attn_mod._keep_candidate(cand, stationary, None, 128, 2, need - 1)
 
 
 def test_activation_checkpointing_replays_the_same_dropout():

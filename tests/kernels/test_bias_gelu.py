@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from electra_kernels import LinearGELU, bias_gelu, bias_gelu_ref
+from electra_kernels import LinearGELU, _outputs, bias_gelu, bias_gelu_ref
 
 from _compare import assert_within_torch_error, leaf
 
@@ -75,14 +75,9 @@ def test_many_rows_bias_gradient():
     torch.testing.assert_close(x.grad.double(), rx.grad, atol=1e-6, rtol=1e-5)
 
 
-def test_outputs_are_fully_written(monkeypatch):
-    real_empty = torch.empty
-
-    def poisoned_empty(*shape, **kwargs):
-        t = real_empty(*shape, **kwargs)
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-    monkeypatch.setattr(torch, "empty", poisoned_empty)
+def test_outputs_are_fully_written():
+    """Every output element comes from the kernel (the poisoned_outputs fixture fills buffers with NaN)."""
+    assert _outputs.POISON
     x, bias = leaf(torch.randn(77, 700)), leaf(torch.randn(700))
     y = bias_gelu(x, bias)
     y.backward(torch.randn_like(y))
