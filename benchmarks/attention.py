@@ -16,7 +16,7 @@ Shapes are BxHxS (head_dim from --head-dim, default 64): B128 H4 S128 (ELECTRA-S
               backend refuses masks (n/a). flash-attn (if it imports): ``flash_attn_varlen_func``.
 Times are ``triton.testing.do_bench`` medians in ms of the forward, the backward (dO given, graph
 retained) and forward+backward. TFLOP/s count the dense work of the unpadded shape, 4·B·H·S²·d for the
-forward and 2.5x that for the backward (3.5x in all, as in shared/ANCHORS.md), so rows of one shape
+forward and 2.5x that for the backward (3.5x in all, as the reference numbers in RESULTS.md count it), so rows of one shape
 compare directly; padded rows therefore show "effective" TFLOP/s. ``vs best SDPA`` is fwd+bwd time
 divided by the fastest SDPA backend's for the same shape and padding (< 1 is faster).
 
@@ -24,7 +24,7 @@ Results: a table on stdout, rows appended to ``benchmarks/results/attention.csv`
 ``attention.jsonl`` (GPU name, torch/triton versions, date, commit), and ``attention.png``.
 Needs a CUDA GPU; on a machine without one it exits with status 2 and a message (except
 ``--compile-report``, which only needs triton's bundled compiler tool-chain).
-Targets on H100 (shared/ANCHORS.md): B32 H12 S512 fwd+bwd <= 0.36 ms unpadded, <= 0.40 ms padded, and
+Targets on H100 (benchmarks/RESULTS.md): B32 H12 S512 fwd+bwd <= 0.36 ms unpadded, <= 0.40 ms padded, and
 no shape more than 10% slower than the best SDPA backend.
 """
 
@@ -417,7 +417,7 @@ def main(argv=None) -> int:
 
 
 def _report_targets(results):
-    """The ANCHORS.md targets, checked against this run."""
+    """The targets in RESULTS.md, checked against this run."""
     lines = []
     for padded, limit in ((False, 0.36), (True, 0.40)):
         for r in results:

@@ -13,7 +13,7 @@ the masked positions (15% of the tokens) over the 30,522-id vocabulary, bf16 wei
 
     ours       electra_kernels.mlm_head_loss on the gathered rows (loss, Gumbel-max samples, accuracy)
     hf-full    logits at every position as Hugging Face computes them (B·S rows), cross-entropy with
-               -100 labels, Gumbel noise over the full logits (shared/ANCHORS.md's baseline)
+               -100 labels, Gumbel noise over the full logits (the reference baseline in RESULTS.md)
     torch      gather first, then F.linear + fp32 cross-entropy + an (M, V) Gumbel noise tensor
     liger      Liger-Kernel's fused linear cross-entropy on the gathered rows, when `liger_kernel`
                imports (loss only: it does not sample)
@@ -28,7 +28,7 @@ Discriminator head at 16,384 tokens, hidden 256 and 768, forward + backward:
     torch-head  dense h->h, GELU, dense h->1, masked BCE, all PyTorch eager
     ours-final / torch-final   only the last projection + masked BCE (the part the kernel replaces)
 
-Target: ours-head at h768 <= 0.5 ms (torch eager 1.07 ms in ANCHORS.md).
+Target: ours-head at h768 <= 0.5 ms (torch eager 1.07 ms, RESULTS.md).
 
 Times are triton.testing.do_bench medians (gradients reset between calls); "extra GiB" is the peak of
 torch.cuda.max_memory_allocated during one call minus what was allocated before it (gradients

@@ -26,7 +26,7 @@ mkdir -p "$OUT_DIR"
 OUT_DIR=$(cd "$OUT_DIR" && pwd)
 export ELECTRA_BENCH_RESULTS="$OUT_DIR"
 PY=${PYTHON:-python3}
-# DeepSpeed's op builder fails to parse Hopper's "9.0a" arch (shared/GPU.md).
+# DeepSpeed's op builder fails to parse Hopper's "9.0a" arch list, so name the arch plainly.
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 export TOKENIZERS_PARALLELISM=false
 
@@ -97,7 +97,7 @@ fi
 # layout (minutes), so the 10-minute run uses its default configs; FULL=1 autotunes, with room for it.
 if [ "${FULL:-0}" = 1 ]; then ATTN_ARGS=(); ATTN_LIMIT=400; else ATTN_ARGS=(--no-autotune); ATTN_LIMIT=90; fi
 run flops 40 flops.py --counted-size small --batch 4
-# ELECTRA step variants at every size; BERT-MLM compiled where ANCHORS.md has it (eager at large).
+# ELECTRA step variants at every size; BERT-MLM compiled where RESULTS.md's reference has it (eager at large).
 run throughput 150 throughput.py --iters "$ITERS" --variants ours-torch,ours-triton,ours-deepspeed,hf-eager,hf-compile
 run throughput_bert 45 throughput.py --iters "$ITERS" --sizes small,base --variants hf-bert-mlm-compile
 run throughput_bert_large 20 throughput.py --iters "$ITERS" --sizes large --variants hf-bert-mlm

@@ -12,7 +12,7 @@ checkpoints, metrics and the Hugging Face export):
 
     # many nodes (hostfile lines look like "node1 slots=8"; the run dir must be on a shared filesystem)
     deepspeed --hostfile hostfile --num_nodes 4 --num_gpus 8 --module electra_fast.train \
-        --config configs/electra-base.yaml --set data.path=/data/owt --run-dir /shared/runs/base
+        --config configs/electra-base.yaml --set data.path=/data/owt --run-dir /nfs/runs/base
 
     # torchrun works as well (it sets LOCAL_RANK instead of passing --local_rank)
     torchrun --nproc_per_node 8 -m electra_fast.train --config configs/electra-small.yaml --run-dir runs/small

@@ -1,6 +1,6 @@
 """Fused attention kernels (Triton interpreter on the CPU) against a float64 reference.
 
-Error budget (STYLE.md): in bf16/fp16 the kernel's error against the fp64 reference must stay within
+Error budget (as flash-attn tests its Triton kernels): in bf16/fp16 the kernel's error against the fp64 reference must stay within
 2x the error of PyTorch's own computation in that dtype, plus a small atol. Every output buffer is
 allocated full of NaN (the ``poisoned_outputs`` fixture), so an element a kernel forgets to write fails the test.
 Shapes are small because the interpreter is slow; block sizes under the interpreter are 32x16 (forward,
