@@ -80,6 +80,7 @@ from .ds_config import build_deepspeed_config, lookup, read_deepspeed_json
 from .metrics import MetricsLog, StepStats, model_flops_per_step, peak_tflops, plot_curves
 from .optim import warmup_decay_schedule, weight_decay_groups
 from .provenance import git_commit
+from .step import compile_model, step_inputs
 
 logger = logging.getLogger(__name__)
 
@@ -205,6 +206,7 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)
         model = ElectraPretrainingModel(cfg, seed=seed)
         self.num_parameters = model.num_parameters()
+        self.compiled = compile_model(model, cfg.train)  # train.compile / cuda_graphs: in place, names unchanged
         self.engine, _, _, _ = deepspeed.initialize(
             model=model, model_parameters=weight_decay_groups(model.named_parameters(), cfg.train.weight_decay),
             lr_scheduler=None if "scheduler" in ds else self._schedule, config=ds)
@@ -287,7 +289,7 @@ class Trainer:
             f" global batch {cfg.train.global_batch_size} = {self.micro} x {self.accumulation} accumulation x "
             f"{self.world_size}; {self.num_parameters / 1e6:.2f}M parameters; data {cfg.data.path} "
             f"({self.manifest['num_examples']} examples of {self.manifest['seq_len']} tokens); FLOPs/step "
-            f"{self.flops_per_step:.3g} ({flops_source})"
+            f"{self.flops_per_step:.3g} ({flops_source})" + (f"; {self.compiled}" if self.compiled else "")
             + (f"; resumed from {self.resumed_from} at step {self.step}" if self.resumed_from else ""))
 
         batches: Iterator[dict] = iter(self.loader)
@@ -323,10 +325,9 @@ class Trainer:
                 "export": None if export_dir is None else str(export_dir)}
 
     def _micro_step(self, batches: Iterator[dict]) -> None:
-        batch = next(batches)
-        input_ids, attention_mask, token_type_ids = (
-            batch[key].to(self.device, non_blocking=True) for key in ("input_ids", "attention_mask", "token_type_ids"))
-        out = self.engine(input_ids, attention_mask, token_type_ids)
+        # The packed layout's sizes come from the loader (host ints): no host-device sync in the step.
+        (input_ids, attention_mask, token_type_ids), sizes = step_inputs(next(batches), self.device)
+        out = self.engine(input_ids, attention_mask, token_type_ids, **sizes)
         loss = out.loss
         for callback in self.callbacks:
             loss = callback.on_loss(self, loss)
