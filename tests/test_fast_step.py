@@ -77,9 +77,9 @@ def test_compiled_training_gives_the_eager_losses(corpus_dir, tmp_path, clean_en
               "train.export_at_end=false")
     torch._dynamo.reset()
     assert run_inprocess(corpus_dir, tmp_path / "eager", *common) == 0
-    assert "torch.compile" not in capsys.readouterr().out
+    assert "torch.compile" not in "".join(capsys.readouterr())
     assert run_inprocess(corpus_dir, tmp_path / "compiled", *common, "train.compile=default") == 0
-    assert "torch.compile default" in capsys.readouterr().out  # the run says what it did
+    assert "torch.compile default" in "".join(capsys.readouterr())  # the run's banner says what it did
     eager, compiled = losses(tmp_path / "eager"), losses(tmp_path / "compiled")
     assert len(eager) == 3 and eager[0] != eager[-1]
     assert compiled == pytest.approx(eager, rel=1e-5)
