@@ -8,11 +8,11 @@ Three runs from the same initial weights, on the same batches, with the same mas
 
   reference   every hot spot on its PyTorch reference (model.*_impl=torch)
   fused       every hot spot on its Triton kernel (attention, MLM head, BCE head, LayerNorm/GELU), packed
-  perturbed   the reference again, every initial weight moved by half an ulp of the compute precision
-              (bf16 on the GPU: 2^-9 relative; fp32 on the CPU), with a random sign per weight. That is
-              the size of the rounding autocast applies to each weight anyway, so this run differs from
-              the reference only by round-off, and their distance is the noise bound: how far two runs
-              that are "the same" up to bf16 round-off drift apart in this many steps.
+  perturbed   the reference again, every initial weight moved by half a bf16 ulp (2^-9 relative) with a
+              random sign per weight (on the CPU, fp32: one fp32 ulp; half of one would round away). That
+              is the size of the rounding autocast applies to each weight anyway, so this run differs
+              from the reference only by round-off, and their distance is the noise bound: how far two
+              runs that are "the same" up to bf16 round-off drift apart in this many steps.
 
 What is controlled, so that round-off is all that separates the runs: dropout is off (the kernels draw
 their masks in-kernel, the references from torch's generator), the masks come from the objective's own
@@ -90,17 +90,18 @@ def _shared_noise(head):
 
 
 def _perturbed(state: dict, bf16: bool, seed: int) -> dict:
-    """Every floating weight moved by half an ulp of the compute precision, with a random sign."""
+    """Every floating weight moved by half a bf16 ulp (one fp32 ulp for fp32 runs), with a random sign."""
     import torch
 
     gen = torch.Generator().manual_seed(seed)
-    ulp_bits = 8 if bf16 else 24  # significand bits: bf16 8, fp32 24
+    # frexp: x = m * 2^e with m in [0.5, 1); an ulp is 2^(e - significand bits): bf16 has 8, fp32 24.
+    shift = 8 + 1 if bf16 else 24
     out = {}
     for name, tensor in state.items():
         if tensor.is_floating_point():
             sign = torch.randint(0, 2, tensor.shape, generator=gen).to(tensor) * 2 - 1
-            half_ulp = torch.ldexp(torch.ones_like(tensor), torch.frexp(tensor).exponent - ulp_bits - 1)
-            tensor = torch.where(tensor != 0, tensor + sign * half_ulp, tensor)
+            nudge = torch.ldexp(torch.ones_like(tensor), torch.frexp(tensor).exponent - shift)
+            tensor = torch.where(tensor != 0, tensor + sign * nudge, tensor)
         out[name] = tensor
     return out
 
@@ -180,7 +181,7 @@ def main(argv=None) -> int:
                       f"{'bf16' if bf16 else 'fp32'}, batch {args.batch} x {args.seq_len})")
     within = bool((fused_diff <= args.factor * noise).all())
     print(f"max relative difference, fused vs reference:   mlm {fused_diff[0]:.3e}  disc {fused_diff[1]:.3e}")
-    print(f"noise bound, perturbed vs reference (1/2 ulp): mlm {noise[0]:.3e}  disc {noise[1]:.3e}")
+    print(f"noise bound, perturbed vs reference           : mlm {noise[0]:.3e}  disc {noise[1]:.3e}")
     if args.cpu_smoke:
         print("CPU smoke run (fp32, tiny, interpreted kernels): checks the script; no verdict")
     else:

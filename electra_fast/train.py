@@ -44,7 +44,7 @@ has the values both need filled in from the YAML in one place (:mod:`electra_fas
 sizes, clipping, precision, optimizer, LR schedule; "auto" is filled, a contradiction is an error). It
 goes to ``deepspeed.initialize`` with the model and its weight-decay parameter groups
 (:mod:`electra_fast.optim`, the decisions shared with fine-tuning). DeepSpeed builds the optimizer
-(torch AdamW, DeepSpeed's CPU Adam under ZeRO-Offload, or its fused LAMB), the LR schedule, ZeRO
+(torch AdamW, fused on CUDA; DeepSpeed's CPU Adam under ZeRO-Offload, or its fused LAMB), the LR schedule, ZeRO
 partitioning, mixed precision, gradient clipping and the skipping of updates whose gradient norm is
 not finite. The whole ELECTRA step (masking, generator, sampling, discriminator) is the model's
 forward, so ZeRO-3 gathers every parameter where it is used.

@@ -73,8 +73,8 @@ def test_trainer_micro_step_has_no_host_sync(corpus_dir, tmp_path, clean_env, sy
 def test_compiled_training_gives_the_eager_losses(corpus_dir, tmp_path, clean_env, monkeypatch, capsys):
     # aot_eager: the captured graphs run without inductor (whose C++ builds take minutes on the CPU).
     monkeypatch.setattr(trainer, "compile_model", functools.partial(step_module.compile_model, backend="aot_eager"))
-    common = (*NO_DROPOUT, "train.max_steps=3", "train.log_every=1", "train.lr=0.003", "train.warmup_steps=1",
-              "train.export_at_end=false")
+    common = (*NO_DROPOUT, "model.num_layers=1", "train.max_steps=3", "train.log_every=1", "train.lr=0.003",
+              "train.warmup_steps=1", "train.export_at_end=false")
     torch._dynamo.reset()
     assert run_inprocess(corpus_dir, tmp_path / "eager", *common) == 0
     assert "torch.compile" not in "".join(capsys.readouterr())
