@@ -1,6 +1,6 @@
 """The pretraining step's fast path, decided in one place for the trainer (and the benchmarks).
 
-    model = compile_model(model, cfg.train, zero_stage)          # before deepspeed.initialize
+    note = compile_model(model, cfg.train)                       # in place, before deepspeed.initialize
     args, sizes = step_inputs(batch, device)                     # one loader batch -> engine(*args, **sizes)
 
 ``step_inputs``: the three token tensors go to the device without blocking; the packed layout's
@@ -10,10 +10,11 @@ the mask), so the forward builds its layout with no host-device synchronisation.
 ``compile_model``: ``train.compile`` / ``train.cuda_graphs`` through
 :func:`electra_fast.compile.compile_for_training`, which compiles each encoder and head in place
 (``nn.Module.compile``) and leaves the objective eager. The same call serves every ZeRO stage: the
-parameter names DeepSpeed sees are unchanged, and under ZeRO-3 the gathering hooks stay on the
-modules' own ``__call__`` (outside the compiled ``forward`` graphs). DeepSpeed's ``engine.compile()``
-is not used: it compiles the whole top-level forward, objective included, whose masks and sampling
-seeds come from host generators (a graph break or a recompile every step).
+parameter names DeepSpeed sees are unchanged, and ZeRO-3's parameter-gathering module hooks, which
+DeepSpeed marks ``torch.compiler.disable``, run eagerly around the compiled graphs (on the CPU a ZeRO-3
+run compiled with ``aot_eager`` gives the eager run's losses). DeepSpeed 0.19's ``engine.compile()`` is
+not used: without its DeepCompile passes it compiles the whole top-level forward, objective included,
+whose masks and sampling seeds come from host generators (a graph break or a recompile every step).
 """
 
 from __future__ import annotations
