@@ -172,8 +172,10 @@ def checkpoint_has_unfused_qkv(tag_dir: Path) -> bool:
     Reads the parameter names of rank 0's model-states file without unpickling code (memory-mapped)."""
     from .model import has_unfused_qkv
 
-    state = torch.load(Path(tag_dir) / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True,
-                       mmap=True)
+    path = Path(tag_dir) / "mp_rank_00_model_states.pt"
+    if not path.is_file():  # ZeRO-3 names rank 0's file after its partition
+        path = Path(tag_dir) / "zero_pp_rank_0_mp_rank_00_model_states.pt"
+    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     names = list(state.get("module") or {})
     names += [name for shapes in state.get("param_shapes") or [] for name in shapes]  # ZeRO-3 keeps them here too
     return has_unfused_qkv(names)
