@@ -131,9 +131,15 @@ def test_cuda_deepspeed_config_is_fused_adamw_with_the_paper_hyperparameters(cle
 # --------------------------------------------------------------------------------------------------
 # Resuming a checkpoint written before QKV fusion
 # --------------------------------------------------------------------------------------------------
+def _unfused_names(names) -> list[str]:
+    return [name.replace(".qkv.", f".{part}.") for name in names
+            for part in (QKV_NAMES if ".attention.self.qkv." in name else ("qkv",))]
+
+
 def _unfuse_checkpoint(tag_dir) -> None:
-    """Rewrite a ZeRO-0 fp32 checkpoint as the pre-fusion code wrote it: query/key/value parameters
-    (each of the fused weight's thirds) and an optimizer state laid out per those parameters."""
+    """Rewrite a checkpoint's model states as the pre-fusion code wrote them: query/key/value parameters
+    (each of the fused weight's thirds), listed so in the parameter shapes, and (ZeRO-0) an optimizer
+    state laid out per those parameters."""
     path = tag_dir / "mp_rank_00_model_states.pt"
     state = torch.load(path, map_location="cpu", weights_only=True)
     module = {}
@@ -144,21 +150,26 @@ def _unfuse_checkpoint(tag_dir) -> None:
         else:
             module[name] = tensor
     state["module"] = module
-    # The old optimizer had 2 more parameters per fused one: pad its per-parameter state positionally
-    # (the layout a positional restore would have misread).
-    optimizer = state["optimizer"]
-    extra = sum(1 for name in module if ".attention.self.key." in name or ".attention.self.value." in name)
-    first_group = optimizer["param_groups"][0]
-    count = sum(len(group["params"]) for group in optimizer["param_groups"])
-    first_group["params"] = list(first_group["params"]) + list(range(count, count + extra))
+    if state.get("param_shapes"):  # ZeRO 1-3: the names of each flat partition's parameters
+        state["param_shapes"] = [{name: module[name].shape for name in _unfused_names(group)}
+                                 for group in state["param_shapes"]]
+    optimizer = state.get("optimizer")
+    if isinstance(optimizer, dict) and "param_groups" in optimizer:
+        # The old optimizer had 2 more parameters per fused one: pad its per-parameter state positionally
+        # (the layout a positional restore would have misread).
+        extra = sum(1 for name in module if ".attention.self.key." in name or ".attention.self.value." in name)
+        count = sum(len(group["params"]) for group in optimizer["param_groups"])
+        first_group = optimizer["param_groups"][0]
+        first_group["params"] = list(first_group["params"]) + list(range(count, count + extra))
     torch.save(state, path)
 
 
-def test_resume_of_a_checkpoint_from_before_qkv_fusion(corpus_dir, tmp_path, clean_env, caplog):
+@pytest.mark.parametrize("zero", [0, pytest.param(1, marks=pytest.mark.slow)])
+def test_resume_of_a_checkpoint_from_before_qkv_fusion(corpus_dir, tmp_path, clean_env, caplog, zero):
     from electra_fast.checkpoints import checkpoint_has_unfused_qkv
 
     common = (*NO_DROPOUT, "train.lr=0.003", "train.warmup_steps=2", "train.log_every=1", "train.save_every=2",
-              "train.export_at_end=false")
+              "train.export_at_end=false", f"train.deepspeed_config=configs/deepspeed/zero{zero}.json")
     run_dir = tmp_path / "run"
     assert run_inprocess(corpus_dir, run_dir, *common, "train.max_steps=2") == 0
     tag = run_dir / "checkpoints" / "step-00000002"
@@ -177,8 +188,15 @@ def test_resume_of_a_checkpoint_from_before_qkv_fusion(corpus_dir, tmp_path, cle
     assert set(weights) == set(saved["module"])
     for name, tensor in saved["module"].items():
         assert torch.equal(weights[name], tensor), name
-    # The optimizer starts afresh; the step and the LR schedule resume where they were.
-    assert not run.engine.optimizer.state
+    # The optimizer starts afresh (ZeRO-0: empty; ZeRO-1: its fp32 partitions are the loaded weights);
+    # the step and the LR schedule resume where they were.
+    if zero == 0:
+        assert not run.engine.optimizer.state
+    else:  # one rank: the fp32 master partition is the whole flat weight buffer, as loaded
+        zero_optimizer = run.engine.optimizer
+        for masters, weights in zip(zero_optimizer.single_partition_of_fp32_groups,
+                                    zero_optimizer.parallel_partitioned_bit16_groups):
+            assert torch.equal(masters, weights[0])
     assert run.step == 2 and run.engine.lr_scheduler.state_dict() == saved["lr_scheduler"]
 
     # And training goes on from there, writing fused checkpoints again.
@@ -188,4 +206,5 @@ def test_resume_of_a_checkpoint_from_before_qkv_fusion(corpus_dir, tmp_path, cle
     final = torch.load(run_dir / "checkpoints" / "step-00000004" / "mp_rank_00_model_states.pt", map_location="cpu",
                        weights_only=True)
     assert not has_unfused_qkv(final["module"]) and set(final["module"]) == set(saved["module"])
-    assert final["optimizer"]["state"]  # the new optimizer state, per fused parameter
+    if zero == 0:
+        assert final["optimizer"]["state"]  # the new optimizer state, per fused parameter
