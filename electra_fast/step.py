@@ -1,4 +1,4 @@
-"""The pretraining step's fast path, decided in one place for the trainer (and the benchmarks).
+"""The pretraining step's fast path for the trainer, decided in one place.
 
     note = compile_model(model, cfg.train)                       # in place, before deepspeed.initialize
     args, sizes = step_inputs(batch, device)                     # one loader batch -> engine(*args, **sizes)
