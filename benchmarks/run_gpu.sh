@@ -106,4 +106,8 @@ run heads 120 heads.py
 run hf_bert 40 hf_bert.py
 run equal_compute 75 equal_compute.py --size small --electra-steps "$STEPS" --seeds "$SEEDS" --probe-epochs 2
 
+# Convergence parity at ELECTRA-Small in bf16: every fused kernel vs the references, against the measured
+# noise bound (a reference run with its initial weights moved by half a bf16 ulp).
+run convergence 150 convergence.py --steps "$([ "${QUICK:-0}" = 1 ] && echo 150 || echo 300)"
+
 echo "results in $OUT_DIR" | tee -a "$SUMMARY"

@@ -144,15 +144,41 @@ class Checkpoints:
         if tag is None:
             raise FileNotFoundError(f"no complete checkpoint in {self.root} ('{LATEST}' is missing or names a "
                                     "missing folder)")
-        path, client_state = engine.load_checkpoint(str(self.root), tag=tag, load_optimizer_states=True,
+        # A checkpoint from before QKV fusion: its weights load through the model's fusing hook, but its
+        # optimizer state is laid out per old query/key/value parameter (and ZeRO's flat partitions in
+        # their order), so it is left out; the step, schedule and data position still resume.
+        unfused = checkpoint_has_unfused_qkv(self.root / tag)
+        path, client_state = engine.load_checkpoint(str(self.root), tag=tag, load_optimizer_states=not unfused,
                                                     load_lr_scheduler_states=True)
         if path is None:
             raise FileNotFoundError(f"DeepSpeed could not load checkpoint {self.root / tag}")
+        if unfused:
+            refresh = getattr(engine.optimizer, "refresh_fp32_params", None)
+            if refresh is not None:  # fp32 masters (bf16/fp16, ZeRO): re-derived from the loaded weights
+                refresh()
+            if self.rank == 0:
+                logger.warning("%s predates fused QKV (separate query/key/value weights): resuming its weights, step "
+                               "and LR schedule, but not its optimizer state (Adam's moments start from zero)",
+                               self.root / tag)
         rank_file = self.root / tag / RANK_STATE.format(rank=self.rank)
         rank_state = None
         if client_state.get("world_size") == world_size and rank_file.is_file():
             rank_state = torch.load(rank_file, map_location="cpu", weights_only=True)
         return tag, client_state, rank_state
+
+
+def checkpoint_has_unfused_qkv(tag_dir: Path) -> bool:
+    """Whether a checkpoint folder holds separate query/key/value weights (written before QKV fusion).
+    Reads the parameter names of rank 0's model-states file without unpickling code (memory-mapped)."""
+    from .model import has_unfused_qkv
+
+    path = Path(tag_dir) / "mp_rank_00_model_states.pt"
+    if not path.is_file():  # ZeRO-3 names rank 0's file after its partition
+        path = Path(tag_dir) / "zero_pp_rank_0_mp_rank_00_model_states.pt"
+    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    names = list(state.get("module") or {})
+    names += [name for shapes in state.get("param_shapes") or [] for name in shapes]  # ZeRO-3 keeps them here too
+    return has_unfused_qkv(names)
 
 
 def resolve_checkpoint(path: str | Path) -> Path:

@@ -2,7 +2,7 @@
 
     loader = PretrainingLoader("data/owt", micro_batch_size=128, rank=rank, world_size=world, seed=1234)
     for batch in loader:   # {"input_ids", "token_type_ids", "attention_mask"}: int64 (B, S), forever
-        ...
+        out = model(ids, mask, types, **batch["packed_sizes"])   # + the packed layout's sizes (host ints)
     state = loader.state_dict()   # {"epoch", "position", ...}; load_state_dict(state) resumes exactly
 """
 
@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from .manifest import FORMAT_VERSION, DataError, load_examples, read_manifest
+from .model import packed_sizes
 
 logger = logging.getLogger(__name__)
 
@@ -152,10 +153,15 @@ class _RankBatches(torch.utils.data.Dataset):
             self._permutations[epoch] = EpochPermutation(self.num_examples, self.seed, epoch)
         return self._permutations[epoch]
 
-    def __getitem__(self, k: int) -> dict[str, torch.Tensor]:
+    def __getitem__(self, k: int) -> dict[str, Any]:
         if self._gather is None:
             self._gather = _RowGather(self.dataset, self.seq_len)
-        return {name: torch.from_numpy(rows) for name, rows in self._gather(self.example_ids(k)).items()}
+        rows = self._gather(self.example_ids(k))
+        batch: dict[str, Any] = {name: torch.from_numpy(values) for name, values in rows.items()}
+        # The packed layout's sizes, read here from the host copy of the mask: the model would otherwise
+        # read them from the device copy, two host-device synchronisations in every step.
+        batch["packed_sizes"] = packed_sizes(batch["attention_mask"])
+        return batch
 
     def __len__(self) -> int:  # the stream is endless; DataLoader only needs a number
         return sys.maxsize
@@ -179,8 +185,11 @@ class PretrainingLoader:
 
     Each yielded batch is ``{"input_ids", "token_type_ids", "attention_mask"}``, int64 of shape
     (micro_batch_size, seq_len), in pinned memory when CUDA is available, prepared ahead by
-    ``num_workers`` DataLoader processes reading the memory-mapped Arrow files. See
-    :class:`_RankBatches` for which examples each rank gets.
+    ``num_workers`` DataLoader processes reading the memory-mapped Arrow files, plus
+    ``"packed_sizes"``: ``{"max_seqlen", "total_tokens"}`` as Python ints
+    (:func:`electra_fast.model.packed_sizes`), the keywords the model's forward takes so that its
+    packed layout needs no host-device synchronisation. See :class:`_RankBatches` for which examples
+    each rank gets.
 
     ``state_dict()`` records the stream position after the last batch handed out (every rank holds
     the same one); a loader given it with ``load_state_dict`` yields exactly the batches an

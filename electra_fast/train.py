@@ -53,7 +53,7 @@ has the values both need filled in from the YAML in one place (:mod:`electra_fas
 sizes, clipping, precision, optimizer, LR schedule; "auto" is filled, a contradiction is an error). It
 goes to ``deepspeed.initialize`` with the model and its weight-decay parameter groups
 (:mod:`electra_fast.optim`, the decisions shared with fine-tuning). DeepSpeed builds the optimizer
-(torch AdamW, DeepSpeed's CPU Adam under ZeRO-Offload, or its fused LAMB), the LR schedule, ZeRO
+(torch AdamW, fused on CUDA; DeepSpeed's CPU Adam under ZeRO-Offload, or its fused LAMB), the LR schedule, ZeRO
 partitioning, mixed precision, gradient clipping and the skipping of updates whose gradient norm is
 not finite. The whole ELECTRA step (masking, generator, sampling, discriminator) is the model's
 forward, so ZeRO-3 gathers every parameter where it is used.
@@ -91,6 +91,7 @@ from .metrics import MetricsLog, StepStats, model_flops_per_step, peak_tflops, p
 from .optim import warmup_decay_schedule, weight_decay_groups
 from .provenance import git_commit
 from .run_state import RunRecord, RunRecordUpdate, data_identity, has_checkpoint, launch_record
+from .step import compile_model, step_inputs
 from .stop_signals import StepBoundaryControl, TrainingStopped, host_group
 
 logger = logging.getLogger(__name__)
@@ -253,6 +254,7 @@ class Trainer:
             load_initial_weights(model, *init)
         self.init = init
         self.num_parameters = model.num_parameters()
+        self.compiled = compile_model(model, cfg.train)  # train.compile / cuda_graphs: in place, names unchanged
         self.engine, _, _, _ = deepspeed.initialize(
             model=model, model_parameters=weight_decay_groups(model.named_parameters(), cfg.train.weight_decay),
             lr_scheduler=None if "scheduler" in ds else self._schedule, config=ds)
@@ -341,7 +343,7 @@ class Trainer:
             f" global batch {cfg.train.global_batch_size} = {self.micro} x {self.accumulation} accumulation x "
             f"{self.world_size}; {self.num_parameters / 1e6:.2f}M parameters; data {cfg.data.path} "
             f"({self.manifest['num_examples']} examples of {self.manifest['seq_len']} tokens); FLOPs/step "
-            f"{self.flops_per_step:.3g} ({flops_source})"
+            f"{self.flops_per_step:.3g} ({flops_source})" + (f"; {self.compiled}" if self.compiled else "")
             + (f"; resumed from {self.resumed_from} at step {self.step}" if self.resumed_from else ""))
         if self.init is not None and self.resumed_from is None:
             self.log.say(f"[electra-fast] weights from {' + '.join(str(d) for d in self.init if d)} "
@@ -390,10 +392,9 @@ class Trainer:
                 "export": None if export_dir is None else str(export_dir)}
 
     def _micro_step(self, batches: Iterator[dict]) -> None:
-        batch = next(batches)
-        input_ids, attention_mask, token_type_ids = (
-            batch[key].to(self.device, non_blocking=True) for key in ("input_ids", "attention_mask", "token_type_ids"))
-        out = self.engine(input_ids, attention_mask, token_type_ids)
+        # The packed layout's sizes come from the loader (host ints): no host-device sync in the step.
+        (input_ids, attention_mask, token_type_ids), sizes = step_inputs(next(batches), self.device)
+        out = self.engine(input_ids, attention_mask, token_type_ids, **sizes)
         loss = out.loss
         for callback in self.callbacks:
             loss = callback.on_loss(self, loss)

@@ -199,3 +199,16 @@ def test_probe_corruptions():
         train, dev = ec.build_probe(documents, 30, 10, seed=1, corruption=corruption)
         assert len(train) == 30 and len(dev) == 10
         assert {label for *_, label in train + dev} == {0, 1}
+
+
+def test_convergence_cpu_smoke(tmp_path):
+    """benchmarks/convergence.py --cpu-smoke: reference, interpreted kernels and the perturbed reference
+    for a few steps; fp32, so the fused curve matches the reference to round-off."""
+    out = _run("convergence.py", "--cpu-smoke", "--results-dir", str(tmp_path))
+    assert "CPU smoke run" in out.stdout and "noise bound" in out.stdout
+    (row,) = _rows(tmp_path / "convergence.jsonl")
+    assert row["cpu_smoke"] and row["device"] == "cpu" and row["precision"] == "fp32"
+    assert {name: len(curve) for name, curve in row["curves"].items()} == {"reference": 6, "fused": 6, "perturbed": 6}
+    assert row["curves"]["fused"] != row["curves"]["reference"]  # the kernels ran (interpreted), not the references
+    assert row["max_rel_diff_mlm"] < 1e-4 and row["max_rel_diff_disc"] < 1e-4
+    assert (tmp_path / "convergence.png").is_file()

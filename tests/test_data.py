@@ -433,6 +433,9 @@ def test_loader_batches_are_the_sharded_rows(prepared):
     assert (loader.seq_len, loader.vocab_size) == (32, 300)
     assert loader.batches_per_epoch == loader.num_examples // 8
     for k, batch in zip(range(3), loader):
+        sizes = batch.pop("packed_sizes")  # the host-side sizes of the packed layout (model.packed_sizes)
+        assert sizes == {"max_seqlen": int(batch["attention_mask"].sum(1).max()),
+                         "total_tokens": int(batch["attention_mask"].sum())}
         assert set(batch) == {"input_ids", "token_type_ids", "attention_mask"}
         for name, tensor in batch.items():
             assert tensor.dtype == torch.int64 and tensor.shape == (4, 32)
