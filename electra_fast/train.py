@@ -592,7 +592,14 @@ def main(argv: list[str] | None = None, callbacks: Sequence[TrainerCallback] = (
         return 2
     finally:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+            # Through DeepSpeed's comm layer: it also forgets the groups it cached, which a later run in the
+            # same process would otherwise find registered to a destroyed default group.
+            import deepspeed.comm as ds_comm
+
+            if getattr(ds_comm, "cdb", None) is not None:
+                ds_comm.destroy_process_group()
+            else:
+                torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
