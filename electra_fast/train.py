@@ -596,7 +596,7 @@ def main(argv: list[str] | None = None, callbacks: Sequence[TrainerCallback] = (
             # same process would otherwise find registered to a destroyed default group.
             import deepspeed.comm as ds_comm
 
-            if getattr(ds_comm, "cdb", None) is not None:
+            if ds_comm.comm.cdb is not None:  # DeepSpeed joined the group (its backend object)
                 ds_comm.destroy_process_group()
             else:
                 torch.distributed.destroy_process_group()

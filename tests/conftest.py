@@ -26,3 +26,18 @@ torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 def _seed_everything():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _no_process_group_left_behind():
+    """In-process DeepSpeed runs join a one-process group. Leave none behind after a test module, and no
+    DeepSpeed group cached for it (deepspeed.comm's teardown drops both): a later module's run would
+    otherwise find DeepSpeed's cached groups registered to a destroyed default group."""
+    yield
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        import deepspeed.comm as ds_comm
+
+        if ds_comm.comm.cdb is not None:  # DeepSpeed joined the group (its backend object)
+            ds_comm.destroy_process_group()
+        else:
+            torch.distributed.destroy_process_group()

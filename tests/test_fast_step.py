@@ -33,18 +33,6 @@ NO_DROPOUT = ("model.dropout=0", "model.attention_dropout=0")
 KERNELS = tuple(f"model.{spot}_impl=triton" for spot in ("attention", "mlm_head", "disc_head", "elementwise"))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _no_process_group_left_behind():
-    """The in-process runs here join a one-process group. Leave none behind, and no DeepSpeed group
-    cached for it (deepspeed.comm's teardown drops both), so that later modules start from scratch: a
-    later ``trainer.main`` would destroy the group under DeepSpeed's cached copies."""
-    yield
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        import deepspeed.comm
-
-        deepspeed.comm.destroy_process_group()
-
-
 def _trainer(corpus_dir, run_dir, *sets) -> trainer.Trainer:
     cfg = load_config(TINY, [f"data.path={corpus_dir}", "data.num_workers=0", *sets])
     manifest = trainer.apply_data_manifest(cfg)
