@@ -71,7 +71,7 @@ def _config(args, impl: str):
     return build_config(args.size, overrides=overrides)
 
 
-def _shared_noise(head):
+def shared_noise_sampler(head):
     """The MLM head with its sample replaced by the arg-max of its logits plus the reference noise of
     the step's seed: both runs sample alike, the loss and gradients still come from ``head``."""
     import torch
@@ -154,8 +154,8 @@ def main(argv=None) -> int:
         print("convergence.py: no GPU; run with --cpu-smoke to check the script on the CPU", file=sys.stderr)
         return 2
     bf16 = device.type == "cuda"
-    ek.mlm_head_loss = _shared_noise(ek.mlm_head_loss)
-    ek.mlm_head_loss_ref = _shared_noise(ek.mlm_head_loss_ref)
+    ek.mlm_head_loss = shared_noise_sampler(ek.mlm_head_loss)
+    ek.mlm_head_loss_ref = shared_noise_sampler(ek.mlm_head_loss_ref)
 
     torch.manual_seed(args.seed)
     cfg = _config(args, "torch")

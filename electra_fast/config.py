@@ -473,21 +473,24 @@ def build_config(size: str = "small", sections: dict[str, Any] | None = None,
     return cfg.validate()
 
 
+def read_yaml(path: str | Path) -> dict:
+    """A config YAML as written (not resolved): what the user asked for, key by key."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    return dict(raw)
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
                 size: str | None = None) -> Config:
     """Read a YAML config (or only a named size) and apply ``section.key=value`` overrides."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections")
-    raw = dict(raw)
+    raw = read_yaml(path) if path is not None else {}
     chosen = size or raw.pop("size", "small")
     raw.pop("size", None)
     return build_config(chosen, raw, overrides)

@@ -43,7 +43,7 @@ import yaml
 
 from .atomic import write_text_atomic
 from .checkpoints import TAG_PATTERN, checkpoint_root, read_latest
-from .config import SIZES, Config, ConfigError, apply_overrides, apply_section, load_config
+from .config import SIZES, Config, ConfigError, apply_overrides, apply_section, load_config, read_yaml
 
 RUN_RECORD = "run_identity.json"
 CONFIG_RECORD = "config.yaml"
@@ -162,20 +162,6 @@ def _yaml_changes(old_yaml: dict | None, new_yaml: dict) -> dict[str, dict[str, 
             if old_yaml is None or key not in before or before[key] != value:
                 changed.setdefault(name, {})[key] = value
     return changed
-
-
-def read_yaml(path: str | Path) -> dict:
-    """A config YAML as written (not resolved): what the user asked for, key by key."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of sections")
-    return raw
 
 
 # --------------------------------------------------------------------------------------------------

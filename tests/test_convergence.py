@@ -8,7 +8,7 @@ What is controlled, so that only floating-point round-off separates the two runs
 - the generator's samples: the MLM kernel draws its Gumbel noise in-kernel, the reference from a seeded
   torch.Generator (same seed, different samples). Both heads are wrapped so that the sample is the
   arg-max of each run's own logits plus the *same* reference noise for the step's seed
-  (``_shared_noise_sampler``); the loss and its gradient still come from the head under test.
+  (``shared_noise_sampler``); the loss and its gradient still come from the head under test.
 
 Tolerance: the kernels and references agree to fp32 round-off per step (~1e-6 relative: different
 summation orders in the tiled matmuls, the online softmax, the fused reductions); Adam divides by
@@ -24,26 +24,20 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
+
+import sys
+from pathlib import Path
 
 import electra_kernels as ek
-from electra_kernels.mlm_head import gumbel_noise_ref
 from electra_fast.model import ElectraPretrainingModel
 
 from helpers import random_batch, tiny_config
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from convergence import shared_noise_sampler  # noqa: E402 (the benchmark's own wrapper, one definition)
+
 STEPS = 200
 _TOLERANCE = 2e-3  # relative, per step; see the module docstring
-
-
-def _shared_noise_sampler(head):
-    def wrapped(hidden, weight, bias, targets, *, temperature, seed):
-        loss, _own_sample, correct = head(hidden, weight, bias, targets, temperature=temperature, seed=seed)
-        with torch.no_grad():
-            logits = F.linear(hidden.float(), weight.float(), bias.float())
-            sampled = torch.argmax(logits / temperature + gumbel_noise_ref(logits.shape, seed, logits.device), dim=-1)
-        return loss, sampled, correct
-    return wrapped
 
 
 def _config(impl: str):
@@ -83,8 +77,8 @@ def _train(impl: str, initial_state, batches):
 
 @pytest.mark.slow
 def test_fused_kernels_train_like_the_references(monkeypatch):
-    monkeypatch.setattr(ek, "mlm_head_loss", _shared_noise_sampler(ek.mlm_head_loss))
-    monkeypatch.setattr(ek, "mlm_head_loss_ref", _shared_noise_sampler(ek.mlm_head_loss_ref))
+    monkeypatch.setattr(ek, "mlm_head_loss", shared_noise_sampler(ek.mlm_head_loss))
+    monkeypatch.setattr(ek, "mlm_head_loss_ref", shared_noise_sampler(ek.mlm_head_loss_ref))
     torch.manual_seed(0)
     initial_state = ElectraPretrainingModel(_config("torch")).state_dict()
     batches = _batches(_config("torch"))
