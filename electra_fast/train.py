@@ -33,7 +33,8 @@ A run directory::
     config.yaml           the resolved config (sizes, special ids and vocabulary from the data)
     deepspeed.json        the DeepSpeed config given to deepspeed.initialize (JSON + derived values)
     env.json              versions, git commit, devices, world size, command line
-    metrics.jsonl         one record per log step (and one per skipped update)
+    metrics.jsonl         one record per log step (and one per skipped update); held-out evaluations
+                          as records with "split": "heldout" (see electra_fast.evaluation)
     tensorboard/          the same as TensorBoard events
     checkpoints/          step-00001000/ ... (DeepSpeed's format) and `latest`
     export/               discriminator/ and generator/ in Hugging Face format, written at the end
@@ -75,7 +76,7 @@ import yaml
 from .checkpoints import (Checkpoints, checkpoint_root, export_checkpoint, read_latest, rng_state, set_rng_state,
                           tag_for)
 from .config import Config, ConfigError, build_config, load_config
-from .distributed import barrier, init_distributed, launcher_world
+from .distributed import barrier, init_distributed, launcher_world, quiet_deepspeed_logger
 from .ds_config import build_deepspeed_config, lookup, read_deepspeed_json
 from .metrics import MetricsLog, StepStats, model_flops_per_step, peak_tflops, plot_curves
 from .optim import warmup_decay_schedule, weight_decay_groups
@@ -165,6 +166,7 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, local_rank:
     if not resume and read_latest(checkpoint_root(run_dir)) is not None:
         raise ConfigError(f"{run_dir} already holds checkpoints: pass --resume to continue that run, or choose "
                           "another --run-dir")
+    quiet_deepspeed_logger()
     trainer = Trainer(cfg, run_dir, ds_user, ds_path, manifest, local_rank=local_rank, callbacks=callbacks)
     return trainer.run(resume=resume)
 
@@ -180,7 +182,7 @@ class Trainer:
         from .loader import PretrainingLoader
         from .model import ElectraPretrainingModel
 
-        logging.getLogger("DeepSpeed").setLevel(logging.WARNING)  # its INFO lines would bury the progress bar
+        quiet_deepspeed_logger()  # again: its import may have reset the level
         self.cfg, self.run_dir, self.manifest, self.callbacks = cfg, run_dir, manifest, list(callbacks)
         self.rank, self.world_size, self.device = init_distributed(local_rank)
         self.local_rank = local_rank if local_rank >= 0 else launcher_world()[1]
@@ -230,6 +232,13 @@ class Trainer:
                                         world_size=self.world_size, seed=cfg.train.seed,
                                         num_workers=cfg.data.num_workers, prefetch_factor=cfg.data.prefetch_factor,
                                         pin_memory=cfg.data.pin_memory)
+        # The fixed held-out sample, the same on every rank (see _evaluate).
+        self.heldout: list[dict] = []
+        if cfg.train.eval_every and cfg.train.eval_batches:
+            from .loader import heldout_batches
+
+            self.heldout = heldout_batches(cfg.data.path, batch_size=self.micro, max_batches=cfg.train.eval_batches,
+                                           manifest=manifest)
         self.checkpoints = Checkpoints(run_dir, self.rank, self.local_rank, cfg.train.keep_last)
         self.stats = StepStats(self.device)
         self.step = self.tokens_seen = 0
@@ -286,13 +295,19 @@ class Trainer:
             f"[electra-fast] {self.world_size} rank(s) on {self.device.type}, {self.precision}, ZeRO-{self.zero_stage};"
             f" global batch {cfg.train.global_batch_size} = {self.micro} x {self.accumulation} accumulation x "
             f"{self.world_size}; {self.num_parameters / 1e6:.2f}M parameters; data {cfg.data.path} "
-            f"({self.manifest['num_examples']} examples of {self.manifest['seq_len']} tokens); FLOPs/step "
+            f"({self.manifest['num_examples']} examples of {self.manifest['seq_len']} tokens, "
+            f"{self.manifest.get('num_heldout_examples', 0)} held out); FLOPs/step "
             f"{self.flops_per_step:.3g} ({flops_source})"
             + (f"; resumed from {self.resumed_from} at step {self.step}" if self.resumed_from else ""))
+        if cfg.train.eval_every and not self.heldout:
+            self.log.say(f"[electra-fast] no held-out evaluation: {cfg.data.path} has no held-out split "
+                         "(prepare it with --heldout N)")
 
         batches: Iterator[dict] = iter(self.loader)
         self.window_start, self.window_steps = time.perf_counter(), 0
         self.run_start = time.perf_counter()
+        if self.step == 0 and self.step < cfg.train.max_steps:
+            self._evaluate()  # the starting point every later evaluation is compared with
         last: dict = {}
         self.engine.train()
         try:
@@ -305,6 +320,8 @@ class Trainer:
                 self.log.advance()
                 if self.step % cfg.train.log_every == 0 or self.step == cfg.train.max_steps:
                     last = self._log_window()
+                if cfg.train.eval_every and (self.step % cfg.train.eval_every == 0 or self.step == cfg.train.max_steps):
+                    self._evaluate()
                 if self.step % cfg.train.save_every == 0 or self.step == cfg.train.max_steps:
                     self._save()
                 for callback in self.callbacks:
@@ -390,6 +407,24 @@ class Trainer:
         self.window_start, self.window_steps = now, 0
         return record
 
+    def _evaluate(self) -> None:
+        """Held-out metrics of the model as it is now (electra_fast.evaluation), fixed masks and samples.
+
+        Every rank scores the same fixed sample through the engine's module: under ZeRO-3 each forward
+        gathers parameters from all ranks, so all of them must run it, and the ranking metrics (ROC-AUC,
+        AP) need every score in one place. The ranks' results are thus identical; rank 0 logs them.
+        """
+        if not self.heldout:
+            return
+        from .evaluation import evaluate_pretraining
+
+        started = time.perf_counter()
+        result = evaluate_pretraining(self.module, self.heldout, seed=self.cfg.train.seed)
+        seconds = time.perf_counter() - started
+        self.log.record_eval({"step": self.step, "split": "heldout", "eval": True, **result.to_dict(),
+                              "eval_s": seconds, "time": time.time()})
+        self.window_start += seconds  # throughput excludes evaluation
+
     def _save(self) -> None:
         started = time.perf_counter()
         self.tokens_seen += self.stats.take_tokens()  # exact in every checkpoint
@@ -436,7 +471,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                                          "the run dir's config.yaml")
     parser.add_argument("--size", help="a named size instead of / over the YAML's (tiny, small, base, large)")
     parser.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[],
-                        metavar="SECTION.KEY=VALUE", help="override config values, e.g. --set train.max_steps=1000")
+                        metavar="SECTION.KEY=VALUE",
+                        help="override config values, e.g. --set train.max_steps=1000 train.eval_every=200; "
+                             "`electra-fast config --config FILE` prints every key with its value")
     parser.add_argument("--run-dir", required=True, help="folder for checkpoints, metrics and the export")
     parser.add_argument("--resume", action="store_true",
                         help="continue from the run dir's latest checkpoint (starts fresh if there is none)")
