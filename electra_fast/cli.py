@@ -25,9 +25,9 @@ EPILOG = """a first run, start to finish (on a CPU: a few minutes on a small mod
   electra-fast pretrain --config configs/electra-small.yaml --run-dir runs/small --set data.path=data/default
   electra-fast finetune --model runs/small --task sst-2 --data-dir glue/SST-2 --out runs/small/sst2
 
-every config key, its value and type:  electra-fast config --config configs/electra-small.yaml
+every config key and its value:        electra-fast config --config configs/electra-small.yaml
 a command's own options:               electra-fast COMMAND --help
-`make demo` in the repository does all of this and prints what the model learned."""
+`make demo` in the repository runs the first two on a small model and prints what it learned."""
 
 # sub-command -> (module, add-arguments function, run function, help)
 COMMANDS = {

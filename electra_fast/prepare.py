@@ -43,10 +43,11 @@ The pipeline, and which library does each part:
    next (see :mod:`electra_fast.packing`). Every document draws its random numbers from its own
    generator, seeded by (seed, input, position in the input), so the result does not depend on
    ``num_proc`` or batch boundaries.
-5. Held-out split: ``--heldout`` examples (default 1%, at most 2,000) drawn by the seed from all
-   examples go to ``heldout/``, the rest to ``dataset/``. ``num_examples`` counts the training examples,
-   ``num_heldout_examples`` the others; the token counts cover both. Examples are packed from
-   consecutive sentences, so a held-out example may share a document with training ones.
+5. Held-out split: ``--heldout`` examples (default 1%, at most 2,000, none when that is under 10) drawn
+   by the seed from all examples go to ``heldout/``, the rest to ``dataset/``. ``num_examples`` and the
+   other layout counts describe ``dataset/``, ``heldout_layout`` the held-out split, and the token
+   account (read / kept / dropped) both. Examples are packed from consecutive sentences, so a held-out
+   example may share a document with training ones.
 6. Output: ``save_to_disk`` into a hidden sibling folder of ``DIR``, manifest last, then a rename. On
    any error the sibling is removed and ``DIR`` is left as it was; a full disk is one line naming
    ``DIR`` and the space left.
@@ -175,6 +176,11 @@ def _progress_bars(enabled: bool) -> Iterator[None]:
 # spend minutes of every evaluation (the trainer evaluates on a fixed sample of it anyway).
 DEFAULT_HELDOUT = "1%"
 HELDOUT_PERCENT_CAP = 2000
+# A percentage that comes to fewer examples than this sets none aside: so few measure nothing.
+HELDOUT_PERCENT_MIN = 10
+# The manifest keys that describe the examples of one split (the token account covers both splits).
+SPLIT_LAYOUT_KEYS = ("num_examples", "num_tokens", "num_text_tokens", "num_padding_tokens", "padding_fraction",
+                     "single_segment_fraction", "full_length_fraction")
 
 
 def parse_heldout(spec: str | int) -> str:
@@ -192,9 +198,11 @@ def parse_heldout(spec: str | int) -> str:
 
 def heldout_size(spec: str, num_examples: int) -> int:
     """Examples the split ``spec`` sets aside from ``num_examples``; a percentage is capped at
-    ``HELDOUT_PERCENT_CAP``, a count is taken as given. At least one training example must remain."""
+    ``HELDOUT_PERCENT_CAP`` (and is 0 below ``HELDOUT_PERCENT_MIN``), a count is taken as given. At least
+    one training example must remain."""
     if spec.endswith("%"):
-        return min(int(num_examples * float(spec[:-1]) / 100), HELDOUT_PERCENT_CAP)
+        count = min(int(num_examples * float(spec[:-1]) / 100), HELDOUT_PERCENT_CAP)
+        return count if count >= HELDOUT_PERCENT_MIN else 0
     count = int(spec)
     if count >= num_examples:
         raise DataError(f"--heldout {count} leaves no training examples: the corpus makes {num_examples} examples")
@@ -363,14 +371,18 @@ def _prepare_into(staging: Path, out: Path, *, inputs: list[str], vocab_path: st
     # Held-out split -------------------------------------------------------------------------------
     held = heldout_rows(len(examples), heldout_size(heldout, len(examples)), seed)
     kept = np.setdiff1d(np.arange(len(examples)), held, assume_unique=True)
+    heldout_layout = None
     if len(held):
         _log(verbose, f"setting aside {len(held)} held-out examples (--heldout {heldout})")
         examples.select(held, new_fingerprint=fingerprint[16:32]).save_to_disk(str(staging / "heldout"))
+        heldout_layout = _split_layout(staging / "heldout", seq_len)
         examples = examples.select(kept, new_fingerprint=fingerprint[32:48])
 
     # Output ---------------------------------------------------------------------------------------
     examples.save_to_disk(str(staging / "dataset"), num_proc=num_proc if len(examples) > 200_000 else None)
     del examples, parts
+    if len(held):
+        stats.update(_split_layout(staging / "dataset", seq_len))
     tokenizer.save(str(staging / "tokenizer.json"))
     write_vocab_txt(tokenizer, staging / "vocab.txt")
     identity = _output_identity(staging, fingerprint)
@@ -392,9 +404,9 @@ def _prepare_into(staging: Path, out: Path, *, inputs: list[str], vocab_path: st
         "special_token_ids": special_ids,
         "tokenizer": {**tokenizer_info, "type": "WordPiece", "vocab_size": actual_vocab_size},
         **stats,
-        # the token counts above cover both splits; the examples are counted per split
-        "num_examples": len(kept), "num_heldout_examples": len(held), "heldout": heldout,
-        "heldout_dir": "heldout" if len(held) else None,
+        # the layout keys above (SPLIT_LAYOUT_KEYS) describe dataset/, the token account both splits
+        "num_heldout_examples": len(held), "heldout": heldout, "heldout_dir": "heldout" if len(held) else None,
+        "heldout_layout": heldout_layout,
         "columns": {"input_ids": id_dtype(actual_vocab_size), "token_type_ids": "int8", "attention_mask": "int8"},
         "dataset_dir": "dataset",
         "streaming": use_streaming,
@@ -404,6 +416,15 @@ def _prepare_into(staging: Path, out: Path, *, inputs: list[str], vocab_path: st
     # Written last: a folder with a manifest is a finished one.
     (staging / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     return manifest
+
+
+def _split_layout(folder: Path, seq_len: int) -> dict[str, Any]:
+    """The ``SPLIT_LAYOUT_KEYS`` counts of one saved split (read back memory-mapped: a selection of
+    rows still points at the whole table until it is written)."""
+    from datasets import load_from_disk
+
+    stats = example_stats(load_from_disk(str(folder)), seq_len)
+    return {key: value for key, value in stats.items() if key in SPLIT_LAYOUT_KEYS}
 
 
 def _output_identity(staging: Path, inputs_fingerprint: str) -> dict[str, Any]:
@@ -476,7 +497,7 @@ def add_prepare_arguments(parser: argparse.ArgumentParser) -> None:
                         help="pack while reading without a decoded copy of the text (default: by input size)")
     parser.add_argument("--heldout", default=DEFAULT_HELDOUT, metavar="N|P%",
                         help="examples set aside for held-out evaluation, a count or a percentage (default 1%%, "
-                             f"at most {HELDOUT_PERCENT_CAP:,}; 0 for none)")
+                             f"at most {HELDOUT_PERCENT_CAP:,}, none if under {HELDOUT_PERCENT_MIN}; 0 for none)")
     parser.add_argument("--force", action="store_true", help="rebuild even if --out holds the same preparation")
 
 

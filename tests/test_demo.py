@@ -89,15 +89,21 @@ def test_export_scores_generator_replacements_on_a_heldout_example(tiny_run):
 def test_status_says_complete_and_how_to_continue(tiny_run, tmp_path):
     out = io.StringIO()
     demo.run_status(tiny_run, out)
-    assert "the run is complete at step 4" in out.getvalue() and "make demo DEMO_STEPS=104" in out.getvalue()
-    # a continued run says where it continued from
-    resumed = tmp_path / "resumed"
-    resumed.mkdir()
-    (resumed / "config.yaml").write_text((tiny_run / "config.yaml").read_text())
-    (resumed / "env.json").write_text(json.dumps({"resumed_from": "runs/demo/checkpoints/step-00000002"}))
-    out = io.StringIO()
-    demo.run_status(resumed, out)
-    assert out.getvalue().strip().startswith("this run continued from runs/demo/checkpoints/step-00000002")
+    text = out.getvalue()
+    assert "the run is complete at step 4" in text and "make demo DEMO_STEPS=104" in text
+    assert "continued" not in text and "trained nothing" not in text
+    # a continued run says from where; one resumed at its last step says it trained nothing
+    for resumed_at, expected in ((2, "continued"), (4, "trained nothing")):
+        other = tmp_path / f"resumed{resumed_at}"
+        other.mkdir()
+        (other / "config.yaml").write_text((tiny_run / "config.yaml").read_text())
+        (other / "env.json").write_text(json.dumps({"resumed_from": f"runs/demo/checkpoints/step-{resumed_at:08d}"}))
+        out = io.StringIO()
+        demo.run_status(other, out)
+        first = out.getvalue().strip().splitlines()[0]
+        assert first.startswith(f"this run {expected}"), first
+        if resumed_at == 2:
+            assert "from step 2 to step 4" in first
 
 
 def test_main_prints_the_whole_summary(tiny_run, capsys):

@@ -51,7 +51,8 @@ def test_heldout_spec_and_size():
     for bad in ("-3", "100%", "ten", "1.5"):
         with pytest.raises(DataError, match="--heldout"):
             parse_heldout(bad)
-    assert heldout_size("1%", 50) == 0 and heldout_size("1%", 10_000) == 100
+    assert heldout_size("1%", 50) == 0 and heldout_size("1%", 999) == 0  # under 10: too few to measure
+    assert heldout_size("1%", 1000) == 10 and heldout_size("1%", 10_000) == 100
     assert heldout_size("1%", 10_000_000) == 2000  # a percentage is capped
     assert heldout_size("300", 1000) == 300
     with pytest.raises(DataError, match="leaves no training examples"):
@@ -68,6 +69,12 @@ def test_prepare_sets_aside_a_recorded_deterministic_split(split_data, tmp_path)
     train, held = load_examples(split_data, manifest), load_examples(split_data, manifest, split="heldout")
     assert len(train) == manifest["num_examples"] and len(held) == 12
     # no example is in both splits, and the two together are what the corpus packs into
+    # the layout counts describe each split; the token account covers both
+    train_mask, held_mask = np.asarray(train["attention_mask"]), np.asarray(held["attention_mask"])
+    assert manifest["num_tokens"] == int(train_mask.sum())
+    assert manifest["heldout_layout"]["num_tokens"] == int(held_mask.sum())
+    assert manifest["heldout_layout"]["num_examples"] == 12
+    assert manifest["num_tokens_kept"] == manifest["num_text_tokens"] + manifest["heldout_layout"]["num_text_tokens"]
     train_rows = {tuple(r) for r in train["input_ids"]}
     assert not any(tuple(r) in train_rows for r in held["input_ids"])
     # the same inputs and options give the same split, byte for byte
@@ -178,3 +185,20 @@ def test_metrics_log_plain_lines_and_eval_rows(tmp_path):
     assert "prior 0.4200" in lines[0] and "unigram 0.050" in lines[0]
     assert lines[1].startswith("[electra-fast] step 1/10: loss 9.0000") and "heldout_auc 0.500" in lines[1]
     assert [is_eval_record(r) for r in read_metrics(tmp_path)] == [True, False]
+
+
+def test_zero3_evaluates_through_the_partitioned_module(split_data, tmp_path, clean_env):
+    """ZeRO-3 replaces every parameter by a placeholder gathered around its module's forward: the
+    evaluation runs through the engine's module and must score exactly what ZeRO-0 scores at step 0
+    (same initial weights, same fixed sample, masks and samples)."""
+    rows = {}
+    for stage in (0, 3):
+        run = tmp_path / f"zero{stage}"
+        assert _run(split_data, run, "train.max_steps=2", "train.eval_every=2", "train.eval_batches=2",
+                    "train.save_every=2", "train.export_at_end=false",
+                    f"train.deepspeed_config={REPO}/configs/deepspeed/zero{stage}.json") == 0
+        rows[stage] = [r for r in read_metrics(run) if is_eval_record(r)]
+    assert [r["step"] for r in rows[3]] == [0, 2]
+    for key in ("disc_auc", "disc_loss", "gen_loss", "gen_accuracy", "num_tokens"):
+        assert rows[3][0][key] == pytest.approx(rows[0][0][key], rel=1e-5), key
+        assert rows[3][1][key] == pytest.approx(rows[0][1][key], rel=1e-3), key
