@@ -6,6 +6,8 @@ Every launcher (``deepspeed``, ``torchrun``, MPI) is read from its environment v
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
 import socket
@@ -96,7 +98,13 @@ def init_distributed(local_rank: int) -> tuple[int, int, torch.device]:
         local_rank = launcher_world()[1]
     if accelerator.device_name() != "cpu":
         accelerator.set_device(local_rank)
-    deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name())
+    # DeepSpeed prints "... built successfully" each time it loads its CPU op, built or not; other lines pass.
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name())
+    for line in printed.getvalue().splitlines():
+        if not line.endswith("built successfully"):
+            print(line, flush=True)
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     device = torch.device(accelerator.device_name(local_rank) if accelerator.device_name() != "cpu" else "cpu")
     return rank, world, device
