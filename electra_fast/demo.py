@@ -247,10 +247,15 @@ def generator_example(run_dir: str | Path, out: TextIO | None = None, *, example
     chance = k * k / len(real)
     print(f"  of the {k} tokens the discriminator scores highest, {hits} {'was' if hits == 1 else 'were'} really replaced "
           f"(a random ranking finds {chance:.1f} on average). Highest P(replaced):", file=out)
+    ranks = sorted(int((order == i).nonzero()) + 1 for i in torch.nonzero(replaced).flatten().tolist())
+    print(f"  the replaced tokens' places in that ranking (1 = highest of {len(real)}): "
+          f"{', '.join(map(str, ranks))}; a random ranking puts them at {(len(real) + 1) / 2:.0f} on average, "
+          f"here {sum(ranks) / len(ranks):.0f} (one example: the held-out ROC-AUC above is the measure over "
+          "all the held-out tokens)", file=out)
     for i in order[:max(show, k)].tolist():
         what = f"replaced, was '{originals[i]}'" if replaced[i] else "original"
         print(f"    {tokens[i]:<16} {scores[i]:.3f}  {_bar(float(scores[i]))}  {what}", file=out)
-    return {"replaced": k, "top_hits": hits, "tokens": len(real)}
+    return {"replaced": k, "top_hits": hits, "tokens": len(real), "ranks": ranks}
 
 
 # ------------------------------------------------------------------------------------------------
