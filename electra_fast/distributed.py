@@ -110,6 +110,19 @@ def init_distributed(local_rank: int) -> tuple[int, int, torch.device]:
     return rank, world, device
 
 
+def shutdown_distributed() -> None:
+    """Leave the process group through DeepSpeed, which also drops the groups it cached (a later run in
+    the same process, e.g. a second in-process ``main()``, would otherwise reuse a destroyed one)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    import deepspeed.comm
+
+    if deepspeed.comm.is_initialized():
+        deepspeed.comm.destroy_process_group()
+    else:
+        torch.distributed.destroy_process_group()
+
+
 def barrier() -> None:
     """Wait for every rank (a no-op without a process group)."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():

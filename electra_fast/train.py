@@ -76,7 +76,7 @@ import yaml
 from .checkpoints import (Checkpoints, checkpoint_root, export_checkpoint, read_latest, rng_state, set_rng_state,
                           tag_for)
 from .config import Config, ConfigError, build_config, load_config
-from .distributed import barrier, init_distributed, launcher_world, quiet_deepspeed_logger
+from .distributed import barrier, init_distributed, launcher_world, quiet_deepspeed_logger, shutdown_distributed
 from .ds_config import build_deepspeed_config, lookup, read_deepspeed_json
 from .metrics import MetricsLog, StepStats, model_flops_per_step, peak_tflops, plot_curves
 from .optim import warmup_decay_schedule, weight_decay_groups
@@ -299,7 +299,7 @@ class Trainer:
             f"{self.manifest.get('num_heldout_examples', 0)} held out); FLOPs/step "
             f"{self.flops_per_step:.3g} ({flops_source})"
             + (f"; resumed from {self.resumed_from} at step {self.step}" if self.resumed_from else ""))
-        if cfg.train.eval_every and not self.heldout:
+        if cfg.train.eval_every and cfg.train.eval_batches and not self.heldout:
             self.log.say(f"[electra-fast] no held-out evaluation: {cfg.data.path} has no held-out split "
                          "(prepare it with --heldout N)")
 
@@ -518,8 +518,7 @@ def main(argv: list[str] | None = None, callbacks: Sequence[TrainerCallback] = (
         print(f"electra_fast.train: error: {exc}", file=sys.stderr, flush=True)
         return 2
     finally:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        shutdown_distributed()
 
 
 if __name__ == "__main__":
