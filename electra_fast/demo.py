@@ -243,18 +243,18 @@ def generator_example(run_dir: str | Path, out: TextIO | None = None, *, example
         print("  the generator reproduced every original token here: nothing to find", file=out)
         return {"replaced": 0, "top_hits": 0, "tokens": len(real)}
     order = real[scores[real].argsort(descending=True)]
+    ranks = sorted(int((order == i).nonzero()) + 1 for i in torch.nonzero(replaced).flatten().tolist())
     hits = int(replaced[order[:k]].sum())
     chance = k * k / len(real)
-    print(f"  of the {k} tokens the discriminator scores highest, {hits} {'was' if hits == 1 else 'were'} really replaced "
-          f"(a random ranking finds {chance:.1f} on average). Highest P(replaced):", file=out)
-    ranks = sorted(int((order == i).nonzero()) + 1 for i in torch.nonzero(replaced).flatten().tolist())
-    print(f"  the replaced tokens' places in that ranking (1 = highest of {len(real)}): "
-          f"{', '.join(map(str, ranks))}; a random ranking puts them at {(len(real) + 1) / 2:.0f} on average, "
-          f"here {sum(ranks) / len(ranks):.0f} (one example: the held-out ROC-AUC above is the measure over "
-          "all the held-out tokens)", file=out)
+    print(f"  of the {k} tokens the discriminator scores highest, {hits} {'was' if hits == 1 else 'were'} really "
+          f"replaced (a random ranking finds {chance:.1f} on average). Highest P(replaced):", file=out)
     for i in order[:max(show, k)].tolist():
         what = f"replaced, was '{originals[i]}'" if replaced[i] else "original"
         print(f"    {tokens[i]:<16} {scores[i]:.3f}  {_bar(float(scores[i]))}  {what}", file=out)
+    print(f"  the replaced tokens' places in the ranking (1 = highest of {len(real)}): "
+          f"{', '.join(map(str, ranks))}; a random ranking puts them at {(len(real) + 1) / 2:.0f} on average, "
+          f"here {sum(ranks) / len(ranks):.0f} (one example: the held-out ROC-AUC above is the measure over "
+          "all the held-out tokens)", file=out)
     return {"replaced": k, "top_hits": hits, "tokens": len(real), "ranks": ranks}
 
 

@@ -259,7 +259,8 @@ def prepare(inputs: list[str], out_dir: str, *, vocab: str | None = None, vocab_
         if disk_full is not None:
             raise disk_full from None
         raise
-    _log(verbose, f"wrote {manifest['num_examples']} examples + {manifest['num_heldout_examples']} held out ({manifest['num_tokens']} tokens, "
+    _log(verbose, f"wrote {manifest['num_examples']} examples + {manifest['num_heldout_examples']} held out "
+                  f"({manifest['num_tokens']} tokens, "
                   f"{manifest['padding_fraction']:.1%} padding) to {out} in {time.time() - started:.1f}s")
     return out
 

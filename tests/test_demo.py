@@ -82,7 +82,7 @@ def test_export_scores_generator_replacements_on_a_heldout_example(tiny_run):
         assert f"of the {result['replaced']} tokens the discriminator scores highest, {result['top_hits']}" in text
         assert 0 <= result["top_hits"] <= result["replaced"]
         assert "replaced, was '" in text
-        assert len(result["ranks"]) == result["replaced"] and "places in that ranking" in text
+        assert len(result["ranks"]) == result["replaced"] and "places in the ranking" in text
         assert sum(rank <= result["replaced"] for rank in result["ranks"]) == result["top_hits"]
     # no loading bars or transformers advice in the summary
     assert "Loading" not in text and "%|" not in text
