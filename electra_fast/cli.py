@@ -17,12 +17,25 @@ import argparse
 import importlib
 import sys
 
+DESCRIPTION = """electra-fast: pretrain ELECTRA text encoders (a generator that fills masked words and a
+discriminator that spots the replaced ones), export them to Hugging Face folders, and fine-tune them."""
+
+EPILOG = """a first run, start to finish (on a CPU: a few minutes on a small model):
+  electra-fast prepare --default --out data/default               # the embedded corpus, no download
+  electra-fast pretrain --config configs/electra-small.yaml --run-dir runs/small --set data.path=data/default
+  electra-fast finetune --model runs/small --task sst-2 --data-dir glue/SST-2 --out runs/small/sst2
+
+every config key and its value:        electra-fast config --config configs/electra-small.yaml
+a command's own options:               electra-fast COMMAND --help
+`make demo` in the repository runs the first two on a small model and prints what it learned."""
+
 # sub-command -> (module, add-arguments function, run function, help)
 COMMANDS = {
     "prepare": ("electra_fast.prepare", "add_prepare_arguments", "run_prepare",
                 "tokenise a corpus into packed ELECTRA examples (or build the embedded default corpus)"),
     "pretrain": ("electra_fast.train", "add_train_arguments", "run_train",
-                 "pretrain generator + discriminator (also: deepspeed --module electra_fast.train)"),
+                 "pretrain generator + discriminator (also: deepspeed --module electra_fast.train); "
+                 "`electra-fast config --config FILE` lists every key --set can change"),
     "export": ("electra_fast.checkpoints", "add_export_arguments", "run_export",
                "consolidate a checkpoint and write Hugging Face folders"),
     "finetune": ("electra_fast.finetune", "add_finetune_arguments", "run_finetune",
@@ -49,7 +62,8 @@ def _run_config(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser: lists the sub-commands without importing their modules."""
-    parser = argparse.ArgumentParser(prog="electra-fast", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="electra-fast", description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (_, _, _, help_text) in COMMANDS.items():
         sub.add_parser(name, help=help_text, add_help=False)
@@ -82,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _single_parser(name: str) -> argparse.ArgumentParser:
     module, add_fn, _, help_text = COMMANDS[name]
-    parser = argparse.ArgumentParser(prog="electra-fast", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="electra-fast", description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", required=True)
     command = sub.add_parser(name, help=help_text, description=help_text)
     getattr(importlib.import_module(module), add_fn)(command)

@@ -228,6 +228,10 @@ class TrainConfig:
     max_nonfinite_steps: int = 5  # consecutive skipped updates before the run stops
     peak_tflops: float = 0.0  # device peak for MFU; 0 = look the device up
     export_at_end: bool = True
+    # Held-out evaluation (electra_fast.evaluation) every eval_every steps, at step 0 and at the end, on the
+    # first eval_batches micro-batches of the data's held-out split; 0 turns it off.
+    eval_every: int = 1000
+    eval_batches: int = 8
     # Capture the training forward with torch.compile: none | default | max-autotune
     # (electra_fast.compile.compile_for_training).
     compile: str = "none"
@@ -247,6 +251,9 @@ class TrainConfig:
             raise ConfigError(f"train.save_every_minutes must be >= 0 (0 = off), got {self.save_every_minutes}")
         if self.micro_batch_size < 0 or self.gradient_accumulation_steps < 0:
             raise ConfigError("train.micro_batch_size and train.gradient_accumulation_steps must be >= 0")
+        if self.eval_every < 0 or self.eval_batches < 0:
+            raise ConfigError(f"train.eval_every and train.eval_batches must be >= 0 (0 = no held-out evaluation), "
+                              f"got {self.eval_every} and {self.eval_batches}")
         if self.compile not in COMPILE_MODES:
             raise ConfigError(f"train.compile must be one of {'/'.join(COMPILE_MODES)}, got {self.compile!r}")
         if self.cuda_graphs and self.compile == "none":

@@ -79,6 +79,7 @@ It returns the same dictionary ``metrics.json`` holds; with ``out_dir`` it write
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import datetime
 import json
@@ -451,6 +452,7 @@ def finetune_task(encoder_source, tokenizer, data: TaskData, config: FinetuneCon
                    "attention": resolve_impl(cfg.attention_impl, device),
                    "packed": bool(cfg.unpad and resolve_impl(cfg.attention_impl, device) == "triton")},
         "num_examples": {"train": len(data.train), **{s: len(e) for s, e in data.dev.items()}},
+        "majority_baseline": _majority_baseline(spec, data.dev.get("dev")),
         "files": data.files, "config": config.to_dict(),
         "versions": {"torch": torch.__version__, "electra_fast": _package_version()},
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -469,6 +471,16 @@ def finetune_task(encoder_source, tokenizer, data: TaskData, config: FinetuneCon
         if out is not None:
             _write_json(out / "metrics.json", result)
     return result
+
+
+def _majority_baseline(spec, dev: list | None) -> dict | None:
+    """Dev accuracy of always predicting the most frequent dev label (classification only): a run that
+    ends there has learned nothing yet, which the summary says."""
+    if spec.kind != "classification" or not dev:
+        return None
+    label, count = collections.Counter(example.label for example in dev).most_common(1)[0]
+    name = spec.labels[label] if spec.labels and isinstance(label, int) and label < len(spec.labels) else label
+    return {"label": str(name), "accuracy": count / len(dev)}
 
 
 def _package_version() -> str:
@@ -539,7 +551,20 @@ def finetune_classifier(encoder, train_examples: Sequence, dev_examples: Sequenc
 # --------------------------------------------------------------------------------------------
 # CLI (wired by electra_fast/cli.py as `electra-fast finetune`)
 # --------------------------------------------------------------------------------------------
+FILE_LAYOUTS = """accepted task files (in --data-dir):
+  GLUE (cola, sst-2, mrpc, sts-b, qqp, mnli, qnli, rte): the published TSV files as downloaded,
+      train.tsv and dev.tsv (MNLI: dev_matched.tsv, and dev_mismatched.tsv when present)
+  classification / regression: train.* and dev.* as .jsonl, .json, .csv or .tsv with a header; the
+      columns are text, label (and optionally a second text): --set task.text_column=review
+      task.label_column=stars task.text_pair_column=title
+  token-classification: CoNLL style (.txt .conll .bio .iob .tsv), one token a line with its tag in the
+      last column (BIO/IOB tags), a blank line between sentences
+"""
+
+
 def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = FILE_LAYOUTS
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("--model", required=True,
                         help="pretraining run folder, export folder, or ElectraForPreTraining-style HF folder")
     parser.add_argument("--task", required=True,
@@ -574,6 +599,11 @@ def _summary(result: dict) -> str:
     lines.append(f"  best checkpoint: seed {best['seed']} step {best['step']} "
                  f"{result['selecting_metric']}={best['metrics'][result['selecting_metric']]:.4f}"
                  + (f" -> {best['path']}" if best.get("path") else ""))
+    baseline, accuracy = result.get("majority_baseline"), result["median"].get("accuracy")
+    if baseline and accuracy is not None and accuracy <= baseline["accuracy"] + 1e-9:
+        lines.append(f"  accuracy {accuracy:.4f} is the majority-class baseline (always '{baseline['label']}': "
+                     f"{baseline['accuracy']:.4f}): the classifier has not learned the task yet; try more epochs "
+                     "(--set train.epochs=10) or another train.lr")
     return "\n".join(lines)
 
 

@@ -280,3 +280,24 @@ class PretrainingLoader:
                 raise RuntimeError("load_state_dict() was called while iterating; start a new iteration")
             self._position += self.global_batch_size
             yield batch
+
+
+def heldout_batches(data_dir: str, *, batch_size: int, max_batches: int,
+                    manifest: dict[str, Any] | None = None) -> list[dict[str, torch.Tensor]]:
+    """The fixed evaluation sample: the first ``max_batches`` batches of ``batch_size`` held-out examples,
+    in the order prepare wrote them (the last batch may be smaller), as int64 tensors on the CPU.
+
+    Every call and every rank gets the same batches, so evaluations at different steps (and on
+    different ranks) score the same tokens. [] when the data has no held-out split.
+    """
+    if batch_size <= 0 or max_batches < 0:
+        raise ValueError(f"batch_size must be positive and max_batches >= 0, got {batch_size} and {max_batches}")
+    manifest = read_manifest(data_dir) if manifest is None else manifest
+    examples = load_examples(data_dir, manifest, split="heldout")
+    if examples is None or max_batches == 0:
+        return []
+    count = min(len(examples), batch_size * max_batches)
+    gather = _RowGather(examples, int(manifest["seq_len"]))
+    rows = gather(np.arange(count, dtype=np.int64))
+    return [{name: torch.from_numpy(rows[name][start:start + batch_size]) for name in _BATCH_COLUMNS}
+            for start in range(0, count, batch_size)]

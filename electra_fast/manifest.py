@@ -51,12 +51,16 @@ def read_manifest(data_dir: str) -> dict[str, Any]:
 
 # What a model's ids depend on; an edited manifest or a swapped vocabulary must not pass unnoticed.
 IDENTITY_KEYS = ("inputs_fingerprint", "vocab_sha256", "tokenizer_sha256", "dataset_files")
+# Covered too when present: the held-out split's files (a preparation with --heldout 0 has none).
+OPTIONAL_IDENTITY_KEYS = ("heldout_files",)
 
 
 def identity_fingerprint(identity: dict[str, Any]) -> str:
-    """The manifest's ``fingerprint``: sha256 over the ``IDENTITY_KEYS`` entries (JSON, sorted keys)."""
-    return hashlib.sha256(json.dumps({key: identity[key] for key in IDENTITY_KEYS},
-                                     sort_keys=True).encode()).hexdigest()
+    """The manifest's ``fingerprint``: sha256 over the ``IDENTITY_KEYS`` entries and those of the
+    ``OPTIONAL_IDENTITY_KEYS`` it has (JSON, sorted keys)."""
+    covered = {key: identity[key] for key in IDENTITY_KEYS}
+    covered.update({key: identity[key] for key in OPTIONAL_IDENTITY_KEYS if key in identity})
+    return hashlib.sha256(json.dumps(covered, sort_keys=True).encode()).hexdigest()
 
 
 def _check_against_files(folder: Path, manifest: dict[str, Any]) -> None:
@@ -117,13 +121,20 @@ def damaged_arrow_file(dataset_dir: Path) -> str | None:
     return None
 
 
-def load_examples(data_dir: str, manifest: dict[str, Any]):
-    """The prepared examples of ``data_dir``, memory-mapped. A file the manifest lists that is missing
-    or has another size, or an Arrow file that cannot be read, is a DataError naming that file."""
+def load_examples(data_dir: str, manifest: dict[str, Any], split: str = "train"):
+    """The prepared examples of ``data_dir`` (``split`` "train", or "heldout" for the held-out split,
+    None when the data has none), memory-mapped. A file the manifest lists that is missing or has
+    another size, or an Arrow file that cannot be read, is a DataError naming that file."""
     from datasets import load_from_disk
 
-    folder = Path(data_dir).expanduser() / manifest.get("dataset_dir", "dataset")
-    for name, entry in sorted((manifest.get("dataset_files") or {}).items()):
+    if split not in ("train", "heldout"):
+        raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
+    if split == "heldout" and not manifest.get("heldout_dir"):
+        return None
+    folder = Path(data_dir).expanduser() / (manifest.get("dataset_dir", "dataset") if split == "train"
+                                            else manifest["heldout_dir"])
+    files_key = "dataset_files" if split == "train" else "heldout_files"
+    for name, entry in sorted((manifest.get(files_key) or {}).items()):
         path = folder / name
         size = path.stat().st_size if path.is_file() else None
         if size != entry["bytes"]:

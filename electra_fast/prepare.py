@@ -18,6 +18,8 @@ What ``prepare`` writes (``DIR``)::
     DIR/dataset/         `datasets.Dataset.save_to_disk`: input_ids (uint16, or int32 past 65536
                          tokens), token_type_ids and attention_mask (int8), each a fixed-size list of
                          seq_len, padded
+    DIR/heldout/         the held-out split in the same layout (``--heldout``; absent when it is 0): examples
+                         chosen at random by the seed and left out of dataset/, for evaluation
 
 The pipeline, and which library does each part:
 
@@ -41,7 +43,12 @@ The pipeline, and which library does each part:
    next (see :mod:`electra_fast.packing`). Every document draws its random numbers from its own
    generator, seeded by (seed, input, position in the input), so the result does not depend on
    ``num_proc`` or batch boundaries.
-5. Output: ``save_to_disk`` into a hidden sibling folder of ``DIR``, manifest last, then a rename. On
+5. Held-out split: ``--heldout`` examples (default 1%, at most 2,000, none when that is under 10) drawn
+   by the seed from all examples go to ``heldout/``, the rest to ``dataset/``. ``num_examples`` and the
+   other layout counts describe ``dataset/``, ``heldout_layout`` the held-out split, and the token
+   account (read / kept / dropped) both. Examples are packed from consecutive sentences, so a held-out
+   example may share a document with training ones.
+6. Output: ``save_to_disk`` into a hidden sibling folder of ``DIR``, manifest last, then a rename. On
    any error the sibling is removed and ``DIR`` is left as it was; a full disk is one line naming
    ``DIR`` and the space left.
 
@@ -165,13 +172,57 @@ def _progress_bars(enabled: bool) -> Iterator[None]:
         (datasets.enable_progress_bars if was_enabled else datasets.disable_progress_bars)()
 
 
+# The default held-out split: a small share of the examples, capped so that a large corpus does not
+# spend minutes of every evaluation (the trainer evaluates on a fixed sample of it anyway).
+DEFAULT_HELDOUT = "1%"
+HELDOUT_PERCENT_CAP = 2000
+# A percentage that comes to fewer examples than this sets none aside: so few measure nothing.
+HELDOUT_PERCENT_MIN = 10
+# The manifest keys that describe the examples of one split (the token account covers both splits).
+SPLIT_LAYOUT_KEYS = ("num_examples", "num_tokens", "num_text_tokens", "num_padding_tokens", "padding_fraction",
+                     "single_segment_fraction", "full_length_fraction")
+
+
+def parse_heldout(spec: str | int) -> str:
+    """``--heldout`` in its canonical form: ``"N"`` (examples) or ``"P%"`` (0 <= P < 100)."""
+    text = str(spec).strip()
+    try:
+        value = float(text[:-1]) if text.endswith("%") else int(text)
+    except ValueError:
+        value = -1
+    if value < 0 or (text.endswith("%") and value >= 100):
+        raise DataError(f"--heldout must be a number of examples (e.g. 500) or a percentage below 100 (e.g. 1%), "
+                        f"got {spec!r}")
+    return f"{value:g}%" if text.endswith("%") else str(value)
+
+
+def heldout_size(spec: str, num_examples: int) -> int:
+    """Examples the split ``spec`` sets aside from ``num_examples``; a percentage is capped at
+    ``HELDOUT_PERCENT_CAP`` (and is 0 below ``HELDOUT_PERCENT_MIN``), a count is taken as given. At least
+    one training example must remain."""
+    if spec.endswith("%"):
+        count = min(int(num_examples * float(spec[:-1]) / 100), HELDOUT_PERCENT_CAP)
+        return count if count >= HELDOUT_PERCENT_MIN else 0
+    count = int(spec)
+    if count >= num_examples:
+        raise DataError(f"--heldout {count} leaves no training examples: the corpus makes {num_examples} examples")
+    return count
+
+
+def heldout_rows(num_examples: int, count: int, seed: int) -> np.ndarray:
+    """The sorted example indices of the held-out split: a function of (count, seed, num_examples) only."""
+    rng = np.random.default_rng([seed, 0x4E1D])  # a stream of its own, apart from packing's
+    return np.sort(rng.choice(num_examples, size=count, replace=False)) if count else np.zeros(0, np.int64)
+
+
 def prepare(inputs: list[str], out_dir: str, *, vocab: str | None = None, vocab_size: int = 30522,
             seq_len: int = 128, seed: int = 12345, num_proc: int | None = None, default_corpus: bool = False,
             force: bool = False, lowercase: bool = True, streaming: bool | None = None,
-            verbose: bool = True) -> Path:
+            verbose: bool = True, heldout: str | int = DEFAULT_HELDOUT) -> Path:
     """Build (or reuse) a prepared pretraining dataset in ``out_dir``; see the module docstring.
 
     ``streaming``: None chooses by input size; True/False force the path (the result is the same).
+    ``heldout``: the held-out split, a count (``500``) or a percentage (``"1%"``, at most 2,000 examples).
     Raises :class:`DataError` on bad input, leaving ``out_dir`` as it was.
     """
     out = Path(out_dir).expanduser().absolute()
@@ -183,6 +234,7 @@ def prepare(inputs: list[str], out_dir: str, *, vocab: str | None = None, vocab_
     if vocab is None and vocab_size < len(SPECIAL_TOKENS) + 1:
         raise DataError(f"--vocab-size must be larger than the {len(SPECIAL_TOKENS)} special tokens, got {vocab_size}")
     num_proc = max(1, min(os.cpu_count() or 1, 8) if num_proc is None else int(num_proc))
+    heldout = parse_heldout(heldout)
     _check_out_dir(out)
     vocab_table = read_vocab_file(vocab) if vocab is not None else None
 
@@ -192,11 +244,11 @@ def prepare(inputs: list[str], out_dir: str, *, vocab: str | None = None, vocab_
         raise (_disk_full_error(out, exc) or exc) from None
     started = time.time()
     try:
-        with _progress_bars(verbose):
+        with _progress_bars(verbose and sys.stderr.isatty()):  # a bar's carriage returns garble a log file
             manifest = _prepare_into(staging, out, inputs=inputs, vocab_path=vocab, vocab_table=vocab_table,
                                      vocab_size=vocab_size, seq_len=seq_len, seed=seed, num_proc=num_proc,
                                      default_corpus=default_corpus, force=force, lowercase=lowercase,
-                                     streaming=streaming, verbose=verbose)
+                                     streaming=streaming, verbose=verbose, heldout=heldout)
         if manifest is None:  # reused
             shutil.rmtree(staging, ignore_errors=True)
             return out
@@ -207,7 +259,8 @@ def prepare(inputs: list[str], out_dir: str, *, vocab: str | None = None, vocab_
         if disk_full is not None:
             raise disk_full from None
         raise
-    _log(verbose, f"wrote {manifest['num_examples']} examples ({manifest['num_tokens']} tokens, "
+    _log(verbose, f"wrote {manifest['num_examples']} examples + {manifest['num_heldout_examples']} held out "
+                  f"({manifest['num_tokens']} tokens, "
                   f"{manifest['padding_fraction']:.1%} padding) to {out} in {time.time() - started:.1f}s")
     return out
 
@@ -215,7 +268,7 @@ def prepare(inputs: list[str], out_dir: str, *, vocab: str | None = None, vocab_
 def _prepare_into(staging: Path, out: Path, *, inputs: list[str], vocab_path: str | None,
                   vocab_table: dict[str, int] | None, vocab_size: int, seq_len: int, seed: int, num_proc: int,
                   default_corpus: bool, force: bool, lowercase: bool, streaming: bool | None,
-                  verbose: bool) -> dict[str, Any] | None:
+                  verbose: bool, heldout: str = DEFAULT_HELDOUT) -> dict[str, Any] | None:
     from datasets import concatenate_datasets
 
     cache_dir, error_dir = staging / "cache", staging / "errors"
@@ -239,7 +292,7 @@ def _prepare_into(staging: Path, out: Path, *, inputs: list[str], vocab_path: st
                 "vocab_sha256": hashlib.sha256(Path(vocab_path).expanduser().read_bytes()).hexdigest()
                 if vocab_path else None,
                 "vocab_size": None if vocab_path else vocab_size, "tokenizer_train_chars": TOKENIZER_TRAIN_CHARS,
-                "max_document_chars": MAX_DOCUMENT_CHARS, "packing_version": PACKING_VERSION}
+                "max_document_chars": MAX_DOCUMENT_CHARS, "packing_version": PACKING_VERSION, "heldout": heldout}
     fingerprint = hashlib.sha256(json.dumps(
         {"settings": settings, "inputs": [(s.kind, s.sha256) for s in sources]}, sort_keys=True).encode()).hexdigest()
     if not force and _reusable(out, fingerprint):
@@ -316,9 +369,21 @@ def _prepare_into(staging: Path, out: Path, *, inputs: list[str], vocab_path: st
     # inputs and settings are what determine the examples, so state.json is reproducible too.
     examples = examples.remove_columns(list(STAT_COLUMNS), new_fingerprint=fingerprint[:16])
 
+    # Held-out split -------------------------------------------------------------------------------
+    held = heldout_rows(len(examples), heldout_size(heldout, len(examples)), seed)
+    kept = np.setdiff1d(np.arange(len(examples)), held, assume_unique=True)
+    heldout_layout = None
+    if len(held):
+        _log(verbose, f"setting aside {len(held)} held-out examples (--heldout {heldout})")
+        examples.select(held, new_fingerprint=fingerprint[16:32]).save_to_disk(str(staging / "heldout"))
+        heldout_layout = _split_layout(staging / "heldout", seq_len)
+        examples = examples.select(kept, new_fingerprint=fingerprint[32:48])
+
     # Output ---------------------------------------------------------------------------------------
     examples.save_to_disk(str(staging / "dataset"), num_proc=num_proc if len(examples) > 200_000 else None)
     del examples, parts
+    if len(held):
+        stats.update(_split_layout(staging / "dataset", seq_len))
     tokenizer.save(str(staging / "tokenizer.json"))
     write_vocab_txt(tokenizer, staging / "vocab.txt")
     identity = _output_identity(staging, fingerprint)
@@ -340,6 +405,9 @@ def _prepare_into(staging: Path, out: Path, *, inputs: list[str], vocab_path: st
         "special_token_ids": special_ids,
         "tokenizer": {**tokenizer_info, "type": "WordPiece", "vocab_size": actual_vocab_size},
         **stats,
+        # the layout keys above (SPLIT_LAYOUT_KEYS) describe dataset/, the token account both splits
+        "num_heldout_examples": len(held), "heldout": heldout, "heldout_dir": "heldout" if len(held) else None,
+        "heldout_layout": heldout_layout,
         "columns": {"input_ids": id_dtype(actual_vocab_size), "token_type_ids": "int8", "attention_mask": "int8"},
         "dataset_dir": "dataset",
         "streaming": use_streaming,
@@ -349,6 +417,15 @@ def _prepare_into(staging: Path, out: Path, *, inputs: list[str], vocab_path: st
     # Written last: a folder with a manifest is a finished one.
     (staging / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     return manifest
+
+
+def _split_layout(folder: Path, seq_len: int) -> dict[str, Any]:
+    """The ``SPLIT_LAYOUT_KEYS`` counts of one saved split (read back memory-mapped: a selection of
+    rows still points at the whole table until it is written)."""
+    from datasets import load_from_disk
+
+    stats = example_stats(load_from_disk(str(folder)), seq_len)
+    return {key: value for key, value in stats.items() if key in SPLIT_LAYOUT_KEYS}
 
 
 def _output_identity(staging: Path, inputs_fingerprint: str) -> dict[str, Any]:
@@ -362,6 +439,8 @@ def _output_identity(staging: Path, inputs_fingerprint: str) -> dict[str, Any]:
     identity = {"inputs_fingerprint": inputs_fingerprint, "vocab_sha256": sha256(staging / "vocab.txt"),
                 "tokenizer_sha256": sha256(staging / "tokenizer.json"),
                 "dataset_files": dataset_files(staging / "dataset")}
+    if (staging / "heldout").is_dir():
+        identity["heldout_files"] = dataset_files(staging / "heldout")
     return {**identity, "fingerprint": identity_fingerprint(identity)}
 
 
@@ -417,6 +496,9 @@ def add_prepare_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cased", dest="lowercase", action="store_false", help="keep case (default: lower-case)")
     parser.add_argument("--streaming", action=argparse.BooleanOptionalAction, default=None,
                         help="pack while reading without a decoded copy of the text (default: by input size)")
+    parser.add_argument("--heldout", default=DEFAULT_HELDOUT, metavar="N|P%",
+                        help="examples set aside for held-out evaluation, a count or a percentage (default 1%%, "
+                             f"at most {HELDOUT_PERCENT_CAP:,}, none if under {HELDOUT_PERCENT_MIN}; 0 for none)")
     parser.add_argument("--force", action="store_true", help="rebuild even if --out holds the same preparation")
 
 
@@ -425,10 +507,10 @@ def run_prepare(args: argparse.Namespace) -> int:
     try:
         out = prepare(args.inputs, args.out, vocab=args.vocab, vocab_size=args.vocab_size, seq_len=args.seq_len,
                       seed=args.seed, num_proc=args.num_proc, default_corpus=args.default_corpus, force=args.force,
-                      lowercase=args.lowercase, streaming=args.streaming)
+                      lowercase=args.lowercase, streaming=args.streaming, heldout=args.heldout)
         manifest = read_manifest(str(out))
     except DataError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"electra-fast prepare: error: {exc}", file=sys.stderr)
         return 2
     corpus = manifest.get("default_corpus")
     if corpus:
@@ -436,7 +518,7 @@ def run_prepare(args: argparse.Namespace) -> int:
               f"{corpus['characters']} characters (Python {corpus['python']})")
     print(f"{out}: {manifest['num_examples']} examples of {manifest['seq_len']} tokens, {manifest['num_tokens']} "
           f"tokens ({manifest['num_text_tokens']} text), {manifest['padding_fraction']:.1%} padding, "
-          f"vocabulary {manifest['vocab_size']}")
+          f"vocabulary {manifest['vocab_size']}; {manifest.get('num_heldout_examples', 0)} more held out")
     if "num_tokens_read" in manifest:  # manifests written before the token account have none
         print(token_account_line(manifest))
     return 0

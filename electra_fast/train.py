@@ -42,7 +42,8 @@ A run directory::
                           and overrides it was started from, and the config changes accepted on resume
     deepspeed.json        the DeepSpeed config given to deepspeed.initialize (JSON + derived values)
     env.json              versions, git commit, devices, world size, command line
-    metrics.jsonl         one record per log step (and one per skipped update)
+    metrics.jsonl         one record per log step (and one per skipped update); held-out evaluations
+                          as records with "split": "heldout" (see electra_fast.evaluation)
     tensorboard/          the same as TensorBoard events
     checkpoints/          step-00001000/ ... (DeepSpeed's format) and `latest`
     export/               discriminator/ and generator/ in Hugging Face format, written at the end
@@ -85,7 +86,7 @@ import torch
 from .checkpoints import (Checkpoints, checkpoint_root, export_checkpoint, read_latest, rng_state, set_rng_state,
                           tag_for)
 from .config import Config, ConfigError, build_config, load_config
-from .distributed import barrier, init_distributed, launcher_world
+from .distributed import barrier, init_distributed, launcher_world, quiet_deepspeed_logger, shutdown_distributed
 from .ds_config import build_deepspeed_config, lookup, read_deepspeed_json
 from .metrics import MetricsLog, StepStats, model_flops_per_step, peak_tflops, plot_curves
 from .optim import warmup_decay_schedule, weight_decay_groups
@@ -205,6 +206,7 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, local_rank:
     cfg.train.batch_layout(launcher_world()[2])
     ds_user, ds_path = read_deepspeed_json(cfg.train.deepspeed_config)
     update = RunRecordUpdate(record, identity, launch, changes, tuple(allow_config_change))
+    quiet_deepspeed_logger()
     trainer = Trainer(cfg, run_dir, ds_user, ds_path, manifest, local_rank=local_rank, callbacks=callbacks,
                       record_update=update, init=init)
     return trainer.run(resume=resume)
@@ -222,7 +224,7 @@ class Trainer:
         from .loader import PretrainingLoader
         from .model import ElectraPretrainingModel
 
-        logging.getLogger("DeepSpeed").setLevel(logging.WARNING)  # its INFO lines would bury the progress bar
+        quiet_deepspeed_logger()  # again: its import may have reset the level
         self.cfg, self.run_dir, self.manifest, self.callbacks = cfg, run_dir, manifest, list(callbacks)
         self.record_update = record_update or RunRecordUpdate(RunRecord(run_dir),
                                                               data_identity(cfg.data.path, manifest))
@@ -286,6 +288,13 @@ class Trainer:
                                         world_size=self.world_size, seed=cfg.train.seed,
                                         num_workers=cfg.data.num_workers, prefetch_factor=cfg.data.prefetch_factor,
                                         pin_memory=cfg.data.pin_memory)
+        # The fixed held-out sample, the same on every rank (see _evaluate).
+        self.heldout: list[dict] = []
+        if cfg.train.eval_every and cfg.train.eval_batches:
+            from .loader import heldout_batches
+
+            self.heldout = heldout_batches(cfg.data.path, batch_size=self.micro, max_batches=cfg.train.eval_batches,
+                                           manifest=manifest)
         self.checkpoints = Checkpoints(run_dir, self.rank, self.local_rank, cfg.train.keep_last)
         self.control = StepBoundaryControl(cfg.train.save_every_minutes, host_group())
         self.stats = StepStats(self.device)
@@ -342,7 +351,8 @@ class Trainer:
             f"[electra-fast] {self.world_size} rank(s) on {self.device.type}, {self.precision}, ZeRO-{self.zero_stage};"
             f" global batch {cfg.train.global_batch_size} = {self.micro} x {self.accumulation} accumulation x "
             f"{self.world_size}; {self.num_parameters / 1e6:.2f}M parameters; data {cfg.data.path} "
-            f"({self.manifest['num_examples']} examples of {self.manifest['seq_len']} tokens); FLOPs/step "
+            f"({self.manifest['num_examples']} examples of {self.manifest['seq_len']} tokens, "
+            f"{self.manifest.get('num_heldout_examples', 0)} held out); FLOPs/step "
             f"{self.flops_per_step:.3g} ({flops_source})" + (f"; {self.compiled}" if self.compiled else "")
             + (f"; resumed from {self.resumed_from} at step {self.step}" if self.resumed_from else ""))
         if self.init is not None and self.resumed_from is None:
@@ -350,10 +360,15 @@ class Trainer:
                          f"({'fresh generator, ' if self.init[1] is None else ''}fresh optimizer and schedule)")
         for line in self.record_update.describe():
             self.log.say(f"[electra-fast] {line}")
+        if cfg.train.eval_every and cfg.train.eval_batches and not self.heldout:
+            self.log.say(f"[electra-fast] no held-out evaluation: {cfg.data.path} has no held-out split "
+                         "(prepare it with --heldout N)")
 
         batches: Iterator[dict] = iter(self.loader)
         self.window_start, self.window_steps = time.perf_counter(), 0
         self.run_start = time.perf_counter()
+        if self.step == 0 and self.step < cfg.train.max_steps:
+            self._evaluate()  # the starting point every later evaluation is compared with
         last: dict = {}
         self.engine.train()
         self.control.install()
@@ -367,6 +382,8 @@ class Trainer:
                 self.log.advance()
                 if self.step % cfg.train.log_every == 0 or self.step == cfg.train.max_steps:
                     last = self._log_window()
+                if cfg.train.eval_every and (self.step % cfg.train.eval_every == 0 or self.step == cfg.train.max_steps):
+                    self._evaluate()
                 stop_signal, save_now = self.control.poll()  # the same answer on every rank
                 if stop_signal and self.window_steps:
                     last = self._log_window()  # the steps since the last log are not lost
@@ -458,6 +475,24 @@ class Trainer:
         self.window_start, self.window_steps = now, 0
         return record
 
+    def _evaluate(self) -> None:
+        """Held-out metrics of the model as it is now (electra_fast.evaluation), fixed masks and samples.
+
+        Every rank scores the same fixed sample through the engine's module: under ZeRO-3 each forward
+        gathers parameters from all ranks, so all of them must run it, and the ranking metrics (ROC-AUC,
+        AP) need every score in one place. The ranks' results are thus identical; rank 0 logs them.
+        """
+        if not self.heldout:
+            return
+        from .evaluation import evaluate_pretraining
+
+        started = time.perf_counter()
+        result = evaluate_pretraining(self.module, self.heldout, seed=self.cfg.train.seed)
+        seconds = time.perf_counter() - started
+        self.log.record_eval({"step": self.step, "split": "heldout", "eval": True, **result.to_dict(),
+                              "eval_s": seconds, "time": time.time()})
+        self.window_start += seconds  # throughput excludes evaluation
+
     def _save(self, announce: bool = True) -> None:
         started = time.perf_counter()
         self.tokens_seen += self.stats.take_tokens()  # exact in every checkpoint
@@ -506,7 +541,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                                          "the run dir's config.yaml")
     parser.add_argument("--size", help="a named size instead of / over the YAML's (tiny, small, base, large)")
     parser.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[],
-                        metavar="SECTION.KEY=VALUE", help="override config values, e.g. --set train.max_steps=1000")
+                        metavar="SECTION.KEY=VALUE",
+                        help="override config values, e.g. --set train.max_steps=1000 train.eval_every=200; "
+                             "`electra-fast config --config FILE` prints every key with its value")
     parser.add_argument("--run-dir", required=True, help="folder for checkpoints, metrics and the export")
     parser.add_argument("--resume", action="store_true",
                         help="continue from the run dir's latest checkpoint (starts fresh if there is none), with "
@@ -591,15 +628,7 @@ def main(argv: list[str] | None = None, callbacks: Sequence[TrainerCallback] = (
         print(f"electra_fast.train: error: {exc}", file=sys.stderr, flush=True)
         return 2
     finally:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            # Through DeepSpeed's comm layer: it also forgets the groups it cached, which a later run in the
-            # same process would otherwise find registered to a destroyed default group.
-            import deepspeed.comm as ds_comm
-
-            if ds_comm.comm.cdb is not None:  # DeepSpeed joined the group (its backend object)
-                ds_comm.destroy_process_group()
-            else:
-                torch.distributed.destroy_process_group()
+        shutdown_distributed()
 
 
 if __name__ == "__main__":

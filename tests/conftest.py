@@ -34,10 +34,6 @@ def _no_process_group_left_behind():
     DeepSpeed group cached for it (deepspeed.comm's teardown drops both): a later module's run would
     otherwise find DeepSpeed's cached groups registered to a destroyed default group."""
     yield
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        import deepspeed.comm as ds_comm
+    from electra_fast.distributed import shutdown_distributed
 
-        if ds_comm.comm.cdb is not None:  # DeepSpeed joined the group (its backend object)
-            ds_comm.destroy_process_group()
-        else:
-            torch.distributed.destroy_process_group()
+    shutdown_distributed()

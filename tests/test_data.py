@@ -347,7 +347,8 @@ def test_bad_input_keeps_an_existing_result_and_cli_exits_2(prepared, tmp_path, 
                               "--vocab-size", "100", "--num-proc", "1"])
     assert run_prepare(args) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and "blob.txt:2: contains a NUL byte" in err and "Traceback" not in err
+    assert err.startswith("electra-fast prepare: error: ") and "blob.txt:2: contains a NUL byte" in err
+    assert "Traceback" not in err
     assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
     assert _listing(tmp_path) == ["blob.txt", "out"]
 

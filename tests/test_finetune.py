@@ -735,3 +735,22 @@ def test_bad_api_inputs_and_cli_exit_code(tmp_path, run_dir, capsys):
     args.overrides, args.seeds = [], "1,x"
     assert run_finetune(args) == 2
     assert "--seeds must be comma-separated integers" in capsys.readouterr().err
+
+
+def test_summary_says_when_accuracy_is_the_majority_baseline():
+    """A run that ends at the majority-class accuracy has learned nothing; the summary says so."""
+    from electra_fast.finetune import _majority_baseline, _summary
+    from electra_fast.tasks import Example, TaskSpec
+
+    spec = TaskSpec("sst-2", "classification", ["0", "1"], ("accuracy",))
+    dev = [Example("a", None, 1, "d1"), Example("b", None, 1, "d2"), Example("c", None, 0, "d3"),
+           Example("d", None, 1, "d4")]
+    baseline = _majority_baseline(spec, dev)
+    assert baseline == {"label": "1", "accuracy": 0.75}
+    assert _majority_baseline(TaskSpec("sts-b", "regression", [], ("spearman",)), dev) is None
+    run = {"final": {"accuracy": 0.75}}
+    result = {"task": "sst-2", "selecting_metric": "accuracy", "median": {"accuracy": 0.75}, "per_seed": {"1": run},
+              "best_checkpoint": {"seed": 1, "step": 10, "metrics": {"accuracy": 0.75}}, "majority_baseline": baseline}
+    assert "majority-class baseline (always '1': 0.7500)" in _summary(result) and "more epochs" in _summary(result)
+    result["median"]["accuracy"] = 0.9
+    assert "majority-class" not in _summary(result)

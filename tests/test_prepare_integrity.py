@@ -346,9 +346,10 @@ def test_disk_full_is_one_line_naming_the_output_and_free_space(tmp_path, monkey
                               "--num-proc", "1", "--no-streaming"])
     assert run_prepare(args) == 2
     err = capsys.readouterr().err  # the progress bars of datasets, then the one error line
-    errors = [line for line in err.splitlines() if line.startswith("error")]
+    errors = [line for line in err.splitlines() if line.startswith("electra-fast prepare: error")]
     assert len(errors) == 1 and "Traceback" not in err and "Errno" not in err
-    assert errors[0].startswith(f"error: disk full while writing {out}: ") and " free on its disk" in errors[0]
+    assert errors[0].startswith(f"electra-fast prepare: error: disk full while writing {out}: ")
+    assert " free on its disk" in errors[0]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus.txt", "vocab.txt"]  # no staging folder left
 
 
