@@ -139,12 +139,19 @@ def read_hf_folder(folder: str | os.PathLike) -> tuple[dict, dict[str, torch.Ten
         raise ExportError(f"{folder}: model_type is {config.get('model_type')!r}, expected 'electra'")
     if config.get("position_embedding_type", "absolute") != "absolute":
         raise ExportError(f"{folder}: position_embedding_type {config['position_embedding_type']!r} is not supported")
-    if (folder / "model.safetensors").is_file():
-        state = load_file(str(folder / "model.safetensors"))
-    elif (folder / "pytorch_model.bin").is_file():
-        state = torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
-    else:
+    weights = next((folder / name for name in ("model.safetensors", "pytorch_model.bin") if (folder / name).is_file()),
+                   None)
+    if weights is None:
         raise ExportError(f"{folder}: no model.safetensors or pytorch_model.bin")
+    try:
+        if weights.suffix == ".safetensors":
+            state = load_file(str(weights))
+        else:
+            state = torch.load(weights, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own types; any failure means one thing
+        cause = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise ExportError(f"{weights}: cannot be read ({type(exc).__name__}: {cause}); the file is truncated, "
+                          "damaged or not a weights file") from exc
     return config, state
 
 

@@ -3,6 +3,7 @@
     NonFiniteLossAt({2, 3})          rank 0's loss is NaN in optimizer steps 2 and 3 (1-based)
     FailAfterStep("raise", 2, 1)     rank 1 raises once step 2 finished (and its checkpoint was written)
     FailAfterStep("sigkill", 5)      every rank kills itself with SIGKILL after step 5, as `kill -9` does
+    PoisonWeightsAfter(3)            a NaN written into the weights after step 3 (non-finite weights at the next save)
 
 As a script it is ``python -m electra_fast.train`` with one fault installed, for tests that need a
 separate process (the trainer's own command line, run by ``electra_fast.train.main``):
@@ -56,6 +57,18 @@ class FailAfterStep(TrainerCallback):
             if self.kind == "sigkill":
                 os.kill(os.getpid(), signal.SIGKILL)
             raise RuntimeError(f"test fault: injected failure on rank {trainer.rank} after step {trainer.step}")
+
+
+class PoisonWeightsAfter(TrainerCallback):
+    """Write a NaN into one weight on every rank once optimizer step ``step`` finished."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, trainer: Trainer) -> None:
+        if trainer.step == self.step:
+            with torch.no_grad():
+                next(trainer.engine.module.parameters()).view(-1)[0] = float("nan")
 
 
 def main(argv: list[str] | None = None) -> int:
