@@ -40,11 +40,12 @@ def checkpoint_safe_globals() -> list:
 
 def _refusal(path: Path, exc: BaseException) -> CheckpointError:
     """The one-line reason a weights-only load of ``path`` failed."""
-    if isinstance(exc, pickle.UnpicklingError) and "Unsupported global" in str(exc):
-        try:
+    if isinstance(exc, pickle.UnpicklingError) and "Weights only load failed" in str(exc):
+        try:  # lists the globals without unpickling anything
             wanted = ", ".join(torch.serialization.get_unsafe_globals_in_checkpoint(str(path)))
         except Exception:  # noqa: BLE001 - the refusal itself is the message; the list is a detail
-            wanted = "a global outside the allowlist"
+            wanted = ""
+        wanted = wanted or "an object outside the allowlist"
         return CheckpointError(f"{path}: refused to load: it would import {wanted}, which no DeepSpeed checkpoint "
                                "contains (a crafted or foreign file; nothing in it was run)")
     if isinstance(exc, FileNotFoundError):

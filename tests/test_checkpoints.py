@@ -49,6 +49,13 @@ def saved_run(corpus_dir, tmp_path_factory):
     return run
 
 
+@pytest.fixture(autouse=True)
+def keep_process_group(monkeypatch):
+    """trainer.main tears the process group down at exit, as a process should; DeepSpeed keeps groups
+    of the first one cached, so in-process tests calling main several times keep the one group."""
+    monkeypatch.setattr(torch.distributed, "destroy_process_group", lambda *args, **kwargs: None)
+
+
 @pytest.fixture
 def run_copy(saved_run, tmp_path):
     run = tmp_path / "run"
