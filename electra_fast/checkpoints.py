@@ -153,17 +153,18 @@ def read_manifest(tag_dir: Path) -> dict | None:
     return manifest
 
 
-def verify_checkpoint(tag_dir: Path) -> dict | None:
+def verify_checkpoint(tag_dir: Path, *, check_hashes: bool = True) -> dict | None:
     """Check a checkpoint folder before anything in it is unpickled; raise CheckpointError naming the
     first file that fails. Returns its manifest, or None for a checkpoint of an earlier version without
-    one (accepted only if every ``.pt`` passes the weights-only load)."""
+    one (accepted only if every ``.pt`` passes the weights-only load). ``check_hashes=False`` is for the
+    save, whose manifest was hashed from the files read back a moment before."""
     tag_dir = Path(tag_dir)
     manifest = read_manifest(tag_dir)
     if manifest is None:
-        pt_files = sorted(tag_dir.glob("*.pt"))
-        if not pt_files:
-            raise CheckpointError(f"{tag_dir}: no {MANIFEST} and no checkpoint files")
-        check_loadable(pt_files)
+        if not list(tag_dir.glob("*model_states.pt")):
+            raise CheckpointError(f"{tag_dir}: no {MANIFEST} and no model-states file (mp_rank_00_model_states.pt "
+                                  "is missing)")
+        check_loadable(sorted(tag_dir.glob("*.pt")))
         return None
     root = tag_dir.resolve()
     for name, entry in manifest["files"].items():
@@ -175,7 +176,7 @@ def verify_checkpoint(tag_dir: Path) -> dict | None:
         size = path.stat().st_size
         if size != int(entry["size"]):
             raise CheckpointError(f"{path}: {size} bytes, the manifest says {entry['size']} (truncated or replaced)")
-        if _sha256(path) != entry["sha256"]:
+        if check_hashes and _sha256(path) != entry["sha256"]:
             raise CheckpointError(f"{path}: sha256 differs from the manifest's (the file was modified or damaged)")
     unlisted = [p for p in _listed_files(tag_dir) if p.relative_to(tag_dir).as_posix() not in manifest["files"]]
     if any(p.suffix == ".pt" for p in unlisted):
@@ -377,7 +378,7 @@ class Checkpoints:
         """Read every file back, write the manifest, verify against it; returns the failure, if any."""
         try:
             write_manifest(tmp, step=step, world_size=_world_size(), zero_stage=engine.zero_optimization_stage())
-            verify_checkpoint(tmp)
+            verify_checkpoint(tmp, check_hashes=False)
         except (OSError, CheckpointError) as exc:
             return exc
         return None
