@@ -388,7 +388,11 @@ class Checkpoints:
         if final.exists():  # a save of the same step by an earlier, interrupted attempt
             shutil.rmtree(final)
         os.replace(tmp, final)
-        write_text_atomic(self.root / LATEST, tag, durable=True)
+        try:  # the sealed folder is the checkpoint; `latest` is only a hint for people and old tools
+            write_text_atomic(self.root / LATEST, tag, durable=True)
+        except OSError as exc:
+            logger.warning("checkpoint %s is complete but '%s' could not be updated (%s); resume finds it anyway",
+                           final, self.root / LATEST, exc)
         self._prune(tag)
 
     def _prune(self, keep: str) -> None:
@@ -482,15 +486,22 @@ class Checkpoints:
         if missing or unexpected:
             raise CheckpointError(f"{tag_dir}: its weights do not match the model (missing {missing[:5]}, "
                                   f"unexpected {unexpected[:5]})")
+        zero3 = any(hasattr(p, "ds_id") for p in params.values())
         for name, param in params.items():
             value = weights[name]
-            if hasattr(param, "ds_id"):  # ZeRO-3: gather, write the whole tensor, let DeepSpeed re-partition
+            if zero3:  # gather, write the whole tensor on rank 0, let DeepSpeed broadcast and re-partition
                 with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
                     if self.rank == 0:
                         param.data.copy_(value.reshape(param.ds_shape).to(param.dtype))
             else:
                 param.data.copy_(value.reshape(param.shape).to(param.dtype))
-            safe_set_full_fp32_param(param, value.to(param.device))  # the fp32 master, if the optimizer keeps one
+        if zero3:  # the fp32 partitions from the (re-partitioned) module weights: exact in fp32
+            engine.optimizer.refresh_fp32_params()
+        for name, param in params.items():
+            # The fp32 master, where the optimizer keeps one (exact under bf16 too). DeepSpeed 0.19's ZeRO-3
+            # setter cannot address a padded last partition: those few keep the refreshed value.
+            if not zero3 or param.ds_numel % _world_size() == 0:
+                safe_set_full_fp32_param(param, weights[name].to(param.device))
         if engine.lr_scheduler is not None and states.get("lr_scheduler") is not None:
             engine.lr_scheduler.load_state_dict(states["lr_scheduler"])
         for counter in ("global_steps", "global_samples", "skipped_steps"):

@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
 import torch
 
@@ -50,13 +51,13 @@ def main() -> int:
         *args.overrides])
     manifest = apply_data_manifest(cfg)
     ds_user, ds_path = read_deepspeed_json(cfg.train.deepspeed_config)
-    trainer = Trainer(cfg, args.run, ds_user, ds_path, manifest, local_rank=args.local_rank)
+    trainer = Trainer(cfg, Path(args.run), ds_user, ds_path, manifest, local_rank=args.local_rank)
     if args.resume:
         trainer.resume()
         held = full_fp32_weights(trainer)
         if trainer.rank == 0:
             saved = consolidated_state_dict(trainer.checkpoints.root / trainer.resumed_from)
-            difference = max(float((held[name] - saved[name].reshape(-1)).abs().max()) for name in saved)
+            difference = max(float((held[name].detach() - saved[name].reshape(-1)).abs().max()) for name in saved)
             module = {name: float((p.detach().float().reshape(-1) - saved[name].reshape(-1)).abs().max())
                       for name, p in trainer.engine.module.named_parameters() if p.numel() == saved[name].numel()}
             report = {"step": trainer.step, "max_abs_difference": difference, "names": sorted(held) == sorted(saved),
