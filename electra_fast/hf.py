@@ -30,6 +30,10 @@ class ExportError(ValueError):
     """A folder that is not a usable ELECTRA model; the message names it."""
 
 
+class WeightsFileError(ExportError):
+    """A model folder's weights file exists but cannot be read (truncated, damaged, not weights)."""
+
+
 _TOKENIZER_FILES = ("vocab.txt", "tokenizer.json")
 
 
@@ -150,7 +154,7 @@ def read_hf_folder(folder: str | os.PathLike) -> tuple[dict, dict[str, torch.Ten
             state = torch.load(weights, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - safetensors raises its own types; any failure means one thing
         cause = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-        raise ExportError(f"{weights}: cannot be read ({type(exc).__name__}: {cause}); the file is truncated, "
+        raise WeightsFileError(f"{weights}: cannot be read ({type(exc).__name__}: {cause}); the file is truncated, "
                           "damaged or not a weights file") from exc
     return config, state
 

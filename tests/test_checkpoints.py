@@ -377,6 +377,11 @@ def test_truncated_safetensors_names_the_file(saved_run, tmp_path, capsys):
 
     with pytest.raises(ExportError, match="model.safetensors: cannot be read"):
         from_hf(out / "discriminator", out / "generator")
+    from electra_fast.task_models import load_encoder
+    from electra_fast.tasks import FinetuneError
+
+    with pytest.raises(FinetuneError, match=r"cannot read the model: .*discriminator/model.safetensors: cannot be read"):
+        load_encoder(out / "discriminator")  # what `electra-fast finetune --model` loads
 
 
 # --------------------------------------------------------------------------------------------------
