@@ -177,6 +177,14 @@ def test_latest_must_name_a_step_folder_inside_the_run(run_copy, tmp_path, caplo
     assert "latest" in caplog.text
 
 
+def test_a_newer_sealed_checkpoint_wins_over_a_stale_latest(run_copy, caplog):
+    """A kill between the rename and the `latest` update: the sealed newer folder is complete."""
+    (run_copy / "checkpoints" / "latest").write_text("step-00000002")
+    with caplog.at_level(logging.WARNING, logger="electra_fast.checkpoints"):
+        assert find_resume_checkpoint(run_copy) == "step-00000004"
+    assert "names step-00000002; using the newest verified checkpoint step-00000004" in caplog.text
+
+
 def test_no_checkpoint_but_metrics_history_refuses_to_start_over(run_copy, corpus_dir, capsys, clean_env):
     shutil.rmtree(run_copy / "checkpoints")
     history = (run_copy / "metrics.jsonl").read_text()
