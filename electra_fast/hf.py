@@ -45,6 +45,10 @@ class ExportError(ValueError):
     """A folder that is not a usable ELECTRA model; the message names it."""
 
 
+class WeightsFileError(ExportError):
+    """A model folder's weights file exists but cannot be read (truncated, damaged, not weights)."""
+
+
 _TOKENIZER_FILES = ("vocab.txt", "tokenizer.json")
 
 
@@ -157,15 +161,23 @@ def read_hf_config(folder: str | os.PathLike) -> dict:
 
 
 def read_hf_folder(folder: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(config.json as a dict, weights) of an HF ELECTRA folder; ExportError when it is not one."""
+    """(config.json as a dict, weights) of an HF ELECTRA folder; ExportError when it is not one,
+    WeightsFileError when its weights file cannot be read."""
     folder = Path(folder)
     config = read_hf_config(folder)
-    if (folder / "model.safetensors").is_file():
-        state = load_file(str(folder / "model.safetensors"))
-    elif (folder / "pytorch_model.bin").is_file():
-        state = torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
-    else:
+    weights = next((folder / name for name in ("model.safetensors", "pytorch_model.bin") if (folder / name).is_file()),
+                   None)
+    if weights is None:
         raise ExportError(f"{folder}: no model.safetensors or pytorch_model.bin")
+    try:
+        if weights.suffix == ".safetensors":
+            state = load_file(str(weights))
+        else:
+            state = torch.load(weights, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own types; any failure means one thing
+        cause = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise WeightsFileError(f"{weights}: cannot be read ({type(exc).__name__}: {cause}); the file is truncated, "
+                          "damaged or not a weights file") from exc
     return config, state
 
 

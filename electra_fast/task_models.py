@@ -233,7 +233,7 @@ def load_encoder(source, options: ModelOptions | None = None) -> tuple[ElectraMo
 
     ``source``: a folder (see :func:`resolve_model_dir`), an ``ElectraPretrainingModel`` (embeddings +
     discriminator copied) or an :class:`ElectraModel` (copied)."""
-    from .hf import ExportError, hf_config_dict, model_config_from_hf, read_hf_folder
+    from .hf import ExportError, WeightsFileError, hf_config_dict, model_config_from_hf, read_hf_folder
     from .model import ElectraPretrainingModel
 
     if isinstance(source, ElectraPretrainingModel):
@@ -254,6 +254,8 @@ def load_encoder(source, options: ModelOptions | None = None) -> tuple[ElectraMo
     folder = check_model_folder(source)
     try:
         hf_config, state = read_hf_folder(folder)
+    except WeightsFileError as exc:  # the file names itself and the cause
+        raise FinetuneError(f"cannot read the model: {exc}") from None
     except ExportError as exc:
         raise FinetuneError(f"not an ELECTRA discriminator: {exc}") from None
     except (ValueError, OSError, RuntimeError) as exc:  # unreadable or corrupt weights

@@ -83,8 +83,8 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from .checkpoints import (Checkpoints, checkpoint_root, export_checkpoint, read_latest, rng_state, set_rng_state,
-                          tag_for)
+from .checkpoints import (CheckpointError, Checkpoints, checkpoint_root, export_checkpoint, list_tags, read_latest,
+                          rng_state, set_rng_state, tag_for)
 from .config import Config, ConfigError, build_config, load_config
 from .distributed import barrier, init_distributed, launcher_world, quiet_deepspeed_logger, shutdown_distributed
 from .ds_config import build_deepspeed_config, lookup, read_deepspeed_json
@@ -189,7 +189,7 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, local_rank:
     if init_generator is not None and init_from is None:
         raise ConfigError("--init-generator needs --init-from (the discriminator the run starts from)")
     resuming = resume and has_checkpoint(run_dir)
-    if not resume and read_latest(checkpoint_root(run_dir)) is not None:
+    if not resume and (read_latest(checkpoint_root(run_dir)) is not None or list_tags(checkpoint_root(run_dir))):
         raise ConfigError(f"{run_dir} already holds checkpoints: pass --resume to continue that run, or choose "
                           "another --run-dir")
     manifest = read_data_manifest(cfg)
@@ -312,25 +312,24 @@ class Trainer:
     def resume(self) -> None:
         from .objective import ObjectiveRNG
 
-        root = self.checkpoints.root
-        if read_latest(root) is None:
+        # The newest verified checkpoint (checkpoints.find_resume_checkpoint): damaged ones are skipped,
+        # and a run dir with a history but no usable checkpoint is refused rather than started over.
+        tag = self.checkpoints.resume_tag()
+        if tag is None:
             if self.is_main:
-                logger.warning("--resume: no checkpoint in %s yet, starting from step 0", root)
+                logger.warning("--resume: no checkpoint in %s yet, starting from step 0", self.checkpoints.root)
             return
-        self.resumed_from, client, rank_state = self.checkpoints.load(self.engine, self.world_size)
+        self.resumed_from, client, rank_state = self.checkpoints.load(self.engine, self.world_size, tag)
         self.step = self.last_saved = int(client["step"])
         self.tokens_seen = int(client["tokens_seen"])
         if rank_state is not None:
             set_rng_state(self.module, rank_state["rng"])
             self.loader.load_state_dict(rank_state["loader"])
         else:
-            # Another world size: the data position is global and carries over; the random streams are
-            # per rank and are reseeded (the run continues, but not bit for bit).
+            # Another world size or a missing rank state (Checkpoints.load said which): the data position
+            # is global and carries over; the random streams are per rank and are reseeded.
             self.loader.load_state_dict(client["loader"])
             self.module.rng = ObjectiveRNG(self.cfg.train.seed + self.rank + 1_000_003 * self.step)
-            if self.is_main:
-                logger.warning("checkpoint %s was written by %s ranks, resuming on %d: random streams reseeded",
-                               self.resumed_from, client.get("world_size"), self.world_size)
 
     # ---------------------------------------------------------------------------------------- the loop
     def run(self, resume: bool = False) -> dict:
@@ -624,7 +623,7 @@ def main(argv: list[str] | None = None, callbacks: Sequence[TrainerCallback] = (
 
     try:
         return run_train(args, callbacks)
-    except (ConfigError, DataError, FileNotFoundError) as exc:
+    except (ConfigError, DataError, CheckpointError, FileNotFoundError) as exc:
         print(f"electra_fast.train: error: {exc}", file=sys.stderr, flush=True)
         return 2
     finally:

@@ -4,6 +4,7 @@
     FailAfterStep("raise", 2, 1)     rank 1 raises once step 2 finished (and its checkpoint was written)
     FailAfterStep("sigkill", 5)      every rank kills itself with SIGKILL after step 5, as `kill -9` does
     StepDelay(0.5)                   every step takes half a second longer (time for a test to send a signal)
+    PoisonWeightsAfter(3)            a NaN written into the weights after step 3 (non-finite weights at the next save)
 
 As a script it is ``python -m electra_fast.train`` with one fault installed, for tests that need a
 separate process (the trainer's own command line, run by ``electra_fast.train.main``):
@@ -69,6 +70,18 @@ class StepDelay(TrainerCallback):
 
     def on_step_end(self, trainer: Trainer) -> None:
         time.sleep(self.seconds)
+
+
+class PoisonWeightsAfter(TrainerCallback):
+    """Write a NaN into one weight on every rank once optimizer step ``step`` finished."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, trainer: Trainer) -> None:
+        if trainer.step == self.step:
+            with torch.no_grad():
+                next(trainer.engine.module.parameters()).view(-1)[0] = float("nan")
 
 
 def main(argv: list[str] | None = None) -> int:
