@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from _faults import PoisonWeightsAfter
-from test_train import (COMPARE, LAUNCH_ENV, PYTHON, REPO, TINY, child_env, clean_env, corpus_dir,  # noqa: F401
+from test_train import (COMPARE, _args, LAUNCH_ENV, PYTHON, REPO, TINY, child_env, clean_env, corpus_dir,  # noqa: F401
                         free_port, losses, run_inprocess)
 
 from electra_fast import train as trainer
@@ -279,7 +279,7 @@ def test_crafted_zero_optimizer_states_refused_on_export(corpus_dir, tmp_path, c
     assert "zero_pp_rank_0_mp_rank_00_optim_states.pt: refused to load" in capsys.readouterr().err
     with pytest.raises(CheckpointError, match="refused to load"):  # DeepSpeed's own loader, guarded
         consolidated_state_dict(tag)
-    assert main_code(corpus_dir, run, "train.deepspeed_config=configs/deepspeed/zero1.json") == 2
+    assert trainer.main(["--run-dir", str(run), "--resume"]) == 2  # the run's own config (ZeRO-1)
     assert "refused to load" in capsys.readouterr().err
     assert not marker.exists()
 
@@ -361,9 +361,11 @@ def test_zero2_checkpoint_resumes_with_zero0(corpus_dir, tmp_path, caplog, clean
                 resumed["lr"] = t.engine.get_lr()[0]
             return loss
 
+    args = _args(run, f"data.path={corpus_dir}", *SETS, "train.deepspeed_config=configs/deepspeed/zero0.json",
+                 resume=True)
+    args.allow_config_change = ["train.max_steps", "train.deepspeed_config"]  # the resume rules: named changes
     with caplog.at_level(logging.WARNING):
-        assert run_inprocess(corpus_dir, run, *SETS, "train.deepspeed_config=configs/deepspeed/zero0.json",
-                             resume=True, callbacks=[CaptureWeights()]) == 0
+        assert trainer.run_train(args, [CaptureWeights()]) == 0
     assert "written by 1 rank(s) with ZeRO-2, resuming on 1 with ZeRO-0" in caplog.text
     assert "optimizer's moments restart from zero" in caplog.text and "random streams" not in caplog.text
     assert all(torch.equal(resumed[name], saved[name]) for name in saved)  # the fp32 weights, exactly
