@@ -104,6 +104,25 @@ if HAS_TRITON:
     # for the same reason as the forward. (128, 32, 4) and (128, 64, 8) spill 8-96 B on sm_80 only;
     # (64, 64, 4) spilled up to 164 B there (dropped).
     _DQ_SPACE = [(128, 32, 8, 3), (128, 32, 4, 3), (128, 64, 8, 3), (64, 32, 4, 3), (128, 32, 8, 4)]
+    # Head dim 128 (BLOCK_D 128) doubles every (rows, BLOCK_D) tile and fp32 accumulator a program
+    # holds, so the spaces above, tuned for d <= 64, spill there on sm_80 (16-380 B; ~10 KB in dK/dV
+    # with dropout). That class has its own spaces, picked by the launchers from BLOCK_D
+    # (_for_head_dim); registers / spilled bytes below are the worst of padded, packed, key mask,
+    # dropout on and off (bf16, Triton 3.9, `compile_report.py --head-dim 128`).
+    # Forward: 64×64 with 8 warps, 183 / 0 on sm_80 and 215 / 0 on sm_90; 128×32 (FA2's d=128 tile
+    # with dropout) also spills nothing but sits at 255 registers on sm_80. (128, 64, 8) spills
+    # 180-192 B with dropout on sm_80 (dropped).
+    _FWD_SPACE_D128 = [(64, 64, 8, 3), (128, 32, 8, 3), (64, 32, 4, 3)]
+    # dK/dV: 64 keys per program (two 64×128 fp32 accumulators), 255 / 0 on sm_80, 229 / 0 on sm_90;
+    # 128 keys spill ~10 KB with dropout on sm_80. (16, 64, 4) spills 4 B on sm_80 (packed, no
+    # dropout); (32, 64, 4) 240-328 B (dropped).
+    _DKDV_SPACE_D128 = [(32, 64, 8, 3), (16, 64, 8, 3), (16, 64, 4, 3)]
+    # dQ: 64 queries, 8 warps: 184 / 0 on sm_80, 188 / 0 on sm_90. (128, 32, 8), the d <= 64 default,
+    # spills 16-32 B on sm_80 with the packed layout.
+    _DQ_SPACE_D128 = [(64, 32, 8, 3), (128, 16, 8, 3), (64, 32, 4, 3), (128, 32, 8, 3)]
+    # No fused dK/dV/dQ at d=128: holding dK, dV, K, V for all the sequence's keys plus the dQ
+    # products spills on sm_80 in every config tried (16×128 with 8 warps 84 B, 16×64 56-188 B,
+    # 16 warps 2.8-10 KB), so short sequences take dK/dV + dQ like long ones (attention_backward).
     _BLOCK_NAMES = ("BLOCK_M", "BLOCK_N")
 
     if _INTERPRET:
@@ -112,11 +131,21 @@ if HAS_TRITON:
         _DQ_CONFIGS = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
         FUSED_BLOCK_N = 32  # sequences <= 32 take the fused path in the tests, longer ones the split one
         _FUSED_CONFIGS = [triton.Config({"BLOCK_M": 16, "BLOCK_N": FUSED_BLOCK_N}, num_warps=4, num_stages=1)]
+        _FWD_CONFIGS_D128, _DKDV_CONFIGS_D128, _DQ_CONFIGS_D128 = _FWD_CONFIGS, _DKDV_CONFIGS, _DQ_CONFIGS
     else:  # pragma: no cover - GPU only
         _FWD_CONFIGS = triton_configs(_FWD_SPACE, _BLOCK_NAMES)
         _DKDV_CONFIGS = triton_configs(_DKDV_SPACE, _BLOCK_NAMES)
         _DQ_CONFIGS = triton_configs(_DQ_SPACE, _BLOCK_NAMES)
         _FUSED_CONFIGS = triton_configs(_FUSED_SPACE, _BLOCK_NAMES)
+        _FWD_CONFIGS_D128 = triton_configs(_FWD_SPACE_D128, _BLOCK_NAMES)
+        _DKDV_CONFIGS_D128 = triton_configs(_DKDV_SPACE_D128, _BLOCK_NAMES)
+        _DQ_CONFIGS_D128 = triton_configs(_DQ_SPACE_D128, _BLOCK_NAMES)
+
+    def _for_head_dim(block_d, small, large):
+        """The head-dim class's kernel or space: ``large`` for BLOCK_D 128, ``small`` up to 64. One
+        autotuned wrapper per class (not one space pruned by BLOCK_D) because Triton's autotuner skips
+        the pruning when it holds a single config, i.e. with ELECTRA_KERNELS_AUTOTUNE=0."""
+        return large if block_d > 64 else small
 
     # Values that change from batch to batch in training (lengths, the packed token count in the LSE
     # strides, the seed) are not specialised on, so they never trigger a recompilation.
@@ -257,9 +286,8 @@ if HAS_TRITON:
             m_i = m_new
         return acc, l_i, m_i
 
-    @autotune(configs=_FWD_CONFIGS, key=_TUNE_KEY, prune_configs_by=_prune("M"))
     @triton.jit(do_not_specialize=_NO_SPECIALIZE)
-    def _attn_fwd_kernel(
+    def _attn_fwd_jit(
         Q, K, V, Out, LSE, CU_SEQLENS, KV_LEN, KPM,
         stride_qb, stride_qm, stride_qh,
         stride_kb, stride_kn, stride_kh,
@@ -331,6 +359,10 @@ if HAS_TRITON:
                   + offs_d[None, :])
         tl.store(o_ptrs, cast_rne(out, Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
         tl.store(LSE + b64 * stride_lb + h64 * stride_lh + seq_start + offs_m, lse, mask=row_ok)
+
+    _attn_fwd_kernel = autotune(configs=_FWD_CONFIGS, key=_TUNE_KEY, prune_configs_by=_prune("M"))(_attn_fwd_jit)
+    _attn_fwd_kernel_d128 = autotune(configs=_FWD_CONFIGS_D128, key=_TUNE_KEY,
+                                     prune_configs_by=_prune("M"))(_attn_fwd_jit)
 
     @triton.jit(do_not_specialize=["seqlen_q", "stride_lb", "stride_lh"])
     def _attn_bwd_preprocess_kernel(
@@ -497,9 +529,11 @@ if HAS_TRITON:
 
     _attn_bwd_dkdv_kernel = autotune(configs=_DKDV_CONFIGS, key=_TUNE_KEY,
                                             prune_configs_by=_prune("N"))(_attn_bwd_dkdv_jit)
-    # Sequences of at most FUSED_BLOCK_N tokens (ELECTRA-Small's 128): one program per (sequence, head)
-    # holds all keys and also writes dQ, which skips the dQ kernel and its Q·Kᵀ, dO·Vᵀ recomputation
-    # (backward = 5 matmuls instead of 7).
+    _attn_bwd_dkdv_kernel_d128 = autotune(configs=_DKDV_CONFIGS_D128, key=_TUNE_KEY,
+                                          prune_configs_by=_prune("N"))(_attn_bwd_dkdv_jit)
+    # Sequences of at most FUSED_BLOCK_N tokens (ELECTRA-Small's 128) at head dim <= 64: one program
+    # per (sequence, head) holds all keys and also writes dQ, which skips the dQ kernel and its Q·Kᵀ,
+    # dO·Vᵀ recomputation (backward = 5 matmuls instead of 7).
     _attn_bwd_fused_kernel = autotune(configs=_FUSED_CONFIGS, key=_TUNE_KEY,
                                       prune_configs_by=_prune("N", by_length=False))(_attn_bwd_dkdv_jit)
 
@@ -531,9 +565,8 @@ if HAS_TRITON:
             dq = mma(cast_rne(ds, kT.dtype), tl.trans(kT), dq, DOT_PRECISION)
         return dq
 
-    @autotune(configs=_DQ_CONFIGS, key=_TUNE_KEY, prune_configs_by=_prune("M"))
     @triton.jit(do_not_specialize=_NO_SPECIALIZE)
-    def _attn_bwd_dq_kernel(
+    def _attn_bwd_dq_jit(
         Q, K, V, DO, LSE, Delta, DQ, CU_SEQLENS, KV_LEN, KPM,
         stride_qb, stride_qm, stride_qh,
         stride_kb, stride_kn, stride_kh,
@@ -594,6 +627,10 @@ if HAS_TRITON:
         dq = dq * sm_scale
         tl.store(DQ + b64 * stride_dqb + h64 * stride_dqh + rows * stride_dqm + offs_d[None, :],
                  cast_rne(dq, DQ.dtype.element_ty), mask=qo_mask)
+
+    _attn_bwd_dq_kernel = autotune(configs=_DQ_CONFIGS, key=_TUNE_KEY, prune_configs_by=_prune("M"))(_attn_bwd_dq_jit)
+    _attn_bwd_dq_kernel_d128 = autotune(configs=_DQ_CONFIGS_D128, key=_TUNE_KEY,
+                                        prune_configs_by=_prune("M"))(_attn_bwd_dq_jit)
 
     @triton.jit(do_not_specialize=["seed", "rng_offset"])
     def _dropout_mask_kernel(Mask, seqlen_q, seqlen_k, rng_stride_m, drop_threshold, seed, rng_offset,
@@ -699,7 +736,7 @@ def attention_forward(q, k, v, key_padding_mask=None, cu_seqlens=None, max_seqle
     def grid(meta):
         return (triton.cdiv(layout.seqlen_q, meta["BLOCK_M"]), layout.heads, layout.batch)
 
-    _attn_fwd_kernel[grid](
+    _for_head_dim(layout.block_d, _attn_fwd_kernel, _attn_fwd_kernel_d128)[grid](
         q, k, v, out, lse, cu, kv_len, kpm,
         *layout.strides(q), *layout.strides(k), *layout.strides(v), *layout.strides(out),
         *layout.lse_strides(lse), stride_kpmb,
@@ -742,8 +779,11 @@ def attention_backward(dout, q, k, v, out, lse, key_padding_mask=None, cu_seqlen
     def grid_k(meta):
         return (triton.cdiv(layout.seqlen_k, meta["BLOCK_N"]), layout.heads, layout.batch)
 
-    fuse_dq = layout.seqlen_k <= FUSED_BLOCK_N
-    dkdv_kernel = _attn_bwd_fused_kernel if fuse_dq else _attn_bwd_dkdv_kernel
+    fuse_dq = layout.seqlen_k <= _for_head_dim(layout.block_d, FUSED_BLOCK_N, 0)  # none at d=128 (spills)
+    if fuse_dq:
+        dkdv_kernel = _attn_bwd_fused_kernel
+    else:
+        dkdv_kernel = _for_head_dim(layout.block_d, _attn_bwd_dkdv_kernel, _attn_bwd_dkdv_kernel_d128)
     dkdv_kernel[grid_k](
         q, k, v, dout, lse, delta, dk, dv, dq, cu, kv_len, kpm,
         *layout.strides(q), *layout.strides(k), *layout.strides(v), *layout.strides(dout),
@@ -756,7 +796,7 @@ def attention_backward(dout, q, k, v, out, lse, key_padding_mask=None, cu_seqlen
     def grid_q(meta):
         return (triton.cdiv(layout.seqlen_q, meta["BLOCK_M"]), layout.heads, layout.batch)
 
-    _attn_bwd_dq_kernel[grid_q](
+    _for_head_dim(layout.block_d, _attn_bwd_dq_kernel, _attn_bwd_dq_kernel_d128)[grid_q](
         q, k, v, dout, lse, delta, dq, cu, kv_len, kpm,
         *layout.strides(q), *layout.strides(k), *layout.strides(v), *layout.strides(dout),
         *layout.strides(dq), *layout.lse_strides(lse), stride_kpmb,
@@ -811,10 +851,19 @@ def compile_variants():
                          "stride_dvh", "stride_dqb", "stride_dqm", "stride_dqh"})
     layouts = {"packed": dict(IS_VARLEN=True, HAS_KPM=False), "padded": dict(IS_VARLEN=False, HAS_KPM=False),
                "padded+mask": dict(IS_VARLEN=False, HAS_KPM=True)}
-    kernels = [("attention fwd", _attn_fwd_kernel, _FWD_SPACE, "M", {}),
-               ("attention dk/dv", _attn_bwd_dkdv_kernel, _DKDV_SPACE, "N", {"FUSE_DQ": False}),
-               ("attention dk/dv/dq fused", _attn_bwd_fused_kernel, _FUSED_SPACE, "N", {"FUSE_DQ": True}),
-               ("attention dq", _attn_bwd_dq_kernel, _DQ_SPACE, "M", {})]
+    def kernels(block_d):  # the head-dim class's autotuned wrappers and spaces, as the launchers pick them
+        def pick(small, large):
+            return _for_head_dim(block_d, small, large)
+
+        return [("attention fwd", pick(_attn_fwd_kernel, _attn_fwd_kernel_d128),
+                 pick(_FWD_SPACE, _FWD_SPACE_D128), "M", {}),
+                ("attention dk/dv", pick(_attn_bwd_dkdv_kernel, _attn_bwd_dkdv_kernel_d128),
+                 pick(_DKDV_SPACE, _DKDV_SPACE_D128), "N", {"FUSE_DQ": False}),
+                ("attention dk/dv/dq fused", _attn_bwd_fused_kernel,
+                 pick(_FUSED_SPACE, []), "N", {"FUSE_DQ": True}),  # no fused kernel at d=128
+                ("attention dq", pick(_attn_bwd_dq_kernel, _attn_bwd_dq_kernel_d128),
+                 pick(_DQ_SPACE, _DQ_SPACE_D128), "M", {})]
+
     variants = []
     for dtype in ("bf16", "fp16", "fp32"):
         element_size = 4 if dtype == "fp32" else 2
@@ -824,7 +873,7 @@ def compile_variants():
                 for head_dim in (32, 64, 128):
                     block_d = max(16, triton.next_power_of_2(head_dim))  # _Layout.block_d
                     tags = dict(dtype=dtype, layout=layout, dropout=dropout, head_dim=head_dim)
-                    for name, kernel, space, stationary, extra in kernels:
+                    for name, kernel, space, stationary, extra in kernels(block_d):
                         types = {a: arg_type(a, dtype) for a in runtime_args(kernel)}
                         kept = [c for c in space
                                 if _keep_candidate(c, stationary, None, block_d, element_size, 1 << 30)]
