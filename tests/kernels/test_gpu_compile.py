@@ -7,7 +7,10 @@ the matmul kernels, run every product on the architecture's tensor cores: wgmma 
 Ampere (a ``tl.dot`` whose shape wgmma cannot take falls back to mma.sync silently).
 
 The variants come from the kernel files' own ``compile_variants()`` (``electra_kernels._gpu_compile``),
-the same list ``benchmarks/compile_report.py --electra --defaults-only`` prints. The compiles run in a
+the same list ``benchmarks/compile_report.py --electra --defaults-only`` prints, plus the attention
+defaults at head dim 128 (bf16, padded + key mask and packed, dropout on and off: what ``patch_hf`` runs
+for BERT-style models with 128-dim heads; ``--head-dim 128 --kernel attention --defaults-only``), which
+have their own config spaces (14 more variants, ~40 s on two busy cores). The compiles run in a
 subprocess without TRITON_INTERPRET (the interpreter replaces the compiler at import), one per CPU, in
 a fresh Triton cache: nothing is reused between runs.
 """
@@ -30,7 +33,9 @@ try:
 except ImportError as err:
     print("SKIP", err); sys.exit(0)
 from electra_kernels import _gpu_compile as g
-variants = [v for v in g.all_variants() if v.default and g.is_electra(v)]
+head_dim_128 = lambda v: (v.kernel.startswith("attention") and v.tags.get("head_dim") == 128
+                          and v.tags.get("dtype") == "bf16" and v.tags.get("layout") in ("packed", "padded+mask"))
+variants = [v for v in g.all_variants() if v.default and (g.is_electra(v) or head_dim_128(v))]
 rows = g.compile_many(variants, (90, 80), jobs=os.cpu_count() or 2)
 print("ROWS", json.dumps(rows))
 """
@@ -65,6 +70,10 @@ def test_every_kernel_and_both_architectures_are_covered(rows):
     assert {(r["layout"], r["dropout"]) for r in attention} == {
         (layout, dropout) for layout in ("packed", "padded+mask") for dropout in (False, True)}
     assert {r["embedding"] for r in rows if r["kernel"] == "mlm head fwd"} == {128, 768, 1024}
+    for kernel in ("attention fwd", "attention dk/dv", "attention dq"):  # d=128: no fused kernel (attention.py)
+        assert {(r["head_dim"], r["layout"], r["dropout"], r["arch"]) for r in rows if r["kernel"] == kernel} >= {
+            (128, layout, dropout, arch) for layout in ("packed", "padded+mask") for dropout in (False, True)
+            for arch in (80, 90)}, kernel
 
 
 def test_defaults_compile(rows):
