@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
-import hashlib
 import json
 import logging
 import os
@@ -42,6 +41,7 @@ import torch
 from .atomic import write_text_atomic
 from .config import Config, config_from_dict
 from .distributed import all_reduce_sum, barrier
+from .hashing import sha256_file
 from .optim import weight_decay_groups
 from .safe_load import CheckpointError, check_loadable, deepspeed_loads_safely, safe_torch_load
 
@@ -111,14 +111,6 @@ def read_latest(root: Path) -> str | None:
 # ==================================================================================================
 # The manifest: written last at save, checked before anything is unpickled at load
 # ==================================================================================================
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _listed_files(tag_dir: Path) -> list[Path]:
     return sorted(p for p in tag_dir.rglob("*") if p.is_file() and p.name != MANIFEST)
 
@@ -126,7 +118,7 @@ def _listed_files(tag_dir: Path) -> list[Path]:
 def write_manifest(tag_dir: Path, *, step: int, world_size: int, zero_stage: int) -> dict:
     """Hash every file of ``tag_dir`` (read back from disk) and write ``checkpoint.json`` atomically."""
     tag_dir = Path(tag_dir)
-    files = {p.relative_to(tag_dir).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)}
+    files = {p.relative_to(tag_dir).as_posix(): {"size": p.stat().st_size, "sha256": sha256_file(p)}
              for p in _listed_files(tag_dir)}
     manifest = {"format": MANIFEST_FORMAT, "step": int(step), "world_size": int(world_size),
                 "zero_stage": int(zero_stage), "files": files}
@@ -176,7 +168,7 @@ def verify_checkpoint(tag_dir: Path, *, check_hashes: bool = True) -> dict | Non
         size = path.stat().st_size
         if size != int(entry["size"]):
             raise CheckpointError(f"{path}: {size} bytes, the manifest says {entry['size']} (truncated or replaced)")
-        if check_hashes and _sha256(path) != entry["sha256"]:
+        if check_hashes and sha256_file(path) != entry["sha256"]:
             raise CheckpointError(f"{path}: sha256 differs from the manifest's (the file was modified or damaged)")
     unlisted = [p for p in _listed_files(tag_dir) if p.relative_to(tag_dir).as_posix() not in manifest["files"]]
     if any(p.suffix == ".pt" for p in unlisted):

@@ -20,6 +20,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+from .hashing import sha256_file
 from .manifest import DataError, damaged_arrow_file
 
 logger = logging.getLogger(__name__)
@@ -71,14 +72,6 @@ def _is_saved_dataset(path: Path) -> bool:
     return (path / "state.json").is_file() or (path / "dataset_dict.json").is_file()
 
 
-def _sha256_file(path: Path, digest: "hashlib._Hash | None" = None) -> str:
-    digest = digest or hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(8 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def discover_inputs(inputs: Iterable[str], exclude: Path | None = None) -> list[Source]:
     """Expand folders (sorted; hidden files and the output folder ``exclude`` skipped), classify and
     hash every input."""
@@ -98,7 +91,7 @@ def discover_inputs(inputs: Iterable[str], exclude: Path | None = None) -> list[
             digest = hashlib.sha256()
             for file in files:
                 digest.update(str(file.relative_to(path)).encode() + b"\0")
-                _sha256_file(file, digest)
+                sha256_file(file, digest)
             sources.append(Source(len(sources), str(path), "arrow", sum(f.stat().st_size for f in files),
                                    digest.hexdigest()))
             continue
@@ -112,7 +105,7 @@ def discover_inputs(inputs: Iterable[str], exclude: Path | None = None) -> list[
             raise DataError(f"input {raw} is neither a file nor a folder")
         for file in files:
             kind, compressed = _file_kind(file)
-            sources.append(Source(len(sources), str(file), kind, file.stat().st_size, _sha256_file(file),
+            sources.append(Source(len(sources), str(file), kind, file.stat().st_size, sha256_file(file),
                                    compressed))
     return sources
 

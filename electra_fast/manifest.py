@@ -14,6 +14,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from .hashing import sha256_file
+
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
@@ -70,7 +72,7 @@ def _check_against_files(folder: Path, manifest: dict[str, Any]) -> None:
     path = folder / "manifest.json"
     for key, name in (("vocab_sha256", "vocab.txt"), ("tokenizer_sha256", "tokenizer.json")):
         if manifest.get(key) and (folder / name).is_file():
-            found = hashlib.sha256((folder / name).read_bytes()).hexdigest()
+            found = sha256_file(folder / name)
             if found != manifest[key]:
                 raise DataError(f"{folder / name}: its sha256 is {found[:12]}..., the manifest recorded "
                                 f"{manifest[key][:12]}...: the file was changed after prepare; prepare the data again")
@@ -97,11 +99,7 @@ def dataset_files(dataset_dir: Path) -> dict[str, dict[str, Any]]:
     records so that a reader can tell a truncated or replaced file (and the fingerprint covers)."""
     files = {}
     for path in sorted(Path(dataset_dir).glob("*.arrow")):
-        digest = hashlib.sha256()
-        with open(path, "rb") as handle:
-            for block in iter(lambda: handle.read(8 << 20), b""):
-                digest.update(block)
-        files[path.name] = {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+        files[path.name] = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
     return files
 
 

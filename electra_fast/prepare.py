@@ -77,6 +77,7 @@ import numpy as np
 from .atomic import make_staging_directory, publish_directory
 from .corpus_reader import (MAX_DOCUMENT_CHARS, Source, discover_inputs, document_features, generate_documents,
                             load_text_dataset, shards_of, training_texts, worker_errors)
+from .hashing import sha256_file
 from .manifest import FORMAT_VERSION, SPECIAL_TOKENS, DataError, dataset_files, identity_fingerprint, read_manifest
 from .packing import (DOCUMENTS_PER_BATCH, PACKING_VERSION, STAT_COLUMNS, Packer, example_features, example_stats,
                       id_dtype, token_account_line, token_accounting)
@@ -433,11 +434,8 @@ def _output_identity(staging: Path, inputs_fingerprint: str) -> dict[str, Any]:
     ``fingerprint`` over all of them (and the inputs and settings). Two preparations with the same
     fingerprint hold the same bytes; a run compares it before it resumes on a dataset."""
 
-    def sha256(path: Path) -> str:
-        return hashlib.sha256(path.read_bytes()).hexdigest()
-
-    identity = {"inputs_fingerprint": inputs_fingerprint, "vocab_sha256": sha256(staging / "vocab.txt"),
-                "tokenizer_sha256": sha256(staging / "tokenizer.json"),
+    identity = {"inputs_fingerprint": inputs_fingerprint, "vocab_sha256": sha256_file(staging / "vocab.txt"),
+                "tokenizer_sha256": sha256_file(staging / "tokenizer.json"),
                 "dataset_files": dataset_files(staging / "dataset")}
     if (staging / "heldout").is_dir():
         identity["heldout_files"] = dataset_files(staging / "heldout")

@@ -32,7 +32,6 @@ The rules of ``--resume`` (when the run has a checkpoint to continue from):
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -44,6 +43,7 @@ import yaml
 from .atomic import write_text_atomic
 from .checkpoints import TAG_PATTERN, checkpoint_root, read_latest
 from .config import SIZES, Config, ConfigError, apply_overrides, apply_section, load_config, read_yaml
+from .hashing import sha256_file
 
 RUN_RECORD = "run_identity.json"
 CONFIG_RECORD = "config.yaml"
@@ -70,14 +70,6 @@ class ResumeRefused(ConfigError):
 # --------------------------------------------------------------------------------------------------
 # The data's identity
 # --------------------------------------------------------------------------------------------------
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def data_identity(data_dir: str | Path, manifest: dict) -> dict[str, Any]:
     """What makes two prepared datasets the same to a model: the vocabulary file's bytes, the special
     ids, sizes, and the manifest's fingerprint (its inputs and settings) when it has one."""
@@ -85,7 +77,7 @@ def data_identity(data_dir: str | Path, manifest: dict) -> dict[str, Any]:
     vocab_file = next((name for name in VOCAB_FILES if (folder / name).is_file()), None)
     return {
         "vocab_file": vocab_file,
-        "vocab_sha256": _sha256(folder / vocab_file) if vocab_file else None,
+        "vocab_sha256": sha256_file(folder / vocab_file) if vocab_file else None,
         "vocab_size": int(manifest["vocab_size"]),
         "special_token_ids": {name: int(value) for name, value in manifest["special_token_ids"].items()},
         "seq_len": int(manifest["seq_len"]),

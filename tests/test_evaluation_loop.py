@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import os
 import random
 from pathlib import Path
 
@@ -22,9 +21,7 @@ from electra_fast.manifest import DataError, load_examples, read_manifest
 from electra_fast.metrics import MetricsLog, is_eval_record, read_metrics
 from electra_fast.prepare import heldout_rows, heldout_size, parse_heldout, prepare
 
-REPO = Path(__file__).resolve().parents[1]
-TINY = str(REPO / "configs" / "electra-tiny.yaml")
-LAUNCH_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT")
+from test_train import REPO, TINY, clean_env  # noqa: F401 (the fixture: no launcher variables, one thread)
 
 
 def _corpus(root: Path) -> Path:
@@ -113,18 +110,6 @@ def test_heldout_batches_are_fixed(split_data):
 
 
 # ------------------------------------------------------------------------------------------------ the trainer
-@pytest.fixture
-def clean_env(monkeypatch):
-    for key in LAUNCH_ENV:
-        monkeypatch.delenv(key, raising=False)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    for key in LAUNCH_ENV:
-        os.environ.pop(key, None)
-
-
 def _run(data, run_dir, *sets, resume=False) -> int:
     parser = argparse.ArgumentParser()
     trainer.add_train_arguments(parser)
