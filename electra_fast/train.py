@@ -396,6 +396,10 @@ class Trainer:
         finally:
             self.control.restore()
             self.log.close()
+            # Shut the loader's worker processes down now. Left to garbage collection (the generator can sit
+            # in a reference cycle, or in a traceback) they would outlive the run, and as they ignore
+            # SIGTERM (a stop must finish its step), the interpreter's exit would wait on them for ever.
+            batches.close()
 
         export_dir = None
         if self.is_main:

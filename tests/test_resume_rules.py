@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import re
 import shutil
@@ -336,6 +337,8 @@ def test_a_signal_stops_after_the_step_with_a_checkpoint_and_resume_is_exact(cor
     assert trainer.run_train(_args(reference, f"data.path={corpus_dir}", *sets)) == 0
     assert [r["step"] for r in read_metrics(run)] == list(range(1, 13))
     assert losses(run) == losses(reference)
+    # No loader worker outlives its run (they ignore SIGTERM: the interpreter's exit would wait on them).
+    assert not multiprocessing.active_children()
 
 
 @pytest.mark.slow
