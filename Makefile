@@ -2,12 +2,20 @@
 #   make demo   create .venv, install, build the embedded corpus, pretrain a small ELECTRA, export, summarise
 #   make test   create .venv, install, run the test suite (all of it, as CI does)
 #   make test-fast   the same without the tests marked slow (DeepSpeed ranks, subprocess runs)
+#   make test-latest the suite in its own venv (.venv-latest) with the newest releases, not the lock
+#   make lock        refresh requirements/cpu.lock from a fresh resolve (then run make test, commit it)
 # CPU machines get the local CPU build of torch (torch==2.13.0); a machine that already has torch keeps it.
+# Installs follow the lock (pip constraints): the versions CI ran with. `make install LOCK=` installs
+# without it (a GPU machine whose CUDA torch is not 2.13.0).
 
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+LOCK ?= requirements/cpu.lock
+CONSTRAINTS := $(if $(LOCK),-c $(LOCK))
+# The kernels are their own distribution (kernels/pyproject.toml); both install editable.
+PROJECTS := -e ./kernels -e ".[dev]"
 DEMO_DATA := data/default
 DEMO_RUN := runs/demo
 # The demo's length: a second `make demo` with a larger DEMO_STEPS continues runs/demo to that step.
@@ -28,14 +36,19 @@ DEMO_GPU_SETTINGS ?= --set data.seq_len=128 --set train.warmup_steps=300 --set t
 	--set train.log_every=50 --set train.eval_every=500
 DEMO_THREADS ?= 1
 
-.PHONY: install test test-fast demo clean
+.PHONY: install test test-fast test-latest lock demo clean
 
-$(STAMP): pyproject.toml
-	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	@echo "[electra-fast] installing into $(VENV) (a few minutes the first time)"
-	@$(PY) -m pip install -q --upgrade pip
-	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
-	@$(PY) -m pip install -q -e ".[dev]"
+# One recipe for every venv: $(1) the venv folder, $(2) pip's constraint flags (empty: newest releases).
+define make_venv
+	@test -x $(1)/bin/python || $(PYTHON) -m venv $(1)
+	@echo "[electra-fast] installing into $(1) (a few minutes the first time)"
+	@$(1)/bin/python -m pip install -q --upgrade pip
+	@$(1)/bin/python -c "import torch" 2>/dev/null || $(1)/bin/python -m pip install -q torch==2.13.0
+	@$(1)/bin/python -m pip install -q $(2) $(PROJECTS)
+endef
+
+$(STAMP): pyproject.toml kernels/pyproject.toml $(LOCK)
+	$(call make_venv,$(VENV),$(CONSTRAINTS))
 	@touch $(STAMP)
 
 install: $(STAMP)
@@ -47,6 +60,26 @@ test: $(STAMP)
 # For the edit-test loop; CI runs `make test`.
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" tests
+
+# An upstream release that breaks us is found here, on purpose, not by a red CI: the newest release of
+# everything but torch (the local CPU build), in its own venv. README, "When make test-latest fails".
+test-latest:
+	rm -rf .venv-latest
+	$(call make_venv,.venv-latest,)
+	.venv-latest/bin/python -m pytest -q tests
+
+# The lock is pip's own resolve in a fresh venv, frozen: torch 2.13.0 (CPU), the Triton that torch 2.13's
+# CUDA build pins, then both projects with their dev extra.
+lock:
+	rm -rf .venv-lock
+	$(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/python -m pip install -q --upgrade pip
+	.venv-lock/bin/python -m pip install -q torch==2.13.0 triton==3.7.1
+	.venv-lock/bin/python -m pip install -q $(PROJECTS)
+	{ sed -n '/^#/p' requirements/cpu.lock; .venv-lock/bin/python -m pip freeze --exclude-editable \
+		| sed 's/+cpu$$//'; } > requirements/cpu.lock.tmp && mv requirements/cpu.lock.tmp requirements/cpu.lock
+	rm -rf .venv-lock
+	@echo "[electra-fast] requirements/cpu.lock refreshed: run make test, then commit it"
 
 # GPU or CPU is decided once, here; the trainer resumes runs/demo when it holds a checkpoint, so a larger
 # DEMO_STEPS continues the run and the same one trains nothing and reprints the summary.
@@ -61,4 +94,4 @@ demo: $(STAMP)
 	OMP_NUM_THREADS=$(DEMO_THREADS) $(PY) -m electra_fast.demo $(DEMO_RUN)
 
 clean:
-	rm -rf $(VENV) runs data build *.egg-info
+	rm -rf $(VENV) .venv-latest .venv-lock runs data build *.egg-info kernels/build kernels/*.egg-info

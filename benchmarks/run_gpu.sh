@@ -34,7 +34,7 @@ if ! $PY -c "import deepspeed" 2>/dev/null && compgen -G ".whl/*.whl" >/dev/null
     $PY -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
 fi
 if ! $PY -c "import electra_fast, electra_kernels" 2>/dev/null; then
-    $PY -m pip install -q --no-deps --no-build-isolation -e . >/dev/null
+    $PY -m pip install -q --no-deps --no-build-isolation -e ./kernels -e . >/dev/null
 fi
 
 SUMMARY="$OUT_DIR/summary.txt"

@@ -8,6 +8,8 @@ import io
 import json
 import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -118,3 +120,27 @@ def test_without_export_the_error_names_the_folder(tmp_path, capsys):
     (tmp_path / "config.yaml").write_text("data: {path: nowhere}\n")
     assert demo.main([str(tmp_path)]) == 2
     assert "no export" in capsys.readouterr().err
+
+
+def _run_from_the_root(*args: str) -> subprocess.CompletedProcess:
+    """``python -m ...`` with the checkout's root as the working directory, as the Makefile runs it: the
+    root is then first on sys.path, where a root-level `kernels` package once shadowed Hugging Face's."""
+    env = {key: value for key, value in os.environ.items() if key not in LAUNCH_ENV}
+    return subprocess.run([sys.executable, "-m", *args], cwd=REPO, env={**env, "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_the_makefile_summary_step_runs_from_the_checkout_root(tiny_run):
+    done = _run_from_the_root("electra_fast.demo", str(tiny_run))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.index("held-out evaluation") < done.stdout.index("the export on held-out example")
+
+
+@pytest.mark.slow
+def test_export_runs_from_the_checkout_root(tiny_run, tmp_path):
+    done = _run_from_the_root("electra_fast.cli", "export", "--checkpoint", str(tiny_run), "--out",
+                              str(tmp_path / "export"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "export" / "discriminator" / "config.json").is_file()
+    assert (tmp_path / "export" / "generator" / "config.json").is_file()

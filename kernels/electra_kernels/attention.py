@@ -78,7 +78,7 @@ if HAS_TRITON:
     _INTERPRET = interpreter_enabled()
 
     # Candidates: (BLOCK_M, BLOCK_N, num_warps, num_stages), the first one the default (see
-    # kernels/_autotune.py). What each costs in registers, spills and shared memory on sm_80 / sm_90 is
+    # kernels/electra_kernels/_autotune.py). What each costs in registers, spills and shared memory on sm_80 / sm_90 is
     # in `python benchmarks/compile_report.py --kernel attention`; the notes below quote it for bf16,
     # d=64 (Triton 3.9). Candidates that spilled more than ~100 B were dropped; the ones kept with a
     # small spill are timed by the tuner like any other, so they win only where the spill is free.

@@ -105,7 +105,7 @@ def _next_pow2(n: int) -> int:
     return 1 << max(int(n) - 1, 0).bit_length()
 
 
-# Candidate spaces (kernels/_autotune.py: the first entry is the default). The forward walks the
+# Candidate spaces (kernels/electra_kernels/_autotune.py: the first entry is the default). The forward walks the
 # vocabulary in groups of 4 x _QUARTER columns (see _gumbel4); its tiles are BLOCK_M rows x one group:
 # (BLOCK_M, BLOCK_E, num_warps, num_stages). Eight warps throughout: the fused epilogue (online softmax,
 # Philox, two arg-maxes over four column tiles) needs the registers of 256 threads. The BLOCK_M=64
