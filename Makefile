@@ -90,7 +90,7 @@ demo: $(STAMP)
 	$(PY) -m electra_fast.cli prepare --default --out $(DEMO_DATA) $$prepare && \
 	OMP_NUM_THREADS=$(DEMO_THREADS) $(PY) -m electra_fast.train --config configs/electra-small.yaml \
 		--run-dir $(DEMO_RUN) --resume --set data.path=$(DEMO_DATA) \
-		--set train.deepspeed_config=configs/deepspeed/zero0.json $$settings --set train.max_steps=$(DEMO_STEPS) && \
+		--set train.deepspeed_config=zero0 $$settings --set train.max_steps=$(DEMO_STEPS) && \
 	OMP_NUM_THREADS=$(DEMO_THREADS) $(PY) -m electra_fast.demo $(DEMO_RUN)
 
 clean:

@@ -219,7 +219,9 @@ class TrainConfig:
     grad_clip: float = 1.0
     optimizer: str = "adamw"  # adamw | lamb (DeepSpeed's fused Lamb, for large batches)
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32
-    deepspeed_config: str = "configs/deepspeed/zero1.json"
+    # A DeepSpeed config shipped with the package, by name (zero0, zero1, zero2, zero3, zero3-offload: the
+    # files in configs/deepspeed/), or a path to a JSON of your own (electra_fast.ds_config).
+    deepspeed_config: str = "zero1"
     seed: int = 1234
     log_every: int = 10
     save_every: int = 1000
@@ -338,7 +340,7 @@ SIZES: dict[str, dict[str, dict[str, Any]]] = {
         "model": dict(vocab_size=1024, embedding_size=32, hidden_size=64, num_layers=2, num_heads=2,
                       intermediate_size=256, max_position_embeddings=128, generator_fraction=0.5),
         "train": dict(global_batch_size=8, lr=1e-3, warmup_steps=10, max_steps=200, log_every=10,
-                      save_every=100, deepspeed_config="configs/deepspeed/zero0.json"),
+                      save_every=100, deepspeed_config="zero0"),
         "data": dict(seq_len=64, num_workers=0),
     },
     "small": {
@@ -359,7 +361,7 @@ SIZES: dict[str, dict[str, dict[str, Any]]] = {
         "model": dict(embedding_size=1024, hidden_size=1024, num_layers=24, num_heads=16, intermediate_size=4096,
                       generator_fraction=0.25),
         "objective": dict(mask_prob=0.25),
-        "train": dict(global_batch_size=2048, lr=2e-4, max_steps=400_000),
+        "train": dict(global_batch_size=2048, lr=2e-4, max_steps=400_000, deepspeed_config="zero2"),
         "data": dict(seq_len=512),
     },
 }

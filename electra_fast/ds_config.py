@@ -15,26 +15,49 @@ from __future__ import annotations
 import copy
 import json
 import math
+from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # importlib.resources.abc is 3.11+; only the annotations use it
+    from importlib.resources.abc import Traversable
 
 from .config import Config, ConfigError
 
 
-def find_deepspeed_config(path: str) -> Path:
-    """``train.deepspeed_config`` relative to the working directory, or else to the repository."""
-    candidates = [Path(path)]
-    if not Path(path).is_absolute():
-        candidates.append(Path(__file__).resolve().parents[1] / path)
-    for candidate in candidates:
-        if candidate.is_file():
-            return candidate
-    raise ConfigError(f"train.deepspeed_config: file not found: {path} (looked in: "
-                      f"{', '.join(str(c) for c in candidates)})")
+# The DeepSpeed configs shipped inside the package (electra_fast/ds_configs/, read with importlib.resources),
+# named in configs by a name that does not depend on the working directory. configs/deepspeed/ in the
+# repository holds the same files for reading (tests/test_packaged_configs.py keeps the two equal).
+PACKAGED_DIR = "ds_configs"
+REPO_COPY_DIR = "configs/deepspeed/"
 
 
-def read_deepspeed_json(path: str) -> tuple[dict, Path]:
-    found = find_deepspeed_config(path)
+def packaged_deepspeed_configs() -> dict[str, Traversable]:
+    """{"zero0": <file>, "zero1": ..., "zero3-offload": ...}: the configs every install carries."""
+    folder = resources.files("electra_fast") / PACKAGED_DIR
+    return {entry.name[:-len(".json")]: entry for entry in folder.iterdir() if entry.name.endswith(".json")}
+
+
+def find_deepspeed_config(name_or_path: str) -> Path | Traversable:
+    """``train.deepspeed_config``: a shipped config's name (``zero1``, ``zero3-offload``) or a path to a
+    JSON of the user's, relative to the working directory. A relative path into the repository's copy
+    (``configs/deepspeed/zero1.json``, what older configs and run dirs hold) that is not there, as in an
+    installed package run from elsewhere, is the shipped config of that name."""
+    packaged = packaged_deepspeed_configs()
+    if name_or_path in packaged:
+        return packaged[name_or_path]
+    path = Path(name_or_path).expanduser()
+    if path.is_file():
+        return path
+    name = name_or_path[len(REPO_COPY_DIR):-len(".json")] if name_or_path.startswith(REPO_COPY_DIR) else None
+    if name in packaged:
+        return packaged[name]
+    raise ConfigError(f"train.deepspeed_config: no such file: {path.resolve()}, and not the name of a shipped "
+                      f"config ({', '.join(sorted(packaged))})")
+
+
+def read_deepspeed_json(name_or_path: str) -> tuple[dict, Path | Traversable]:
+    found = find_deepspeed_config(name_or_path)
     try:
         values = json.loads(found.read_text())
     except ValueError as exc:

@@ -3,7 +3,8 @@
 Launch (every config key can be changed with ``--set section.key=value``; ``--run-dir`` holds the
 checkpoints, metrics and the Hugging Face export):
 
-    # one process: the CPU (fp32) or one GPU (bf16)
+    # one process: the CPU (fp32) or one GPU (bf16); a named size needs no file (tiny/small/base/large)
+    python -m electra_fast.train --size small --set data.path=data/default --run-dir runs/small
     python -m electra_fast.train --config configs/electra-small.yaml --set data.path=data/default --run-dir runs/small
 
     # eight GPUs on one node (DeepSpeed's launcher spells `python -m` as --module)
@@ -29,7 +30,7 @@ checkpoints, metrics and the Hugging Face export):
 
     # ZeRO-3, a bigger batch, 10k steps: any key, from the command line
     deepspeed --num_gpus 8 --module electra_fast.train --config configs/electra-base.yaml --run-dir runs/base \
-        --set train.deepspeed_config=configs/deepspeed/zero3.json train.global_batch_size=2048 train.max_steps=10000
+        --set train.deepspeed_config=zero3 train.global_batch_size=2048 train.max_steps=10000
 
     # the same through the CLI, and the export of any checkpoint to Hugging Face folders
     electra-fast pretrain --config configs/electra-small.yaml --run-dir runs/small --set train.max_steps=10000
@@ -540,8 +541,8 @@ def _guard_plain_optimizer(engine) -> torch.Tensor:
 # ==================================================================================================
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of `python -m electra_fast.train`, `deepspeed -m electra_fast.train` and `electra-fast pretrain`."""
-    parser.add_argument("--config", help="YAML config (configs/electra-*.yaml); with --resume, default: "
-                                         "the run dir's config.yaml")
+    parser.add_argument("--config", help="YAML config (configs/electra-*.yaml), on top of --size when both are "
+                                         "given; with --resume, default: the run dir's config.yaml")
     parser.add_argument("--size", help="a named size instead of / over the YAML's (tiny, small, base, large)")
     parser.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[],
                         metavar="SECTION.KEY=VALUE",
@@ -576,9 +577,12 @@ def resolve_train_config(args: argparse.Namespace) -> tuple[Config, dict | None]
         return RunRecord.read(run_dir).resolve(args.config, args.overrides, size)
     if args.config is None:
         saved = run_dir / "config.yaml"
-        if not (args.resume and saved.is_file()):
-            raise ConfigError("--config is required (or --resume with a run dir that holds config.yaml)")
-        return load_config(saved, args.overrides, size=size), None
+        if args.resume and saved.is_file():
+            return load_config(saved, args.overrides, size=size), None
+        if size is None:
+            raise ConfigError("--config or --size is required (or --resume with a run dir that holds config.yaml)")
+        # A named size needs no file: the paper's settings for it (config.SIZES), --set on top.
+        return load_config(None, args.overrides, size=size), launch_record(None, args.overrides, size)
     return load_config(args.config, args.overrides, size=size), launch_record(args.config, args.overrides, size)
 
 

@@ -6,6 +6,7 @@ and not the kernels, because the interpreter is slow.
 """
 
 import os
+import warnings
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -26,6 +27,61 @@ torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 def _seed_everything():
     torch.manual_seed(0)
     yield
+
+
+def _math_state() -> dict:
+    """torch's process-wide switches that change which kernel computes a float32 result (and so its
+    last bits): a test that flips one and does not put it back changes the numbers of every later test.
+    Seen: an exact export comparison that passed alone and failed after the rest of the suite."""
+    backends = torch.backends
+    state = {
+        "num_threads": torch.get_num_threads(),
+        "default_dtype": torch.get_default_dtype(),
+        "float32_matmul_precision": torch.get_float32_matmul_precision(),
+        "deterministic": torch.are_deterministic_algorithms_enabled(),
+        "grad_enabled": torch.is_grad_enabled(),
+        "mkldnn_enabled": backends.mkldnn.enabled,
+        "cuda_matmul_allow_tf32": backends.cuda.matmul.allow_tf32,
+        "cudnn_allow_tf32": backends.cudnn.allow_tf32,
+    }
+    # torch >= 2.9 spells precision per backend (transformers' enable_tf32 sets the global one).
+    for name, owner in (("fp32_precision", backends), ("mkldnn.fp32_precision", backends.mkldnn),
+                        ("mkldnn.matmul.fp32_precision", getattr(backends.mkldnn, "matmul", None)),
+                        ("cuda.matmul.fp32_precision", backends.cuda.matmul)):
+        if owner is not None and hasattr(owner, "fp32_precision"):
+            state[name] = owner.fp32_precision
+    return state
+
+
+def _restore_math_state(state: dict) -> None:
+    backends = torch.backends
+    torch.set_num_threads(state["num_threads"])
+    torch.set_default_dtype(state["default_dtype"])
+    torch.set_float32_matmul_precision(state["float32_matmul_precision"])
+    torch.use_deterministic_algorithms(state["deterministic"])
+    torch.set_grad_enabled(state["grad_enabled"])
+    backends.mkldnn.enabled = state["mkldnn_enabled"]
+    backends.cuda.matmul.allow_tf32 = state["cuda_matmul_allow_tf32"]
+    backends.cudnn.allow_tf32 = state["cudnn_allow_tf32"]
+    for name, value in state.items():
+        if name.endswith("fp32_precision"):
+            owner = backends
+            for part in name.split(".")[:-1]:
+                owner = getattr(owner, part)
+            owner.fp32_precision = value
+
+
+@pytest.fixture(autouse=True)
+def _math_state_restored(request):
+    """Every test starts from the same math switches; one that leaks a change is named, so the
+    leak is fixed where it happens (a warning in the summary), and the next test is not computed on another path meanwhile."""
+    before = _math_state()
+    yield
+    after = _math_state()
+    if after != before:
+        changed = {k: (before[k], after.get(k)) for k in before if before[k] != after.get(k)}
+        warnings.warn(f"{request.node.nodeid} left torch's math state changed: {changed}", RuntimeWarning)
+        _restore_math_state(before)
 
 
 @pytest.fixture(autouse=True, scope="module")
