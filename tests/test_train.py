@@ -268,7 +268,7 @@ def test_weight_decay_groups_follow_the_reference():
      "inconsistent batch sizes"),
     (["model.vocab_size=512"], "vocabulary mismatch: the prepared data uses 300 tokens"),
     (["data.seq_len=32"], "prepared with seq_len=64"),
-    (["train.deepspeed_config=configs/deepspeed/nope.json"], "file not found: configs/deepspeed/nope.json"),
+    (["train.deepspeed_config=configs/deepspeed/nope.json"], "nope.json, and not the name of a shipped config"),
 ])
 def test_bad_config_fails_fast(corpus_dir, tmp_path, capsys, clean_env, sets, message):
     argv = ["--config", TINY, "--run-dir", str(tmp_path / "run"), "--set", f"data.path={corpus_dir}", *sets]
@@ -289,7 +289,7 @@ def test_missing_data_dir_and_existing_run_fail_fast(corpus_dir, tmp_path, capsy
     assert trainer.main(["--config", TINY, "--run-dir", str(tmp_path / "r"), "--set", f"data.path={corpus_dir}"]) == 2
     assert "pass --resume" in capsys.readouterr().err
     assert trainer.main(["--run-dir", str(tmp_path / "fresh")]) == 2
-    assert "--config is required" in capsys.readouterr().err
+    assert "--config or --size is required" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------------------------------
