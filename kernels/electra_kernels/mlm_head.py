@@ -83,6 +83,13 @@ else:  # pragma: no cover - the reference path needs no triton
 
 IGNORE_INDEX = -100
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# On the GPU the kernels run bf16 and fp16; an fp32 compute dtype takes mlm_head_loss_ref there
+# (cuBLAS logits, TF32 as torch.backends.cuda.matmul.allow_tf32 says, then torch's cross-entropy).
+# The fused forward's fp32 tiles spill 2.4 KB per thread (sm_80 and sm_90, Triton 3.7.1: the four
+# fp32 accumulators and noise tiles of a 128-row group plus twice the operand registers) and its
+# products run on the FMA units unless TF32 is allowed; the price of torch's path is the (M, V) fp32
+# logits in memory. Under the interpreter (CPU tests) fp32 still runs the kernels.
+GPU_DTYPES = (torch.bfloat16, torch.float16)
 # Temperatures below this behave as this (1/T stays finite); the reference applies the same floor.
 _MIN_TEMPERATURE = 1e-6
 # The backward writes dlogits for at most this many bytes of vocabulary columns at a time (Base:
@@ -693,7 +700,8 @@ def compile_variants():
         return {a: arg_type(a) for a in runtime_args(kernel)}
 
     variants = []
-    for dtype in ("bf16", "fp16", "fp32"):
+    names = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+    for dtype in (names[d] for d in GPU_DTYPES):  # fp32 never reaches the kernels on a GPU
         element_size = 4 if dtype == "fp32" else 2
         precision = "ieee" if dtype == "fp32" else "tf32"  # fp32 follows torch's allow_tf32 (off by default)
         for embedding in (128, 256, 768, 1024):
@@ -807,7 +815,8 @@ def _compute_dtype(hidden: Tensor) -> torch.dtype:
 def mlm_head_loss(hidden, weight, bias, targets, *, temperature: float = 1.0, seed: int = 0):
     """Masked-LM loss, accuracy and sampled replacements at M gathered rows.
 
-    hidden: (M, E) fp32/bf16/fp16, the head's dense+GELU+LayerNorm output at the masked positions.
+    hidden: (M, E) fp32/bf16/fp16, the head's dense+GELU+LayerNorm output at the masked positions
+    (an fp32 compute dtype runs ``mlm_head_loss_ref`` on the GPU: see ``GPU_DTYPES``).
     weight: (V, E) the tied word-embedding matrix. bias: (V,) or None.
     targets: (M,) int64 original token ids; IGNORE_INDEX (-100) marks unused slots of a fixed-size gather.
     temperature: sampling temperature (> 0; tiny values approach the arg-max). seed: python int for the
@@ -824,10 +833,10 @@ def mlm_head_loss(hidden, weight, bias, targets, *, temperature: float = 1.0, se
     if not temperature > 0.0:
         raise ValueError(f"mlm_head_loss: temperature must be > 0, got {temperature}")
     _check_kernel_inputs(hidden, weight, bias, targets)
-    if not use_triton(hidden, weight, bias, targets):
-        return mlm_head_loss_ref(hidden, weight, bias, targets, temperature=temperature, seed=seed)
     dtype = _compute_dtype(hidden)
-    if dtype not in _KERNEL_DTYPES:  # e.g. float64 for gradient checks: the reference handles it
+    # float64 (gradient checks) and, on the GPU, fp32 (GPU_DTYPES) take the reference.
+    if dtype not in _KERNEL_DTYPES or not use_triton(hidden, weight, bias, targets, dtype=dtype,
+                                                       gpu_dtypes=GPU_DTYPES):
         return mlm_head_loss_ref(hidden, weight, bias, targets, temperature=temperature, seed=seed)
     hidden = hidden.to(dtype)
     weight = weight.to(dtype)
