@@ -877,8 +877,8 @@ def compile_variants():
                  pick(_DQ_SPACE, _DQ_SPACE_D128), "M", {})]
 
     variants = []
-    names = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
-    for dtype in (names[d] for d in GPU_DTYPES):  # fp32 never reaches the kernels on a GPU
+    dtype_names = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+    for dtype in (dtype_names[d] for d in GPU_DTYPES):  # fp32 never reaches the kernels on a GPU
         element_size = 4 if dtype == "fp32" else 2
         precision = "ieee" if dtype == "fp32" else "tf32"  # _dot_precision
         for layout, flags in layouts.items():

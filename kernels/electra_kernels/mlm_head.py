@@ -700,8 +700,8 @@ def compile_variants():
         return {a: arg_type(a) for a in runtime_args(kernel)}
 
     variants = []
-    names = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
-    for dtype in (names[d] for d in GPU_DTYPES):  # fp32 never reaches the kernels on a GPU
+    dtype_names = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+    for dtype in (dtype_names[d] for d in GPU_DTYPES):  # fp32 never reaches the kernels on a GPU
         element_size = 4 if dtype == "fp32" else 2
         precision = "ieee" if dtype == "fp32" else "tf32"  # fp32 follows torch's allow_tf32 (off by default)
         for embedding in (128, 256, 768, 1024):

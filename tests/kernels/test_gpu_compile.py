@@ -51,13 +51,18 @@ try:
 except ImportError as err:
     print("SKIP", err); sys.exit(0)
 from electra_kernels import _gpu_compile as g
+sys.path.insert(0, sys.argv[1])
+import compile_report  # what `compile_report.py --defaults-only` prints, selected by its own code
 start = time.time()
 variants = g.default_variants()
+report = compile_report.select(g.all_variants(), compile_report.parse_args(["--defaults-only"]))
+assert [v.key() for v in report] == [v.key() for v in variants], "the report and the gate disagree"
 rows = g.compile_many(variants, (90, 80), jobs=os.cpu_count() or 2)
 children = resource.getrusage(resource.RUSAGE_CHILDREN)
 me = resource.getrusage(resource.RUSAGE_SELF)
 cpu = children.ru_utime + children.ru_stime + me.ru_utime + me.ru_stime
-print("META", json.dumps(dict(triton=triton.__version__, variants=len(variants),
+print("META", json.dumps(dict(triton=triton.__version__, variants=len(variants), report_variants=len(report),
+                              modules=g.kernel_modules(),
                               binaries=len({v.key() for v in variants}), wall=time.time() - start, cpu=cpu)))
 print("ROWS", json.dumps(rows))
 """
@@ -74,7 +79,8 @@ def compiled():
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # the GPU default; silences Triton 3.9's notice
     # Another venv's interpreter still imports the kernels from this checkout.
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "kernels"), env.get("PYTHONPATH", "")])
-    result = subprocess.run([GATE_PYTHON or sys.executable, "-c", _COMPILE], capture_output=True, text=True,
+    result = subprocess.run([GATE_PYTHON or sys.executable, "-c", _COMPILE, str(ROOT / "benchmarks")],
+                            capture_output=True, text=True,
                             env=env, timeout=1200)
     if result.stdout.startswith("SKIP"):
         pytest.skip(f"triton has no NVIDIA backend here: {result.stdout}")
@@ -107,28 +113,27 @@ def test_the_gate_compiles_with_the_locked_triton(compiled):
         f"the gate compiled with triton {meta['triton']}, the lock pins {_locked_triton()}: `make install`")
 
 
-def test_every_default_the_report_prints_is_checked(rows):
-    """The gate's rows are the report's ``--defaults-only`` rows: every kernel file, both archs."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import compile_report
-    finally:
-        sys.path.pop(0)
-    report = compile_report.select(_gpu_compile.all_variants(), compile_report.parse_args(["--defaults-only"]))
-    assert len(report) == len(_gpu_compile.default_variants())
-    assert len(rows) == 2 * len(report)
-    assert {(r["kernel"], r["arch"]) for r in rows} == {(v.kernel, a) for v in report for a in (80, 90)}
-    assert set(_gpu_compile.kernel_modules()) >= {"attention", "mlm_head", "disc_head", "layer_norm", "bias_gelu"}
+def test_every_default_the_report_prints_is_checked(compiled):
+    """The gate's rows are the report's ``--defaults-only`` rows (the subprocess asserts the two lists
+    are the same variants): every kernel file, both archs, every dtype / layout / head dim reachable."""
+    meta, rows = compiled
+    assert len(rows) == 2 * meta["report_variants"] == 2 * meta["variants"]
+    assert set(meta["modules"]) >= {"attention", "mlm_head", "disc_head", "layer_norm", "bias_gelu"}
+    kernels = {r["kernel"] for r in rows}
     for needed in ("attention fwd", "attention dk/dv", "attention dk/dv/dq fused", "attention dq", "mlm head fwd",
                    "mlm head dlogits", "disc head fwd", "disc head bwd", "layer norm fwd", "layer norm bwd",
                    "bias gelu fwd", "bias gelu bwd"):
-        assert needed in {r["kernel"] for r in rows}, f"{needed} is not compiled"
+        assert needed in kernels, f"{needed} is not compiled"
+        assert {r["arch"] for r in rows if r["kernel"] == needed} == {80, 90}
     attention = [r for r in rows if r["kernel"] == "attention fwd"]
     assert {(r["dtype"], r["layout"], r["dropout"], r["head_dim"]) for r in attention} == {
         (dtype, layout, dropout, d) for dtype in ("bf16", "fp16") for layout in ("packed", "padded", "padded+mask")
         for dropout in (False, True) for d in (32, 64, 128)}
     for kernel in ("layer norm fwd", "layer norm bwd", "bias gelu fwd", "disc head fwd"):
         assert {r["dtype"] for r in rows if r["kernel"] == kernel} == {"bf16", "fp16", "fp32"}, kernel
+    # fp32 attention and MLM head run torch on the GPU (GPU_DTYPES): nothing to compile for them.
+    for kernel in ("attention fwd", "mlm head fwd", "mlm head dlogits"):
+        assert {r["dtype"] for r in rows if r["kernel"] == kernel} == {"bf16", "fp16"}, kernel
 
 
 def test_defaults_have_no_problem(rows):
@@ -170,18 +175,20 @@ def test_the_checks_can_fail():
 
 
 def test_fp32_attention_and_mlm_head_take_torch_on_the_gpu():
-    """The dtypes the gate compiles are the dtypes the dispatch sends to the kernels on a GPU."""
+    """On a GPU the dispatch sends fp32 attention / MLM head to torch and 16-bit to the kernels (the
+    dtypes the gate compiles); under the interpreter fp32 still runs the kernels."""
+    import importlib
+
     import torch
 
-    from electra_kernels import _dispatch, attention, mlm_head
+    from electra_kernels import _dispatch
 
     class FakeCuda:  # use_triton looks at .is_cuda only
         is_cuda = True
 
-    t = FakeCuda()
-    for module in (attention, mlm_head):
-        assert not _dispatch.use_triton(t, dtype=torch.float32, gpu_dtypes=module.GPU_DTYPES)
-        assert _dispatch.use_triton(t, dtype=torch.bfloat16, gpu_dtypes=module.GPU_DTYPES)
-    compiled = {v.tags.get("dtype") for v in _gpu_compile.default_variants()
-                if v.kernel.startswith(("attention fwd", "mlm head fwd"))}
-    assert compiled == {"bf16", "fp16"}
+    for name in ("attention", "mlm_head"):  # the modules (the package re-exports a function `attention`)
+        gpu_dtypes = importlib.import_module(f"electra_kernels.{name}").GPU_DTYPES
+        assert gpu_dtypes == (torch.bfloat16, torch.float16)
+        assert not _dispatch.use_triton(FakeCuda(), dtype=torch.float32, gpu_dtypes=gpu_dtypes)
+        assert _dispatch.use_triton(FakeCuda(), dtype=torch.bfloat16, gpu_dtypes=gpu_dtypes)
+        assert _dispatch.use_triton(torch.zeros(1), dtype=torch.float32, gpu_dtypes=gpu_dtypes)  # interpreter
