@@ -1072,6 +1072,29 @@ def attention(q, k, v, key_padding_mask=None, dropout_p: float = 0.0, softmax_sc
     return out
 
 
+def _check_packed_sizes(cu_seqlens, max_seqlen: int, total_tokens: int) -> None:
+    """The packed layout's contract, checked as far as it costs no device synchronisation. The kernels
+    trust it: a sequence longer than ``max_seqlen`` keeps its rows past max_seqlen unwritten, and so do
+    rows past ``cu_seqlens[-1]``. Host integers always: ``batch · max_seqlen >= total_tokens`` (each
+    sequence is at most max_seqlen long). A host (CPU) ``cu_seqlens``, read for free: it starts at 0,
+    never decreases, ends at total_tokens, and no length exceeds max_seqlen. A device ``cu_seqlens`` is
+    not read (that would wait for the GPU on every layer)."""
+    batch = cu_seqlens.shape[0] - 1
+    if batch * max_seqlen < total_tokens:
+        raise ValueError(f"attention_varlen: {total_tokens} tokens cannot be {batch} sequences of at most "
+                         f"max_seqlen={max_seqlen}: max_seqlen (or cu_seqlens) is wrong")
+    if cu_seqlens.device.type != "cpu" or torch.compiler.is_compiling():  # a traced graph has no values
+        return
+    bounds = cu_seqlens.tolist()
+    lengths = [end - start for start, end in zip(bounds[:-1], bounds[1:])]
+    if bounds[0] != 0 or min(lengths, default=0) < 0:
+        raise ValueError(f"attention_varlen: cu_seqlens must start at 0 and never decrease, got {bounds[:8]}...")
+    if bounds[-1] != total_tokens:
+        raise ValueError(f"attention_varlen: cu_seqlens[-1] = {bounds[-1]} but q has {total_tokens} tokens")
+    if max(lengths, default=0) > max_seqlen:
+        raise ValueError(f"attention_varlen: a sequence of {max(lengths)} tokens exceeds max_seqlen={max_seqlen}")
+
+
 def attention_varlen(q, k, v, cu_seqlens, max_seqlen: int, dropout_p: float = 0.0, softmax_scale=None, *,
                      return_dropout_mask: bool = False):
     """Attention over packed sequences with no padding.
@@ -1080,6 +1103,10 @@ def attention_varlen(q, k, v, cu_seqlens, max_seqlen: int, dropout_p: float = 0.
     ``attention_varlen_ref``, as in :func:`attention`); cu_seqlens: (batch + 1,) int32 prefix
     sums of the sequence lengths, on q's device, cu_seqlens[-1] == total_tokens; max_seqlen: the longest
     length (python int, >= every length). Returns (total_tokens, heads, head_dim) in q's dtype.
+    Contract: cu_seqlens[-1] == total_tokens and max_seqlen >= every length; the kernels trust it (a
+    row outside it is left unwritten). Checked without a device sync (``_check_packed_sizes``): fully
+    when cu_seqlens is a host tensor, else only batch·max_seqlen >= total_tokens. Pass the sizes the
+    loader computed on the host (``electra_fast.model.packed_sizes``).
     Dropout as in :func:`attention`; ``return_dropout_mask=True`` adds the keep-mask
     (batch, heads, max_seqlen, max_seqlen) indexed by positions inside each sequence.
     """
@@ -1097,6 +1124,7 @@ def attention_varlen(q, k, v, cu_seqlens, max_seqlen: int, dropout_p: float = 0.
     if max_seqlen < 0:
         raise ValueError(f"attention_varlen: max_seqlen must be >= 0, got {max_seqlen}")
     batch, heads = cu_seqlens.shape[0] - 1, q.shape[1]
+    _check_packed_sizes(cu_seqlens, max_seqlen, q.shape[0])
 
     if not use_triton(q, k, v, dtype=q.dtype, gpu_dtypes=GPU_DTYPES) or q.dtype == torch.float64:
         keep = None
