@@ -4,6 +4,7 @@
     python benchmarks/heads.py --sizes base --heads mlm # one question at a time
     python benchmarks/heads.py --no-save                # print only
     python benchmarks/heads.py --cpu-smoke              # tiny shapes, Triton interpreter: the script runs
+    python benchmarks/heads.py --bytes                  # MLM backward memory traffic (a model, no GPU)
 
 Needs a CUDA GPU (it refuses otherwise: interpreter timings would mean nothing); ``--cpu-smoke`` only
 checks that the script works.
@@ -29,6 +30,12 @@ Discriminator head at 16,384 tokens, hidden 256 and 768, forward + backward:
     ours-final / torch-final   only the last projection + masked BCE (the part the kernel replaces)
 
 Target: ours-head at h768 <= 0.5 ms (torch eager 1.07 ms, RESULTS.md).
+
+``--bytes`` prints, without a GPU, the bytes one MLM-head backward moves at M = 2k, 16k and 80k masked
+rows (E 768, V 30,522, bf16), counted from the launchers' chunking (``mlm_head.backward_bytes``): the
+dlogits chunks (written once, read by the dW and dH matmuls), H and W reads, and the fp32 dH
+accumulator, before (256-column floor, a fresh (M, E) product per chunk added to the accumulator) and
+after (2,048-column floor, addmm into the accumulator in place).
 
 Times are triton.testing.do_bench medians (gradients reset between calls); "extra GiB" is the peak of
 torch.cuda.max_memory_allocated during one call minus what was allocated before it (gradients
@@ -83,6 +90,8 @@ def parse_args(argv=None):
     parser.add_argument("--rep-ms", type=int, default=100, help="do_bench measuring time per variant")
     parser.add_argument("--cpu-smoke", action="store_true",
                         help="tiny shapes on the CPU under the Triton interpreter, nothing saved")
+    parser.add_argument("--bytes", action="store_true",
+                        help="print the MLM backward's memory traffic at M = 2k, 16k, 80k (no GPU needed) and exit")
     add_common_args(parser)
     args = parser.parse_args(argv)
     if args.cpu_smoke:
@@ -391,8 +400,32 @@ def draw(rows):
     return plot
 
 
+BYTES_ROWS = (2048, 16384, 80000)
+
+
+def print_backward_bytes(embedding: int = 768) -> list:
+    """The MLM backward's bytes moved per call, before and after the in-place accumulation (a model)."""
+    from electra_kernels import mlm_head
+
+    table, rows = [], []
+    for m in BYTES_ROWS:
+        before = mlm_head.backward_bytes(m, VOCAB, embedding, in_place=False, min_chunk_cols=256)
+        after = mlm_head.backward_bytes(m, VOCAB, embedding)
+        rows.append(dict(M=m, before=before, after=after))
+        table.append([f"{m:,}", f"{before['chunks']} x {before['chunk_cols']}", f"{before['accumulator'] / 1e9:.2f}",
+                      f"{before['total'] / 1e9:.2f}", f"{after['chunks']} x {after['chunk_cols']}",
+                      f"{after['accumulator'] / 1e9:.2f}", f"{after['total'] / 1e9:.2f}"])
+    print_table(["M (masked rows)", "before: chunks x cols", "dH acc GB", "total GB", "after: chunks x cols",
+                 "dH acc GB", "total GB"], table,
+                title=f"MLM head backward, bytes moved per call (E {embedding}, V {VOCAB:,}, bf16; a model)")
+    return rows
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.bytes:
+        print_backward_bytes()
+        return 0
     if args.cpu_smoke:
         os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
         use_cpu_smoke_shapes()

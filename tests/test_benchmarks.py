@@ -39,6 +39,14 @@ def _rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+def test_heads_bytes_table():
+    """heads.py --bytes: the MLM backward's traffic at M = 2k, 16k, 80k, before and after (no GPU)."""
+    out = _run("heads.py", "--bytes").stdout
+    lines = [line for line in out.splitlines() if line.strip("| ").startswith(("2,048", "16,384", "80,000"))]
+    assert len(lines) == 3, out
+    assert "120 x 256" in lines[2] and "15 x 2048" in lines[2] and "117.96" in lines[2], lines[2]
+
+
 @pytest.mark.slow  # four variants in a subprocess, DeepSpeed's among them: minutes on a 2-core CPU
 def test_throughput_cpu_smoke(tmp_path):
     out = _run("throughput.py", "--cpu-smoke", "--variants", "ours-torch,ours-fast,ours-deepspeed,hf-eager,hf-bert-mlm",

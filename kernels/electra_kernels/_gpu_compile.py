@@ -211,9 +211,16 @@ def problems(row: dict) -> list[str]:
     if row.get("error"):
         return [f"does not compile: {row['error']}"]
     found = []
-    if row["spill_bytes"]:
+    # An unread count (a ptxas log this module could not parse) is not a zero: flag it.
+    if row.get("spill_bytes") is None:
+        found.append("spilled bytes unknown (no ptxas -v line read)")
+    elif row["spill_bytes"]:
         found.append(f"spills {row['spill_bytes']} B")
-    if row["smem_limit"] is not None and row["shared"] > row["smem_limit"]:
+    if row.get("shared") is None:
+        found.append("shared memory unknown")
+    elif row.get("smem_limit") is None:
+        found.append(f"no shared-memory limit known for sm_{row['arch']}")
+    elif row["shared"] > row["smem_limit"]:
         found.append(f"shared memory {row['shared']} B > {row['smem_limit']} B")
     if row.get("matmul") and row.get("dtype") in ("bf16", "fp16"):
         want = "wgmma" if row["arch"] >= 90 else "mma"
@@ -222,15 +229,41 @@ def problems(row: dict) -> list[str]:
     return found
 
 
+def kernel_modules() -> list[str]:
+    """The package's kernel files: every public module (no leading underscore) that defines
+    ``compile_variants()``, found by listing the package, so a new kernel file is covered without
+    being named here."""
+    import importlib
+    import pkgutil
+
+    package = importlib.import_module(__package__)
+    found = []
+    for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda m: m.name):
+        if info.name.startswith("_"):
+            continue
+        # By module path: the package re-exports functions named like some modules (attention).
+        module = importlib.import_module(f"{__package__}.{info.name}")
+        if callable(getattr(module, "compile_variants", None)):
+            found.append(info.name)
+    return found
+
+
 def all_variants() -> list[Variant]:
     """Every kernel of the package in every variant its launchers use, all autotune candidates."""
     import importlib
 
     variants = []
-    # By module path: the package re-exports functions named like some modules (attention).
-    for name in ("attention", "mlm_head", "disc_head", "layer_norm", "bias_gelu"):
+    for name in kernel_modules():
         variants.extend(importlib.import_module(f"{__package__}.{name}").compile_variants())
     return variants
+
+
+def default_variants() -> list[Variant]:
+    """What the launchers run without tuning: each kernel's default config in every variant (dtype,
+    layout, head dim, sizes, flags) the public functions can reach on a GPU. The compile gate
+    (tests/kernels/test_gpu_compile.py) checks exactly these; ``compile_report.py --defaults-only``
+    prints them."""
+    return [v for v in all_variants() if v.default]
 
 
 # What ELECTRA Small / Base / Large run: bf16, head dim 64, padded (key mask) and packed attention, the

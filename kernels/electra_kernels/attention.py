@@ -64,6 +64,14 @@ if HAS_TRITON:
 
 LOG2E = 1.4426950408889634  # log2(e): exp(x) = exp2(x * LOG2E)
 MAX_HEAD_DIM = 128
+# On the GPU the kernels run bf16 and fp16; fp32 q/k/v take attention_ref there (torch's cuBLAS matmuls
+# and softmax, exact fp32). The fp32 tiles (4-byte elements: twice the registers and shared memory of
+# the 16-bit ones for every staged K/V tile, and ieee tl.dot products on the FMA units, no tensor
+# cores) spilled up to 42 KB per thread in the forward and 23 KB in dQ and exceeded sm_80's shared
+# memory at d = 128 with the default configs (Triton 3.9); configs small enough to fit would run the
+# products at a fraction of cuBLAS's fp32 rate. The price of torch's path: it materialises the
+# (batch, heads, seq_q, seq_k) fp32 scores. Under the interpreter (CPU tests) fp32 still runs the kernels.
+GPU_DTYPES = (torch.bfloat16, torch.float16)
 
 
 
@@ -99,6 +107,10 @@ if HAS_TRITON:
     # also holds dK, dV (fp32) and K, V for all 128 keys, so the default steps 16 query rows at a time;
     # 32 rows spill 8-100 B on sm_80 (kept for Hopper), 64 rows 180-1036 B (dropped).
     FUSED_BLOCK_N = 128
+    # Only at BLOCK_D 64: at d = 128 it spills (below); at d <= 32 the dQᵀ = Kᵀ·dSᵀ product has
+    # BLOCK_D = 32 rows, fewer than the 64 a Hopper warpgroup's wgmma takes, so on sm_90 it fell back
+    # to mma.sync inside the wgmma kernel (bf16 and fp16, every layout); dK/dV + dQ run all-wgmma there.
+    FUSED_BLOCK_D = 64
     _FUSED_SPACE = [(16, FUSED_BLOCK_N, 8, 3), (32, FUSED_BLOCK_N, 8, 3)]
     # dQ: BLOCK_M2 queries stay, BLOCK_N2 keys stream (the mirror image of dK/dV); 8 warps by default
     # for the same reason as the forward. (128, 32, 4) and (128, 64, 8) spill 8-96 B on sm_80 only;
@@ -531,7 +543,7 @@ if HAS_TRITON:
                                             prune_configs_by=_prune("N"))(_attn_bwd_dkdv_jit)
     _attn_bwd_dkdv_kernel_d128 = autotune(configs=_DKDV_CONFIGS_D128, key=_TUNE_KEY,
                                           prune_configs_by=_prune("N"))(_attn_bwd_dkdv_jit)
-    # Sequences of at most FUSED_BLOCK_N tokens (ELECTRA-Small's 128) at head dim <= 64: one program
+    # Sequences of at most FUSED_BLOCK_N tokens (ELECTRA-Small's 128) at BLOCK_D 64: one program
     # per (sequence, head) holds all keys and also writes dQ, which skips the dQ kernel and its Q·Kᵀ,
     # dO·Vᵀ recomputation (backward = 5 matmuls instead of 7).
     _attn_bwd_fused_kernel = autotune(configs=_FUSED_CONFIGS, key=_TUNE_KEY,
@@ -779,7 +791,7 @@ def attention_backward(dout, q, k, v, out, lse, key_padding_mask=None, cu_seqlen
     def grid_k(meta):
         return (triton.cdiv(layout.seqlen_k, meta["BLOCK_N"]), layout.heads, layout.batch)
 
-    fuse_dq = layout.seqlen_k <= _for_head_dim(layout.block_d, FUSED_BLOCK_N, 0)  # none at d=128 (spills)
+    fuse_dq = layout.block_d == FUSED_BLOCK_D and layout.seqlen_k <= FUSED_BLOCK_N
     if fuse_dq:
         dkdv_kernel = _attn_bwd_fused_kernel
     else:
@@ -860,12 +872,13 @@ def compile_variants():
                 ("attention dk/dv", pick(_attn_bwd_dkdv_kernel, _attn_bwd_dkdv_kernel_d128),
                  pick(_DKDV_SPACE, _DKDV_SPACE_D128), "N", {"FUSE_DQ": False}),
                 ("attention dk/dv/dq fused", _attn_bwd_fused_kernel,
-                 pick(_FUSED_SPACE, []), "N", {"FUSE_DQ": True}),  # no fused kernel at d=128
+                 _FUSED_SPACE if block_d == FUSED_BLOCK_D else [], "N", {"FUSE_DQ": True}),
                 ("attention dq", pick(_attn_bwd_dq_kernel, _attn_bwd_dq_kernel_d128),
                  pick(_DQ_SPACE, _DQ_SPACE_D128), "M", {})]
 
     variants = []
-    for dtype in ("bf16", "fp16", "fp32"):
+    dtype_names = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+    for dtype in (dtype_names[d] for d in GPU_DTYPES):  # fp32 never reaches the kernels on a GPU
         element_size = 4 if dtype == "fp32" else 2
         precision = "ieee" if dtype == "fp32" else "tf32"  # _dot_precision
         for layout, flags in layouts.items():
@@ -875,6 +888,8 @@ def compile_variants():
                     tags = dict(dtype=dtype, layout=layout, dropout=dropout, head_dim=head_dim)
                     for name, kernel, space, stationary, extra in kernels(block_d):
                         types = {a: arg_type(a, dtype) for a in runtime_args(kernel)}
+                        if dropout:
+                            types["seed"] = "i64"  # _draw_seed: always >= 2^31
                         kept = [c for c in space
                                 if _keep_candidate(c, stationary, None, block_d, element_size, 1 << 30)]
                         for i, (block_m, block_n, warps, stages) in enumerate(kept):
@@ -891,7 +906,7 @@ def compile_variants():
                             4, tags=dict(tags, dropout=None), aligned=aligned))
     mask_kernel = _dropout_mask_kernel
     variants.append(Variant("attention dropout mask (tests)", mask_kernel,
-                            {a: arg_type(a, "fp32") for a in runtime_args(mask_kernel)},
+                            dict({a: arg_type(a, "fp32") for a in runtime_args(mask_kernel)}, seed="i64"),
                             dict(BLOCK_M=32, BLOCK_N=32), 4, tags=dict(dropout=True)))
     return variants
 
@@ -1002,16 +1017,22 @@ def _sample_keep(shape, dropout_p, device) -> torch.Tensor:
 def _draw_seed() -> torch.Tensor:
     # From torch's default CPU generator: torch.manual_seed governs reproducibility, and
     # torch.utils.checkpoint (which restores the CPU RNG state) replays the same dropout mask.
-    return torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64)
+    # 63 bits: Philox's key is 64 bits (Triton splits the seed into two 32-bit words), so layer-steps
+    # reuse a mask with probability ~2^-63 per pair, not the 2^-31 of a 31-bit seed (about 3·10⁴
+    # colliding pairs over 12 layers × 1M steps). Drawn from [2^31, 2^63): Triton types a Python int
+    # argument i32 below 2^31 and i64 above, so every seed takes the one i64 binary the compile gate checks.
+    return torch.randint(2**31, 2**63 - 1, (1,), dtype=torch.int64)
 
 
 def attention(q, k, v, key_padding_mask=None, dropout_p: float = 0.0, softmax_scale=None, *,
               return_dropout_mask: bool = False):
     """softmax(Q·Kᵀ·scale + key padding) · V per head, no causal mask.
 
-    q: (batch, seq_q, heads, head_dim); k, v: (batch, seq_k, heads, head_dim); fp16/bf16 (fp32 works, exact
-    but slow on the GPU); head_dim <= 128. key_padding_mask: (batch, seq_k) bool, True = real token (the
-    Hugging Face ``attention_mask`` meaning) or None. dropout_p: probability of zeroing an attention
+    q: (batch, seq_q, heads, head_dim); k, v: (batch, seq_k, heads, head_dim); fp16/bf16 (fp32 works and is
+    exact: on the GPU it runs ``attention_ref``, torch's fp32 matmuls, which materialise the
+    (batch, heads, seq_q, seq_k) scores; see ``GPU_DTYPES``); head_dim <= 128.
+    key_padding_mask: (batch, seq_k) bool, True = real token (the Hugging Face ``attention_mask``
+    meaning) or None. dropout_p: probability of zeroing an attention
     probability, quantised to 1/256 (the survivors are scaled by 1/q, q = ``dropout_keep_probability(p)``,
     the exact keep probability); the seed is drawn from torch's default CPU
     generator. softmax_scale: defaults to 1/sqrt(head_dim).
@@ -1033,7 +1054,7 @@ def attention(q, k, v, key_padding_mask=None, dropout_p: float = 0.0, softmax_sc
         raise ValueError(f"attention: key_padding_mask must be (batch, seq_k) = {(batch, seq_k)}, "
                          f"got {tuple(key_padding_mask.shape)}")
 
-    if not use_triton(q, k, v) or q.dtype == torch.float64:
+    if not use_triton(q, k, v, dtype=q.dtype, gpu_dtypes=GPU_DTYPES) or q.dtype == torch.float64:
         keep = None  # the reference samples its own mask unless the caller wants to see it
         if dropout_p > 0.0 and return_dropout_mask:
             keep = _sample_keep((batch, heads, seq_q, seq_k), dropout_p, q.device)
@@ -1051,13 +1072,41 @@ def attention(q, k, v, key_padding_mask=None, dropout_p: float = 0.0, softmax_sc
     return out
 
 
+def _check_packed_sizes(cu_seqlens, max_seqlen: int, total_tokens: int) -> None:
+    """The packed layout's contract, checked as far as it costs no device synchronisation. The kernels
+    trust it: a sequence longer than ``max_seqlen`` keeps its rows past max_seqlen unwritten, and so do
+    rows past ``cu_seqlens[-1]``. Host integers always: ``batch · max_seqlen >= total_tokens`` (each
+    sequence is at most max_seqlen long). A host (CPU) ``cu_seqlens``, read for free: it starts at 0,
+    never decreases, ends at total_tokens, and no length exceeds max_seqlen. A device ``cu_seqlens`` is
+    not read (that would wait for the GPU on every layer)."""
+    batch = cu_seqlens.shape[0] - 1
+    if batch * max_seqlen < total_tokens:
+        raise ValueError(f"attention_varlen: {total_tokens} tokens cannot be {batch} sequences of at most "
+                         f"max_seqlen={max_seqlen}: max_seqlen (or cu_seqlens) is wrong")
+    if cu_seqlens.device.type != "cpu" or torch.compiler.is_compiling():  # a traced graph has no values
+        return
+    bounds = cu_seqlens.tolist()
+    lengths = [end - start for start, end in zip(bounds[:-1], bounds[1:])]
+    if bounds[0] != 0 or min(lengths, default=0) < 0:
+        raise ValueError(f"attention_varlen: cu_seqlens must start at 0 and never decrease, got {bounds[:8]}...")
+    if bounds[-1] != total_tokens:
+        raise ValueError(f"attention_varlen: cu_seqlens[-1] = {bounds[-1]} but q has {total_tokens} tokens")
+    if max(lengths, default=0) > max_seqlen:
+        raise ValueError(f"attention_varlen: a sequence of {max(lengths)} tokens exceeds max_seqlen={max_seqlen}")
+
+
 def attention_varlen(q, k, v, cu_seqlens, max_seqlen: int, dropout_p: float = 0.0, softmax_scale=None, *,
                      return_dropout_mask: bool = False):
     """Attention over packed sequences with no padding.
 
-    q, k, v: (total_tokens, heads, head_dim) fp16/bf16 (fp32 works); cu_seqlens: (batch + 1,) int32 prefix
+    q, k, v: (total_tokens, heads, head_dim) fp16/bf16 (fp32 works: on the GPU through
+    ``attention_varlen_ref``, as in :func:`attention`); cu_seqlens: (batch + 1,) int32 prefix
     sums of the sequence lengths, on q's device, cu_seqlens[-1] == total_tokens; max_seqlen: the longest
     length (python int, >= every length). Returns (total_tokens, heads, head_dim) in q's dtype.
+    Contract: cu_seqlens[-1] == total_tokens and max_seqlen >= every length; the kernels trust it (a
+    row outside it is left unwritten). Checked without a device sync (``_check_packed_sizes``): fully
+    when cu_seqlens is a host tensor, else only batch·max_seqlen >= total_tokens. Pass the sizes the
+    loader computed on the host (``electra_fast.model.packed_sizes``).
     Dropout as in :func:`attention`; ``return_dropout_mask=True`` adds the keep-mask
     (batch, heads, max_seqlen, max_seqlen) indexed by positions inside each sequence.
     """
@@ -1075,8 +1124,9 @@ def attention_varlen(q, k, v, cu_seqlens, max_seqlen: int, dropout_p: float = 0.
     if max_seqlen < 0:
         raise ValueError(f"attention_varlen: max_seqlen must be >= 0, got {max_seqlen}")
     batch, heads = cu_seqlens.shape[0] - 1, q.shape[1]
+    _check_packed_sizes(cu_seqlens, max_seqlen, q.shape[0])
 
-    if not use_triton(q, k, v) or q.dtype == torch.float64:
+    if not use_triton(q, k, v, dtype=q.dtype, gpu_dtypes=GPU_DTYPES) or q.dtype == torch.float64:
         keep = None
         if dropout_p > 0.0 and return_dropout_mask:
             keep = _sample_keep((batch, heads, max_seqlen, max_seqlen), dropout_p, q.device)

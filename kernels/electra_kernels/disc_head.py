@@ -482,8 +482,10 @@ class ReplacedTokenBCE(nn.Module):
 # 5. Reference
 # --------------------------------------------------------------------------------------------------
 def replaced_token_bce_ref(hidden, weight, bias, labels, mask):
-    logits = F.linear(hidden, weight, bias).squeeze(-1).float()
-    per_token = F.binary_cross_entropy_with_logits(logits, labels.float(), reduction="none")
+    """Reference: fp32 logits and loss, float64 when called with float64 (the tests' ground truth)."""
+    logits = F.linear(hidden, weight, bias).squeeze(-1)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    per_token = F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype), reduction="none")
     mask_f = mask.to(per_token.dtype)
     loss = (per_token * mask_f).sum() / mask_f.sum().clamp(min=1.0)
     return loss, logits

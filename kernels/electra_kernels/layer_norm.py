@@ -57,6 +57,13 @@ _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # ~8 elements per thread: a 2048-element tile at 8 warps. Checked with ptxas for sm_90 (no spills in
 # either kernel up to 8192 features with dropout; 16384 spills a little in the backward pass).
 _TILE_ELEMENTS = 2048
+# The backward pass walks its rows in 512-element tiles (1 row from 512 features up) at 8 warps. Its
+# 2048-element tiles spilled with Triton 3.7.1's ptxas (the one torch 2.13's CUDA build pins): 16 B on
+# sm_90 at hidden 768 and 1024 in every dtype, 4 B on sm_80 at hidden 128 (bf16, fp16); ptxas caps
+# itself at 64-80 registers for these shapes and spills rather than use more. 512-element tiles at
+# 8 warps spill nothing in any dtype at hidden 128 / 256 / 768 / 1024 (sm_80, sm_90; compile_report.py).
+_BWD_TILE_ELEMENTS = 512
+_BWD_WARPS = 8
 
 
 # --------------------------------------------------------------------------------------------------
@@ -179,9 +186,9 @@ def _block_n(n: int, element_size: int) -> int:
     return block_n
 
 
-def _block_m(block_n: int) -> int:
-    """Rows per tile: a ~2048-element tile (BLOCK_M = 1 from 2048 features up)."""
-    return max(1, min(16, _TILE_ELEMENTS // block_n))
+def _block_m(block_n: int, tile_elements: int = _TILE_ELEMENTS) -> int:
+    """Rows per tile: a ~``tile_elements`` tile (BLOCK_M = 1 from that many features up)."""
+    return max(1, min(16, tile_elements // block_n))
 
 
 def _num_warps(tile_elements: int) -> int:
@@ -239,7 +246,7 @@ def layer_norm_backward(
     dx = new_empty((M, N), dtype=x_dtype, device=z.device)
     dresidual = new_empty((M, N), dtype=residual_dtype, device=z.device) if store_dresidual else None
     block_n = _block_n(N, max(z.element_size(), dy.element_size()))
-    block_m = _block_m(block_n)
+    block_m = _block_m(block_n, _BWD_TILE_ELEMENTS)
     # Whole row blocks per program, and every program gets at least one row.
     row_blocks = max(1, triton.cdiv(M, block_m))
     # Enough programs to fill the GPU, few enough that reducing the (programs, N) dweight/dbias
@@ -260,7 +267,7 @@ def layer_norm_backward(
                 M, N, rows_per_program, dropout_threshold(dropout_p), dropout_scale(dropout_p),
                 HAS_WEIGHT=weight is not None, HAS_BIAS=has_bias, HAS_DROPOUT=has_dropout,
                 STORE_DRESIDUAL=store_dresidual, BLOCK_M=block_m, BLOCK_N=block_n,
-                num_warps=_num_warps(block_m * block_n),
+                num_warps=_BWD_WARPS,
             )
     dweight = dw_partial.sum(0) if dw_partial is not None else None
     dbias = db_partial.sum(0) if db_partial is not None else None
@@ -292,8 +299,8 @@ def compile_variants():
         element_size = 4 if dtype == "fp32" else 2
         for hidden in (128, 256, 768, 1024):
             block_n = _block_n(hidden, element_size)
-            block_m = _block_m(block_n)
-            warps = _num_warps(block_m * block_n)
+            block_m, bwd_block_m = _block_m(block_n), _block_m(block_n, _BWD_TILE_ELEMENTS)
+            warps, bwd_warps = _num_warps(block_m * block_n), _BWD_WARPS
             for dropout in (False, True):
                 for residual in (False, True):
                     tags = dict(dtype=dtype, hidden=hidden, dropout=dropout, residual=residual)
@@ -305,7 +312,7 @@ def compile_variants():
                     variants.append(Variant(
                         "layer norm bwd", _layer_norm_bwd_kernel, types(_layer_norm_bwd_kernel, dtype),
                         dict(HAS_WEIGHT=True, HAS_BIAS=True, HAS_DROPOUT=dropout, STORE_DRESIDUAL=residual and dropout,
-                             BLOCK_M=block_m, BLOCK_N=block_n), warps, tags=tags))
+                             BLOCK_M=bwd_block_m, BLOCK_N=block_n), bwd_warps, tags=tags))
     return variants
 
 
@@ -463,7 +470,9 @@ def layer_norm(
     seed_tensor = None
     if dropout_p > 0.0:
         if seed is None:
-            seed_tensor = torch.randint(0, 2**31 - 1, (), device=x.device, dtype=torch.int64)
+            # 63 bits: the whole 64-bit Philox key (a 31-bit seed repeats a mask between two of
+            # 12 layers × 1M steps about 3·10⁴ times).
+            seed_tensor = torch.randint(0, 2**63 - 1, (), device=x.device, dtype=torch.int64)
         else:
             seed_tensor = torch.tensor(int(seed), device=x.device, dtype=torch.int64)
     # z is written only when autograd will need it (inference writes y alone).

@@ -83,11 +83,27 @@ else:  # pragma: no cover - the reference path needs no triton
 
 IGNORE_INDEX = -100
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# On the GPU the kernels run bf16 and fp16; an fp32 compute dtype takes mlm_head_loss_ref there
+# (cuBLAS logits, TF32 as torch.backends.cuda.matmul.allow_tf32 says, then torch's cross-entropy).
+# The fused forward's fp32 tiles spill 2.4 KB per thread (sm_80 and sm_90, Triton 3.7.1: the four
+# fp32 accumulators and noise tiles of a 128-row group plus twice the operand registers) and its
+# products run on the FMA units unless TF32 is allowed; the price of torch's path is the (M, V) fp32
+# logits in memory. Under the interpreter (CPU tests) fp32 still runs the kernels.
+GPU_DTYPES = (torch.bfloat16, torch.float16)
 # Temperatures below this behave as this (1/T stays finite); the reference applies the same floor.
 _MIN_TEMPERATURE = 1e-6
 # The backward writes dlogits for at most this many bytes of vocabulary columns at a time (Base:
 # 2457 rows x 6.8k columns in bf16). Smaller chunks cost more launches; larger ones more memory.
 _DLOGITS_CHUNK_BYTES = 32 << 20
+# ... but never fewer than this many columns (V permitting). Each chunk's dH += dz_c·W_c reads and writes
+# the (M, E) fp32 accumulator once, 8·M·E bytes for 2·M·E·cols FLOPs: cols/4 FLOP per byte. An H100
+# does ~300 bf16 tensor-core FLOP per byte of HBM bandwidth (989 TFLOP/s over 3.35 TB/s), so below
+# ~1,200 columns the accumulator's traffic, not the matmul, sets the time. With the old 256-column floor
+# (reached from M ≈ 65k masked rows) and a fresh (M, E) product per chunk added to the accumulator, dH
+# alone moved ~118 GB per backward at M = 80k, E = 768 (163 GB in all); 2,048 columns and addmm into the
+# accumulator: 7.4 GB (26 GB in all, of which 14.6 GB is dlogits written once and read twice;
+# ``benchmarks/heads.py --bytes``), for a dlogits buffer of M·2048 elements (328 MB at M = 80k, bf16).
+_DLOGITS_MIN_CHUNK_COLS = 2048
 # Programs to aim for per launch: two waves of the GPU's SMs.
 _PROGRAMS_PER_SM = 2
 # The forward walks the vocabulary in groups of four QUARTER-column logit tiles, one Philox evaluation
@@ -391,10 +407,15 @@ if HAS_TRITON:
 
         targets = tl.load(TARGETS + rows, mask=row_ok, other=-100)
         used = targets != -100
+        # A NaN logit. On the GPU tl.max / tl.argmax skip NaN (max.f32 returns the other operand), so
+        # the arg-max and the Gumbel draw of such a row are a plausible column; the sums of exp do
+        # propagate it (IEEE adds), so lse is NaN. Its row loss is then NaN even in an unused slot: the
+        # mean loss is NaN and the trainer's non-finite guard skips the step whose samples are garbage.
+        nan_row = lse != lse
         tl.store(LSE + rows, lse, mask=row_ok)
-        tl.store(ROW_LOSS + rows, tl.where(used, lse - target_logit, 0.0), mask=row_ok)
+        tl.store(ROW_LOSS + rows, tl.where(used | nan_row, lse - target_logit, 0.0), mask=row_ok)
         tl.store(SAMPLED + rows, draw_col.to(tl.int64), mask=row_ok)
-        tl.store(CORRECT + rows, (used & (best_col == targets)).to(tl.uint8), mask=row_ok)
+        tl.store(CORRECT + rows, (used & (best_col == targets) & ~nan_row).to(tl.uint8), mask=row_ok)
 
     @triton.jit
     def _mlm_head_loss_kernel(ROW_LOSS, TARGETS, LOSS, NUM_USED, M, BLOCK: tl.constexpr):
@@ -413,7 +434,10 @@ if HAS_TRITON:
 
     @autotune(
         configs=_configs(_DLOGITS_SPACE, _DLOGITS_INTERPRETED, _DLOGITS_NAMES),
-        key=["M_BUCKET", "V", "E", "chunk_cols"],
+        # Not chunk_cols: the chunk width follows from M (_dlogits_chunk_cols) and the last chunk of each
+        # backward is narrower, so keying on it re-tuned whenever the masked-row count moved; M's
+        # power-of-two bucket stands for both.
+        key=["M_BUCKET", "V", "E"],
         prune_configs_by={"early_config_prune": _prune_matmul_configs},
     )
     @triton.heuristics({"EVEN_E": lambda args: args["E"] % args["BLOCK_E"] == 0})
@@ -573,22 +597,51 @@ def mlm_head_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], tar
     return loss, sampled, correct, lse, num_used
 
 
-_fp32_out_mm_ok = True
+_fp32_out_addmm_ok = True
 
 
 def _accumulate_mm(acc: Tensor, a: Tensor, b: Tensor) -> None:
-    """acc (fp32) += a @ b, with a and b in the compute dtype."""
-    global _fp32_out_mm_ok
+    """acc (fp32) += a @ b in place, with a and b in the compute dtype: one read and one write of acc
+    per call, no (M, E) temporary."""
+    global _fp32_out_addmm_ok
     if a.dtype == torch.float32:
         acc.addmm_(a, b)
         return
-    if a.is_cuda and _fp32_out_mm_ok:
-        try:  # cuBLAS with an fp32 output (torch >= 2.8): no bf16 rounding of each chunk's product
-            acc.add_(torch.mm(a, b, out_dtype=torch.float32))
+    if a.is_cuda and _fp32_out_addmm_ok:
+        try:  # cuBLAS with bf16/fp16 operands and the fp32 accumulator as C (torch >= 2.8: addmm.dtype_out)
+            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
             return
         except (TypeError, RuntimeError, NotImplementedError):
-            _fp32_out_mm_ok = False
-    acc.add_(torch.mm(a, b))
+            _fp32_out_addmm_ok = False
+    if a.is_cuda:  # older torch: a 16-bit product, rounded once per chunk, then added
+        acc.add_(torch.mm(a, b))
+    else:  # CPU (the interpreter tests): no 16-bit cuBLAS to save memory for; widen and accumulate
+        acc.addmm_(a.float(), b.float())
+
+
+def _dlogits_chunk_cols(M: int, V: int, element_size: int, chunk_bytes: int = _DLOGITS_CHUNK_BYTES) -> int:
+    """Vocabulary columns per backward chunk: ~``chunk_bytes`` of dlogits, at least
+    ``_DLOGITS_MIN_CHUNK_COLS`` (see there), a multiple of 256, at most V."""
+    cols = max(chunk_bytes // max(M * element_size, 1), _DLOGITS_MIN_CHUNK_COLS) // 256 * 256
+    return max(1, min(cols, V))
+
+
+def backward_bytes(M: int, V: int, E: int, element_size: int = 2, in_place: bool = True,
+                   min_chunk_cols: int = _DLOGITS_MIN_CHUNK_COLS) -> dict:
+    """Memory traffic of one :func:`mlm_head_backward` (dH, dW and db), counted from the chunking:
+    per chunk, dlogits written by the kernel and read by the two matmuls, H and the W chunk read by
+    the kernel and the matmuls, the dW chunk written, and the fp32 dH accumulator read and written
+    (plus, without ``in_place``, a fresh (M, E) fp32 product written and read again). For
+    ``benchmarks/heads.py --bytes``; a model of the launches, not a measurement."""
+    cols = max(_DLOGITS_CHUNK_BYTES // max(M * element_size, 1), min_chunk_cols) // 256 * 256
+    cols = max(1, min(cols, V))
+    chunks = -(-V // cols)
+    dlogits = 3 * M * V * element_size                     # written once, read by dW and by dH
+    operands = chunks * 2 * M * E * element_size + 3 * V * E * element_size  # H per chunk (kernel, dW); W
+    accumulator = (chunks * 8 * M * E if chunks > 1 else 0) + (0 if in_place or chunks == 1 else chunks * 8 * M * E)
+    final = M * E * (4 + element_size) if chunks > 1 else M * E * element_size  # fp32 -> dH copy
+    return dict(M=M, chunk_cols=cols, chunks=chunks, dlogits=dlogits, operands=operands, accumulator=accumulator,
+                final=final, total=dlogits + operands + accumulator + final)
 
 
 def mlm_head_backward(grad_loss: Tensor, hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
@@ -607,9 +660,8 @@ def mlm_head_backward(grad_loss: Tensor, hidden: Tensor, weight: Tensor, bias: O
     grad_weight = new_empty(weight.shape, dtype=weight.dtype, device=device) if need_weight else None
     grad_bias = None
 
-    chunk_bytes = _DLOGITS_CHUNK_BYTES if chunk_bytes is None else chunk_bytes
-    chunk_cols = max(chunk_bytes // (M * hidden.element_size()), 256) // 256 * 256
-    chunk_cols = min(chunk_cols, V)
+    chunk_cols = _dlogits_chunk_cols(M, V, hidden.element_size(),
+                                     _DLOGITS_CHUNK_BYTES if chunk_bytes is None else chunk_bytes)
     num_chunks = triton.cdiv(V, chunk_cols)
     dlogits = new_empty((M, chunk_cols), dtype=hidden.dtype, device=device)
     num_row_splits = max(1, min(triton.cdiv(M, 64),
@@ -693,7 +745,8 @@ def compile_variants():
         return {a: arg_type(a) for a in runtime_args(kernel)}
 
     variants = []
-    for dtype in ("bf16", "fp16", "fp32"):
+    dtype_names = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+    for dtype in (dtype_names[d] for d in GPU_DTYPES):  # fp32 never reaches the kernels on a GPU
         element_size = 4 if dtype == "fp32" else 2
         precision = "ieee" if dtype == "fp32" else "tf32"  # fp32 follows torch's allow_tf32 (off by default)
         for embedding in (128, 256, 768, 1024):
@@ -807,12 +860,15 @@ def _compute_dtype(hidden: Tensor) -> torch.dtype:
 def mlm_head_loss(hidden, weight, bias, targets, *, temperature: float = 1.0, seed: int = 0):
     """Masked-LM loss, accuracy and sampled replacements at M gathered rows.
 
-    hidden: (M, E) fp32/bf16/fp16, the head's dense+GELU+LayerNorm output at the masked positions.
+    hidden: (M, E) fp32/bf16/fp16, the head's dense+GELU+LayerNorm output at the masked positions
+    (an fp32 compute dtype runs ``mlm_head_loss_ref`` on the GPU: see ``GPU_DTYPES``).
     weight: (V, E) the tied word-embedding matrix. bias: (V,) or None.
     targets: (M,) int64 original token ids; IGNORE_INDEX (-100) marks unused slots of a fixed-size gather.
     temperature: sampling temperature (> 0; tiny values approach the arg-max). seed: python int for the
     Gumbel noise (same seed, same inputs -> same samples).
-    Returns loss: () fp32, mean cross-entropy over used slots (0 when none is used);
+    Returns loss: () fp32, mean cross-entropy over used slots (0 when none is used; NaN when any row,
+    used or not, has a NaN logit: the sampled id of such a row is unspecified, since on the GPU the
+    arg-max skips NaN, so the NaN loss is what tells the caller to drop the step);
     sampled: (M,) int64 draws from softmax(logits / temperature), no gradient;
     correct: (M,) bool, arg-max == target (False on unused slots).
 
@@ -824,10 +880,10 @@ def mlm_head_loss(hidden, weight, bias, targets, *, temperature: float = 1.0, se
     if not temperature > 0.0:
         raise ValueError(f"mlm_head_loss: temperature must be > 0, got {temperature}")
     _check_kernel_inputs(hidden, weight, bias, targets)
-    if not use_triton(hidden, weight, bias, targets):
-        return mlm_head_loss_ref(hidden, weight, bias, targets, temperature=temperature, seed=seed)
     dtype = _compute_dtype(hidden)
-    if dtype not in _KERNEL_DTYPES:  # e.g. float64 for gradient checks: the reference handles it
+    # float64 (gradient checks) and, on the GPU, fp32 (GPU_DTYPES) take the reference.
+    if dtype not in _KERNEL_DTYPES or not use_triton(hidden, weight, bias, targets, dtype=dtype,
+                                                       gpu_dtypes=GPU_DTYPES):
         return mlm_head_loss_ref(hidden, weight, bias, targets, temperature=temperature, seed=seed)
     hidden = hidden.to(dtype)
     weight = weight.to(dtype)
@@ -873,11 +929,14 @@ def gumbel_noise_ref(shape, seed: int, device) -> torch.Tensor:
 
 
 def mlm_head_loss_ref(hidden, weight, bias, targets, *, temperature: float = 1.0, seed: int = 0):
-    """Reference: materialises the (M, V) logits in fp32."""
-    logits = F.linear(hidden, weight, bias).float()
+    """Reference: materialises the (M, V) logits in fp32 (float64 when called with float64: the tests'
+    ground truth). A NaN logit in any row, used or not, makes the loss NaN, as in the kernels."""
+    logits = F.linear(hidden, weight, bias)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     used = targets != IGNORE_INDEX
     loss_sum = F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
     loss = loss_sum / used.sum().clamp(min=1)
+    loss = torch.where(torch.isnan(logits.detach()).any(), float("nan"), loss)  # no host sync
     with torch.no_grad():
         noise = gumbel_noise_ref(logits.shape, seed, logits.device)
         sampled = torch.argmax(logits.detach() / max(temperature, _MIN_TEMPERATURE) + noise, dim=-1)

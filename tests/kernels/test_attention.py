@@ -406,7 +406,7 @@ def test_module_dropout_only_in_training():
 
 
 def test_cpu_without_interpreter_uses_reference(monkeypatch):
-    monkeypatch.setattr(attn_mod, "use_triton", lambda *tensors: False)
+    monkeypatch.setattr(attn_mod, "use_triton", lambda *tensors, **kwargs: False)
     q, k, v = (torch.randn(2, 10, 2, 16) for _ in range(3))
     mask = torch.arange(10)[None, :] < torch.tensor([10, 3])[:, None]
     torch.testing.assert_close(attention(q, k, v, mask), electra_kernels.attention_ref(q, k, v, mask))
@@ -490,3 +490,19 @@ def test_activation_checkpointing_replays_the_same_dropout():
     assert torch.equal(plain_out, ckpt_out)
     for g, gc in zip(plain_grads, ckpt_grads):
         assert torch.equal(g, gc)
+
+
+def test_packed_sizes_are_checked_where_it_costs_no_sync():
+    """A wrong max_seqlen or cu_seqlens[-1] would leave rows unwritten: host-side they are refused."""
+    lengths, heads, head_dim = [5, 9, 3], 1, 32
+    q = torch.randn(sum(lengths), heads, head_dim, dtype=torch.bfloat16)
+    cu = _cu_seqlens(lengths)
+    attention_varlen(q, q, q, cu, 9)  # the contract holds
+    with pytest.raises(ValueError, match="exceeds max_seqlen"):
+        attention_varlen(q, q, q, cu, 8)
+    with pytest.raises(ValueError, match=r"cu_seqlens\[-1\]"):
+        attention_varlen(q[:-1], q[:-1], q[:-1], cu, 9)
+    with pytest.raises(ValueError, match="cannot be 3 sequences"):  # host ints only: what a GPU call checks
+        attention_varlen(q, q, q, cu, 5)
+    with pytest.raises(ValueError, match="never decrease"):
+        attention_varlen(q, q, q, torch.tensor([0, 9, 5, 17], dtype=torch.int32), 9)

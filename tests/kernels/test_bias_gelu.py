@@ -51,15 +51,23 @@ def test_no_bias_and_leading_dims():
     torch.testing.assert_close(x.grad.double(), ref.grad, atol=1e-6, rtol=1e-6)
 
 
-def test_mixed_dtypes_like_autocast():
-    """bf16 matmul output + fp32 bias parameter: output and dx bf16, dbias fp32."""
-    x, bias = leaf(torch.randn(9, 64, dtype=torch.bfloat16)), leaf(torch.randn(64))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_mixed_dtypes_like_autocast(dtype):
+    """16-bit matmul output + fp32 bias parameter: output and dx in x's dtype, dbias fp32; y and dx
+    within 2x PyTorch's own same-dtype error of the fp64 truth, dbias (summed in fp32) to 1e-4."""
+    x, bias = leaf(torch.randn(9, 64, dtype=dtype) * 3), leaf(torch.randn(64))
     y = bias_gelu(x, bias)
     dy = torch.randn_like(y)
     y.backward(dy)
-    assert (y.dtype, x.grad.dtype, bias.grad.dtype) == (torch.bfloat16, torch.bfloat16, torch.float32)
+    assert (y.dtype, x.grad.dtype, bias.grad.dtype) == (dtype, dtype, torch.float32)
     rx, rb = leaf(x.double()), leaf(bias.double())
-    F.gelu(rx + rb).backward(dy.double())
+    truth = F.gelu(rx + rb)
+    truth.backward(dy.double())
+    bx, bb = leaf(x), leaf(bias)
+    baseline = F.gelu(bx + bb.to(dtype))  # PyTorch in x's dtype
+    baseline.backward(dy)
+    assert_within_torch_error("y", y, truth, baseline, dtype)
+    assert_within_torch_error("dx", x.grad, rx.grad, bx.grad, dtype)
     torch.testing.assert_close(bias.grad.double(), rb.grad, atol=1e-4, rtol=1e-4)  # summed in fp32
 
 

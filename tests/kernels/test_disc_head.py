@@ -188,3 +188,17 @@ def test_bad_inputs_raise_clear_errors():
         ek.replaced_token_bce(hidden, weight, b, labels, mask[:3])
     with pytest.raises(ValueError, match="hidden"):
         ek.replaced_token_bce(hidden[None], weight, b, labels, mask)
+
+
+def test_reference_computes_in_float64_when_called_so():
+    """The fp64 truth is fp64: logits and loss of float64 inputs match a hand-written float64 BCE to 1e-12."""
+    hidden, weight, bias = torch.randn(77, 48, dtype=torch.float64), torch.randn(1, 48, dtype=torch.float64), \
+        torch.randn(1, dtype=torch.float64)
+    labels, mask = torch.rand(77) < 0.3, torch.rand(77) < 0.8
+    loss, logits = ek.replaced_token_bce_ref(hidden, weight, bias, labels, mask)
+    z = hidden @ weight[0] + bias[0]
+    y = labels.double()
+    per_token = torch.clamp(z, min=0) - z * y + torch.log1p(torch.exp(-z.abs()))
+    assert logits.dtype == loss.dtype == torch.float64
+    torch.testing.assert_close(logits, z, rtol=1e-12, atol=0)
+    torch.testing.assert_close(loss, (per_token * mask).sum() / mask.sum(), rtol=1e-12, atol=1e-15)

@@ -84,7 +84,44 @@ def test_matches_fp64_with_vocab_chunks(monkeypatch, dtype):
     # 3 splits (one empty); 48 features = a full and a partial E block. Small dlogits chunks make the
     # backward take 4 vocabulary chunks (dH accumulated over chunks, dW written per chunk).
     monkeypatch.setattr(mh, "_DLOGITS_CHUNK_BYTES", 77 * 2 * 256)
+    monkeypatch.setattr(mh, "_DLOGITS_MIN_CHUNK_COLS", 256)
+    accumulated = []
+    accumulate = mh._accumulate_mm
+    monkeypatch.setattr(mh, "_accumulate_mm", lambda acc, a, b: (accumulated.append(acc), accumulate(acc, a, b)))
     check_against_reference(77, 48, 1013, dtype)
+    # dH summed in place over the 4 chunks: one fp32 accumulator, no other (M, E) buffer.
+    assert len(accumulated) == 4 and all(a is accumulated[0] for a in accumulated)
+    assert accumulated[0].dtype == torch.float32
+
+
+def test_backward_chunks_and_bytes_moved():
+    """The chunk floor: at M = 80k masked rows (E 768, bf16) dH's accumulation moves 7.4 GB per backward,
+    not the ~118 GB of 256-column chunks with a fresh product per chunk (the model that
+    benchmarks/heads.py --bytes prints)."""
+    assert mh._dlogits_chunk_cols(2457, 30522, 2) == 6656  # 32 MiB of dlogits
+    assert mh._dlogits_chunk_cols(80_000, 30522, 2) == mh._DLOGITS_MIN_CHUNK_COLS == 2048
+    assert mh._dlogits_chunk_cols(7, 300, 2) == 300
+    old = mh.backward_bytes(80_000, 30522, 768, in_place=False, min_chunk_cols=256)
+    new = mh.backward_bytes(80_000, 30522, 768)
+    assert old["chunks"] == 120 and 115e9 < old["accumulator"] < 120e9 and old["total"] > 160e9
+    assert new["chunks"] == 15 and new["accumulator"] < 7.5e9 and new["total"] < 27e9
+
+
+@pytest.mark.parametrize("used", [True, False])
+def test_a_nan_row_makes_the_loss_nan(used):
+    """A NaN hidden row, in a used or an unused slot, makes the loss NaN (kernel and reference), so the
+    trainer's non-finite guard drops a step whose sampled ids are garbage (on the GPU the arg-max
+    skips NaN and would return a plausible id)."""
+    hidden, weight, b, targets = make_inputs(9, 32, 300, torch.float32, unused_frac=0.0)
+    hidden[4] = float("nan")
+    if not used:
+        targets[4] = ek.IGNORE_INDEX
+    for fn in (ek.mlm_head_loss, ek.mlm_head_loss_ref):
+        loss, sampled, correct = fn(hidden, weight, b, targets, seed=3)
+        assert torch.isnan(loss), fn.__name__
+        assert not correct[4]
+    hidden[4] = 0.0
+    assert torch.isfinite(ek.mlm_head_loss(hidden, weight, b, targets, seed=3)[0])
 
 
 @pytest.mark.parametrize("M, E, V, bias", [(1, 32, 1013, False), (7, 16, 300, True)])
@@ -253,3 +290,17 @@ def test_bad_inputs_raise_clear_errors():
         ek.mlm_head_loss(hidden, weight, b, targets.float())
     with pytest.raises(ValueError, match="temperature"):
         ek.MLMHeadLoss(temperature=-1.0)
+
+
+def test_reference_computes_in_float64_when_called_so():
+    """The fp64 truth the kernel tests compare against is fp64: the loss of float64 inputs matches a
+    hand-written float64 cross-entropy to 1e-12 (an fp32 computation is ~1e-7 off)."""
+    hidden, weight, b, targets = (t.double() if t.is_floating_point() else t
+                                  for t in make_inputs(33, 48, 1013, torch.float32, unused_frac=0.2))
+    loss, _, _ = ek.mlm_head_loss_ref(hidden, weight, b, targets)
+    logits = hidden @ weight.T + b
+    used = targets != ek.IGNORE_INDEX
+    per_row = torch.logsumexp(logits, -1) - logits.gather(1, targets.clamp(min=0)[:, None])[:, 0]
+    expected = per_row[used].sum() / used.sum()
+    assert loss.dtype == torch.float64
+    torch.testing.assert_close(loss, expected, rtol=1e-12, atol=0)
