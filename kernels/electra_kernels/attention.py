@@ -999,6 +999,14 @@ def _sample_keep(shape, dropout_p, device) -> torch.Tensor:
     return torch.randint(0, 256, shape, device=device) >= dropout_threshold(dropout_p)
 
 
+def _triton_supports(q, k, v, window, rotary_base) -> bool:
+    """Whether the Triton kernels run this call (else the PyTorch reference does)."""
+    if not use_triton(q, k, v) or q.dtype == torch.float64:
+        return False
+    # Not in the kernels yet: the sliding window and rotary embeddings take the reference.
+    return window is None and rotary_base is None
+
+
 def _draw_seed() -> torch.Tensor:
     # From torch's default CPU generator: torch.manual_seed governs reproducibility, and
     # torch.utils.checkpoint (which restores the CPU RNG state) replays the same dropout mask.
@@ -1006,7 +1014,7 @@ def _draw_seed() -> torch.Tensor:
 
 
 def attention(q, k, v, key_padding_mask=None, dropout_p: float = 0.0, softmax_scale=None, *,
-              return_dropout_mask: bool = False):
+              window: Optional[int] = None, rotary_base: Optional[float] = None, return_dropout_mask: bool = False):
     """softmax(Q·Kᵀ·scale + key padding) · V per head, no causal mask.
 
     q: (batch, seq_q, heads, head_dim); k, v: (batch, seq_k, heads, head_dim); fp16/bf16 (fp32 works, exact
@@ -1020,6 +1028,11 @@ def attention(q, k, v, key_padding_mask=None, dropout_p: float = 0.0, softmax_sc
     With ``return_dropout_mask=True`` returns (out, keep_mask (batch, heads, seq_q, seq_k) bool) — the
     mask the kernel applied (debug/test only: it materialises B·H·S² bytes).
     Trailing key padding costs no work; for varying lengths prefer :func:`attention_varlen`.
+    window: sliding-window attention, query i attends keys j with |i - j| <= window (flash-attn's
+    ``window_size=(window, window)``; ModernBERT's ``local_attention=128`` is window=64); key blocks
+    outside every row's window are skipped. rotary_base: rotary embeddings with base θ (transformers'
+    ModernBERT layout, :func:`rotary_ref`) applied to q and k at positions 0..seq-1; gradients are
+    returned for the unrotated q and k. None (the default) for either: no window / no rotary.
     """
     q, k, v = _autocast(q, k, v)
     if q.dim() != 4 or k.dim() != 4:
@@ -1032,12 +1045,17 @@ def attention(q, k, v, key_padding_mask=None, dropout_p: float = 0.0, softmax_sc
     if key_padding_mask is not None and tuple(key_padding_mask.shape) != (batch, seq_k):
         raise ValueError(f"attention: key_padding_mask must be (batch, seq_k) = {(batch, seq_k)}, "
                          f"got {tuple(key_padding_mask.shape)}")
+    _check_window_rotary(window, rotary_base, q.shape[-1], "attention")
+    if (window is not None or rotary_base is not None) and seq_q != seq_k:
+        raise ValueError(f"attention: window and rotary_base need self-attention (seq_q == seq_k), "
+                         f"got seq_q={seq_q}, seq_k={seq_k}")
 
-    if not use_triton(q, k, v) or q.dtype == torch.float64:
+    if not _triton_supports(q, k, v, window, rotary_base):
         keep = None  # the reference samples its own mask unless the caller wants to see it
         if dropout_p > 0.0 and return_dropout_mask:
             keep = _sample_keep((batch, heads, seq_q, seq_k), dropout_p, q.device)
-        out = attention_ref(q, k, v, key_padding_mask, dropout_p, softmax_scale, dropout_mask=keep)
+        out = attention_ref(q, k, v, key_padding_mask, dropout_p, softmax_scale, dropout_mask=keep, window=window,
+                            rotary_base=rotary_base)
         return (out, keep) if return_dropout_mask else out
 
     scale = _scale(softmax_scale, q.shape[-1])
@@ -1052,6 +1070,7 @@ def attention(q, k, v, key_padding_mask=None, dropout_p: float = 0.0, softmax_sc
 
 
 def attention_varlen(q, k, v, cu_seqlens, max_seqlen: int, dropout_p: float = 0.0, softmax_scale=None, *,
+                     window: Optional[int] = None, rotary_base: Optional[float] = None,
                      return_dropout_mask: bool = False):
     """Attention over packed sequences with no padding.
 
@@ -1060,6 +1079,8 @@ def attention_varlen(q, k, v, cu_seqlens, max_seqlen: int, dropout_p: float = 0.
     length (python int, >= every length). Returns (total_tokens, heads, head_dim) in q's dtype.
     Dropout as in :func:`attention`; ``return_dropout_mask=True`` adds the keep-mask
     (batch, heads, max_seqlen, max_seqlen) indexed by positions inside each sequence.
+    window, rotary_base: as :func:`attention`, with positions inside each packed sequence (the rotary
+    positions restart at every cu_seqlens boundary, and no window crosses one).
     """
     q, k, v = _autocast(q, k, v)
     if q.dim() != 3 or k.shape[0] != q.shape[0] or k.shape[1] != q.shape[1]:
@@ -1075,12 +1096,14 @@ def attention_varlen(q, k, v, cu_seqlens, max_seqlen: int, dropout_p: float = 0.
     if max_seqlen < 0:
         raise ValueError(f"attention_varlen: max_seqlen must be >= 0, got {max_seqlen}")
     batch, heads = cu_seqlens.shape[0] - 1, q.shape[1]
+    _check_window_rotary(window, rotary_base, q.shape[-1], "attention_varlen")
 
-    if not use_triton(q, k, v) or q.dtype == torch.float64:
+    if not _triton_supports(q, k, v, window, rotary_base):
         keep = None
         if dropout_p > 0.0 and return_dropout_mask:
             keep = _sample_keep((batch, heads, max_seqlen, max_seqlen), dropout_p, q.device)
-        out = attention_varlen_ref(q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale, dropout_mask=keep)
+        out = attention_varlen_ref(q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale, dropout_mask=keep,
+                                   window=window, rotary_base=rotary_base)
         return (out, keep) if return_dropout_mask else out
 
     scale = _scale(softmax_scale, q.shape[-1])
@@ -1102,12 +1125,15 @@ class FusedAttention(nn.Module):
     Dropout on the probabilities applies only in training mode (``module.train()``), like nn.Dropout.
     """
 
-    def __init__(self, dropout_p: float = 0.0, softmax_scale: Optional[float] = None):
+    def __init__(self, dropout_p: float = 0.0, softmax_scale: Optional[float] = None, *,
+                 window: Optional[int] = None, rotary_base: Optional[float] = None):
         super().__init__()
         if not 0.0 <= dropout_p < 1.0:
             raise ValueError(f"FusedAttention: dropout_p must be in [0, 1), got {dropout_p}")
         self.dropout_p = dropout_p
         self.softmax_scale = softmax_scale
+        self.window = window
+        self.rotary_base = rotary_base
 
     def forward(self, q, k, v, key_padding_mask=None, cu_seqlens=None, max_seqlen: Optional[int] = None):
         dropout_p = self.dropout_p if self.training else 0.0
@@ -1116,32 +1142,79 @@ class FusedAttention(nn.Module):
                 raise ValueError("FusedAttention: pass either key_padding_mask (padded) or cu_seqlens (packed)")
             if max_seqlen is None:
                 raise ValueError("FusedAttention: cu_seqlens needs max_seqlen")
-            return attention_varlen(q, k, v, cu_seqlens, max_seqlen, dropout_p, self.softmax_scale)
-        return attention(q, k, v, key_padding_mask, dropout_p, self.softmax_scale)
+            return attention_varlen(q, k, v, cu_seqlens, max_seqlen, dropout_p, self.softmax_scale,
+                                    window=self.window, rotary_base=self.rotary_base)
+        return attention(q, k, v, key_padding_mask, dropout_p, self.softmax_scale, window=self.window,
+                         rotary_base=self.rotary_base)
 
     def extra_repr(self) -> str:
-        return f"dropout_p={self.dropout_p}, softmax_scale={self.softmax_scale}"
+        extra = "".join(f", {n}={getattr(self, n)}" for n in ("window", "rotary_base") if getattr(self, n) is not None)
+        return f"dropout_p={self.dropout_p}, softmax_scale={self.softmax_scale}{extra}"
 
 
 # ----------------------------------------------------------------------------------------------------
 # References
 # ----------------------------------------------------------------------------------------------------
+def rotary_cos_sin(positions, head_dim: int, base: float, dtype=torch.float32):
+    """cos, sin (len(positions), head_dim) of the half-split rotary embedding (transformers' ModernBERT
+    layout): inv_freq = 1/base^(arange(0, d, 2)/d), angle = position · inv_freq, both halves repeated.
+    inv_freq and the angles are computed in fp32 as transformers does, then cast to ``dtype``."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=positions.device).float()
+                               / head_dim))
+    freqs = positions.float()[:, None] * inv_freq[None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def rotary_ref(x, positions, base: float):
+    """x (..., seq, heads, head_dim) rotated at ``positions`` (seq,): x·cos + rotate_half(x)·sin, with
+    rotate_half(x) = cat(-x2, x1) (x1, x2 the two halves of the head dim). Computed in x's dtype."""
+    cos, sin = rotary_cos_sin(positions, x.shape[-1], base, x.dtype)
+    cos, sin = cos[:, None, :], sin[:, None, :]  # broadcast over heads
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+def _check_window_rotary(window, rotary_base, head_dim, what):
+    if window is not None and (isinstance(window, bool) or int(window) != window or window < 0):
+        raise ValueError(f"{what}: window must be a non-negative int (query i attends keys |i - j| <= window) "
+                         f"or None, got {window!r}")
+    if rotary_base is not None:
+        if not rotary_base > 0:
+            raise ValueError(f"{what}: rotary_base must be > 0, got {rotary_base!r}")
+        if head_dim % 2:
+            raise ValueError(f"{what}: rotary embeddings need an even head_dim, got {head_dim}")
+
+
 def attention_ref(q, k, v, key_padding_mask=None, dropout_p: float = 0.0, softmax_scale=None,
-                  return_lse: bool = False, dropout_mask=None):
+                  return_lse: bool = False, dropout_mask=None, *, window: Optional[int] = None,
+                  rotary_base: Optional[float] = None):
     """Plain PyTorch attention in fp32 (float64 when q is float64: the tests' ground truth).
 
     dropout_mask: optional (batch, heads, seq_q, seq_k) bool, True = keep, used instead of sampling one
     (lets tests replay a kernel's own mask). return_lse adds the (batch, heads, seq_q) log-sum-exp of
     the scaled scores (-inf for a row without real keys, whose output is 0). Autocast is turned off
     inside, so the math stays in the stated precision.
+    window: query i attends only keys j with |i - j| <= window (flash-attn's window_size=(w, w)).
+    rotary_base: q and k rotated by rotary embeddings (:func:`rotary_ref`, base θ) at positions
+    0..seq-1 before the scores, in the compute precision.
     """
+    _check_window_rotary(window, rotary_base, q.shape[-1], "attention_ref")
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     compute_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     with torch.autocast(q.device.type, enabled=False):
-        qf, kf, vf = (t.to(compute_dtype).transpose(1, 2) for t in (q, k, v))  # (b, h, s, d)
+        qf, kf, vf = (t.to(compute_dtype) for t in (q, k, v))
+        if rotary_base is not None:
+            qf = rotary_ref(qf, torch.arange(q.shape[1], device=q.device), rotary_base)
+            kf = rotary_ref(kf, torch.arange(k.shape[1], device=k.device), rotary_base)
+        qf, kf, vf = (t.transpose(1, 2) for t in (qf, kf, vf))  # (b, h, s, d)
         scores = torch.matmul(qf, kf.transpose(-1, -2)) * scale
         if key_padding_mask is not None:
             scores = scores.masked_fill(~key_padding_mask[:, None, None, :].bool(), float("-inf"))
+        if window is not None:
+            rows = torch.arange(q.shape[1], device=q.device)[:, None]
+            cols = torch.arange(k.shape[1], device=q.device)[None, :]
+            scores = scores.masked_fill((rows - cols).abs() > window, float("-inf"))
         lse = torch.logsumexp(scores, dim=-1)
         probs = torch.exp(scores - lse[..., None]).nan_to_num(0.0)  # fully padded rows -> zeros
         if dropout_mask is not None:
@@ -1153,18 +1226,22 @@ def attention_ref(q, k, v, key_padding_mask=None, dropout_p: float = 0.0, softma
 
 
 def attention_varlen_ref(q, k, v, cu_seqlens, max_seqlen: int, dropout_p: float = 0.0, softmax_scale=None,
-                         return_lse: bool = False, dropout_mask=None):
+                         return_lse: bool = False, dropout_mask=None, *, window: Optional[int] = None,
+                         rotary_base: Optional[float] = None):
     """Reference for :func:`attention_varlen`: each sequence attended on its own.
 
     dropout_mask: optional (batch, heads, max_seqlen, max_seqlen) bool indexed by in-sequence positions
     (the layout :func:`attention_dropout_mask` returns). return_lse adds the (heads, total_tokens) LSE.
+    window, rotary_base: as :func:`attention_ref`, with positions inside each sequence (they restart at
+    every cu_seqlens boundary).
     """
+    _check_window_rotary(window, rotary_base, q.shape[-1], "attention_varlen_ref")
     bounds = cu_seqlens.tolist()
     outs, lses = [], []
     for b, (s, e) in enumerate(zip(bounds[:-1], bounds[1:])):
         mask_b = dropout_mask[b:b + 1, :, : e - s, : e - s] if dropout_mask is not None else None
         out_b, lse_b = attention_ref(q[s:e][None], k[s:e][None], v[s:e][None], None, dropout_p, softmax_scale,
-                                     return_lse=True, dropout_mask=mask_b)
+                                     return_lse=True, dropout_mask=mask_b, window=window, rotary_base=rotary_base)
         outs.append(out_b[0])
         lses.append(lse_b[0])
     out = torch.cat(outs, dim=0) if outs else q.new_zeros(q.shape)
