@@ -132,3 +132,118 @@ def test_bad_window_and_rotary_arguments_raise():
         attention(odd, odd, odd, rotary_base=THETA)
     with pytest.raises(ValueError, match="seq_q == seq_k"):
         attention(q, torch.randn(1, 5, 1, 8), torch.randn(1, 5, 1, 8), window=2)
+
+
+# ---------------------------------------------------------------------------------------------------
+# kernels against the references
+# ---------------------------------------------------------------------------------------------------
+BUDGET_ATOL = {torch.bfloat16: 2e-3, torch.float16: 5e-4}
+
+
+def _lowp(fn, *args, **kwargs):
+    """PyTorch in the inputs' low precision: the reference math with every tensor kept in that dtype."""
+    return fn(*args, **kwargs)
+
+
+def _grads(fn, inputs, dout):
+    leaves = [t.detach().clone().requires_grad_() for t in inputs]
+    out = fn(*leaves)
+    out.backward(dout)
+    return out.detach(), [t.grad for t in leaves]
+
+
+def _lowp_window_attention(q, k, v, window, key_padding_mask=None, rotary_base=None, dropout_mask=None,
+                           dropout_p=0.0):
+    """attention_ref's math in q's own dtype (scores, softmax, products): PyTorch's error baseline."""
+    if rotary_base is not None:
+        q, k = (rotary_ref(t, torch.arange(t.shape[1]), rotary_base) for t in (q, k))
+    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+    scores = torch.matmul(qt, kt.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    allowed = torch.ones(q.shape[1], k.shape[1], dtype=torch.bool)
+    if window is not None:
+        allowed = (torch.arange(q.shape[1])[:, None] - torch.arange(k.shape[1])[None, :]).abs() <= window
+    allowed = allowed[None, None].expand(q.shape[0], 1, -1, -1)
+    if key_padding_mask is not None:
+        allowed = allowed & key_padding_mask[:, None, None, :]
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    probs = torch.softmax(scores.float(), dim=-1).nan_to_num(0.0).to(q.dtype)
+    if dropout_mask is not None:
+        probs = probs * dropout_mask.to(probs.dtype) / electra_kernels.dropout_keep_probability(dropout_p)
+    return torch.matmul(probs, vt).transpose(1, 2)
+
+
+def _check(name, ours, lowp, ref, dtype):
+    assert not torch.isnan(ours).any(), f"{name}: NaN (an element the kernel never wrote?)"
+    err = (ours.double() - ref.double()).abs().max().item()
+    base = (lowp.double() - ref.double()).abs().max().item()
+    assert err <= 2 * base + BUDGET_ATOL[dtype], f"{name}: kernel error {err:.3g} > 2 x torch {base:.3g} + atol"
+
+
+def _compare(kernel_fn, lowp_fn, ref_fn, inputs, dtype):
+    dout = torch.randn_like(inputs[0])
+    out, grads = _grads(kernel_fn, inputs, dout)
+    out_lowp, grads_lowp = _grads(lowp_fn, inputs, dout)
+    out_ref, grads_ref = _grads(ref_fn, [t.double() for t in inputs], dout.double())
+    _check("out", out, out_lowp, out_ref, dtype)
+    for name, g, gl, gr in zip(("dq", "dk", "dv"), grads, grads_lowp, grads_ref):
+        _check(name, g, gl, gr, dtype)
+
+
+@pytest.mark.parametrize("seqlen, window, mask_kind, dtype", [
+    (77, 5, None, torch.bfloat16),      # many blocks wholly outside the window: skipped
+    (70, 20, "right", torch.float16),   # key padding + window, ragged last block
+    (40, 0, "fully_padded_row", torch.bfloat16),  # window 0: each query sees only itself
+    (20, 3, None, torch.float16),       # one key block (the fused dK/dV/dQ kernel under the interpreter)
+])
+def test_padded_window_matches_reference(seqlen, window, mask_kind, dtype):
+    q, k, v = (torch.randn(2, seqlen, 2, 32, dtype=dtype) for _ in range(3))
+    mask = None
+    if mask_kind == "right":
+        mask = torch.arange(seqlen)[None, :] < torch.tensor([seqlen, seqlen // 2 + 3])[:, None]
+    elif mask_kind == "fully_padded_row":
+        mask = torch.arange(seqlen)[None, :] < torch.tensor([seqlen, 0])[:, None]
+    _compare(lambda q, k, v: attention(q, k, v, mask, window=window),
+             lambda q, k, v: _lowp_window_attention(q, k, v, window, mask),
+             lambda q, k, v: attention_ref(q, k, v, mask, window=window), [q, k, v], dtype)
+
+
+@pytest.mark.parametrize("lengths, window", [([5, 70, 33], 9), ([17, 40], 0)])
+def test_varlen_window_matches_reference(lengths, window):
+    dtype = torch.bfloat16
+    total = sum(lengths)
+    q, k, v = (torch.randn(total, 2, 32, dtype=dtype) for _ in range(3))
+    cu = _cu_seqlens(lengths)
+    max_len = max(lengths)
+
+    def lowp(q, k, v):
+        outs, start = [], 0
+        for n in lengths:
+            sl = slice(start, start + n)
+            outs.append(_lowp_window_attention(q[sl][None], k[sl][None], v[sl][None], window)[0])
+            start += n
+        return torch.cat(outs)
+
+    _compare(lambda q, k, v: attention_varlen(q, k, v, cu, max_len, window=window), lowp,
+             lambda q, k, v: attention_varlen_ref(q, k, v, cu, max_len, window=window), [q, k, v], dtype)
+
+
+def test_window_with_dropout_replays_the_kernels_mask():
+    """Forward and gradients with dropout: the reference replays the kernel's own keep-mask."""
+    dtype, p, window = torch.bfloat16, 0.2, 6
+    q, k, v = (torch.randn(2, 45, 2, 32, dtype=dtype) for _ in range(3))
+    mask = torch.arange(45)[None, :] < torch.tensor([45, 30])[:, None]
+    torch.manual_seed(11)
+    _, keep = attention(q, k, v, mask, p, window=window, return_dropout_mask=True)
+    fixed = lambda fn: (lambda q, k, v: (torch.manual_seed(11), fn(q, k, v))[1])  # same seed, same mask
+    _compare(fixed(lambda q, k, v: attention(q, k, v, mask, p, window=window)),
+             lambda q, k, v: _lowp_window_attention(q, k, v, window, mask, dropout_mask=keep, dropout_p=p),
+             lambda q, k, v: attention_ref(q, k, v, mask, p, dropout_mask=keep, window=window), [q, k, v], dtype)
+
+
+def test_window_kernel_check_can_fail():
+    """The comparison trips when the kernel ignores the window (global attention vs windowed truth)."""
+    q, k, v = (torch.randn(1, 40, 1, 32, dtype=torch.bfloat16) for _ in range(3))
+    with pytest.raises(AssertionError):
+        _compare(lambda q, k, v: attention(q, k, v),
+                 lambda q, k, v: _lowp_window_attention(q, k, v, 3),
+                 lambda q, k, v: attention_ref(q, k, v, window=3), [q, k, v], torch.bfloat16)
