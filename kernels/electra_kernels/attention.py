@@ -51,6 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import rotary
 from ._dispatch import HAS_TRITON, interpreter_enabled, use_triton
 from ._outputs import new_empty
 from ._triton_utils import device_guard, dropout_scale, dropout_threshold
@@ -1063,8 +1064,7 @@ def _triton_supports(q, k, v, window, rotary_base) -> bool:
     """Whether the Triton kernels run this call (else the PyTorch reference does)."""
     if not use_triton(q, k, v) or q.dtype == torch.float64:
         return False
-    # Not in the kernels yet: rotary embeddings take the reference.
-    return rotary_base is None
+    return True
 
 
 def _draw_seed() -> torch.Tensor:
@@ -1119,6 +1119,10 @@ def attention(q, k, v, key_padding_mask=None, dropout_p: float = 0.0, softmax_sc
         return (out, keep) if return_dropout_mask else out
 
     scale = _scale(softmax_scale, q.shape[-1])
+    if rotary_base is not None:  # rotary kernel (electra_kernels.rotary), then the attention kernels
+        positions = rotary.padded_positions(batch, seq_q, q.device)
+        q, k = (rotary.rotate(t.reshape(batch * seq_q, heads, t.shape[-1]), positions, seq_q, rotary_base)
+                .view(t.shape) for t in (q, k))
     rng_seed = _draw_seed() if dropout_p > 0.0 else None
     out, _ = torch.ops.electra_kernels.attention_fwd(
         q, k, v, key_padding_mask, None, max(seq_q, seq_k), float(dropout_p), scale, rng_seed, 0,
@@ -1168,6 +1172,9 @@ def attention_varlen(q, k, v, cu_seqlens, max_seqlen: int, dropout_p: float = 0.
         return (out, keep) if return_dropout_mask else out
 
     scale = _scale(softmax_scale, q.shape[-1])
+    if rotary_base is not None:  # positions restart at every document
+        positions = rotary.varlen_positions(cu_seqlens, q.shape[0])
+        q, k = (rotary.rotate(t, positions, max_seqlen, rotary_base) for t in (q, k))
     rng_seed = _draw_seed() if dropout_p > 0.0 else None
     out, _ = torch.ops.electra_kernels.attention_fwd(
         q, k, v, None, cu_seqlens, max_seqlen, float(dropout_p), scale, rng_seed, 0, -1 if window is None else int(window))
