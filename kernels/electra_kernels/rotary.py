@@ -182,3 +182,32 @@ def varlen_positions(cu_seqlens: Tensor, total: int) -> Tensor:
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
     starts = torch.repeat_interleave(cu_seqlens[:-1].long(), lengths, output_size=total)
     return (torch.arange(total, device=cu_seqlens.device) - starts).to(torch.int32)
+
+
+def apply_rotary_cos_sin(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x (batch, seq, heads, head_dim) rotated with cos/sin tables as transformers' rotary modules return
+    them: (batch or 1, seq, head_dim), both halves equal (``cat(freqs, freqs)``), any rope type and
+    position_ids. With autograd. Triton where the other kernels run, PyTorch (fp32 arithmetic, like
+    transformers' ``apply_rotary_pos_emb``) elsewhere."""
+    from ._dispatch import use_triton
+
+    batch, seq, heads, dim = x.shape
+    if cos.dim() != 3 or cos.shape[-2:] != (seq, dim) or cos.shape[0] not in (1, batch) or sin.shape != cos.shape:
+        raise ValueError(f"rotary: cos/sin must be (batch or 1, seq, head_dim) = (., {seq}, {dim}), "
+                         f"got {tuple(cos.shape)} and {tuple(sin.shape)}")
+    if not (HAS_TRITON and use_triton(x) and x.dtype in (torch.float32, torch.bfloat16, torch.float16)):
+        c, s = cos[:, :, None, :].float(), sin[:, :, None, :].float()
+        xf = x.float()
+        x1, x2 = xf.chunk(2, dim=-1)
+        return (xf * c + torch.cat((-x2, x1), dim=-1) * s).to(x.dtype)
+    half = dim // 2
+    cos_table = cos[..., :half].reshape(-1, half).float().contiguous()
+    sin_table = sin[..., :half].reshape(-1, half).float().contiguous()
+    if cos.shape[0] == 1:
+        positions = padded_positions(batch, seq, x.device)
+    else:  # one row of the table per token
+        positions = torch.arange(batch * seq, device=x.device, dtype=torch.int32)
+    rows = x.reshape(batch * seq, heads, dim)
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    return torch.ops.electra_kernels.rotary_fwd(rows, positions, cos_table, sin_table, False).view(x.shape)
