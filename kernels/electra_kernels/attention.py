@@ -284,8 +284,8 @@ if HAS_TRITON:
             # Online softmax in the log2 domain: m is the running max of scale·log2(e)·qk.
             m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
             if HAS_KPM or WINDOW:
-                # A row whose keys so far are all padding (or outside its window) has m = -inf; subtracting 0 instead keeps
-                # exp2(-inf) = 0 rather than exp2(-inf + inf) = NaN.
+                # A row whose keys so far are all padding (or outside its window) has m = -inf; subtracting
+                # 0 instead keeps exp2(-inf) = 0 rather than exp2(-inf + inf) = NaN.
                 m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
             else:
                 m_sub = m_new
@@ -962,7 +962,8 @@ def compile_variants():
 # compiled graph neither specialises on it nor breaks on .item(); reading it on the host is free.
 # ----------------------------------------------------------------------------------------------------
 _FWD_SCHEMA = ("(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, Tensor? cu_seqlens, int max_seqlen, "
-               "float dropout_p, float softmax_scale, Tensor? rng_seed, int rng_offset, int window=-1) -> (Tensor, Tensor)")
+               "float dropout_p, float softmax_scale, Tensor? rng_seed, int rng_offset, int window=-1) "
+               "-> (Tensor, Tensor)")
 _BWD_SCHEMA = ("(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? key_padding_mask, "
                "Tensor? cu_seqlens, int max_seqlen, float dropout_p, float softmax_scale, Tensor? rng_seed, "
                "int rng_offset, int window=-1) -> (Tensor, Tensor, Tensor)")
@@ -1177,7 +1178,8 @@ def attention_varlen(q, k, v, cu_seqlens, max_seqlen: int, dropout_p: float = 0.
         q, k = (rotary.rotate(t, positions, max_seqlen, rotary_base) for t in (q, k))
     rng_seed = _draw_seed() if dropout_p > 0.0 else None
     out, _ = torch.ops.electra_kernels.attention_fwd(
-        q, k, v, None, cu_seqlens, max_seqlen, float(dropout_p), scale, rng_seed, 0, -1 if window is None else int(window))
+        q, k, v, None, cu_seqlens, max_seqlen, float(dropout_p), scale, rng_seed, 0,
+        -1 if window is None else int(window))
     if return_dropout_mask:
         keep = (attention_dropout_mask(batch, heads, max_seqlen, max_seqlen, dropout_p, _seed_value(rng_seed), 0,
                                        q.device) if dropout_p > 0.0 else None)

@@ -123,3 +123,19 @@ def test_unsupported_configurations_are_refused_before_any_change():
     model = mb.ModernBertModel(mb.ModernBertConfig(**TINY, hidden_activation="gelu_pytorch_tanh"))
     _, replaced = patch_hf(model, geglu=False)  # the tanh MLP kept, the rest patched
     assert not any("GeGLU" in r for r in replaced)
+
+
+def test_hf_benchmark_modernbert_cpu_smoke(tmp_path, capsys, monkeypatch):
+    from pathlib import Path
+    import importlib.util
+    import re
+
+    repo = Path(__file__).resolve().parents[2]
+    monkeypatch.syspath_prepend(str(repo / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("hf_bert_benchmark_modern", repo / "benchmarks" / "hf_bert.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main(["--cpu-smoke", "--model", "modernbert", "--results-dir", str(tmp_path), "--no-plot"])
+    printed = capsys.readouterr().out
+    assert re.search(r"\|\s+hf-modernbert \|", printed) and re.search(r"\|\s+patched-modernbert \|", printed)
+    assert len((tmp_path / "hf_bert.jsonl").read_text().strip().splitlines()) == 2
