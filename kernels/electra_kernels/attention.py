@@ -927,7 +927,7 @@ def compile_variants():
                         for i, (block_m, block_n, warps, stages) in enumerate(kept):
                             constexprs = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, DROPOUT=dropout,
                                               DOT_PRECISION=precision, BLOCK_M=block_m, BLOCK_N=block_n,
-                                              **flags, **extra)
+                                              WINDOW=False, **flags, **extra)
                             variants.append(Variant(name, kernel, types, constexprs, warps, stages,
                                                     default=i == 0, matmul=True, tags=tags, aligned=aligned))
                     if head_dim == 64:
