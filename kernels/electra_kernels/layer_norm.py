@@ -313,6 +313,30 @@ def compile_variants():
                         "layer norm bwd", _layer_norm_bwd_kernel, types(_layer_norm_bwd_kernel, dtype),
                         dict(HAS_WEIGHT=True, HAS_BIAS=True, HAS_DROPOUT=dropout, STORE_DRESIDUAL=residual and dropout,
                              BLOCK_M=bwd_block_m, BLOCK_N=block_n), bwd_warps, tags=tags))
+    variants += _bias_free_variants(types)
+    return variants
+
+
+def _bias_free_variants(types):
+    """ModernBERT's LayerNorm (norm_bias=False, pre-LN: no residual, no dropout) at hidden 768 / 1024."""
+    from ._gpu_compile import Variant
+
+    variants = []
+    for dtype in ("bf16", "fp16", "fp32"):
+        element_size = 4 if dtype == "fp32" else 2
+        for hidden in (768, 1024):
+            block_n = _block_n(hidden, element_size)
+            block_m, bwd_block_m = _block_m(block_n), _block_m(block_n, _BWD_TILE_ELEMENTS)
+            warps = _num_warps(block_m * block_n)
+            tags = dict(dtype=dtype, hidden=hidden, dropout=False, residual=False, bias=False)
+            variants.append(Variant(
+                "layer norm fwd", _layer_norm_fwd_kernel, types(_layer_norm_fwd_kernel, dtype),
+                dict(HAS_RESIDUAL=False, HAS_WEIGHT=True, HAS_BIAS=False, HAS_DROPOUT=False, STORE_Z=False,
+                     STORE_DROPOUT_MASK=False, BLOCK_M=block_m, BLOCK_N=block_n), warps, tags=tags))
+            variants.append(Variant(
+                "layer norm bwd", _layer_norm_bwd_kernel, types(_layer_norm_bwd_kernel, dtype),
+                dict(HAS_WEIGHT=True, HAS_BIAS=False, HAS_DROPOUT=False, STORE_DRESIDUAL=False,
+                     BLOCK_M=bwd_block_m, BLOCK_N=block_n), _BWD_WARPS, tags=tags))
     return variants
 
 
@@ -442,8 +466,8 @@ def _rows(t: Optional[Tensor], n: int) -> Optional[Tensor]:
 
 def layer_norm(
     x: Tensor,
-    weight: Optional[Tensor],
-    bias: Optional[Tensor],
+    weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
     eps: float = 1e-12,
     residual: Optional[Tensor] = None,
     dropout_p: float = 0.0,
@@ -548,8 +572,8 @@ class DropoutAddLayerNorm(FusedLayerNorm):
 # --------------------------------------------------------------------------------------------------
 def layer_norm_ref(
     x: Tensor,
-    weight: Optional[Tensor],
-    bias: Optional[Tensor],
+    weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
     eps: float = 1e-12,
     residual: Optional[Tensor] = None,
     dropout_p: float = 0.0,
