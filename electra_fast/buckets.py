@@ -20,8 +20,10 @@ Everything here is host arithmetic on Python ints: nothing waits for the device.
 from __future__ import annotations
 
 # Buckets per (batch, seq_len). A batch lands in the bucket just above its token count, and the counts of
-# one dataset cluster (the sum of B lengths), so a run captures only the two to four buckets around that
-# cluster; the granule B·S/32 bounds the padding at 3% of B·S (1.6% on average: see the README).
+# one dataset cluster (a sum of B lengths), so a run meets only the few buckets around that cluster; the
+# granule B·S/32 adds fewer than B·S/32 rows to any batch. Measured on the default corpus (README,
+# benchmarks/bucket_padding.py): ELECTRA-Small's 128 x 128 batches gain 1.8% rows on average and meet 5
+# buckets (16 buckets: 3.6% and 3; 64: 0.9% and 9).
 DEFAULT_BUCKETS = 32
 ROW_ALIGN = 8
 
