@@ -16,6 +16,8 @@ One full optimizer step (forward, backward, AdamW) on synthetic token batches, p
                   variant gets the packed sizes from the host, as the loader provides them (no sync)
   ours-fast       every fast path on: ours-triton + torch.compile of the encoders (train.compile=default)
   ours-graphs     ours-fast on the padded layout with CUDA graphs (train.cuda_graphs=true, unpad=false)
+  ours-packed-graphs  ours-fast on the packed layout with CUDA graphs (train.cuda_graphs=true, unpad=true):
+                  the real tokens rounded up to a token bucket (electra_fast.buckets)
   ours-deepspeed  ours-triton under a DeepSpeed engine (bf16, ZeRO-2, torch AdamW); needs deepspeed
                   (under --cpu-smoke: DeepSpeed's CPU accelerator, fp32, to check the script only)
   hf-eager        Hugging Face ElectraForMaskedLM generator + ElectraForPreTraining discriminator sharing
@@ -79,11 +81,12 @@ OURS = {
     "ours-triton": dict(impl="triton", compile="none", cuda_graphs=False, unpad=True),
     "ours-fast": dict(impl="triton", compile="default", cuda_graphs=False, unpad=True),
     "ours-graphs": dict(impl="triton", compile="default", cuda_graphs=True, unpad=False),
+    "ours-packed-graphs": dict(impl="triton", compile="default", cuda_graphs=True, unpad=True),
     "ours-deepspeed": dict(impl="triton", compile="none", cuda_graphs=False, unpad=True),
 }
 VARIANTS = (*OURS, "hf-eager", "hf-compile", "hf-bert-mlm", "hf-bert-mlm-compile")
-DEFAULT_VARIANTS = ("ours-torch", "ours-triton", "ours-fast", "ours-graphs", "ours-deepspeed", "hf-eager",
-                    "hf-compile", "hf-bert-mlm-compile")
+DEFAULT_VARIANTS = ("ours-torch", "ours-triton", "ours-fast", "ours-graphs", "ours-packed-graphs", "ours-deepspeed",
+                    "hf-eager", "hf-compile", "hf-bert-mlm-compile")
 BASELINE = "hf-compile"
 
 
