@@ -240,3 +240,19 @@ def test_fifty_real_packed_steps_compile_once_per_bucket(corpus_dir):  # noqa: F
     unbucketed = _CountingBackend()
     _train(cfg, state, distinct[:BUCKETS + 2], buckets=0, backend=unbucketed)
     assert unbucketed.graphs["discriminator"] == BUCKETS + 2 > BUCKETS, dict(unbucketed.graphs)
+
+
+def test_held_out_evaluation_ignores_the_inert_rows():
+    from electra_fast.evaluation import evaluate_pretraining
+
+    cfg = tiny_config(*NO_DROPOUT, *PACKED, "model.vocab_size=128")
+    model = ElectraPretrainingModel(cfg)
+    batches = []
+    for seed in range(2):
+        input_ids, attention_mask, token_type_ids = random_batch(cfg, batch=3, seq_len=32, min_len=4, seed=seed)
+        batches.append({"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids})
+    exact = evaluate_pretraining(model, batches, seed=0).to_dict()
+    model.token_buckets = 4
+    bucketed = evaluate_pretraining(model, batches, seed=0).to_dict()
+    assert bucketed["num_tokens"] == exact["num_tokens"] == sum(int(b["attention_mask"].sum()) for b in batches)
+    assert bucketed == pytest.approx(exact, rel=1e-5, nan_ok=True)  # ROC-AUC, AP, losses, accuracies
