@@ -14,13 +14,16 @@
 from __future__ import annotations
 
 import collections
+import functools
 
 import pytest
 import torch
 
 from test_step_sync import sync_counter  # noqa: F401 (the fixture)
-from test_train import corpus_dir  # noqa: F401 (the fixture: prepare on a small corpus)
+from test_train import clean_env, corpus_dir, losses, run_inprocess  # noqa: F401 (fixtures: prepare on a small corpus)
 
+from electra_fast import step as step_module
+from electra_fast import train as trainer
 from electra_fast.buckets import bucket_granule, bucket_rows, inert_documents, token_buckets
 from electra_fast.compile import compile_for_training
 from electra_fast.model import ElectraPretrainingModel, TokenLayout, packed_sizes
@@ -256,3 +259,18 @@ def test_held_out_evaluation_ignores_the_inert_rows():
     bucketed = evaluate_pretraining(model, batches, seed=0).to_dict()
     assert bucketed["num_tokens"] == exact["num_tokens"] == sum(int(b["attention_mask"].sum()) for b in batches)
     assert bucketed == pytest.approx(exact, rel=1e-5, nan_ok=True)  # ROC-AUC, AP, losses, accuracies
+
+
+def test_trainer_runs_cuda_graphs_on_the_packed_layout(corpus_dir, tmp_path, clean_env, monkeypatch, capsys):  # noqa: F811
+    # train.cuda_graphs with model.unpad=true is accepted and trains as the eager packed run does (aot_eager
+    # stands in for inductor + CUDA graphs on the CPU, as in tests/test_fast_step.py).
+    monkeypatch.setattr(trainer, "compile_model", functools.partial(step_module.compile_model, backend="aot_eager"))
+    common = (*NO_DROPOUT, *PACKED, "train.max_steps=3", "train.log_every=1", "train.lr=0.003", "train.warmup_steps=1",
+              "train.export_at_end=false")
+    assert run_inprocess(corpus_dir, tmp_path / "eager", *common) == 0
+    assert run_inprocess(corpus_dir, tmp_path / "graphs", *common, "train.compile=default", "train.cuda_graphs=true") == 0
+    assert "torch.compile default + CUDA graphs" in "".join(capsys.readouterr())
+    eager, graphs = losses(tmp_path / "eager"), losses(tmp_path / "graphs")
+    assert len(eager) == 3 and eager[0] != eager[-1]
+    assert graphs == pytest.approx(eager, rel=1e-5)
+    torch._dynamo.reset()
