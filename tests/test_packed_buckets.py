@@ -81,7 +81,8 @@ def test_bucketed_layout_is_the_exact_layout_plus_inert_rows(sync_counter):  # n
     assert torch.equal(bucketed.indices[:total], exact.indices)
     assert (bucketed.indices[total:] == batch * seq_len).all() and bucketed.indices.numel() == rows
     cu = bucketed.cu_seqlens
-    assert torch.equal(cu[:batch + 1], exact.cu_seqlens) and cu.numel() == batch + 1 + inert_documents(batch, seq_len, 4)
+    assert torch.equal(cu[:batch + 1], exact.cu_seqlens)
+    assert cu.numel() == batch + 1 + inert_documents(batch, seq_len, 4)
     inert_lengths = cu[batch + 1:] - cu[batch:-1]
     assert int(cu[-1]) == rows and (inert_lengths >= 0).all() and (inert_lengths <= seq_len).all()
     real = bucketed.real_rows()
@@ -130,9 +131,22 @@ def test_bucketed_step_gives_the_exact_steps_losses_metrics_and_gradients(sync_c
     exact, exact_grads = _forward_backward(model, batch, sizes)
     model.rng.load_state_dict(state)  # the same masks and samples
     model.token_buckets = 4
+    disc_rows = []
+
+    def keep_rows(module, args, output):
+        output.retain_grad()
+        disc_rows.append(output)
+
+    handle = model.discriminator.register_forward_hook(keep_rows)
     sync_counter.clear()
     bucketed, bucketed_grads = _forward_backward(model, batch, sizes)
     assert not sync_counter, dict(sync_counter)  # the bucket is host arithmetic: still no sync
+    handle.remove()
+    # No loss reaches the inert rows: the discriminator's output there has exactly zero gradient (the
+    # generator's last layer computes the masked rows only, all of them real).
+    total, (rows,) = sizes["total_tokens"], disc_rows
+    assert rows.shape[0] == bucket_rows(total, 3, 32, 4)
+    assert (rows.grad[total:] == 0).all() and rows.grad[:total].abs().sum() > 0
 
     close = dict(rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(bucketed.loss, exact.loss, **close)
@@ -261,14 +275,16 @@ def test_held_out_evaluation_ignores_the_inert_rows():
     assert bucketed == pytest.approx(exact, rel=1e-5, nan_ok=True)  # ROC-AUC, AP, losses, accuracies
 
 
-def test_trainer_runs_cuda_graphs_on_the_packed_layout(corpus_dir, tmp_path, clean_env, monkeypatch, capsys):  # noqa: F811
+def test_trainer_runs_cuda_graphs_on_the_packed_layout(corpus_dir, tmp_path, clean_env,  # noqa: F811
+                                                       monkeypatch, capsys):
     # train.cuda_graphs with model.unpad=true is accepted and trains as the eager packed run does (aot_eager
     # stands in for inductor + CUDA graphs on the CPU, as in tests/test_fast_step.py).
     monkeypatch.setattr(trainer, "compile_model", functools.partial(step_module.compile_model, backend="aot_eager"))
     common = (*NO_DROPOUT, *PACKED, "train.max_steps=3", "train.log_every=1", "train.lr=0.003", "train.warmup_steps=1",
               "train.export_at_end=false")
     assert run_inprocess(corpus_dir, tmp_path / "eager", *common) == 0
-    assert run_inprocess(corpus_dir, tmp_path / "graphs", *common, "train.compile=default", "train.cuda_graphs=true") == 0
+    graphs_on = ("train.compile=default", "train.cuda_graphs=true")
+    assert run_inprocess(corpus_dir, tmp_path / "graphs", *common, *graphs_on) == 0
     assert "torch.compile default + CUDA graphs" in "".join(capsys.readouterr())
     eager, graphs = losses(tmp_path / "eager"), losses(tmp_path / "graphs")
     assert len(eager) == 3 and eager[0] != eager[-1]
