@@ -14,7 +14,8 @@ run too. Columns:
 
 * ``launches``: ops that run a kernel: all but views (``view``, ``expand``, ``t``, ``slice``, ``detach``,
   ... : metadata only) and allocations (``empty*``: the caching allocator, no kernel);
-* ``custom``: of those, ``electra_kernels`` ops (one Triton launch each, the attention backward three);
+* ``custom``: of those, ``electra_kernels`` ops (one Triton launch each; the attention
+  backward two or three);
 * compiled (``train.compile=default``, captured with torch.compile here with ``aot_eager``, whose
   graphs run op by op): ``outside`` are the ops still issued one by one (objective, layout, loss heads,
   optimizer), ``in graphs`` the ops inside the captured forward and backward graphs, ``graph calls`` how
@@ -104,7 +105,7 @@ def _counting_backend(counter: OpCounter):
     from torch._dynamo.backends.common import aot_autograd
 
     def compiler(graph, example_inputs):
-        def run(args):
+        def run(*args):
             counter.graph_calls += 1
             counter.inside = True
             try:
@@ -112,7 +113,7 @@ def _counting_backend(counter: OpCounter):
             finally:
                 counter.inside = False
 
-        return make_boxed_func(lambda *args: run(list(args)))
+        return make_boxed_func(run)  # aot_autograd's calling convention: one list of inputs
 
     return aot_autograd(fw_compiler=compiler, bw_compiler=compiler)
 
