@@ -10,7 +10,8 @@ is issued per sequence (the packed layout is built with ``nonzero_static``, the 
 
 Counted: ops that touch a device tensor (a fake one here). Not counted: ops on host tensors made by the
 host generators (the MLM head's sampling seed, attention's dropout seed), which stay on the CPU in a GPU
-run too. Columns:
+run too; compiled, attention's seed draw is traced into the encoder graphs and counted there (one per
+attention call, a CPU op inside the graph). Columns:
 
 * ``launches``: ops that run a kernel: all but views (``view``, ``expand``, ``t``, ``slice``, ``detach``,
   ... : metadata only) and allocations (``empty*``: the caching allocator, no kernel);
