@@ -5,6 +5,7 @@
     python benchmarks/throughput.py --random-lengths                 # padded batches, lengths in [S/2, S]
     python benchmarks/throughput.py --sync-check                     # + one step under sync debug mode "error"
     python benchmarks/throughput.py --cpu-smoke                      # tiny model on the CPU, a few steps
+    python benchmarks/throughput.py --count-ops                      # device ops per step, counted on the CPU
 
 One full optimizer step (forward, backward, AdamW) on synthetic token batches, per variant:
 
@@ -15,6 +16,8 @@ One full optimizer step (forward, backward, AdamW) on synthetic token batches, p
                   variant gets the packed sizes from the host, as the loader provides them (no sync)
   ours-fast       every fast path on: ours-triton + torch.compile of the encoders (train.compile=default)
   ours-graphs     ours-fast on the padded layout with CUDA graphs (train.cuda_graphs=true, unpad=false)
+  ours-packed-graphs  ours-fast on the packed layout with CUDA graphs (train.cuda_graphs=true, unpad=true):
+                  the real tokens rounded up to a token bucket (electra_fast.buckets)
   ours-deepspeed  ours-triton under a DeepSpeed engine (bf16, ZeRO-2, torch AdamW); needs deepspeed
                   (under --cpu-smoke: DeepSpeed's CPU accelerator, fp32, to check the script only)
   hf-eager        Hugging Face ElectraForMaskedLM generator + ElectraForPreTraining discriminator sharing
@@ -34,6 +37,9 @@ Off the GPU every "ours" variant runs the PyTorch reference path (the Triton ker
 --cpu-smoke run checks the script, not the speed; its plot says so.
 ``--sync-check`` (CUDA) runs one more step of each non-DeepSpeed "ours" variant under
 ``torch.cuda.set_sync_debug_mode("error")`` and records whether it synchronised (column "sync-free").
+``--count-ops`` times nothing: it counts the operations one training micro-step of the kernel path sends
+to the device, eager and compiled, at each size, on the CPU with fake tensors (benchmarks/_op_count.py),
+against the host time per launch the throughput target leaves.
 """
 
 from __future__ import annotations
@@ -75,11 +81,12 @@ OURS = {
     "ours-triton": dict(impl="triton", compile="none", cuda_graphs=False, unpad=True),
     "ours-fast": dict(impl="triton", compile="default", cuda_graphs=False, unpad=True),
     "ours-graphs": dict(impl="triton", compile="default", cuda_graphs=True, unpad=False),
+    "ours-packed-graphs": dict(impl="triton", compile="default", cuda_graphs=True, unpad=True),
     "ours-deepspeed": dict(impl="triton", compile="none", cuda_graphs=False, unpad=True),
 }
 VARIANTS = (*OURS, "hf-eager", "hf-compile", "hf-bert-mlm", "hf-bert-mlm-compile")
-DEFAULT_VARIANTS = ("ours-torch", "ours-triton", "ours-fast", "ours-graphs", "ours-deepspeed", "hf-eager",
-                    "hf-compile", "hf-bert-mlm-compile")
+DEFAULT_VARIANTS = ("ours-torch", "ours-triton", "ours-fast", "ours-graphs", "ours-packed-graphs", "ours-deepspeed",
+                    "hf-eager", "hf-compile", "hf-bert-mlm-compile")
 BASELINE = "hf-compile"
 
 
@@ -279,6 +286,21 @@ def _cleanup(device):
         torch.cuda.empty_cache()
 
 
+def _count_ops(args, parser) -> int:
+    from _op_count import count_ops_rows, print_count_ops
+
+    sizes = [s.strip() for s in (args.sizes or "small,base,large").split(",") if s.strip()]
+    if any(s not in SHAPES for s in sizes):
+        parser.error(f"unknown size in {sizes}; choose from {', '.join(SHAPES)}")
+    shapes = {s: (args.batch or SHAPES[s][0], args.seq_len or SHAPES[s][1]) for s in sizes}
+    rows = count_ops_rows(sizes, shapes, lambda size, seq_len: _config(size, seq_len, "triton", args.dropout))
+    print_count_ops(rows)
+    path = append_rows(args, "op_count", rows)
+    if path:
+        print(f"rows: {path}")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -299,8 +321,12 @@ def main(argv=None) -> int:
     parser.add_argument("--cpu-smoke", action="store_true",
                         help="tiny size on the CPU, 1 warm-up + 2 timed steps, compile with the eager backend")
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    parser.add_argument("--count-ops", action="store_true",
+                        help="count the device operations of one micro-step per size (CPU, fake tensors) and exit")
     add_common_args(parser)
     args = parser.parse_args(argv)
+    if args.count_ops:
+        return _count_ops(args, parser)
 
     if args.cpu_smoke:
         args.device = "cpu"

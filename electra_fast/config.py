@@ -237,8 +237,9 @@ class TrainConfig:
     # Capture the training forward with torch.compile: none | default | max-autotune
     # (electra_fast.compile.compile_for_training).
     compile: str = "none"
-    # CUDA graphs for the compiled step (torch.compile's reduce-overhead / max-autotune modes). Shapes must
-    # be static: the padded layout (model.unpad=false) and train.compile other than none.
+    # CUDA graphs for the compiled step (torch.compile's reduce-overhead / max-autotune modes); needs
+    # train.compile other than none. Packed batches (model.unpad=true) are rounded up to a few fixed token
+    # counts for it, one graph per count (electra_fast.buckets).
     cuda_graphs: bool = False
 
     def validate(self) -> None:
@@ -319,9 +320,6 @@ class Config:
     def validate(self) -> "Config":
         for section in (self.model, self.objective, self.train, self.data):
             section.validate()
-        if self.train.cuda_graphs and self.model.unpad:
-            raise ConfigError("train.cuda_graphs needs static shapes: set model.unpad=false (the packed layout's "
-                              "token count changes every step)")
         if self.data.seq_len > self.model.max_position_embeddings:
             raise ConfigError(
                 f"data.seq_len={self.data.seq_len} is longer than the position table "

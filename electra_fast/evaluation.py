@@ -137,6 +137,7 @@ class _DiscriminatorTap:
         self._last_ids: torch.Tensor | None = None
         self.disc_ids: torch.Tensor | None = None
         self.disc_rows: torch.Tensor | None = None
+        self.layout = None
         self._handles = [
             model.embeddings.register_forward_pre_hook(self._on_embeddings),
             model.discriminator.register_forward_pre_hook(self._on_discriminator_input),
@@ -148,6 +149,7 @@ class _DiscriminatorTap:
 
     def _on_discriminator_input(self, module, args):
         self.disc_ids = self._last_ids
+        self.layout = args[1]  # the body's (rows, layout): which rows are real tokens
 
     def _on_discriminator_output(self, module, args, output):
         self.disc_rows = output
@@ -163,15 +165,15 @@ def _check_batch(index: int, batch: Mapping[str, torch.Tensor]) -> None:
         raise ValueError(f"held-out batch {index} lacks {', '.join(missing)} (needs {', '.join(BATCH_KEYS)})")
 
 
-def _real_token_labels(input_ids: torch.Tensor, attention_mask: torch.Tensor, disc_ids: torch.Tensor):
-    """(original ids, discriminator ids, row is real) of the real tokens, from the forward's layout."""
-    real = attention_mask.bool().flatten()
-    if disc_ids.numel() == input_ids.numel():  # padded layout: every position has a row
-        return input_ids.flatten()[real], disc_ids.flatten()[real], real
-    if disc_ids.numel() == int(real.sum()):  # packed layout: one row per real token
-        return input_ids.flatten()[real], disc_ids.flatten(), torch.ones_like(disc_ids, dtype=torch.bool).flatten()
-    raise RuntimeError(f"the discriminator saw {disc_ids.numel()} token rows, which matches neither the padded "
-                       f"batch ({input_ids.numel()}) nor its real tokens ({int(real.sum())})")
+def _real_token_labels(input_ids: torch.Tensor, layout, disc_ids: torch.Tensor):
+    """(original ids, discriminator ids, row is real) of the real tokens, from the forward's layout
+    (padded: every position a row; packed: one row per real token, then any inert bucket rows)."""
+    disc_ids = disc_ids.flatten()
+    if disc_ids.numel() != layout.real_rows().numel():
+        raise RuntimeError(f"the discriminator saw {disc_ids.numel()} token rows, but its layout has "
+                           f"{layout.real_rows().numel()}")
+    real = layout.real_rows()
+    return layout.flatten(input_ids)[real], disc_ids[real], real
 
 
 def _unigram_accuracy(token_counts: torch.Tensor) -> float:
@@ -216,7 +218,7 @@ def evaluate_pretraining(model: torch.nn.Module, batches: Iterable[Mapping[str, 
             gen_correct += float(out.metrics["gen_accuracy"]) * predictions
             num_predictions += predictions
 
-            originals, disc_ids, real_rows = _real_token_labels(input_ids, attention_mask, tap.disc_ids)
+            originals, disc_ids, real_rows = _real_token_labels(input_ids, tap.layout, tap.disc_ids)
             logits = model.discriminator_predictions(tap.disc_rows)[real_rows]
             scores.append(logits.float().flatten().cpu())
             labels.append((disc_ids != originals).cpu())

@@ -35,7 +35,9 @@ here (:func:`resolve_impl`): the model calls a kernel or its ``*_ref`` reference
 
 No host-device synchronisation: the padded layout has static shapes throughout; the packed one needs
 the batch's ``max_seqlen`` and ``total_tokens``, which the caller passes from the host
-(:func:`packed_sizes`). See :mod:`electra_fast.compile` for ``torch.compile`` / CUDA graphs.
+(:func:`packed_sizes`). For CUDA graphs the packed rows are rounded up to one of a few token buckets
+(``model.token_buckets``, :mod:`electra_fast.buckets`; inert rows that nothing reads fill the gap), which
+is host arithmetic too. See :mod:`electra_fast.compile` for ``torch.compile`` / CUDA graphs.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ from torch.utils.checkpoint import checkpoint
 import electra_kernels as ek
 from electra_kernels._dispatch import HAS_TRITON, interpreter_enabled
 
+from .buckets import bucket_rows, inert_documents
 from .config import Config, ModelConfig, ObjectiveConfig, max_predictions
 from .objective import ObjectiveRNG, mask_tokens, pretraining_metrics, replace_tokens
 
@@ -117,6 +120,13 @@ class TokenLayout:
     Padded: every (batch, seq) position is a row; static shapes, no host synchronisation.
     Packed: only the real tokens are rows (``indices`` into batch*seq, ``cu_seqlens``, ``max_seqlen``);
     built with electra_kernels' ``unpad_input`` unless the caller gives the sizes from the host.
+    Bucketed (packed, ``buckets`` > 0): the real tokens, then inert rows up to the bucket
+    (:func:`electra_fast.buckets.bucket_rows`), so that a captured graph sees a few fixed shapes. The
+    inert rows hold token 0 at position 0, segment 0 (``indices`` = batch*seq, one past the last
+    position), form ``inert_documents`` extra sequences of at most ``seq_len`` rows that attend only
+    among themselves (``max_seqlen`` is ``seq_len``, a constant), are not real in :meth:`real_rows` (so
+    no loss or statistic reads them: the BCE and its metrics mask them, the masked-LM rows are real
+    tokens) and are dropped by :meth:`unflatten`. Their gradient is exactly zero.
     """
 
     batch: int
@@ -127,6 +137,8 @@ class TokenLayout:
     max_seqlen: int = 0
     attention_kernel: bool = False  # attention runs ek.attention[_varlen] (else PyTorch's SDPA)
     elementwise_kernel: bool = False  # LayerNorm(dropout+add) and bias+GELU run their kernels
+    # Packed rows rounded up to a token bucket (electra_fast.buckets): rows past the real tokens are inert.
+    bucketed: bool = False
 
     @property
     def packed(self) -> bool:
@@ -134,14 +146,19 @@ class TokenLayout:
 
     @classmethod
     def build(cls, attention_mask: torch.Tensor, packed: bool, max_seqlen: int | None = None,
-              total_tokens: int | None = None, **kernels: bool) -> "TokenLayout":
+              total_tokens: int | None = None, buckets: int = 0, **kernels: bool) -> "TokenLayout":
         """``max_seqlen`` / ``total_tokens`` (packed only): the batch's longest sequence and number of real
         tokens, computed by the caller on the host; when both are given nothing here waits for the device
-        (``unpad_input`` needs a ``nonzero`` and a ``.item()``, i.e. two synchronisations)."""
+        (``unpad_input`` needs a ``nonzero`` and a ``.item()``, i.e. two synchronisations). ``buckets``
+        (packed only): round the rows up to one of that many token buckets (0: exactly the real tokens)."""
         mask = attention_mask.bool()
         batch, seq_len = mask.shape
         if not packed:
             return cls(batch, seq_len, mask, **kernels)
+        if buckets:
+            if total_tokens is None:
+                total_tokens = int(mask.sum())  # one synchronisation; the loader's host sizes avoid it
+            return cls._bucketed(mask, int(total_tokens), buckets, **kernels)
         if max_seqlen is None or total_tokens is None:
             _, indices, cu_seqlens, found_max = ek.unpad_input(mask.unsqueeze(-1), mask)
             return cls(batch, seq_len, mask, indices, cu_seqlens,
@@ -151,13 +168,33 @@ class TokenLayout:
         cu_seqlens = F.pad(torch.cumsum(mask.sum(dim=1, dtype=torch.int32), dim=0, dtype=torch.int32), (1, 0))
         return cls(batch, seq_len, mask, indices, cu_seqlens, int(max_seqlen), **kernels)
 
+    @classmethod
+    def _bucketed(cls, mask: torch.Tensor, total_tokens: int, buckets: int, **kernels: bool) -> "TokenLayout":
+        """The packed layout rounded up to a token bucket (see the class docstring); host ints only."""
+        batch, seq_len = mask.shape
+        rows = bucket_rows(total_tokens, batch, seq_len, buckets)
+        # Real tokens first, in order; the inert rows point one past the last position (a zero row, see flatten).
+        indices = torch.nonzero_static(mask.flatten(), size=rows, fill_value=batch * seq_len).flatten()
+        cu_real = F.pad(torch.cumsum(mask.sum(dim=1, dtype=torch.int32), dim=0, dtype=torch.int32), (1, 0))
+        # The inert rows [T, rows) as sequences of seq_len rows (the last ones possibly empty): computed on
+        # the device from cu_real[-1] = T, so the shape depends on the bucket alone.
+        steps = torch.arange(1, inert_documents(batch, seq_len, buckets) + 1, dtype=torch.int32, device=mask.device)
+        cu_inert = (cu_real[-1:] + steps * seq_len).clamp(max=rows)
+        return cls(batch, seq_len, mask, indices, torch.cat([cu_real, cu_inert]), seq_len, bucketed=True, **kernels)
+
     def flatten(self, per_token: torch.Tensor) -> torch.Tensor:
-        """(B, S, ...) -> (T, ...) rows in this layout."""
+        """(B, S, ...) -> (T, ...) rows in this layout (bucketed: zeros in the inert rows)."""
         flat = per_token.reshape(self.batch * self.seq_len, *per_token.shape[2:])
+        if self.bucketed:
+            flat = torch.cat([flat, flat.new_zeros((1, *flat.shape[1:]))])
         return ek.index_first_axis(flat, self.indices) if self.packed else flat
 
     def unflatten(self, rows: torch.Tensor) -> torch.Tensor:
-        """(T, ...) -> (B, S, ...) with zeros at padding."""
+        """(T, ...) -> (B, S, ...) with zeros at padding (bucketed: the inert rows are dropped)."""
+        if self.bucketed:
+            slots = self.batch * self.seq_len
+            spread = ek.pad_input(rows, self.indices, 1, slots + 1)  # the inert rows land in the extra slot
+            return spread[0, :slots].view(self.batch, self.seq_len, *rows.shape[1:])
         if self.packed:
             return ek.pad_input(rows, self.indices, self.batch, self.seq_len)
         return rows.view(self.batch, self.seq_len, *rows.shape[1:])
@@ -171,6 +208,8 @@ class TokenLayout:
 
     def real_rows(self) -> torch.Tensor:
         """(T,) bool: which rows are real tokens."""
+        if self.bucketed:
+            return self.indices < self.batch * self.seq_len
         if self.packed:
             return torch.ones(self.indices.shape[0], dtype=torch.bool, device=self.indices.device)
         return self.attention_mask.flatten()
@@ -468,13 +507,14 @@ def resolve_pretraining_config(config: Config | ModelConfig, objective: Objectiv
 
 
 def token_layout(cfg: ModelConfig, attention_mask: torch.Tensor, max_seqlen: int | None = None,
-                 total_tokens: int | None = None) -> TokenLayout:
+                 total_tokens: int | None = None, buckets: int = 0) -> TokenLayout:
     """The step's layout: packed real tokens when the Triton attention runs with ``unpad``, else the
-    flattened padded batch; with the attention / elementwise implementations resolved once here."""
+    flattened padded batch; with the attention / elementwise implementations resolved once here.
+    ``buckets``: round the packed rows up to one of that many token buckets (what CUDA graphs need)."""
     device = attention_mask.device
     attention_kernel = resolve_impl(cfg.attention_impl, device) == "triton"
     elementwise_kernel = resolve_impl(cfg.elementwise_impl, device) == "triton"
-    return TokenLayout.build(attention_mask, cfg.unpad and attention_kernel, max_seqlen, total_tokens,
+    return TokenLayout.build(attention_mask, cfg.unpad and attention_kernel, max_seqlen, total_tokens, buckets,
                              attention_kernel=attention_kernel, elementwise_kernel=elementwise_kernel)
 
 
@@ -559,6 +599,9 @@ class ElectraPretrainingModel(nn.Module):
             self.discriminator_word_embeddings_delta = nn.Parameter(
                 torch.zeros(model_cfg.vocab_size, model_cfg.embedding_size))
         self.rng = ObjectiveRNG(seed)
+        # Token buckets of the packed layout (0: exact rows). electra_fast.compile sets them when CUDA graphs
+        # capture the packed layout; they change no parameter, loss or statistic.
+        self.token_buckets = 0
         init_weights(self, model_cfg.initializer_range)  # leaves the gdes delta at zero (not an Embedding)
 
     # ---------------------------------------------------------------- helpers
@@ -567,7 +610,7 @@ class ElectraPretrainingModel(nn.Module):
 
     def _layout(self, attention_mask: torch.Tensor, max_seqlen: int | None = None,
                 total_tokens: int | None = None) -> TokenLayout:
-        return token_layout(self.config, attention_mask, max_seqlen, total_tokens)
+        return token_layout(self.config, attention_mask, max_seqlen, total_tokens, self.token_buckets)
 
     def _check_inputs(self, input_ids, attention_mask, token_type_ids):
         return check_encoder_inputs(self.config, input_ids, attention_mask, token_type_ids)

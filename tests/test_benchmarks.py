@@ -74,6 +74,36 @@ def test_throughput_cpu_smoke(tmp_path):
     assert hf_bert["flops_per_step"] < next(iter(electra))
 
 
+def test_count_ops_tiny(tmp_path, monkeypatch):
+    out = _run("throughput.py", "--count-ops", "--sizes", "tiny", "--results-dir", str(tmp_path))
+    assert "Device operations per training micro-step" in out.stdout
+    (row,) = _rows(tmp_path / "op_count.jsonl")
+    cfg = build_config("tiny").model
+    layers = cfg.num_layers + cfg.generator_num_layers
+    # An independent truth for the custom ops: per layer attention, two LayerNorms and bias+GELU, forward and
+    # backward (8), plus the two loss heads forward and backward (4).
+    assert row["custom_ops"] == 8 * layers + 4, row
+    assert row["eager_launches"] > row["custom_ops"] and row["eager_dispatched"] > row["eager_launches"]
+    # Compiled: the encoders' ops move into graphs (forward and backward of each compiled part called).
+    assert row["compiled_in_graphs"] > row["compiled_outside"] > 0 and row["graph_calls"] >= 6
+    assert row["cuda_graphs_launches"] == row["compiled_outside"] + row["graph_calls"] < row["eager_launches"]
+
+    # The count does not depend on the batch size (what lets the table use the full batches cheaply), and a
+    # model with one more layer per network counts exactly that layer's ops more: the counter can tell.
+    monkeypatch.setattr(sys, "path", [str(ROOT / "benchmarks"), *sys.path])
+    from _op_count import count_step_ops
+
+    def eager(batch, *overrides):
+        impl = [f"model.{spot}_impl=triton" for spot in ("attention", "mlm_head", "disc_head", "elementwise")]
+        tiny = build_config("tiny", overrides=[*impl, "data.seq_len=32", *overrides])
+        return count_step_ops(tiny, batch, 32, compiled=False)
+
+    two, three = eager(2), eager(2, f"model.num_layers={cfg.num_layers + 1}")
+    assert two["launches"] == eager(5)["launches"] == row["eager_launches"]  # batch 2, 5 and the row's 4
+    assert three["custom"] == two["custom"] + 8 * 2  # one more layer in the discriminator and the generator
+    assert three["launches"] > two["launches"]
+
+
 def _tiny_corpus(path: Path) -> Path:
     rng = random.Random(0)
     words = ("the model reads each sentence and guesses which word the small generator replaced while "

@@ -144,16 +144,23 @@ def test_evaluation_rejects_bad_input():
 
 
 def test_labels_follow_the_forwards_token_layout():
-    """Padded rows (every position) and packed rows (real tokens only) give the same labels."""
+    """Padded rows (every position), packed rows (real tokens only) and bucketed packed rows (real tokens,
+    then inert rows) give the same labels."""
     from electra_fast.evaluation import _real_token_labels
+    from electra_fast.model import TokenLayout
 
     input_ids = torch.tensor([[2, 7, 8, 3], [2, 9, 3, 0]])
     attention_mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]])
     disc_padded = torch.tensor([2, 7, 5, 3, 2, 9, 3, 0])
     disc_packed = torch.tensor([2, 7, 5, 3, 2, 9, 3])
-    for disc_ids in (disc_padded, disc_packed):
-        originals, seen, real_rows = _real_token_labels(input_ids, attention_mask, disc_ids)
+    padded = TokenLayout.build(attention_mask, packed=False)
+    packed = TokenLayout.build(attention_mask, packed=True, max_seqlen=4, total_tokens=7)
+    bucketed = TokenLayout.build(attention_mask, packed=True, max_seqlen=4, total_tokens=7, buckets=4)
+    assert bucketed.indices.numel() == 8  # 7 real tokens rounded up to the bucket of 8 (one inert row)
+    disc_bucketed = torch.cat([disc_packed, torch.tensor([3])])  # an inert row: never a label
+    for layout, disc_ids in ((padded, disc_padded), (packed, disc_packed), (bucketed, disc_bucketed)):
+        originals, seen, real_rows = _real_token_labels(input_ids, layout, disc_ids)
         assert (seen != originals).tolist() == [False, False, True, False, False, False, False]
         assert int(real_rows.sum()) == 7 and real_rows.numel() == disc_ids.numel()
-    with pytest.raises(RuntimeError, match="matches neither"):
-        _real_token_labels(input_ids, attention_mask, disc_packed[:5])
+    with pytest.raises(RuntimeError, match="its layout has 7"):
+        _real_token_labels(input_ids, packed, disc_packed[:5])
