@@ -438,12 +438,14 @@ class Checkpoints:
             raise CheckpointError(f"{tag_dir} predates fused QKV: it resumes only on the world size and ZeRO stage "
                                   f"it was written with ({saved_world} rank(s), ZeRO-{saved_stage})")
         else:
-            client = self._load_consolidated(engine, tag_dir, states)
+            client, not_restored = self._load_consolidated(engine, tag_dir, states)
             if self.rank == 0:
+                kept = ("Adam's moments and step counts" if not_restored is None else
+                        f"not Adam's moments, which restart from zero: {not_restored}")
                 logger.warning(
                     "checkpoint %s was written by %d rank(s) with ZeRO-%d, resuming on %d with ZeRO-%d: restored "
-                    "from its consolidated fp32 weights (weights, step, LR schedule and data position exact; the "
-                    "optimizer's moments restart from zero%s)", tag_dir, saved_world, saved_stage, world_size, stage,
+                    "per parameter (weights, %s, step, LR schedule and data position exact%s)", tag_dir, saved_world,
+                    saved_stage, world_size, stage, kept,
                     "" if saved_world == world_size else "; random streams reseeded, so not bit-exact")
         if unfused:
             refresh = getattr(engine.optimizer, "refresh_fp32_params", None)
@@ -479,12 +481,14 @@ class Checkpoints:
             raise CheckpointError(f"{tag_dir}: DeepSpeed could not load it (a model-states file is missing)")
         return client
 
-    def _load_consolidated(self, engine, tag_dir: Path, states: dict) -> dict:
+    def _load_consolidated(self, engine, tag_dir: Path, states: dict) -> tuple[dict, str | None]:
         """Another world size or ZeRO stage: the consolidated fp32 weights into the model and the
-        optimizer's masters; step, LR schedule position and client state from rank 0's model states.
-        The optimizer's moments are not converted between partitionings: Adam starts them again."""
+        optimizer's masters, Adam's state per parameter (electra_fast.optimizer_state), and the step,
+        LR schedule position and client state from rank 0's model states. Returns the client state and,
+        when the optimizer's state could not be converted, why (its moments then restart)."""
         import deepspeed
-        from deepspeed.utils import safe_set_full_fp32_param
+
+        from .optimizer_state import UnsupportedOptimizerLayout, load_optimizer_state, read_optimizer_state, set_full_fp32
 
         weights = consolidated_state_dict(tag_dir)
         params = dict(engine.module.named_parameters())
@@ -492,6 +496,10 @@ class Checkpoints:
         if missing or unexpected:
             raise CheckpointError(f"{tag_dir}: its weights do not match the model (missing {missing[:5]}, "
                                   f"unexpected {unexpected[:5]})")
+        try:
+            optimizer_state, not_restored = read_optimizer_state(tag_dir), None
+        except UnsupportedOptimizerLayout as exc:
+            optimizer_state, not_restored = None, str(exc)
         zero3 = any(hasattr(p, "ds_id") for p in params.values())
         for name, param in params.items():
             value = weights[name]
@@ -501,19 +509,23 @@ class Checkpoints:
                         param.data.copy_(value.reshape(param.ds_shape).to(param.dtype))
             else:
                 param.data.copy_(value.reshape(param.shape).to(param.dtype))
-        if zero3:  # the fp32 partitions from the (re-partitioned) module weights: exact in fp32
-            engine.optimizer.refresh_fp32_params()
-        for name, param in params.items():
-            # The fp32 master, where the optimizer keeps one (exact under bf16 too). DeepSpeed 0.19's ZeRO-3
-            # setter cannot address a padded last partition: those few keep the refreshed value.
-            if not zero3 or param.ds_numel % _world_size() == 0:
-                safe_set_full_fp32_param(param, weights[name].to(param.device))
+        for name, param in params.items():  # the fp32 masters, where the optimizer keeps them (exact under bf16)
+            set_full_fp32(engine, param, weights[name].float())
+        if optimizer_state is not None:
+            load_optimizer_state(engine, optimizer_state)
         if engine.lr_scheduler is not None and states.get("lr_scheduler") is not None:
             engine.lr_scheduler.load_state_dict(states["lr_scheduler"])
+            if optimizer_state is None and hasattr(engine.lr_scheduler, "get_last_lr"):
+                # The schedule's state alone leaves the optimizer's learning rate at the fresh engine's
+                # first value until the schedule steps: the next update would use it. (With the
+                # optimizer's state, its saved hyper-parameters, lr included, were restored above.)
+                for group, lr in zip(engine.optimizer.param_groups, engine.lr_scheduler.get_last_lr()):
+                    group["lr"] = lr
         for counter in ("global_steps", "global_samples", "skipped_steps"):
             if counter in states:
                 setattr(engine, counter, int(states[counter]))
-        return {key: states[key] for key in ("step", "tokens_seen", "world_size", "loader", "format") if key in states}
+        client = {key: states[key] for key in ("step", "tokens_seen", "world_size", "loader", "format") if key in states}
+        return client, not_restored
 
 
 def _world_size() -> int:
