@@ -12,8 +12,9 @@ Resuming (:func:`find_resume_checkpoint`): the newest checkpoint that verifies a
 is used, whatever ``latest`` says (a missing, garbled or escaping ``latest`` gets a message); one that
 fails is skipped with a message naming the file and the cause. Nothing is unpickled before the
 verification, and DeepSpeed's own loads run weights-only (:mod:`electra_fast.safe_load`). A run whose
-world size or ZeRO stage differs from the checkpoint's is restored from the consolidated fp32 weights
-(:meth:`Checkpoints.load`: weights, step, LR schedule and data position exact; Adam's moments restart).
+world size or ZeRO stage differs from the checkpoint's is restored per parameter (:meth:`Checkpoints.load`
+and :mod:`electra_fast.optimizer_state`): the fp32 weights, Adam's moments and step counts, the LR schedule
+and the data position, exactly.
 
 Export: :func:`consolidated_state_dict` merges the fp32 weights of any ZeRO stage and world size;
 :func:`export_checkpoint` writes them as Hugging Face folders (``electra-fast export``).
@@ -455,6 +456,7 @@ class Checkpoints:
                 logger.warning("%s predates fused QKV (separate query/key/value weights): resuming its weights, step "
                                "and LR schedule, but not its optimizer state (Adam's moments start from zero)",
                                tag_dir)
+        _lr_from_schedule(engine)
         rank_state = None
         rank_file = tag_dir / RANK_STATE.format(rank=self.rank)
         if saved_world == world_size:
@@ -515,17 +517,31 @@ class Checkpoints:
             load_optimizer_state(engine, optimizer_state)
         if engine.lr_scheduler is not None and states.get("lr_scheduler") is not None:
             engine.lr_scheduler.load_state_dict(states["lr_scheduler"])
-            if optimizer_state is None and hasattr(engine.lr_scheduler, "get_last_lr"):
-                # The schedule's state alone leaves the optimizer's learning rate at the fresh engine's
-                # first value until the schedule steps: the next update would use it. (With the
-                # optimizer's state, its saved hyper-parameters, lr included, were restored above.)
-                for group, lr in zip(engine.optimizer.param_groups, engine.lr_scheduler.get_last_lr()):
-                    group["lr"] = lr
         for counter in ("global_steps", "global_samples", "skipped_steps"):
             if counter in states:
                 setattr(engine, counter, int(states[counter]))
         client = {key: states[key] for key in ("step", "tokens_seen", "world_size", "loader", "format") if key in states}
         return client, not_restored
+
+
+def _lr_from_schedule(engine) -> None:
+    """The learning rate of the next update, from the restored schedule at the restored step.
+
+    The schedule sets the optimizer's learning rate when it steps, after each update; a resume restores
+    the schedule's position but the optimizer's rate is whatever the load left there: the fresh engine's
+    first value (consolidated path), or the rate saved with the optimizer, which is stale when a resume
+    changed train.max_steps or train.lr. Computing it is what the schedule's own step does, so an
+    unchanged run gets the very same float."""
+    import warnings
+
+    scheduler = engine.lr_scheduler
+    if scheduler is None or not hasattr(scheduler, "get_lr"):
+        return
+    with warnings.catch_warnings():  # torch asks for get_last_lr() outside step(); the computation is wanted
+        warnings.simplefilter("ignore", UserWarning)
+        rates = list(scheduler.get_lr())
+    for group, lr in zip(engine.optimizer.param_groups, rates):
+        group["lr"] = lr
 
 
 def _world_size() -> int:
