@@ -165,22 +165,30 @@ def _read_zero0(tag_dir: Path) -> OptimizerState:
     """ZeRO-0: rank 0's model-states file holds the torch optimizer's state dict, per parameter."""
     states = safe_torch_load(Path(tag_dir) / "mp_rank_00_model_states.pt", mmap=True)
     optimizer = states.get("optimizer")
+    # fp16/bf16 without ZeRO: DeepSpeed's wrapper keeps the torch optimizer's state dict inside its own,
+    # per fp32 master (FP16_UnfusedOptimizer) or per flat fp32 group (FP16_Optimizer, "fp32_groups_flat").
+    flat = isinstance(optimizer, dict) and "fp32_groups_flat" in optimizer
+    if isinstance(optimizer, dict) and isinstance(optimizer.get("optimizer_state_dict"), dict):
+        optimizer = optimizer["optimizer_state_dict"]
     if not (isinstance(optimizer, dict) and isinstance(optimizer.get("state"), dict) and "param_groups" in optimizer):
-        raise UnsupportedOptimizerLayout(f"{tag_dir}: its ZeRO-0 optimizer state is not a torch optimizer's "
-                                         "(fp16/bf16 wrappers are not converted)")
+        raise UnsupportedOptimizerLayout(f"{tag_dir}: its ZeRO-0 optimizer state is in no layout this module knows")
     groups = zero0_parameter_names(tag_dir)
     indices = [group["params"] for group in optimizer["param_groups"]]
-    if [len(g) for g in groups] != [len(i) for i in indices]:
+    if [1 if flat else len(g) for g in groups] != [len(i) for i in indices]:
         raise CheckpointError(f"{tag_dir}: the optimizer's parameter groups do not match the model's")
     state = OptimizerState(param_groups=_hyperparameters(optimizer["param_groups"]))
     shapes = states["module"]
     for names, group in zip(groups, indices):
-        for name, index in zip(names, group):
+        # (name, index of the state entry, offset in it): one entry per parameter, or one flat per group
+        offsets = [sum(shapes[n].numel() for n in names[:i]) for i in range(len(names))] if flat else [0] * len(names)
+        for name, index, offset in zip(names, group * len(names) if flat else group, offsets):
             entry = optimizer["state"].get(index)
             if not entry:  # never updated (no gradient yet): Adam's state is still empty
                 continue
-            for key in _tensor_keys(entry, shapes[name].numel()):
-                state.tensors.setdefault(key, {})[name] = entry[key].float().reshape(shapes[name].shape).clone()
+            numel, shape = shapes[name].numel(), shapes[name].shape
+            for key in _tensor_keys(entry, numel):
+                value = entry[key].reshape(-1)[offset:offset + numel]
+                state.tensors.setdefault(key, {})[name] = value.float().reshape(shape).clone()
             state.steps[name] = _step_count(entry["step"])
     return state
 
@@ -196,7 +204,16 @@ def _base_optimizer(engine):
 
 
 def _flat_groups(wrapper) -> list[tuple[torch.Tensor, list[torch.nn.Parameter]]]:
-    """(flat fp32 partition, the module parameters it holds a part of) per group of a ZeRO/bf16 wrapper."""
+    """(the fp32 tensor the torch optimizer updates, the module parameters it holds a part of), for
+    every such tensor of a ZeRO/bf16/fp16 wrapper."""
+    segments = _segments(wrapper)
+    if segments is not None:
+        holders: dict[int, tuple[torch.Tensor, list]] = {}
+        for params in wrapper.fp16_groups:
+            for param in params:
+                holder = segments[id(param)][0]
+                holders.setdefault(id(holder), (holder, []))[1].append(param)
+        return list(holders.values())
     for flats, params in (("single_partition_of_fp32_groups", "bit16_groups"),  # ZeRO-1/2
                           ("fp32_partitioned_groups_flat", "fp16_groups"),  # ZeRO-3
                           ("fp32_groups_flat_partition", "bf16_groups")):  # bf16 with ZeRO-0
@@ -212,6 +229,26 @@ def _step_value(step: int, optimizer, group: dict, like: torch.Tensor):
         return int(step)
     on_device = group.get("fused") or group.get("capturable")
     return torch.tensor(float(step), dtype=torch.float32, device=like.device if on_device else "cpu")
+
+
+def _segments(wrapper) -> dict[int, tuple[torch.Tensor, int]] | None:
+    """fp16/bf16 without ZeRO (DeepSpeed's FP16 wrappers): id(module parameter) -> (the fp32 tensor the
+    torch optimizer updates, the parameter's offset in it): its own master (FP16_UnfusedOptimizer) or
+    its group's flat master (FP16_Optimizer). None for other wrappers."""
+    if getattr(wrapper, "fp16_groups", None) is None or hasattr(wrapper, "fp32_partitioned_groups_flat"):
+        return None
+    if getattr(wrapper, "fp32_groups_flat", None) is not None:
+        found = {}
+        for flat, params in zip(wrapper.fp32_groups_flat, wrapper.fp16_groups):
+            offset = 0
+            for param in params:
+                found[id(param)] = (flat, offset)
+                offset += param.numel()
+        return found
+    if getattr(wrapper, "fp32_groups", None) is not None:
+        return {id(p): (master, 0) for params, masters in zip(wrapper.fp16_groups, wrapper.fp32_groups)
+                for p, master in zip(params, masters)}
+    return None
 
 
 def _zero3_local(param, value: torch.Tensor, rank: int) -> torch.Tensor:
@@ -244,7 +281,14 @@ def set_full_fp32(engine, param, value: torch.Tensor, key: str | None = None) ->
         else:
             safe_set_full_optimizer_state(param, value, key)
         return True
-    return False
+    wrapper, optimizer = _base_optimizer(engine)
+    segment = (_segments(wrapper) or {}).get(id(param)) if wrapper is not None else None
+    if segment is None:
+        return False
+    holder, offset = segment  # DeepSpeed has no per-parameter API for these wrappers: the slice itself
+    target = holder.data if key is None else optimizer.state[holder][key]
+    target.view(-1)[offset:offset + param.numel()].copy_(value.reshape(-1).to(target.device, target.dtype))
+    return True
 
 
 def _link_fragments(wrapper) -> None:
@@ -328,8 +372,12 @@ def gather_optimizer_state(engine) -> OptimizerState:
         entry = optimizer.state.get(flat_of[id(param)])
         if not entry:
             continue
+        segment = (_segments(wrapper) or {}).get(id(param))
         for key in _tensor_keys(entry, 1):
-            value = safe_get_full_optimizer_state(param, key)
+            if segment is not None:
+                value = entry[key].reshape(-1)[segment[1]:segment[1] + param.numel()]
+            else:
+                value = safe_get_full_optimizer_state(param, key)
             shape = getattr(param, "ds_shape", param.shape)
             state.tensors.setdefault(key, {})[name] = value.detach().float().cpu().reshape(shape).clone()
         state.steps[name] = _step_count(entry["step"])
