@@ -49,12 +49,11 @@ def launch_two_nodes(tmp_path, train_args: list[str], fault: list[str] = (), tim
 
 @pytest.mark.slow
 def test_node_local_checkpoints_verify_per_node_and_resume_the_newest_verified_everywhere(corpus_dir, tmp_path):
-    ds = json.loads((REPO / "configs" / "deepspeed" / "zero1.json").read_text())
-    ds["checkpoint"] = {"use_node_local_storage": True}
-    (tmp_path / "zero1-node-local.json").write_text(json.dumps(ds))
+    shipped = json.loads((REPO / "configs" / "deepspeed" / "zero1-node-local.json").read_text())
+    assert shipped["checkpoint"]["use_node_local_storage"] is True
     run = tmp_path / "run"  # the run's records (config, metrics) on shared storage, as usual
     start = ["--config", TINY, "--run-dir", str(run), "--set", f"data.path={corpus_dir}", *SETS,
-             f"train.deepspeed_config={tmp_path / 'zero1-node-local.json'}"]
+             "train.deepspeed_config=configs/deepspeed/zero1-node-local.json"]
     codes, outputs = launch_two_nodes(tmp_path, start, fault=["--fault", "raise@4"])
     assert codes == [1, 1], outputs[0][-3000:] + outputs[1][-3000:]
     assert not (run / "checkpoints").exists()
