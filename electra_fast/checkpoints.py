@@ -12,8 +12,9 @@ Resuming (:func:`find_resume_checkpoint`): the newest checkpoint that verifies a
 is used, whatever ``latest`` says (a missing, garbled or escaping ``latest`` gets a message); one that
 fails is skipped with a message naming the file and the cause. Nothing is unpickled before the
 verification, and DeepSpeed's own loads run weights-only (:mod:`electra_fast.safe_load`). A run whose
-world size or ZeRO stage differs from the checkpoint's is restored from the consolidated fp32 weights
-(:meth:`Checkpoints.load`: weights, step, LR schedule and data position exact; Adam's moments restart).
+world size or ZeRO stage differs from the checkpoint's is restored per parameter (:meth:`Checkpoints.load`
+and :mod:`electra_fast.optimizer_state`): the fp32 weights, Adam's moments and step counts, the LR schedule
+and the data position, exactly.
 
 Export: :func:`consolidated_state_dict` merges the fp32 weights of any ZeRO stage and world size;
 :func:`export_checkpoint` writes them as Hugging Face folders (``electra-fast export``).
@@ -40,7 +41,7 @@ import torch
 
 from .atomic import write_text_atomic
 from .config import Config, config_from_dict
-from .distributed import all_reduce_sum, barrier
+from .distributed import all_reduce_min, all_reduce_sum, barrier
 from .hashing import sha256_file
 from .optim import weight_decay_groups
 from .safe_load import CheckpointError, check_loadable, deepspeed_loads_safely, safe_torch_load
@@ -55,6 +56,7 @@ LATEST = "latest"
 MANIFEST = "checkpoint.json"
 MANIFEST_FORMAT = 1
 RANK_STATE = "trainer_state_rank{rank:05d}.pt"
+RANK_STATE_PATTERN = re.compile(r"^trainer_state_rank(\d{5,})\.pt$")
 CONFIG_SIDECAR = "electra_fast_config.json"
 METRICS = "metrics.jsonl"
 
@@ -62,8 +64,26 @@ __all__ = ["CheckpointError", "Checkpoints", "find_resume_checkpoint", "verify_c
            "consolidated_state_dict", "export_checkpoint", "resolve_checkpoint"]
 
 
-def checkpoint_root(run_dir: Path) -> Path:
-    return Path(run_dir) / CHECKPOINT_DIR
+def checkpoint_root(run_dir: Path, checkpoint_dir: str | None = None) -> Path:
+    """The folder of a run's step folders: ``train.checkpoint_dir`` (``checkpoint_dir``, or when None the
+    value in the run dir's config.yaml), with $VARIABLES expanded here (each node expands its own) and
+    a relative path taken from the run dir; ``RUN_DIR/checkpoints`` when it is empty."""
+    if checkpoint_dir is None:
+        checkpoint_dir = _recorded_checkpoint_dir(Path(run_dir))
+    if not checkpoint_dir:
+        return Path(run_dir) / CHECKPOINT_DIR
+    return Path(run_dir) / os.path.expanduser(os.path.expandvars(checkpoint_dir))
+
+
+def _recorded_checkpoint_dir(run_dir: Path) -> str:
+    """train.checkpoint_dir as the run dir's config.yaml records it ("" when there is none)."""
+    import yaml
+
+    try:
+        recorded = yaml.safe_load((run_dir / "config.yaml").read_text())
+        return str(((recorded or {}).get("train") or {}).get("checkpoint_dir") or "")
+    except (OSError, yaml.YAMLError, AttributeError):
+        return ""
 
 
 def tag_for(step: int) -> str:
@@ -115,13 +135,17 @@ def _listed_files(tag_dir: Path) -> list[Path]:
     return sorted(p for p in tag_dir.rglob("*") if p.is_file() and p.name != MANIFEST)
 
 
-def write_manifest(tag_dir: Path, *, step: int, world_size: int, zero_stage: int) -> dict:
-    """Hash every file of ``tag_dir`` (read back from disk) and write ``checkpoint.json`` atomically."""
+def write_manifest(tag_dir: Path, *, step: int, world_size: int, zero_stage: int, node_local: bool = False) -> dict:
+    """Hash every file of ``tag_dir`` (read back from disk) and write ``checkpoint.json`` atomically.
+    ``node_local``: the folder holds one node's part of the checkpoint (the manifest says which ranks')."""
     tag_dir = Path(tag_dir)
     files = {p.relative_to(tag_dir).as_posix(): {"size": p.stat().st_size, "sha256": sha256_file(p)}
              for p in _listed_files(tag_dir)}
     manifest = {"format": MANIFEST_FORMAT, "step": int(step), "world_size": int(world_size),
                 "zero_stage": int(zero_stage), "files": files}
+    if node_local:
+        manifest["node_local"] = True
+        manifest["ranks"] = sorted(int(m.group(1)) for m in map(RANK_STATE_PATTERN.match, files) if m)
     write_text_atomic(tag_dir / MANIFEST, json.dumps(manifest, indent=1) + "\n", durable=True)
     return manifest
 
@@ -145,13 +169,17 @@ def read_manifest(tag_dir: Path) -> dict | None:
     return manifest
 
 
-def verify_checkpoint(tag_dir: Path, *, check_hashes: bool = True) -> dict | None:
+def verify_checkpoint(tag_dir: Path, *, check_hashes: bool = True, only=None) -> dict | None:
     """Check a checkpoint folder before anything in it is unpickled; raise CheckpointError naming the
     first file that fails. Returns its manifest, or None for a checkpoint of an earlier version without
     one (accepted only if every ``.pt`` passes the weights-only load). ``check_hashes=False`` is for the
-    save, whose manifest was hashed from the files read back a moment before."""
+    save, whose manifest was hashed from the files read back a moment before. ``only``: a predicate on
+    file names; the listed files it accepts are checked (one rank's part of a node-local checkpoint),
+    and then a manifest is required."""
     tag_dir = Path(tag_dir)
     manifest = read_manifest(tag_dir)
+    if manifest is None and only is not None:
+        raise CheckpointError(f"{tag_dir}: no {MANIFEST} (a node-local checkpoint is verified against its manifest)")
     if manifest is None:
         if not list(tag_dir.glob("*model_states.pt")):
             raise CheckpointError(f"{tag_dir}: no {MANIFEST} and no model-states file (mp_rank_00_model_states.pt "
@@ -159,7 +187,9 @@ def verify_checkpoint(tag_dir: Path, *, check_hashes: bool = True) -> dict | Non
         check_loadable(sorted(tag_dir.glob("*.pt")))
         return None
     root = tag_dir.resolve()
-    for name, entry in manifest["files"].items():
+    names = [name for name in manifest["files"] if only is None or only(name)]
+    for name in names:
+        entry = manifest["files"][name]
         path = tag_dir / name
         if Path(name).is_absolute() or ".." in Path(name).parts or root not in path.resolve().parents:
             raise CheckpointError(f"{tag_dir / MANIFEST}: lists {name!r}, which is not a file of this checkpoint")
@@ -171,9 +201,10 @@ def verify_checkpoint(tag_dir: Path, *, check_hashes: bool = True) -> dict | Non
         if check_hashes and sha256_file(path) != entry["sha256"]:
             raise CheckpointError(f"{path}: sha256 differs from the manifest's (the file was modified or damaged)")
     unlisted = [p for p in _listed_files(tag_dir) if p.relative_to(tag_dir).as_posix() not in manifest["files"]]
+    unlisted = [p for p in unlisted if only is None or only(p.relative_to(tag_dir).as_posix())]
     if any(p.suffix == ".pt" for p in unlisted):
         raise CheckpointError(f"{unlisted[0]}: not listed in {MANIFEST} (not written by this checkpoint's save)")
-    check_loadable(tag_dir / name for name in manifest["files"] if name.endswith(".pt"))
+    check_loadable(tag_dir / name for name in names if name.endswith(".pt"))
     return manifest
 
 
@@ -205,14 +236,14 @@ def newest_verified_tag(root: Path) -> str | None:
     return None
 
 
-def find_resume_checkpoint(run_dir: str | Path) -> str | None:
+def find_resume_checkpoint(run_dir: str | Path, root: Path | None = None) -> str | None:
     """The tag of the newest verified checkpoint of ``run_dir`` to resume from, or None for a new run.
 
     Raises CheckpointError rather than letting the run start over when there are step folders but none
     verifies, or no checkpoint but a metrics history: starting from step 0 would truncate the history
     and later overwrite what is left of the run.
     """
-    root = checkpoint_root(run_dir)
+    root = checkpoint_root(run_dir) if root is None else Path(root)
     try:
         tag = newest_verified_tag(root)
     except CheckpointError as exc:
@@ -307,19 +338,32 @@ def _fp32_tensors(engine) -> list[torch.Tensor]:
 
 
 class Checkpoints:
-    """Save/prune/resume for one run directory (every rank calls save and load; rank 0 renames)."""
+    """Save/prune/resume for one run directory (every rank calls save and load; rank 0 seals and
+    renames, or with ``node_local`` each node's first rank its own node's folder).
 
-    def __init__(self, run_dir: Path, rank: int, local_rank: int, keep_last: int):
+    Node-local storage (DeepSpeed's ``"checkpoint": {"use_node_local_storage": true}``): ``root`` is a
+    folder on each node's own disk, the same path everywhere. Every node holds the model states and the
+    partitions and random streams of its own ranks; its first rank writes the manifest of those files
+    and publishes the folder. On resume every rank verifies its own files (its partition, its random
+    streams; the node's first rank the shared ones too) and one collective decides: the newest step
+    that verifies on every rank, else the one before, and so on.
+    """
+
+    def __init__(self, run_dir: Path, rank: int, local_rank: int, keep_last: int, root: Path | None = None,
+                 node_local: bool = False):
         self.run_dir = Path(run_dir)
-        self.root = checkpoint_root(run_dir)
+        self.root = checkpoint_root(run_dir) if root is None else Path(root)
         self.rank, self.local_rank, self.keep_last = rank, local_rank, keep_last
+        self.node_local = node_local
+        # The rank that writes, seals and renames a folder: each node's first under node-local storage.
+        self.sealer = (local_rank == 0) if node_local else (rank == 0)
 
     def tags(self) -> list[str]:
         return list_tags(self.root)
 
     def clean_partial(self) -> None:
         """Remove folders of saves that never finished (a crash between writing and renaming)."""
-        if self.rank == 0 and self.root.is_dir():
+        if self.sealer and self.root.is_dir():
             for path in self.root.iterdir():
                 if path.is_dir() and path.name.endswith(TMP_SUFFIX):
                     shutil.rmtree(path, ignore_errors=True)
@@ -342,22 +386,23 @@ class Checkpoints:
             engine.save_checkpoint(str(self.root), tag=tmp.name, client_state=client_state, save_latest=False)
             # DeepSpeed keeps client state only in rank 0's file; the random streams differ per rank.
             torch.save(rank_state, tmp / RANK_STATE.format(rank=self.rank))
-            if self.rank == 0:
+            if self.sealer:
                 (tmp / CONFIG_SIDECAR).write_text(json.dumps(config.to_dict(), indent=2))
         except (OSError, RuntimeError) as exc:  # a full disk surfaces as either, depending on the writer
             failure = exc
-        if _all_ok(failure is None):  # every rank's files are complete: rank 0 reads them back, seals
-            failure = self._seal(tmp, step, engine) if self.rank == 0 else None
+        if _all_ok(failure is None):  # every rank's files are complete: the sealers read them back, seal
+            failure = self._seal(tmp, step, engine, self.node_local) if self.sealer else None
         if not _all_ok(failure is None):
             message = _write_failure(tmp, failure)
-            if self.rank == 0 or self.local_rank == 0:
+            if self.sealer or self.local_rank == 0:
                 shutil.rmtree(tmp, ignore_errors=True)
             barrier()
             raise CheckpointError(f"{message}; the partial folder was removed and {kept}")
-        if self.rank == 0:
+        if self.sealer:
             self._publish(tmp, tag)
         barrier()
-        # Node-local checkpoint storage: each node's first rank seals and renames its own copy.
+        # A shared-looking root that is not shared (no node-local setting): each node's first rank seals
+        # and renames the copy on its own disk, so that no .tmp folder is left behind there.
         if self.local_rank == 0 and tmp.is_dir() and not (self.root / tag).exists():
             failure = self._seal(tmp, step, engine)
             if failure is not None:
@@ -366,10 +411,11 @@ class Checkpoints:
         return tag
 
     @staticmethod
-    def _seal(tmp: Path, step: int, engine) -> BaseException | None:
+    def _seal(tmp: Path, step: int, engine, node_local: bool = False) -> BaseException | None:
         """Read every file back, write the manifest, verify against it; returns the failure, if any."""
         try:
-            write_manifest(tmp, step=step, world_size=_world_size(), zero_stage=engine.zero_optimization_stage())
+            write_manifest(tmp, step=step, world_size=_world_size(), zero_stage=engine.zero_optimization_stage(),
+                           node_local=node_local)
             verify_checkpoint(tmp, check_hashes=False)
         except (OSError, CheckpointError) as exc:
             return exc
@@ -399,10 +445,12 @@ class Checkpoints:
         """:func:`find_resume_checkpoint` on rank 0, the same answer (or error) on every rank. Newer
         step folders that failed verification are renamed ``*.rejected`` (kept for inspection; never
         loaded, never pruned in place of a good one)."""
+        if self.node_local:
+            return self._node_local_resume_tag()
         answer = None
         if self.rank == 0:
             try:
-                tag = find_resume_checkpoint(self.run_dir)
+                tag = find_resume_checkpoint(self.run_dir, self.root)
                 answer = json.dumps({"tag": tag})
                 for newer in (t for t in self.tags() if tag is not None and _step_of(t) > _step_of(tag)):
                     target = self.root / f"{newer}{REJECTED_SUFFIX}-{int(time.time())}"
@@ -415,6 +463,60 @@ class Checkpoints:
             raise CheckpointError(reply["error"])
         return reply["tag"]
 
+    def _owns(self, name: str) -> bool:
+        """Whether this rank verifies file ``name`` of its node's folder: its own random streams and ZeRO
+        partitions; the node's first rank also what belongs to no rank (model states, config)."""
+        rank_marks = (re.search(r"zero_pp_rank_(\d+)_", name), RANK_STATE_PATTERN.match(name))
+        owners = {int(m.group(1)) for m in rank_marks if m}
+        return self.rank in owners if owners else self.sealer
+
+    def _verify_own_part(self, tag_dir: Path) -> None:
+        manifest = verify_checkpoint(tag_dir, only=self._owns)
+        mine = RANK_STATE.format(rank=self.rank)
+        if mine not in manifest["files"]:
+            raise CheckpointError(f"{tag_dir}: holds no files of rank {self.rank} ({mine} is not in its {MANIFEST}): "
+                                  "not this node's part of the checkpoint")
+
+    def _node_local_resume_tag(self) -> str | None:
+        """Node-local storage: every rank verifies its own part of each step folder on its node's disk;
+        the newest step verified by every rank is resumed (one collective per candidate step)."""
+        tags = self.tags()
+        verified: set[int] = set()
+        for tag in reversed(tags):
+            try:
+                self._verify_own_part(self.root / tag)
+                verified.add(_step_of(tag))
+            except CheckpointError as exc:
+                logger.warning("rank %d: skipping checkpoint %s on this node: %s", self.rank, tag, exc)
+        anywhere = int(all_reduce_sum(torch.tensor([len(tags)], dtype=torch.int64)).item()) > 0
+        bound, chosen = 2**62, None
+        while True:
+            newest_here = max((step for step in verified if step <= bound), default=-1)
+            step = int(all_reduce_min(torch.tensor([newest_here], dtype=torch.int64)).item())
+            if step < 0:
+                break
+            if _all_ok(step in verified):  # every rank verified its part of this step
+                chosen = tag_for(step)
+                break
+            bound = step - 1
+        if chosen is not None:
+            if self.sealer:
+                for newer in (t for t in tags if _step_of(t) > _step_of(chosen)):
+                    target = self.root / f"{newer}{REJECTED_SUFFIX}-{int(time.time())}"
+                    os.replace(self.root / newer, target)
+                    logger.warning("moved %s aside to %s: it does not verify on every node", newer, target)
+            barrier()
+            return chosen
+        if anywhere:
+            raise CheckpointError(f"no checkpoint in {self.root} verifies on every node (each rank's warning above "
+                                  "names its files). Refusing to start over in this run dir: restore the nodes' step "
+                                  "folders or choose another --run-dir")
+        metrics = self.run_dir / METRICS
+        if not _all_ok(not (metrics.is_file() and metrics.stat().st_size > 0)):
+            raise CheckpointError(f"{self.run_dir} has a metrics history but no node holds a checkpoint in "
+                                  f"{self.root}: refusing to start over (it would truncate the history)")
+        return None
+
     def load(self, engine, world_size: int, tag: str | None = None) -> tuple[str, dict, dict | None]:
         """Restore ``tag`` (default: :meth:`resume_tag`) into ``engine``: (tag, client state, this rank's
         state or None when the random streams cannot be restored exactly, with a warning saying why)."""
@@ -423,7 +525,7 @@ class Checkpoints:
             raise CheckpointError(f"no checkpoint in {self.root}")
         tag_dir = self.root / tag
         manifest = read_manifest(tag_dir)
-        model_states = _rank0_model_states(tag_dir)
+        model_states = _rank0_model_states(tag_dir, self.rank if self.node_local else 0)
         states = safe_torch_load(model_states, mmap=True)
         saved_world = int(manifest["world_size"] if manifest else states.get("world_size", states.get("dp_world_size")))
         saved_stage = int(manifest["zero_stage"] if manifest else _zero_stage_of(states))
@@ -432,18 +534,25 @@ class Checkpoints:
         # optimizer state is laid out per old query/key/value parameter (and ZeRO's flat partitions in
         # their order), so it is left out; the step, schedule and data position still resume.
         unfused = _states_have_unfused_qkv(states)
+        if self.node_local and (saved_world, saved_stage) != (world_size, stage):
+            raise CheckpointError(f"{tag_dir} is a node-local checkpoint of {saved_world} rank(s) with ZeRO-{saved_stage}: "
+                                  "its partitions are spread over the nodes' disks, so it resumes only on that shape. "
+                                  "To resume on another, copy every node's step folder into one folder (merging "
+                                  "their files) and resume from there without use_node_local_storage")
         if (saved_world, saved_stage) == (world_size, stage):
             client = self._load_deepspeed(engine, tag_dir, optimizer_states=not unfused)
         elif unfused:
             raise CheckpointError(f"{tag_dir} predates fused QKV: it resumes only on the world size and ZeRO stage "
                                   f"it was written with ({saved_world} rank(s), ZeRO-{saved_stage})")
         else:
-            client = self._load_consolidated(engine, tag_dir, states)
+            client, not_restored = self._load_consolidated(engine, tag_dir, states)
             if self.rank == 0:
+                kept = ("Adam's moments and step counts" if not_restored is None else
+                        f"not Adam's moments, which restart from zero: {not_restored}")
                 logger.warning(
                     "checkpoint %s was written by %d rank(s) with ZeRO-%d, resuming on %d with ZeRO-%d: restored "
-                    "from its consolidated fp32 weights (weights, step, LR schedule and data position exact; the "
-                    "optimizer's moments restart from zero%s)", tag_dir, saved_world, saved_stage, world_size, stage,
+                    "per parameter (weights, %s, step, LR schedule and data position exact%s)", tag_dir, saved_world,
+                    saved_stage, world_size, stage, kept,
                     "" if saved_world == world_size else "; random streams reseeded, so not bit-exact")
         if unfused:
             refresh = getattr(engine.optimizer, "refresh_fp32_params", None)
@@ -453,6 +562,7 @@ class Checkpoints:
                 logger.warning("%s predates fused QKV (separate query/key/value weights): resuming its weights, step "
                                "and LR schedule, but not its optimizer state (Adam's moments start from zero)",
                                tag_dir)
+        _lr_from_schedule(engine)
         rank_state = None
         rank_file = tag_dir / RANK_STATE.format(rank=self.rank)
         if saved_world == world_size:
@@ -479,12 +589,14 @@ class Checkpoints:
             raise CheckpointError(f"{tag_dir}: DeepSpeed could not load it (a model-states file is missing)")
         return client
 
-    def _load_consolidated(self, engine, tag_dir: Path, states: dict) -> dict:
+    def _load_consolidated(self, engine, tag_dir: Path, states: dict) -> tuple[dict, str | None]:
         """Another world size or ZeRO stage: the consolidated fp32 weights into the model and the
-        optimizer's masters; step, LR schedule position and client state from rank 0's model states.
-        The optimizer's moments are not converted between partitionings: Adam starts them again."""
+        optimizer's masters, Adam's state per parameter (electra_fast.optimizer_state), and the step,
+        LR schedule position and client state from rank 0's model states. Returns the client state and,
+        when the optimizer's state could not be converted, why (its moments then restart)."""
         import deepspeed
-        from deepspeed.utils import safe_set_full_fp32_param
+
+        from .optimizer_state import UnsupportedOptimizerLayout, load_optimizer_state, read_optimizer_state, set_full_fp32
 
         weights = consolidated_state_dict(tag_dir)
         params = dict(engine.module.named_parameters())
@@ -492,6 +604,10 @@ class Checkpoints:
         if missing or unexpected:
             raise CheckpointError(f"{tag_dir}: its weights do not match the model (missing {missing[:5]}, "
                                   f"unexpected {unexpected[:5]})")
+        try:
+            optimizer_state, not_restored = read_optimizer_state(tag_dir), None
+        except UnsupportedOptimizerLayout as exc:
+            optimizer_state, not_restored = None, str(exc)
         zero3 = any(hasattr(p, "ds_id") for p in params.values())
         for name, param in params.items():
             value = weights[name]
@@ -501,19 +617,37 @@ class Checkpoints:
                         param.data.copy_(value.reshape(param.ds_shape).to(param.dtype))
             else:
                 param.data.copy_(value.reshape(param.shape).to(param.dtype))
-        if zero3:  # the fp32 partitions from the (re-partitioned) module weights: exact in fp32
-            engine.optimizer.refresh_fp32_params()
-        for name, param in params.items():
-            # The fp32 master, where the optimizer keeps one (exact under bf16 too). DeepSpeed 0.19's ZeRO-3
-            # setter cannot address a padded last partition: those few keep the refreshed value.
-            if not zero3 or param.ds_numel % _world_size() == 0:
-                safe_set_full_fp32_param(param, weights[name].to(param.device))
+        for name, param in params.items():  # the fp32 masters, where the optimizer keeps them (exact under bf16)
+            set_full_fp32(engine, param, weights[name].float())
+        if optimizer_state is not None:
+            load_optimizer_state(engine, optimizer_state)
         if engine.lr_scheduler is not None and states.get("lr_scheduler") is not None:
             engine.lr_scheduler.load_state_dict(states["lr_scheduler"])
         for counter in ("global_steps", "global_samples", "skipped_steps"):
             if counter in states:
                 setattr(engine, counter, int(states[counter]))
-        return {key: states[key] for key in ("step", "tokens_seen", "world_size", "loader", "format") if key in states}
+        client = {key: states[key] for key in ("step", "tokens_seen", "world_size", "loader", "format") if key in states}
+        return client, not_restored
+
+
+def _lr_from_schedule(engine) -> None:
+    """The learning rate of the next update, from the restored schedule at the restored step.
+
+    The schedule sets the optimizer's learning rate when it steps, after each update; a resume restores
+    the schedule's position but the optimizer's rate is whatever the load left there: the fresh engine's
+    first value (consolidated path), or the rate saved with the optimizer, which is stale when a resume
+    changed train.max_steps or train.lr. Computing it is what the schedule's own step does, so an
+    unchanged run gets the very same float."""
+    import warnings
+
+    scheduler = engine.lr_scheduler
+    if scheduler is None or not hasattr(scheduler, "get_lr"):
+        return
+    with warnings.catch_warnings():  # torch asks for get_last_lr() outside step(); the computation is wanted
+        warnings.simplefilter("ignore", UserWarning)
+        rates = list(scheduler.get_lr())
+    for group, lr in zip(engine.optimizer.param_groups, rates):
+        group["lr"] = lr
 
 
 def _world_size() -> int:
@@ -526,10 +660,12 @@ def _zero_stage_of(states: dict) -> int:
     return int((config.get("zero_optimization") or {}).get("stage", 0)) if isinstance(config, dict) else 0
 
 
-def _rank0_model_states(tag_dir: Path) -> Path:
+def _rank0_model_states(tag_dir: Path, rank: int = 0) -> Path:
+    """The model-states file with the step, schedule and client state (ZeRO-3 writes one per rank; on
+    node-local storage a rank reads its own, the one on its node)."""
     path = Path(tag_dir) / "mp_rank_00_model_states.pt"
-    if not path.is_file():  # ZeRO-3 names rank 0's model states by its partition
-        path = Path(tag_dir) / "zero_pp_rank_0_mp_rank_00_model_states.pt"
+    if not path.is_file():  # ZeRO-3 names its model states by the partition
+        path = Path(tag_dir) / f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt"
     return path
 
 
@@ -555,7 +691,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
             logger.warning("%s has no %s (written by an earlier version): its files passed the weights-only "
                            "load but cannot be checked for damage", path, MANIFEST)
         return path
-    for root in (path / CHECKPOINT_DIR, path):
+    for root in dict.fromkeys((checkpoint_root(path), path / CHECKPOINT_DIR, path)):  # the run's own first
         tag = newest_verified_tag(root)
         if tag is not None:
             return root / tag

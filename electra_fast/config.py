@@ -227,6 +227,13 @@ class TrainConfig:
     save_every: int = 1000
     save_every_minutes: float = 0.0  # also save when this much time passed since the last save (0 = off)
     keep_last: int = 3
+    # Where the step folders go: "" = RUN_DIR/checkpoints; a relative path is taken from the run dir.
+    # $VARIABLES are expanded on each node (e.g. $SLURM_TMPDIR/ckpt for node-local disks, with
+    # "checkpoint": {"use_node_local_storage": true} in the DeepSpeed JSON; electra_fast.checkpoints).
+    checkpoint_dir: str = ""
+    # Collectives that wait longer than this fail and end the process (passed to init_process_group):
+    # bounds the wait of the surviving ranks when another node's rank died (NCCL waits that long).
+    dist_timeout_minutes: float = 30.0
     max_nonfinite_steps: int = 5  # consecutive skipped updates before the run stops
     peak_tflops: float = 0.0  # device peak for MFU; 0 = look the device up
     export_at_end: bool = True
@@ -250,6 +257,8 @@ class TrainConfig:
         for key in ("global_batch_size", "max_steps", "log_every", "save_every", "keep_last", "max_nonfinite_steps"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"train.{key} must be positive, got {getattr(self, key)}")
+        if not self.dist_timeout_minutes > 0:
+            raise ConfigError(f"train.dist_timeout_minutes must be > 0, got {self.dist_timeout_minutes}")
         if self.save_every_minutes < 0:
             raise ConfigError(f"train.save_every_minutes must be >= 0 (0 = off), got {self.save_every_minutes}")
         if self.micro_batch_size < 0 or self.gradient_accumulation_steps < 0:

@@ -1,4 +1,4 @@
-"""Joining the launcher's process group, and the two collectives the trainer uses outside DeepSpeed.
+"""Joining the launcher's process group, and the few collectives the trainer uses outside DeepSpeed.
 
 Every launcher (``deepspeed``, ``torchrun``, MPI) is read from its environment variables; a plain
 ``python -m electra_fast.train`` becomes a group of one on a free local port.
@@ -80,8 +80,15 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def init_distributed(local_rank: int) -> tuple[int, int, torch.device]:
-    """Join the process group the launcher set up (or make a one-process group): (rank, world, device)."""
+def init_distributed(local_rank: int, timeout_minutes: float = 30.0) -> tuple[int, int, torch.device]:
+    """Join the process group the launcher set up (or make a one-process group): (rank, world, device).
+
+    ``timeout_minutes`` (train.dist_timeout_minutes) bounds every collective: when a rank dies, the
+    launcher on its node ends that node's ranks at once, but the ranks of other nodes wait in their
+    next collective; NCCL's watchdog then fails the collective after this long and ends the process
+    (torch's default TORCH_NCCL_ASYNC_ERROR_HANDLING), and the job with it."""
+    import datetime
+
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
@@ -101,7 +108,8 @@ def init_distributed(local_rank: int) -> tuple[int, int, torch.device]:
     # DeepSpeed prints "... built successfully" each time it loads its CPU op, built or not; other lines pass.
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
-        deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name())
+        deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name(),
+                                   timeout=datetime.timedelta(minutes=timeout_minutes))
     for line in printed.getvalue().splitlines():
         if not line.endswith("built successfully"):
             print(line, flush=True)
@@ -132,5 +140,12 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum ``tensor`` over the ranks in place (a no-op without a process group)."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.all_reduce(tensor)
+    return tensor
+
+
+def all_reduce_min(tensor: torch.Tensor) -> torch.Tensor:
+    """The element-wise minimum of ``tensor`` over the ranks, in place (a no-op without a process group)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MIN)
     return tensor
 

@@ -53,7 +53,8 @@ RECORD_FORMAT = 1
 OPERATIONAL_KEYS = frozenset({
     "data.path",  # the data itself is compared by its identity, wherever it lives now
     "data.num_workers", "data.prefetch_factor", "data.pin_memory",
-    "train.log_every", "train.save_every", "train.save_every_minutes", "train.keep_last",
+    "train.log_every", "train.save_every", "train.save_every_minutes", "train.keep_last", "train.checkpoint_dir",
+    "train.dist_timeout_minutes",
     "train.export_at_end", "train.peak_tflops", "train.max_nonfinite_steps",
 })
 # Config keys filled in from the data's manifest: compared through the data's identity instead.

@@ -190,7 +190,8 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, local_rank:
     if init_generator is not None and init_from is None:
         raise ConfigError("--init-generator needs --init-from (the discriminator the run starts from)")
     resuming = resume and has_checkpoint(run_dir)
-    if not resume and (read_latest(checkpoint_root(run_dir)) is not None or list_tags(checkpoint_root(run_dir))):
+    root = checkpoint_root(run_dir, cfg.train.checkpoint_dir)
+    if not resume and (read_latest(root) is not None or list_tags(root)):
         raise ConfigError(f"{run_dir} already holds checkpoints: pass --resume to continue that run, or choose "
                           "another --run-dir")
     manifest = read_data_manifest(cfg)
@@ -229,7 +230,7 @@ class Trainer:
         self.cfg, self.run_dir, self.manifest, self.callbacks = cfg, run_dir, manifest, list(callbacks)
         self.record_update = record_update or RunRecordUpdate(RunRecord(run_dir),
                                                               data_identity(cfg.data.path, manifest))
-        self.rank, self.world_size, self.device = init_distributed(local_rank)
+        self.rank, self.world_size, self.device = init_distributed(local_rank, cfg.train.dist_timeout_minutes)
         self.local_rank = local_rank if local_rank >= 0 else launcher_world()[1]
         self.is_main = self.rank == 0
         accelerator = get_accelerator()
@@ -296,7 +297,9 @@ class Trainer:
 
             self.heldout = heldout_batches(cfg.data.path, batch_size=self.micro, max_batches=cfg.train.eval_batches,
                                            manifest=manifest)
-        self.checkpoints = Checkpoints(run_dir, self.rank, self.local_rank, cfg.train.keep_last)
+        self.checkpoints = Checkpoints(run_dir, self.rank, self.local_rank, cfg.train.keep_last,
+                                       root=checkpoint_root(run_dir, cfg.train.checkpoint_dir),
+                                       node_local=bool(lookup(ds, "checkpoint.use_node_local_storage")))
         self.control = StepBoundaryControl(cfg.train.save_every_minutes, host_group())
         self.stats = StepStats(self.device)
         self.step = self.tokens_seen = 0
@@ -404,7 +407,12 @@ class Trainer:
 
         export_dir = None
         if self.is_main:
-            if cfg.train.export_at_end:
+            if cfg.train.export_at_end and self.checkpoints.node_local and self.zero_stage and self.world_size > 1:
+                # The ZeRO partitions are on the nodes' own disks: no one node can merge the weights.
+                self.log.say(f"[electra-fast] no export at the end: the node-local checkpoint's partitions are "
+                             f"spread over the nodes; copy every node's {tag_for(self.step)} folder into one, then "
+                             "run `electra-fast export --checkpoint FOLDER --out DIR`")
+            elif cfg.train.export_at_end:
                 export_dir = export_checkpoint(self.checkpoints.root, run_dir / "export", data_dir=cfg.data.path)
                 logger.info("exported %s", export_dir)
             plot_curves(run_dir)

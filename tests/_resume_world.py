@@ -7,6 +7,10 @@ With --resume the trainer is built on this launch's world size and ZeRO stage, r
 checkpoint, and before any step the full fp32 weights it now holds (gathered from every rank) are
 compared with the checkpoint's consolidated weights; rank 0 writes the largest difference, the step
 and the learning rate to --report. Then training continues to train.max_steps.
+
+--optimizer-dump FILE: without --resume, the engine's full optimizer state after the run (gathered
+through DeepSpeed's per-parameter API, what the last checkpoint holds) is written to FILE; with
+--resume, the state just restored is compared with FILE and the result added to --report.
 """
 
 import argparse
@@ -29,6 +33,16 @@ def full_fp32_weights(trainer) -> dict:
     return weights
 
 
+def compare_optimizer_state(restored, saved: dict) -> dict:
+    """How the optimizer state restored on this launch's shape differs from the one saved on another."""
+    keys = sorted(saved["tensors"])
+    differences = [float((restored.tensors[key][name] - value).abs().max())
+                   for key in keys for name, value in saved["tensors"][key].items()]
+    return {"optimizer_keys": keys, "optimizer_names_equal": restored.steps.keys() == saved["steps"].keys(),
+            "optimizer_steps_equal": restored.steps == saved["steps"], "optimizer_steps": sorted(set(restored.steps.values())),
+            "optimizer_max_abs_difference": max(differences)}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--data", required=True)
@@ -37,12 +51,14 @@ def main() -> int:
     parser.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[])
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--report", default=None)
+    parser.add_argument("--optimizer-dump", default=None)
     parser.add_argument("--local_rank", type=int, default=-1)
     args = parser.parse_args()
 
     from electra_fast.checkpoints import consolidated_state_dict
     from electra_fast.config import load_config
     from electra_fast.ds_config import read_deepspeed_json
+    from electra_fast.optimizer_state import gather_optimizer_state
     from electra_fast.train import Trainer, apply_data_manifest
 
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -54,6 +70,7 @@ def main() -> int:
     trainer = Trainer(cfg, Path(args.run), ds_user, ds_path, manifest, local_rank=args.local_rank)
     if args.resume:
         trainer.resume()
+        restored = gather_optimizer_state(trainer.engine) if args.optimizer_dump else None  # a collective
         held = full_fp32_weights(trainer)
         if trainer.rank == 0:
             saved = consolidated_state_dict(trainer.checkpoints.root / trainer.resumed_from)
@@ -63,9 +80,15 @@ def main() -> int:
             report = {"step": trainer.step, "max_abs_difference": difference, "names": sorted(held) == sorted(saved),
                       "module_max_abs_difference": max(module.values()) if module else None,
                       "lr": float(trainer.engine.get_lr()[0]), "world_size": trainer.world_size}
+            if restored is not None:
+                report.update(compare_optimizer_state(restored, torch.load(args.optimizer_dump, weights_only=True)))
             with open(args.report, "w") as handle:
                 json.dump(report, handle)
     trainer.run()
+    if args.optimizer_dump and not args.resume:
+        state = gather_optimizer_state(trainer.engine)  # a collective
+        if trainer.rank == 0:
+            torch.save({"tensors": state.tensors, "steps": state.steps}, args.optimizer_dump)
     return 0
 
 

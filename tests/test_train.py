@@ -138,7 +138,7 @@ def test_deepspeed_config_fills_auto_from_yaml():
     assert user["train_batch_size"] == "auto"  # the JSON as read is not modified
 
 
-@pytest.mark.parametrize("name", ["zero0", "zero1", "zero2", "zero3", "zero3-offload"])
+@pytest.mark.parametrize("name", ["zero0", "zero1", "zero2", "zero3", "zero3-offload", "zero1-node-local"])
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
 def test_every_shipped_deepspeed_config_resolves(name, device):
     user, _ = read_deepspeed_json(f"configs/deepspeed/{name}.json")
