@@ -11,6 +11,7 @@ from .attention import (
     attention_ref,
     attention_varlen,
     attention_varlen_ref,
+    rotary_ref,
 )
 from .bert_padding import index_first_axis, index_put_first_axis, pad_input, unpad_input
 from .disc_head import (
@@ -22,6 +23,7 @@ from .disc_head import (
 )
 from .mlm_head import IGNORE_INDEX, MLMHeadLoss, mlm_head_loss, mlm_head_loss_ref
 from .bias_gelu import LinearGELU, bias_gelu, bias_gelu_ref
+from .geglu import GeGLU, geglu, geglu_ref
 from .layer_norm import DropoutAddLayerNorm, FusedLayerNorm, layer_norm, layer_norm_ref
 from .hf_patch import patch_hf
 from ._triton_utils import dropout_keep_probability
@@ -29,6 +31,9 @@ from ._triton_utils import dropout_keep_probability
 __all__ = [
     "DropoutAddLayerNorm",
     "FusedLayerNorm",
+    "GeGLU",
+    "geglu",
+    "geglu_ref",
     "LinearGELU",
     "bias_gelu",
     "bias_gelu_ref",
@@ -43,6 +48,7 @@ __all__ = [
     "attention_ref",
     "attention_varlen",
     "attention_varlen_ref",
+    "rotary_ref",
     "index_first_axis",
     "index_put_first_axis",
     "MLMHeadLoss",

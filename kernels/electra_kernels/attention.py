@@ -150,8 +150,8 @@ if HAS_TRITON:
     # Values that change from batch to batch in training (lengths, the packed token count in the LSE
     # strides, the seed) are not specialised on, so they never trigger a recompilation.
     _NO_SPECIALIZE = ["seqlen_q", "seqlen_k", "seed", "rng_offset", "rng_stride_m", "rng_stride_bh", "stride_lb",
-                      "stride_lh"]
-    _TUNE_KEY = ["SEQ_BUCKET", "BLOCK_D", "IS_VARLEN", "HAS_KPM", "DROPOUT"]
+                      "stride_lh", "window"]
+    _TUNE_KEY = ["SEQ_BUCKET", "BLOCK_D", "IS_VARLEN", "HAS_KPM", "DROPOUT", "WINDOW"]
 
     def _smem_estimate(block_m, block_n, block_d, stages, stationary, element_size):
         """Shared memory a config needs, roughly: the software pipeline buffers ``stages`` copies of
@@ -220,6 +220,18 @@ if HAS_TRITON:
         return seq_start, rows_q, rows_k, live_k
 
     @triton.jit
+    def _window_span(start, window, n_live, n_rows, BLOCK: tl.constexpr, BLOCK_OTHER: tl.constexpr):
+        """Sliding window: the streamed rows (multiples of BLOCK) that a stationary block of BLOCK_OTHER
+        rows starting at ``start`` can see, |i - j| <= window. Returns (lo, full_end, hi): rows
+        [lo, full_end) are whole blocks inside the n_rows bound (no bounds checks), [full_end, hi) the
+        one ragged block if the window reaches it. Blocks wholly outside the window are never visited,
+        so a windowed layer costs S·window, not S²."""
+        lo = (tl.maximum(start - window, 0) // BLOCK) * BLOCK
+        hi = tl.minimum(start + BLOCK_OTHER + window, n_live)
+        full_end = tl.minimum((n_rows // BLOCK) * BLOCK, tl.cdiv(hi, BLOCK) * BLOCK)
+        return lo, tl.maximum(full_end, lo), hi
+
+    @triton.jit
     def _load_tile(ptrs, rows, n_rows, d_ok, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                    BOUNDARY: tl.constexpr, D_FIRST: tl.constexpr):
         """A (rows, BLOCK_D) tile of q/k/v/dO, or with D_FIRST its (BLOCK_D, rows) transpose.
@@ -251,10 +263,10 @@ if HAS_TRITON:
     @triton.jit
     def _attn_fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, kpm_ptr, lo, hi, live_k,
                         offs_m, offs_n, offs_d, stride_kn, stride_vn,
-                        qk_scale, drop_threshold, seed, rng_base, rng_stride_m,
+                        qk_scale, drop_threshold, seed, rng_base, rng_stride_m, window,
                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                         BOUNDARY: tl.constexpr, HAS_KPM: tl.constexpr, DROPOUT: tl.constexpr,
-                        DOT_PRECISION: tl.constexpr):
+                        DOT_PRECISION: tl.constexpr, WINDOW: tl.constexpr = False):
         d_ok = offs_d < HEAD_DIM
         for start_n in range(lo, hi, BLOCK_N):
             cols = start_n + offs_n
@@ -266,10 +278,12 @@ if HAS_TRITON:
                 qk = tl.where(key_ok[None, :], qk, float("-inf"))
             elif BOUNDARY:
                 qk = tl.where((cols < live_k)[None, :], qk, float("-inf"))
+            if WINDOW:
+                qk = tl.where(tl.abs(offs_m[:, None] - cols[None, :]) <= window, qk, float("-inf"))
             # Online softmax in the log2 domain: m is the running max of scale·log2(e)·qk.
             m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-            if HAS_KPM:
-                # A row whose keys so far are all padding has m = -inf; subtracting 0 instead keeps
+            if HAS_KPM or WINDOW:
+                # A row whose keys so far are all padding (or outside its window) has m = -inf; subtracting 0 instead keeps
                 # exp2(-inf) = 0 rather than exp2(-inf + inf) = NaN.
                 m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
             else:
@@ -295,11 +309,11 @@ if HAS_TRITON:
         stride_ob, stride_om, stride_oh,
         stride_lb, stride_lh, stride_kpmb,
         n_heads, seqlen_q, seqlen_k, qk_scale, drop_threshold, keep_scale, seed, rng_offset, rng_stride_m,
-        rng_stride_bh,
+        rng_stride_bh, window,
         SEQ_BUCKET,  # autotune key only: next power of two of the longest sequence
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
         IS_VARLEN: tl.constexpr, HAS_KPM: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WINDOW: tl.constexpr = False,
     ):
         # tl.dot needs every dim >= 16 (one assert each: Triton < 3.4 rejects chained `and`).
         tl.static_assert(BLOCK_M >= 16)
@@ -336,15 +350,20 @@ if HAS_TRITON:
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
         # Full key blocks without bounds checks, then the one ragged block with them.
-        full_end = (live_k // BLOCK_N) * BLOCK_N
+        if WINDOW:
+            lo, full_end, hi = _window_span(start_m, window, live_k, live_k, BLOCK_N, BLOCK_M)
+        else:
+            lo = 0
+            full_end = (live_k // BLOCK_N) * BLOCK_N
+            hi = live_k
         acc, l_i, m_i = _attn_fwd_inner(
-            acc, l_i, m_i, q, k_ptrs, v_ptrs, kpm_ptr, 0, full_end, live_k,
+            acc, l_i, m_i, q, k_ptrs, v_ptrs, kpm_ptr, lo, full_end, live_k,
             offs_m, offs_n, offs_d, stride_kn, stride_vn, qk_scale, drop_threshold, seed, rng_base, rng_stride_m,
-            HEAD_DIM, BLOCK_D, BLOCK_N, False, HAS_KPM, DROPOUT, DOT_PRECISION)
+            window, HEAD_DIM, BLOCK_D, BLOCK_N, False, HAS_KPM, DROPOUT, DOT_PRECISION, WINDOW)
         acc, l_i, m_i = _attn_fwd_inner(
-            acc, l_i, m_i, q, k_ptrs, v_ptrs, kpm_ptr, full_end, live_k, live_k,
+            acc, l_i, m_i, q, k_ptrs, v_ptrs, kpm_ptr, full_end, hi, live_k,
             offs_m, offs_n, offs_d, stride_kn, stride_vn, qk_scale, drop_threshold, seed, rng_base, rng_stride_m,
-            HEAD_DIM, BLOCK_D, BLOCK_N, True, HAS_KPM, DROPOUT, DOT_PRECISION)
+            window, HEAD_DIM, BLOCK_D, BLOCK_N, True, HAS_KPM, DROPOUT, DOT_PRECISION, WINDOW)
 
         # A row with no real key (l = 0) gets output 0 and LSE -inf, like the reference.
         l_safe = tl.where(l_i == 0.0, 1.0, l_i)
@@ -404,11 +423,11 @@ if HAS_TRITON:
     @triton.jit
     def _attn_bwd_dkdv_inner(dk, dv, k, v, key_ok, q_ptrs, do_ptrs, dq_ptrs, lse_ptr, delta_ptr, lo, hi, rows_q,
                              start_n, offs_m, offs_n, offs_d, stride_qm, stride_dom, stride_dqm,
-                             sm_scale, qk_scale, drop_threshold, keep_scale, seed, rng_base, rng_stride_m,
+                             sm_scale, qk_scale, drop_threshold, keep_scale, seed, rng_base, rng_stride_m, window,
                              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                              BLOCK_N: tl.constexpr,
                              BOUNDARY: tl.constexpr, HAS_KPM: tl.constexpr, DROPOUT: tl.constexpr,
-                             FUSE_DQ: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                             FUSE_DQ: tl.constexpr, DOT_PRECISION: tl.constexpr, WINDOW: tl.constexpr = False):
         d_ok = offs_d < HEAD_DIM
         for start_m in range(lo, hi, BLOCK_M):
             rows = start_m + offs_m
@@ -424,6 +443,8 @@ if HAS_TRITON:
                 # Padding keys (and, for the fused dQ, keys past the sequence, whose k = 0 would
                 # otherwise give P = exp2(-lse2) and leak into dQ) carry no probability.
                 pT = tl.where(key_ok[:, None], pT, 0.0)
+            if WINDOW:
+                pT = tl.where(tl.abs(offs_n[:, None] - rows[None, :]) <= window, pT, 0.0)
             dpT = dot(v, tl.trans(do), DOT_PRECISION)
             if DROPOUT:
                 # Drawn as (queries, keys) like the forward's, then transposed to (keys, queries).
@@ -457,11 +478,11 @@ if HAS_TRITON:
         stride_dqb, stride_dqm, stride_dqh,
         stride_lb, stride_lh, stride_kpmb,
         n_heads, seqlen_q, seqlen_k, sm_scale, qk_scale, drop_threshold, keep_scale, seed, rng_offset, rng_stride_m,
-        rng_stride_bh,
+        rng_stride_bh, window,
         SEQ_BUCKET,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
         IS_VARLEN: tl.constexpr, HAS_KPM: tl.constexpr, DROPOUT: tl.constexpr, FUSE_DQ: tl.constexpr,
-        DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WINDOW: tl.constexpr = False,
     ):
         """dK, dV of one key block (and with FUSE_DQ, when one block holds the whole sequence, dQ too)."""
         # tl.dot needs every dim >= 16 (one assert each: Triton < 3.4 rejects chained `and`).
@@ -509,17 +530,23 @@ if HAS_TRITON:
             q_hi = rows_q
         else:
             q_hi = tl.where(start_n < live_k, rows_q, 0)
-        full_end = (q_hi // BLOCK_M) * BLOCK_M
+        if WINDOW and not FUSE_DQ:
+            # Only the query blocks within the window of this key block (the fused kernel's one key block
+            # holds the whole sequence, so every query row is within reach and owes its dQ anyway).
+            q_lo, full_end, q_hi = _window_span(start_n, window, q_hi, rows_q, BLOCK_M, BLOCK_N)
+        else:
+            q_lo = 0
+            full_end = (q_hi // BLOCK_M) * BLOCK_M
         dk, dv = _attn_bwd_dkdv_inner(
-            dk, dv, k, v, key_ok, q_ptrs, do_ptrs, dq_ptrs, lse_ptr, delta_ptr, 0, full_end, rows_q,
+            dk, dv, k, v, key_ok, q_ptrs, do_ptrs, dq_ptrs, lse_ptr, delta_ptr, q_lo, full_end, rows_q,
             start_n, offs_m, offs_n, offs_d, stride_qm, stride_dom, stride_dqm, sm_scale, qk_scale, drop_threshold,
-            keep_scale, seed, rng_base, rng_stride_m, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, False, HAS_KPM, DROPOUT,
-            FUSE_DQ, DOT_PRECISION)
+            keep_scale, seed, rng_base, rng_stride_m, window, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, False, HAS_KPM,
+            DROPOUT, FUSE_DQ, DOT_PRECISION, WINDOW)
         dk, dv = _attn_bwd_dkdv_inner(
             dk, dv, k, v, key_ok, q_ptrs, do_ptrs, dq_ptrs, lse_ptr, delta_ptr, full_end, q_hi, rows_q,
             start_n, offs_m, offs_n, offs_d, stride_qm, stride_dom, stride_dqm, sm_scale, qk_scale, drop_threshold,
-            keep_scale, seed, rng_base, rng_stride_m, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, True, HAS_KPM, DROPOUT,
-            FUSE_DQ, DOT_PRECISION)
+            keep_scale, seed, rng_base, rng_stride_m, window, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, True, HAS_KPM,
+            DROPOUT, FUSE_DQ, DOT_PRECISION, WINDOW)
         dk = dk * sm_scale
 
         tl.store(DK + b64 * stride_dkb + h64 * stride_dkh + kv_rows * stride_dkn + offs_d[None, :],
@@ -540,10 +567,10 @@ if HAS_TRITON:
     @triton.jit
     def _attn_bwd_dq_inner(dq, q, do, lse2, delta, k_ptrs, v_ptrs, kpm_ptr, lo, hi, live_k,
                            offs_m, offs_n, offs_d, stride_kn, stride_vn,
-                           qk_scale, drop_threshold, keep_scale, seed, rng_base, rng_stride_m,
+                           qk_scale, drop_threshold, keep_scale, seed, rng_base, rng_stride_m, window,
                            HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                            BOUNDARY: tl.constexpr, HAS_KPM: tl.constexpr, DROPOUT: tl.constexpr,
-                           DOT_PRECISION: tl.constexpr):
+                           DOT_PRECISION: tl.constexpr, WINDOW: tl.constexpr = False):
         d_ok = offs_d < HEAD_DIM
         for start_n in range(lo, hi, BLOCK_N):
             cols = start_n + offs_n
@@ -557,6 +584,8 @@ if HAS_TRITON:
                 p = tl.where(key_ok[None, :], p, 0.0)
             elif BOUNDARY:
                 p = tl.where((cols < live_k)[None, :], p, 0.0)
+            if WINDOW:
+                p = tl.where(tl.abs(offs_m[:, None] - cols[None, :]) <= window, p, 0.0)
             dp = dot(do, vT, DOT_PRECISION)
             if DROPOUT:
                 keep = _keep_mask(seed, rng_base, offs_m, start_n, rng_stride_m, drop_threshold, BLOCK_N)
@@ -575,11 +604,11 @@ if HAS_TRITON:
         stride_dqb, stride_dqm, stride_dqh,
         stride_lb, stride_lh, stride_kpmb,
         n_heads, seqlen_q, seqlen_k, sm_scale, qk_scale, drop_threshold, keep_scale, seed, rng_offset, rng_stride_m,
-        rng_stride_bh,
+        rng_stride_bh, window,
         SEQ_BUCKET,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
         IS_VARLEN: tl.constexpr, HAS_KPM: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WINDOW: tl.constexpr = False,
     ):
         # tl.dot needs every dim >= 16 (one assert each: Triton < 3.4 rejects chained `and`).
         tl.static_assert(BLOCK_M >= 16)
@@ -615,15 +644,20 @@ if HAS_TRITON:
         rng_base = (b64 * n_heads + h64) * rng_stride_bh + rng_offset
 
         dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        full_end = (live_k // BLOCK_N) * BLOCK_N
+        if WINDOW:
+            lo, full_end, hi = _window_span(start_m, window, live_k, live_k, BLOCK_N, BLOCK_M)
+        else:
+            lo = 0
+            full_end = (live_k // BLOCK_N) * BLOCK_N
+            hi = live_k
         dq = _attn_bwd_dq_inner(
-            dq, q, do, lse2, delta, k_ptrs, v_ptrs, kpm_ptr, 0, full_end, live_k,
+            dq, q, do, lse2, delta, k_ptrs, v_ptrs, kpm_ptr, lo, full_end, live_k,
             offs_m, offs_n, offs_d, stride_kn, stride_vn, qk_scale, drop_threshold, keep_scale, seed, rng_base,
-            rng_stride_m, HEAD_DIM, BLOCK_D, BLOCK_N, False, HAS_KPM, DROPOUT, DOT_PRECISION)
+            rng_stride_m, window, HEAD_DIM, BLOCK_D, BLOCK_N, False, HAS_KPM, DROPOUT, DOT_PRECISION, WINDOW)
         dq = _attn_bwd_dq_inner(
-            dq, q, do, lse2, delta, k_ptrs, v_ptrs, kpm_ptr, full_end, live_k, live_k,
+            dq, q, do, lse2, delta, k_ptrs, v_ptrs, kpm_ptr, full_end, hi, live_k,
             offs_m, offs_n, offs_d, stride_kn, stride_vn, qk_scale, drop_threshold, keep_scale, seed, rng_base,
-            rng_stride_m, HEAD_DIM, BLOCK_D, BLOCK_N, True, HAS_KPM, DROPOUT, DOT_PRECISION)
+            rng_stride_m, window, HEAD_DIM, BLOCK_D, BLOCK_N, True, HAS_KPM, DROPOUT, DOT_PRECISION, WINDOW)
         dq = dq * sm_scale
         tl.store(DQ + b64 * stride_dqb + h64 * stride_dqh + rows * stride_dqm + offs_d[None, :],
                  cast_rne(dq, DQ.dtype.element_ty), mask=qo_mask)
@@ -712,15 +746,26 @@ def _rng_stride_m(seqlen_k: int) -> int:
     return triton.cdiv(seqlen_k, 16)
 
 
+def _has_window(window) -> bool:
+    return window is not None and window >= 0
+
+
+def _window_arg(window) -> int:
+    # The kernels read it only when WINDOW is set; 0 otherwise keeps one specialisation.
+    return int(window) if _has_window(window) else 0
+
+
 def _scale(softmax_scale, head_dim):
     return float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
 
 
 def attention_forward(q, k, v, key_padding_mask=None, cu_seqlens=None, max_seqlen=None,
-                      dropout_p: float = 0.0, softmax_scale=None, seed: int = 0, rng_offset: int = 0):
+                      dropout_p: float = 0.0, softmax_scale=None, seed: int = 0, rng_offset: int = 0,
+                      window: Optional[int] = None):
     """Launch the forward kernel. Returns (out like q, lse fp32: (B, H, S) padded / (H, T) packed).
 
     Inputs are assumed checked by the public functions (same dtype/device, head_dim <= 128).
+    window: sliding window |i - j| <= window (None or < 0: global attention).
     """
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     layout = _Layout(q, k, cu_seqlens, max_seqlen)
@@ -742,16 +787,17 @@ def attention_forward(q, k, v, key_padding_mask=None, cu_seqlens=None, max_seqle
         *layout.lse_strides(lse), stride_kpmb,
         layout.heads, layout.seqlen_q, layout.seqlen_k, scale * LOG2E, dropout_threshold(dropout_p),
         dropout_scale(dropout_p), int(seed), int(rng_offset), rng_stride_m, layout.seqlen_q * rng_stride_m,
-        layout.seq_bucket,
+        _window_arg(window), layout.seq_bucket,
         HEAD_DIM=layout.head_dim, BLOCK_D=layout.block_d,
         IS_VARLEN=layout.is_varlen, HAS_KPM=key_padding_mask is not None, DROPOUT=dropout_p > 0.0,
-        DOT_PRECISION=_dot_precision(q.dtype),
+        DOT_PRECISION=_dot_precision(q.dtype), WINDOW=_has_window(window),
     )
     return out, lse
 
 
 def attention_backward(dout, q, k, v, out, lse, key_padding_mask=None, cu_seqlens=None, max_seqlen=None,
-                       dropout_p: float = 0.0, softmax_scale=None, seed: int = 0, rng_offset: int = 0):
+                       dropout_p: float = 0.0, softmax_scale=None, seed: int = 0, rng_offset: int = 0,
+                       window: Optional[int] = None):
     """Launch the three backward kernels. Returns (dq, dk, dv) shaped and typed like q, k, v."""
     q, k, v, out, dout = (_last_dim_contiguous(t) for t in (q, k, v, out, dout))
     layout = _Layout(q, k, cu_seqlens, max_seqlen)
@@ -772,9 +818,9 @@ def attention_backward(dout, q, k, v, out, lse, key_padding_mask=None, cu_seqlen
     rng_stride_m = _rng_stride_m(layout.seqlen_k)
     scalars = (layout.heads, layout.seqlen_q, layout.seqlen_k, scale, scale * LOG2E, dropout_threshold(dropout_p),
                dropout_scale(dropout_p), int(seed), int(rng_offset), rng_stride_m, layout.seqlen_q * rng_stride_m,
-               layout.seq_bucket)
+               _window_arg(window), layout.seq_bucket)
     flags = dict(common, HAS_KPM=key_padding_mask is not None, DROPOUT=dropout_p > 0.0,
-                 DOT_PRECISION=_dot_precision(q.dtype))
+                 DOT_PRECISION=_dot_precision(q.dtype), WINDOW=_has_window(window))
 
     def grid_k(meta):
         return (triton.cdiv(layout.seqlen_k, meta["BLOCK_N"]), layout.heads, layout.batch)
@@ -883,6 +929,19 @@ def compile_variants():
                                               **flags, **extra)
                             variants.append(Variant(name, kernel, types, constexprs, warps, stages,
                                                     default=i == 0, matmul=True, tags=tags, aligned=aligned))
+                    if head_dim == 64:
+                        # Sliding window (ModernBERT's local layers, head dim 64): the default configs with
+                        # WINDOW set, which adds the window bounds and one mask per tile.
+                        for name, kernel, space, stationary, extra in kernels(block_d):
+                            if not space:
+                                continue
+                            block_m, block_n, warps, stages = space[0]
+                            constexprs = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, DROPOUT=dropout,
+                                              DOT_PRECISION=precision, BLOCK_M=block_m, BLOCK_N=block_n,
+                                              WINDOW=True, **flags, **extra)
+                            variants.append(Variant(name, kernel, {a: arg_type(a, dtype) for a in runtime_args(kernel)},
+                                                    constexprs, warps, stages, default=True, matmul=True,
+                                                    tags=dict(tags, window=True), aligned=aligned))
                     if not dropout:
                         pre = _attn_bwd_preprocess_kernel
                         variants.append(Variant(
@@ -902,10 +961,10 @@ def compile_variants():
 # compiled graph neither specialises on it nor breaks on .item(); reading it on the host is free.
 # ----------------------------------------------------------------------------------------------------
 _FWD_SCHEMA = ("(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, Tensor? cu_seqlens, int max_seqlen, "
-               "float dropout_p, float softmax_scale, Tensor? rng_seed, int rng_offset) -> (Tensor, Tensor)")
+               "float dropout_p, float softmax_scale, Tensor? rng_seed, int rng_offset, int window=-1) -> (Tensor, Tensor)")
 _BWD_SCHEMA = ("(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? key_padding_mask, "
                "Tensor? cu_seqlens, int max_seqlen, float dropout_p, float softmax_scale, Tensor? rng_seed, "
-               "int rng_offset) -> (Tensor, Tensor, Tensor)")
+               "int rng_offset, int window=-1) -> (Tensor, Tensor, Tensor)")
 
 
 def _seed_value(rng_seed) -> int:
@@ -914,15 +973,15 @@ def _seed_value(rng_seed) -> int:
 
 @torch.library.custom_op("electra_kernels::attention_fwd", mutates_args=(), schema=_FWD_SCHEMA)
 def _attention_fwd_op(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, dropout_p, softmax_scale, rng_seed,
-                      rng_offset):
+                      rng_offset, window=-1):
     with device_guard(q):  # Triton launches on the current device, which need not be q's
         return attention_forward(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, dropout_p, softmax_scale,
-                                 _seed_value(rng_seed), rng_offset)
+                                 _seed_value(rng_seed), rng_offset, window)
 
 
 @_attention_fwd_op.register_fake
 def _attention_fwd_fake(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, dropout_p, softmax_scale, rng_seed,
-                        rng_offset):
+                        rng_offset, window=-1):
     if cu_seqlens is not None:
         lse_shape = (q.shape[1], q.shape[0])
     else:
@@ -932,23 +991,24 @@ def _attention_fwd_fake(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, dropo
 
 @torch.library.custom_op("electra_kernels::attention_bwd", mutates_args=(), schema=_BWD_SCHEMA)
 def _attention_bwd_op(dout, q, k, v, out, lse, key_padding_mask, cu_seqlens, max_seqlen, dropout_p, softmax_scale,
-                      rng_seed, rng_offset):
+                      rng_seed, rng_offset, window=-1):
     with device_guard(q):
         return attention_backward(dout, q, k, v, out, lse, key_padding_mask, cu_seqlens, max_seqlen, dropout_p,
-                                  softmax_scale, _seed_value(rng_seed), rng_offset)
+                                  softmax_scale, _seed_value(rng_seed), rng_offset, window)
 
 
 @_attention_bwd_op.register_fake
 def _attention_bwd_fake(dout, q, k, v, out, lse, key_padding_mask, cu_seqlens, max_seqlen, dropout_p,
-                        softmax_scale, rng_seed, rng_offset):
+                        softmax_scale, rng_seed, rng_offset, window=-1):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _attention_setup_context(ctx, inputs, output):
-    q, k, v, key_padding_mask, cu_seqlens, max_seqlen, dropout_p, softmax_scale, rng_seed, rng_offset = inputs
+    q, k, v, key_padding_mask, cu_seqlens, max_seqlen, dropout_p, softmax_scale, rng_seed, rng_offset, window = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, key_padding_mask, cu_seqlens, rng_seed)
     ctx.max_seqlen, ctx.dropout_p, ctx.softmax_scale, ctx.rng_offset = max_seqlen, dropout_p, softmax_scale, rng_offset
+    ctx.window = window
 
 
 def _attention_backward(ctx, dout, dlse):
@@ -956,8 +1016,8 @@ def _attention_backward(ctx, dout, dlse):
     q, k, v, out, lse, key_padding_mask, cu_seqlens, rng_seed = ctx.saved_tensors
     dq, dk, dv = torch.ops.electra_kernels.attention_bwd(
         dout, q, k, v, out, lse, key_padding_mask, cu_seqlens, ctx.max_seqlen, ctx.dropout_p, ctx.softmax_scale,
-        rng_seed, ctx.rng_offset)
-    return dq, dk, dv, None, None, None, None, None, None, None
+        rng_seed, ctx.rng_offset, ctx.window)
+    return dq, dk, dv, None, None, None, None, None, None, None, None
 
 
 torch.library.register_autograd("electra_kernels::attention_fwd", _attention_backward,
@@ -999,6 +1059,14 @@ def _sample_keep(shape, dropout_p, device) -> torch.Tensor:
     return torch.randint(0, 256, shape, device=device) >= dropout_threshold(dropout_p)
 
 
+def _triton_supports(q, k, v, window, rotary_base) -> bool:
+    """Whether the Triton kernels run this call (else the PyTorch reference does)."""
+    if not use_triton(q, k, v) or q.dtype == torch.float64:
+        return False
+    # Not in the kernels yet: rotary embeddings take the reference.
+    return rotary_base is None
+
+
 def _draw_seed() -> torch.Tensor:
     # From torch's default CPU generator: torch.manual_seed governs reproducibility, and
     # torch.utils.checkpoint (which restores the CPU RNG state) replays the same dropout mask.
@@ -1006,7 +1074,7 @@ def _draw_seed() -> torch.Tensor:
 
 
 def attention(q, k, v, key_padding_mask=None, dropout_p: float = 0.0, softmax_scale=None, *,
-              return_dropout_mask: bool = False):
+              window: Optional[int] = None, rotary_base: Optional[float] = None, return_dropout_mask: bool = False):
     """softmax(Q·Kᵀ·scale + key padding) · V per head, no causal mask.
 
     q: (batch, seq_q, heads, head_dim); k, v: (batch, seq_k, heads, head_dim); fp16/bf16 (fp32 works, exact
@@ -1020,6 +1088,11 @@ def attention(q, k, v, key_padding_mask=None, dropout_p: float = 0.0, softmax_sc
     With ``return_dropout_mask=True`` returns (out, keep_mask (batch, heads, seq_q, seq_k) bool) — the
     mask the kernel applied (debug/test only: it materialises B·H·S² bytes).
     Trailing key padding costs no work; for varying lengths prefer :func:`attention_varlen`.
+    window: sliding-window attention, query i attends keys j with |i - j| <= window (flash-attn's
+    ``window_size=(window, window)``; ModernBERT's ``local_attention=128`` is window=64); key blocks
+    outside every row's window are skipped. rotary_base: rotary embeddings with base θ (transformers'
+    ModernBERT layout, :func:`rotary_ref`) applied to q and k at positions 0..seq-1; gradients are
+    returned for the unrotated q and k. None (the default) for either: no window / no rotary.
     """
     q, k, v = _autocast(q, k, v)
     if q.dim() != 4 or k.dim() != 4:
@@ -1032,18 +1105,24 @@ def attention(q, k, v, key_padding_mask=None, dropout_p: float = 0.0, softmax_sc
     if key_padding_mask is not None and tuple(key_padding_mask.shape) != (batch, seq_k):
         raise ValueError(f"attention: key_padding_mask must be (batch, seq_k) = {(batch, seq_k)}, "
                          f"got {tuple(key_padding_mask.shape)}")
+    _check_window_rotary(window, rotary_base, q.shape[-1], "attention")
+    if (window is not None or rotary_base is not None) and seq_q != seq_k:
+        raise ValueError(f"attention: window and rotary_base need self-attention (seq_q == seq_k), "
+                         f"got seq_q={seq_q}, seq_k={seq_k}")
 
-    if not use_triton(q, k, v) or q.dtype == torch.float64:
+    if not _triton_supports(q, k, v, window, rotary_base):
         keep = None  # the reference samples its own mask unless the caller wants to see it
         if dropout_p > 0.0 and return_dropout_mask:
             keep = _sample_keep((batch, heads, seq_q, seq_k), dropout_p, q.device)
-        out = attention_ref(q, k, v, key_padding_mask, dropout_p, softmax_scale, dropout_mask=keep)
+        out = attention_ref(q, k, v, key_padding_mask, dropout_p, softmax_scale, dropout_mask=keep, window=window,
+                            rotary_base=rotary_base)
         return (out, keep) if return_dropout_mask else out
 
     scale = _scale(softmax_scale, q.shape[-1])
     rng_seed = _draw_seed() if dropout_p > 0.0 else None
     out, _ = torch.ops.electra_kernels.attention_fwd(
-        q, k, v, key_padding_mask, None, max(seq_q, seq_k), float(dropout_p), scale, rng_seed, 0)
+        q, k, v, key_padding_mask, None, max(seq_q, seq_k), float(dropout_p), scale, rng_seed, 0,
+        -1 if window is None else int(window))
     if return_dropout_mask:
         keep = (attention_dropout_mask(batch, heads, seq_q, seq_k, dropout_p, _seed_value(rng_seed), 0, q.device)
                 if dropout_p > 0.0 else None)
@@ -1052,6 +1131,7 @@ def attention(q, k, v, key_padding_mask=None, dropout_p: float = 0.0, softmax_sc
 
 
 def attention_varlen(q, k, v, cu_seqlens, max_seqlen: int, dropout_p: float = 0.0, softmax_scale=None, *,
+                     window: Optional[int] = None, rotary_base: Optional[float] = None,
                      return_dropout_mask: bool = False):
     """Attention over packed sequences with no padding.
 
@@ -1060,6 +1140,8 @@ def attention_varlen(q, k, v, cu_seqlens, max_seqlen: int, dropout_p: float = 0.
     length (python int, >= every length). Returns (total_tokens, heads, head_dim) in q's dtype.
     Dropout as in :func:`attention`; ``return_dropout_mask=True`` adds the keep-mask
     (batch, heads, max_seqlen, max_seqlen) indexed by positions inside each sequence.
+    window, rotary_base: as :func:`attention`, with positions inside each packed sequence (the rotary
+    positions restart at every cu_seqlens boundary, and no window crosses one).
     """
     q, k, v = _autocast(q, k, v)
     if q.dim() != 3 or k.shape[0] != q.shape[0] or k.shape[1] != q.shape[1]:
@@ -1075,18 +1157,20 @@ def attention_varlen(q, k, v, cu_seqlens, max_seqlen: int, dropout_p: float = 0.
     if max_seqlen < 0:
         raise ValueError(f"attention_varlen: max_seqlen must be >= 0, got {max_seqlen}")
     batch, heads = cu_seqlens.shape[0] - 1, q.shape[1]
+    _check_window_rotary(window, rotary_base, q.shape[-1], "attention_varlen")
 
-    if not use_triton(q, k, v) or q.dtype == torch.float64:
+    if not _triton_supports(q, k, v, window, rotary_base):
         keep = None
         if dropout_p > 0.0 and return_dropout_mask:
             keep = _sample_keep((batch, heads, max_seqlen, max_seqlen), dropout_p, q.device)
-        out = attention_varlen_ref(q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale, dropout_mask=keep)
+        out = attention_varlen_ref(q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale, dropout_mask=keep,
+                                   window=window, rotary_base=rotary_base)
         return (out, keep) if return_dropout_mask else out
 
     scale = _scale(softmax_scale, q.shape[-1])
     rng_seed = _draw_seed() if dropout_p > 0.0 else None
     out, _ = torch.ops.electra_kernels.attention_fwd(
-        q, k, v, None, cu_seqlens, max_seqlen, float(dropout_p), scale, rng_seed, 0)
+        q, k, v, None, cu_seqlens, max_seqlen, float(dropout_p), scale, rng_seed, 0, -1 if window is None else int(window))
     if return_dropout_mask:
         keep = (attention_dropout_mask(batch, heads, max_seqlen, max_seqlen, dropout_p, _seed_value(rng_seed), 0,
                                        q.device) if dropout_p > 0.0 else None)
@@ -1102,12 +1186,15 @@ class FusedAttention(nn.Module):
     Dropout on the probabilities applies only in training mode (``module.train()``), like nn.Dropout.
     """
 
-    def __init__(self, dropout_p: float = 0.0, softmax_scale: Optional[float] = None):
+    def __init__(self, dropout_p: float = 0.0, softmax_scale: Optional[float] = None, *,
+                 window: Optional[int] = None, rotary_base: Optional[float] = None):
         super().__init__()
         if not 0.0 <= dropout_p < 1.0:
             raise ValueError(f"FusedAttention: dropout_p must be in [0, 1), got {dropout_p}")
         self.dropout_p = dropout_p
         self.softmax_scale = softmax_scale
+        self.window = window
+        self.rotary_base = rotary_base
 
     def forward(self, q, k, v, key_padding_mask=None, cu_seqlens=None, max_seqlen: Optional[int] = None):
         dropout_p = self.dropout_p if self.training else 0.0
@@ -1116,32 +1203,79 @@ class FusedAttention(nn.Module):
                 raise ValueError("FusedAttention: pass either key_padding_mask (padded) or cu_seqlens (packed)")
             if max_seqlen is None:
                 raise ValueError("FusedAttention: cu_seqlens needs max_seqlen")
-            return attention_varlen(q, k, v, cu_seqlens, max_seqlen, dropout_p, self.softmax_scale)
-        return attention(q, k, v, key_padding_mask, dropout_p, self.softmax_scale)
+            return attention_varlen(q, k, v, cu_seqlens, max_seqlen, dropout_p, self.softmax_scale,
+                                    window=self.window, rotary_base=self.rotary_base)
+        return attention(q, k, v, key_padding_mask, dropout_p, self.softmax_scale, window=self.window,
+                         rotary_base=self.rotary_base)
 
     def extra_repr(self) -> str:
-        return f"dropout_p={self.dropout_p}, softmax_scale={self.softmax_scale}"
+        extra = "".join(f", {n}={getattr(self, n)}" for n in ("window", "rotary_base") if getattr(self, n) is not None)
+        return f"dropout_p={self.dropout_p}, softmax_scale={self.softmax_scale}{extra}"
 
 
 # ----------------------------------------------------------------------------------------------------
 # References
 # ----------------------------------------------------------------------------------------------------
+def rotary_cos_sin(positions, head_dim: int, base: float, dtype=torch.float32):
+    """cos, sin (len(positions), head_dim) of the half-split rotary embedding (transformers' ModernBERT
+    layout): inv_freq = 1/base^(arange(0, d, 2)/d), angle = position · inv_freq, both halves repeated.
+    inv_freq and the angles are computed in fp32 as transformers does, then cast to ``dtype``."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=positions.device).float()
+                               / head_dim))
+    freqs = positions.float()[:, None] * inv_freq[None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def rotary_ref(x, positions, base: float):
+    """x (..., seq, heads, head_dim) rotated at ``positions`` (seq,): x·cos + rotate_half(x)·sin, with
+    rotate_half(x) = cat(-x2, x1) (x1, x2 the two halves of the head dim). Computed in x's dtype."""
+    cos, sin = rotary_cos_sin(positions, x.shape[-1], base, x.dtype)
+    cos, sin = cos[:, None, :], sin[:, None, :]  # broadcast over heads
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+def _check_window_rotary(window, rotary_base, head_dim, what):
+    if window is not None and (isinstance(window, bool) or int(window) != window or window < 0):
+        raise ValueError(f"{what}: window must be a non-negative int (query i attends keys |i - j| <= window) "
+                         f"or None, got {window!r}")
+    if rotary_base is not None:
+        if not rotary_base > 0:
+            raise ValueError(f"{what}: rotary_base must be > 0, got {rotary_base!r}")
+        if head_dim % 2:
+            raise ValueError(f"{what}: rotary embeddings need an even head_dim, got {head_dim}")
+
+
 def attention_ref(q, k, v, key_padding_mask=None, dropout_p: float = 0.0, softmax_scale=None,
-                  return_lse: bool = False, dropout_mask=None):
+                  return_lse: bool = False, dropout_mask=None, *, window: Optional[int] = None,
+                  rotary_base: Optional[float] = None):
     """Plain PyTorch attention in fp32 (float64 when q is float64: the tests' ground truth).
 
     dropout_mask: optional (batch, heads, seq_q, seq_k) bool, True = keep, used instead of sampling one
     (lets tests replay a kernel's own mask). return_lse adds the (batch, heads, seq_q) log-sum-exp of
     the scaled scores (-inf for a row without real keys, whose output is 0). Autocast is turned off
     inside, so the math stays in the stated precision.
+    window: query i attends only keys j with |i - j| <= window (flash-attn's window_size=(w, w)).
+    rotary_base: q and k rotated by rotary embeddings (:func:`rotary_ref`, base θ) at positions
+    0..seq-1 before the scores, in the compute precision.
     """
+    _check_window_rotary(window, rotary_base, q.shape[-1], "attention_ref")
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     compute_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     with torch.autocast(q.device.type, enabled=False):
-        qf, kf, vf = (t.to(compute_dtype).transpose(1, 2) for t in (q, k, v))  # (b, h, s, d)
+        qf, kf, vf = (t.to(compute_dtype) for t in (q, k, v))
+        if rotary_base is not None:
+            qf = rotary_ref(qf, torch.arange(q.shape[1], device=q.device), rotary_base)
+            kf = rotary_ref(kf, torch.arange(k.shape[1], device=k.device), rotary_base)
+        qf, kf, vf = (t.transpose(1, 2) for t in (qf, kf, vf))  # (b, h, s, d)
         scores = torch.matmul(qf, kf.transpose(-1, -2)) * scale
         if key_padding_mask is not None:
             scores = scores.masked_fill(~key_padding_mask[:, None, None, :].bool(), float("-inf"))
+        if window is not None:
+            rows = torch.arange(q.shape[1], device=q.device)[:, None]
+            cols = torch.arange(k.shape[1], device=q.device)[None, :]
+            scores = scores.masked_fill((rows - cols).abs() > window, float("-inf"))
         lse = torch.logsumexp(scores, dim=-1)
         probs = torch.exp(scores - lse[..., None]).nan_to_num(0.0)  # fully padded rows -> zeros
         if dropout_mask is not None:
@@ -1153,18 +1287,22 @@ def attention_ref(q, k, v, key_padding_mask=None, dropout_p: float = 0.0, softma
 
 
 def attention_varlen_ref(q, k, v, cu_seqlens, max_seqlen: int, dropout_p: float = 0.0, softmax_scale=None,
-                         return_lse: bool = False, dropout_mask=None):
+                         return_lse: bool = False, dropout_mask=None, *, window: Optional[int] = None,
+                         rotary_base: Optional[float] = None):
     """Reference for :func:`attention_varlen`: each sequence attended on its own.
 
     dropout_mask: optional (batch, heads, max_seqlen, max_seqlen) bool indexed by in-sequence positions
     (the layout :func:`attention_dropout_mask` returns). return_lse adds the (heads, total_tokens) LSE.
+    window, rotary_base: as :func:`attention_ref`, with positions inside each sequence (they restart at
+    every cu_seqlens boundary).
     """
+    _check_window_rotary(window, rotary_base, q.shape[-1], "attention_varlen_ref")
     bounds = cu_seqlens.tolist()
     outs, lses = [], []
     for b, (s, e) in enumerate(zip(bounds[:-1], bounds[1:])):
         mask_b = dropout_mask[b:b + 1, :, : e - s, : e - s] if dropout_mask is not None else None
         out_b, lse_b = attention_ref(q[s:e][None], k[s:e][None], v[s:e][None], None, dropout_p, softmax_scale,
-                                     return_lse=True, dropout_mask=mask_b)
+                                     return_lse=True, dropout_mask=mask_b, window=window, rotary_base=rotary_base)
         outs.append(out_b[0])
         lses.append(lse_b[0])
     out = torch.cat(outs, dim=0) if outs else q.new_zeros(q.shape)

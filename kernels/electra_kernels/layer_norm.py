@@ -435,8 +435,8 @@ def _rows(t: Optional[Tensor], n: int) -> Optional[Tensor]:
 
 def layer_norm(
     x: Tensor,
-    weight: Optional[Tensor],
-    bias: Optional[Tensor],
+    weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
     eps: float = 1e-12,
     residual: Optional[Tensor] = None,
     dropout_p: float = 0.0,
@@ -539,8 +539,8 @@ class DropoutAddLayerNorm(FusedLayerNorm):
 # --------------------------------------------------------------------------------------------------
 def layer_norm_ref(
     x: Tensor,
-    weight: Optional[Tensor],
-    bias: Optional[Tensor],
+    weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
     eps: float = 1e-12,
     residual: Optional[Tensor] = None,
     dropout_p: float = 0.0,

@@ -58,6 +58,10 @@ def _case_bias_gelu():
     return ek.bias_gelu, [_leaf((7, 100)), _leaf((100,))]
 
 
+def _case_geglu():
+    return ek.geglu, [_leaf((7, 2 * 50))]
+
+
 CASES = {
     "attention": (_case_attention, "attention_fwd"),
     "attention_varlen": (_case_attention_varlen, "attention_fwd"),
@@ -65,6 +69,7 @@ CASES = {
     "replaced_token_bce": (_case_replaced_token_bce, "disc_head_fwd"),
     "layer_norm": (_case_layer_norm, "layer_norm_fwd"),
     "bias_gelu": (_case_bias_gelu, "bias_gelu_fwd"),
+    "geglu": (_case_geglu, "geglu_fwd"),
 }
 
 
