@@ -196,8 +196,9 @@ class RotaryTables:
 
     def _mask(self, query_pos: torch.Tensor, window: int | None) -> torch.Tensor:
         """(B, 1, Sq, S): real keys within the window. A query also always sees its own position, so a padded
-        query with no real key in reach has one key (else SDPA returns NaN there, and the NaN rows would
-        reach real ones through 0·NaN in later layers); real rows are unaffected (their own key is real)."""
+        query with no real key in reach still has one key: a fully masked row is NaN on some SDPA backends,
+        and NaN padding rows would reach real ones through 0·NaN in later layers. Real rows are unaffected
+        (their own key is real)."""
         keys = self.positions
         real = self.layout.attention_mask[:, None, None, :]  # (B, 1, 1, S)
         own = query_pos[..., :, None] == keys  # (B or 1, Sq, S)
