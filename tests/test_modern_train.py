@@ -56,3 +56,43 @@ def test_modern_zero0_and_zero3_on_two_ranks_then_export_loads_in_transformers(m
                                    rtd(input_ids=ids, attention_mask=mask).logits[..., 0][real], atol=1e-5, rtol=0)
         torch.testing.assert_close(ours.generator_logits(ids, mask)[real],
                                    mlm(input_ids=ids, attention_mask=mask).logits[real], atol=1e-5, rtol=0)
+
+
+def test_init_from_a_modernbert_masked_lm_folder(corpus_dir, tmp_path, clean_env):  # noqa: F811
+    """Continued pretraining of a ModernBERT-shaped masked LM with RTD: --init-from a ModernBertForMaskedLM
+    folder (made by transformers) takes its shape, and both networks start from its weights."""
+    import argparse
+    import shutil
+
+    transformers = pytest.importorskip("transformers")
+    from electra_fast import train as trainer
+    from electra_fast.manifest import read_manifest
+
+    from test_init_from import FAST, FirstForward
+
+    manifest = read_manifest(corpus_dir)
+    ids = manifest["special_token_ids"]
+    hf_cfg = transformers.ModernBertConfig(
+        vocab_size=manifest["vocab_size"], hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+        num_attention_heads=2, local_attention=16, max_position_embeddings=512, pad_token_id=ids["pad"],
+        cls_token_id=ids["cls"], sep_token_id=ids["sep"], bos_token_id=ids["cls"], eos_token_id=ids["sep"])
+    torch.manual_seed(0)
+    folder = tmp_path / "released"
+    transformers.ModernBertForMaskedLM(hf_cfg).save_pretrained(folder)
+    shutil.copyfile(f"{corpus_dir}/vocab.txt", folder / "vocab.txt")
+
+    first = FirstForward()
+    parser = argparse.ArgumentParser()
+    trainer.add_train_arguments(parser)
+    args = parser.parse_args(["--config", MODERN_TINY, "--run-dir", str(tmp_path / "run"), "--init-from", str(folder),
+                              "--init-generator", str(folder), "--set", f"data.path={corpus_dir}", *FAST])
+    assert trainer.run_train(args, [first]) == 0
+    from safetensors.torch import load_file
+
+    theirs = load_file(folder / "model.safetensors")
+    for network in ("discriminator", "generator"):
+        state = first.state[network]
+        assert state["embeddings.word_embeddings.weight"].shape == (manifest["vocab_size"], 32)
+        assert torch.equal(state["embeddings.word_embeddings.weight"], theirs["model.embeddings.tok_embeddings.weight"])
+        assert torch.equal(state["layers.2.mlp.Wi.weight"], theirs["model.layers.2.mlp.Wi.weight"])
+        assert torch.equal(state["final_norm.weight"], theirs["model.final_norm.weight"])
