@@ -240,7 +240,7 @@ def _apply_model_options(cfg: ModelConfig, options: ModelOptions | None) -> Mode
     return cfg
 
 
-def _encoder_class(cfg: ModelConfig):
+def encoder_class(cfg: ModelConfig):
     """ElectraModel, or the modern backbone's ModernEncoder (model.architecture=modern)."""
     if cfg.architecture == "modern":
         from .task_models_modern import ModernEncoder
@@ -272,13 +272,13 @@ def load_encoder(source, options: ModelOptions | None = None) -> tuple[ElectraMo
 
     if isinstance(source, ElectraPretrainingModel):
         cfg = _apply_model_options(source.config, options)
-        encoder = _encoder_class(cfg)(cfg)
+        encoder = encoder_class(cfg)(cfg)
         state = source.network_state_dict("discriminator")  # the embeddings it reads, whatever the sharing
         _load_state_into(encoder, {k: v.detach().float().cpu() for k, v in state.items()}, "ElectraPretrainingModel")
         return encoder, _hf_config_of(cfg)
     if isinstance(source, ElectraModel) or _is_modern_encoder(source):
         cfg = _apply_model_options(source.config, options)
-        encoder = _encoder_class(cfg)(cfg)
+        encoder = encoder_class(cfg)(cfg)
         _load_state_into(encoder, {k: v.detach().float().cpu() for k, v in source.state_dict().items()}, "ElectraModel")
         return encoder, _hf_config_of(cfg)
     if not isinstance(source, (str, os.PathLike)):
@@ -302,7 +302,7 @@ def load_encoder(source, options: ModelOptions | None = None) -> tuple[ElectraMo
         raise FinetuneError(f"{folder / 'config.json'}: hidden_size {cfg.hidden_size} is not divisible by "
                             f"num_attention_heads {cfg.num_heads}")
     cfg = _apply_model_options(cfg, options)
-    encoder = _encoder_class(cfg)(cfg)
+    encoder = encoder_class(cfg)(cfg)
     if cfg.architecture == "modern":
         from .task_models_modern import encoder_state_from_hf
 
