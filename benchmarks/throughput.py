@@ -28,7 +28,8 @@ One full optimizer step (forward, backward, AdamW) on synthetic token batches, p
 
 at small (batch 128 x seq 128), base (32 x 512) and large (16 x 512); the modern sizes (--sizes
 modern-base, ...) at sequence 1,024 (modern-small 64, modern-base 32, modern-large 16 sequences), where the
-ratios are against hf-modernbert (the ELECTRA hf-* rows do not apply to them and are skipped). Timing: CUDA events around each
+ratios are against hf-modernbert (the ELECTRA hf-* rows do not apply to them and are skipped).
+Timing: CUDA events around each
 step after the warm-up steps (which include compilation), the median over the timed steps.
 Model TFLOP/s counts the algorithm's FLOPs (electra_fast.flops, "modern" convention: matmuls,
 backward = 2 x forward, MLM head at the masked positions only) for every ELECTRA variant alike, so

@@ -432,7 +432,8 @@ SIZES.update({
         "data": dict(seq_len=1024),
     },
     "modern-base": {
-        "model": dict(_MODERN, embedding_size=768, hidden_size=768, num_layers=22, num_heads=12, intermediate_size=1152),
+        "model": dict(_MODERN, embedding_size=768, hidden_size=768, num_layers=22, num_heads=12,
+                      intermediate_size=1152),
         "objective": dict(mask_prob=0.15),
         "train": dict(global_batch_size=256, lr=2e-4, max_steps=766_000),
         "data": dict(seq_len=1024),

@@ -79,7 +79,8 @@ def adopt_architecture(cfg: Config, manifest: dict, init_from: str | Path, init_
             f"is not the prepared data's in {cfg.data.path} (size {data_vocab[0]}, special ids {data_vocab[1]}); "
             "continued pretraining needs data tokenised with the model's own vocabulary "
             + (f"(electra-fast prepare --tokenizer {Path(init_from) / 'tokenizer.json'} ...)"
-               if imported.architecture == "modern" else f"(electra-fast prepare --vocab {Path(init_from) / 'vocab.txt'} ...)"))
+               if imported.architecture == "modern"
+               else f"(electra-fast prepare --vocab {Path(init_from) / 'vocab.txt'} ...)"))
     changed = {}
     for name in ARCHITECTURE + (GENERATOR_SHAPE if init_generator is not None else ()):
         if getattr(cfg.model, name) != getattr(imported, name):

@@ -465,9 +465,12 @@ def backbone_for(cfg: ModelConfig) -> Backbone:
     """The one place the architecture is chosen: ELECTRA's block (this file) or ModernBERT's
     (:mod:`electra_fast.modern`)."""
     if cfg.architecture == "modern":
-        from .modern import MODERN_BACKBONE  # imports this module: loaded on first use
+        from . import modern  # loaded on first use: ELECTRA runs never import it
 
-        return MODERN_BACKBONE
+        return Backbone(embeddings=modern.ModernEmbeddings, body=modern.ModernBody,
+                        generator_head=modern.ModernPredictionHead,
+                        discriminator_head=modern.ModernDiscriminatorPredictions,
+                        init_weights=modern.init_modern_weights)
     return ELECTRA_BACKBONE
 
 

@@ -26,6 +26,9 @@ Parameter names are ``ModernBertModel``'s without its embeddings (``layers.{i}.a
 Dropout: ``model.dropout`` is ModernBERT's ``embedding_dropout`` and ``mlp_dropout``,
 ``model.attention_dropout`` its ``attention_dropout`` (attention probabilities and the ``Wo`` output).
 
+Every ``layout`` argument is an :class:`electra_fast.model.TokenLayout` (not imported: model.py imports
+this module when it builds a modern model).
+
 Implementations, chosen by the token layout as for ELECTRA: with the attention kernel, attention (rotary
 and window included) is ``electra_kernels.attention`` / ``attention_varlen`` with ``window`` and
 ``rotary_base``; otherwise PyTorch's SDPA after rotating q and k here. With the elementwise kernels the
@@ -47,7 +50,6 @@ from torch.utils.checkpoint import checkpoint
 import electra_kernels as ek
 
 from .config import ModelConfig
-from .model import Backbone, TokenLayout
 
 
 def layer_types(num_layers: int, every_n: int) -> list[str]:
@@ -76,7 +78,7 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return (xf * cos + rotated * sin).to(x.dtype)
 
 
-def _norm(norm: nn.LayerNorm, x: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+def _norm(norm: nn.LayerNorm, x: torch.Tensor, layout) -> torch.Tensor:
     if layout.elementwise_kernel:
         return ek.layer_norm(x, norm.weight, None, norm.eps)
     return norm(x)
@@ -134,7 +136,7 @@ class ModernAttention(nn.Module):
     def _heads(self, t: torch.Tensor, *lead: int) -> torch.Tensor:
         return t.reshape(*lead, self.num_heads, self.head_dim)
 
-    def forward(self, rows: torch.Tensor, layout: TokenLayout, rotary: "RotaryTables") -> torch.Tensor:
+    def forward(self, rows: torch.Tensor, layout, rotary) -> torch.Tensor:
         q, k, v = self.Wqkv(rows).split(self.hidden_size, dim=-1)
         if layout.attention_kernel:
             kw = dict(dropout_p=self._dropout_p(), window=self.window, rotary_base=self.rotary_base)
@@ -154,7 +156,7 @@ class ModernAttention(nn.Module):
         return self.out_drop(self.Wo(layout.flatten(out.view(layout.batch, layout.seq_len, -1))
                                      if layout.packed else out))
 
-    def forward_subset(self, rows, query_rows, layout: TokenLayout, rotary: "RotaryTables", queries_per_seq: int):
+    def forward_subset(self, rows, query_rows, layout, rotary, queries_per_seq: int):
         """Attention output at ``query_rows`` ((B·P, hidden), P per sequence at positions
         ``rotary.query_positions``) with keys and values at every real token. Returns (B·P, hidden)."""
         q = self._heads(self.Wqkv(query_rows, part="q"), layout.batch, queries_per_seq)
@@ -177,7 +179,7 @@ class RotaryTables:
     """Per forward of one encoder: the rotary cos/sin of each base and the attention masks of each window,
     built once and shared by the layers (the reference path and the last layer's subset)."""
 
-    def __init__(self, layout: TokenLayout, head_dim: int, query_positions: torch.Tensor | None = None):
+    def __init__(self, layout, head_dim: int, query_positions: torch.Tensor | None = None):
         self.layout, self.head_dim, self.query_positions = layout, head_dim, query_positions
         self.positions = torch.arange(layout.seq_len, device=layout.attention_mask.device)
         self._cache: dict = {}
@@ -223,7 +225,7 @@ class ModernMLP(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.Wo = nn.Linear(intermediate, hidden, bias=False)
 
-    def forward(self, x: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, layout) -> torch.Tensor:
         projected = self.Wi(x)
         if layout.elementwise_kernel:
             gated = ek.geglu(projected)
@@ -271,7 +273,7 @@ class ModernBody(nn.Module):
         self.final_norm = _bias_free_norm(hidden, cfg)
         self.gradient_checkpointing = cfg.activation_checkpointing
 
-    def forward(self, rows, layout: TokenLayout, query_index=None, queries_per_seq: int = 0):
+    def forward(self, rows, layout, query_index=None, queries_per_seq: int = 0):
         """``query_index`` (B·P,) row indices: the last layer computes those rows only (in that order)."""
         query_positions = None
         if query_index is not None:
@@ -347,7 +349,3 @@ def init_modern_weights(model: nn.Module, cfg: ModelConfig) -> None:
             nn.init.zeros_(module.dense_prediction.bias)
         elif isinstance(module, nn.LayerNorm):
             nn.init.ones_(module.weight)
-
-
-MODERN_BACKBONE = Backbone(embeddings=ModernEmbeddings, body=ModernBody, generator_head=ModernPredictionHead,
-                           discriminator_head=ModernDiscriminatorPredictions, init_weights=init_modern_weights)

@@ -112,6 +112,6 @@ def hf_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def hf_task_config(config: dict, token: bool, dropout: float) -> dict:
-    config = dict(config, model_type="modernbert", classifier_pooling="cls", classifier_dropout=dropout,
-                  architectures=["ModernBertForTokenClassification" if token else "ModernBertForSequenceClassification"])
-    return config
+    head = "ModernBertForTokenClassification" if token else "ModernBertForSequenceClassification"
+    return dict(config, model_type="modernbert", classifier_pooling="cls", classifier_dropout=dropout,
+                architectures=[head])

@@ -26,7 +26,8 @@ def test_equal_compute_modern_tiny_smoke(tmp_path):
 @pytest.mark.slow  # a subprocess importing transformers and torch: ~20 s on 2 cores
 def test_throughput_hf_modernbert_row(tmp_path):
     pytest.importorskip("transformers")
-    out = _run("throughput.py", "--cpu-smoke", "--sizes", "modern-tiny", "--variants", "ours-torch,hf-modernbert,hf-eager",
+    out = _run("throughput.py", "--cpu-smoke", "--sizes", "modern-tiny", "--variants",
+               "ours-torch,hf-modernbert,hf-eager",
                "--warmup", "1", "--iters", "1", "--results-dir", str(tmp_path))
     rows = {r["variant"]: r for r in _rows(tmp_path / "throughput.jsonl")}
     assert set(rows) == {"ours-torch", "hf-modernbert"}  # hf-eager is ELECTRA's peer: skipped, with a note

@@ -84,8 +84,9 @@ def test_init_from_a_modernbert_masked_lm_folder(corpus_dir, tmp_path, clean_env
     first = FirstForward()
     parser = argparse.ArgumentParser()
     trainer.add_train_arguments(parser)
-    args = parser.parse_args(["--config", MODERN_TINY, "--run-dir", str(tmp_path / "run"), "--init-from", str(folder),
-                              "--init-generator", str(folder), "--set", f"data.path={corpus_dir}", *FAST])
+    args = parser.parse_args(["--config", MODERN_TINY, "--run-dir", str(tmp_path / "run"), "--init-from",
+                              str(folder), "--init-generator", str(folder), "--set", f"data.path={corpus_dir}",
+                              *FAST])
     assert trainer.run_train(args, [first]) == 0
     from safetensors.torch import load_file
 
