@@ -6,6 +6,8 @@
     python benchmarks/attention.py --no-autotune         # one fixed config per kernel: no tuning pass (fast start)
     python benchmarks/attention.py --compile-report      # no GPU needed: compile every candidate config for
                                                          # --arch (benchmarks/compile_report.py --kernel attention)
+    python benchmarks/attention.py --modern-sweep        # ModernBERT rows: S = 512..8192 at a fixed token
+                                                         # count, sliding window 64 vs global, rotary vs none
 
 Shapes are BxHxS (head_dim from --head-dim, default 64): B128 H4 S128 (ELECTRA-Small), B32 H12 S512
 (Base), B16 H16 S512 (Large), B4 H12 S2048 (long). Each runs twice:
@@ -26,6 +28,14 @@ Needs a CUDA GPU; on a machine without one it exits with status 2 and a message 
 ``--compile-report``, which only needs triton's bundled compiler tool-chain).
 Targets on H100 (benchmarks/RESULTS.md): B32 H12 S512 fwd+bwd <= 0.36 ms unpadded, <= 0.40 ms padded, and
 no shape more than 10% slower than the best SDPA backend.
+
+``--modern-sweep`` (ModernBERT-base attention: H12, d=64, bf16, packed sequences of S tokens, B = 8192/S
+so every row holds 8,192 tokens): ``attention_varlen`` global, with ``window=64`` (local_attention=128),
+each with and without ``rotary_base``, and flash-attn's varlen with window_size=(64, 64) when it imports.
+Columns: fwd / bwd / fwd+bwd ms and fwd+bwd µs per 1k tokens. Targets (issue 21, H100): window 64 at
+S=8192 >= 10x faster than global at S=8192; the windowed time per token flat in S (the S=8192 row within
+1.3x of the S=512 row); rotary within 1.1x of no rotary (global, every S). Rows go to
+``modern_attention.jsonl``.
 """
 
 from __future__ import annotations
@@ -66,6 +76,11 @@ def parse_args(argv=None):
                         help="compile every autotune candidate for --arch (no GPU needed) and print registers, "
                              "spilled bytes and shared memory per config; then exit")
     parser.add_argument("--arch", type=int, default=90, help="compute capability for --compile-report (default 90)")
+    parser.add_argument("--modern-sweep", action="store_true",
+                        help="ModernBERT rows: sliding window 64 vs global, rotary vs none, S = --sweep-lengths")
+    parser.add_argument("--sweep-lengths", default="512,1024,2048,4096,8192",
+                        help="sequence lengths of --modern-sweep (default %(default)s)")
+    parser.add_argument("--sweep-tokens", type=int, default=8192, help="tokens per --modern-sweep row")
     parser.add_argument("--warmup", type=int, default=25, help="do_bench warm-up, ms")
     parser.add_argument("--rep", type=int, default=100, help="do_bench measuring time, ms")
     parser.add_argument("--csv", type=Path, default=None, help="CSV file (default <results dir>/attention.csv)")
@@ -343,6 +358,88 @@ def compile_report(args) -> int:
 
 
 # -------------------------------------------------------------------------------------------------
+# --modern-sweep: sliding window and rotary (ModernBERT)
+# -------------------------------------------------------------------------------------------------
+WINDOW, ROTARY_BASE = 64, 160000.0  # ModernBERT-base: local_attention 128, global_rope_theta 160k
+
+
+def modern_sweep(args, dtype) -> int:
+    import electra_kernels
+
+    heads, head_dim = 12, args.head_dim
+    fa = _flash_attn()
+    results = []
+    for seqlen in (int(x) for x in args.sweep_lengths.split(",") if x):
+        batch = max(1, args.sweep_tokens // seqlen)
+        tokens = batch * seqlen
+        gen = torch.Generator(device="cuda").manual_seed(args.seed)
+        q, k, v, dout = (torch.randn(tokens, heads, head_dim, device="cuda", dtype=dtype, generator=gen)
+                         for _ in range(4))
+        cu = torch.arange(0, tokens + 1, seqlen, device="cuda", dtype=torch.int32)
+        impls = {}
+        for window in (None, WINDOW):
+            for rotary_base in (None, ROTARY_BASE):
+                name = f"ours {'window' + str(window) if window else 'global'}{' +rotary' if rotary_base else ''}"
+
+                def make(window=window, rotary_base=rotary_base):
+                    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+                    return (lambda: electra_kernels.attention_varlen(*leaves, cu, seqlen, args.dropout, window=window,
+                                                                     rotary_base=rotary_base), leaves, dout)
+
+                impls[name] = make
+        if fa is not None:
+            flash_varlen = fa[1]
+            for window in (None, WINDOW):
+                def make_fa(window=window):
+                    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+                    size = (window, window) if window else (-1, -1)
+                    return (lambda: flash_varlen(*leaves, cu, cu, seqlen, seqlen, args.dropout, window_size=size),
+                            leaves, dout)
+
+                impls[f"flash-attn {'window' + str(window) if window else 'global'}"] = make_fa
+        for name, make in impls.items():
+            print(f"  S={seqlen} B={batch} {name} ...", flush=True)
+            t = time_impl(make, args.warmup, args.rep)
+            row = dict(seqlen=seqlen, batch=batch, heads=heads, head_dim=head_dim, dtype=args.dtype, tokens=tokens,
+                       dropout_p=args.dropout, impl=name)
+            if t is not None:
+                row.update(fwd_ms=t[0], bwd_ms=t[1], fwd_bwd_ms=t[2], us_per_1k_tokens=t[2] * 1e6 / tokens)
+            results.append(row)
+        del q, k, v, dout
+        torch.cuda.empty_cache()
+    table = [[r["seqlen"], r["batch"], r["impl"]] + [r.get(c, "n/a") for c in ("fwd_ms", "bwd_ms", "fwd_bwd_ms",
+                                                                                "us_per_1k_tokens")] for r in results]
+    print_table(["S", "B", "impl", "fwd ms", "bwd ms", "fwd+bwd ms", "fwd+bwd µs / 1k tokens"], table,
+                title=f"ModernBERT attention sweep: H{heads} d={head_dim} {args.dtype}, {args.sweep_tokens} tokens "
+                      f"per row, window {WINDOW}, rotary θ={ROTARY_BASE:g} (do_bench medians)")
+    print("\n".join(_modern_targets(results)) + "\n", flush=True)
+    if not args.no_save:
+        append_rows(args, "modern_attention", results)
+    return 0
+
+
+def _modern_targets(results):
+    by = {(r["seqlen"], r["impl"]): r.get("fwd_bwd_ms") for r in results}
+    lengths = sorted({r["seqlen"] for r in results})
+    lines = []
+    top, low = lengths[-1], lengths[0]
+    glob, win = by.get((top, "ours global")), by.get((top, f"ours window{WINDOW}"))
+    if glob and win:
+        lines.append(f"target window {WINDOW} >= 10x faster than global at S={top}: {glob / win:.1f}x "
+                     f"({'met' if glob / win >= 10 else 'MISSED'})")
+    w_low = by.get((low, f"ours window{WINDOW}"))
+    if win and w_low:  # same token count per row: flat per token <=> flat time
+        lines.append(f"window time per token S={top} vs S={low}: {win / w_low:.2f}x "
+                     f"({'flat' if win / w_low <= 1.3 else 'NOT flat'})")
+    for s in lengths:
+        base, rot = by.get((s, "ours global")), by.get((s, "ours global +rotary"))
+        if base and rot:
+            verdict = "met" if rot / base <= 1.1 else "MISSED"
+            lines.append(f"target rotary within 1.1x at S={s}: {rot / base:.2f}x ({verdict})")
+    return lines
+
+
+# -------------------------------------------------------------------------------------------------
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.compile_report:
@@ -365,6 +462,8 @@ def main(argv=None) -> int:
     if args.check and not check(args, dtype):
         print("--check failed: not timing a kernel that computes wrong results", file=sys.stderr)
         return 1
+    if args.modern_sweep:
+        return modern_sweep(args, dtype)
 
     paddings = {"both": (False, True), "none": (False,), "only": (True,)}[args.padding]
     results = []

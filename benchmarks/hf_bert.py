@@ -4,6 +4,7 @@
     python benchmarks/hf_bert.py --batch 64 --seq 128 --steps 30
     python benchmarks/hf_bert.py --hf-attn eager          # compare against HF's eager attention instead of SDPA
     python benchmarks/hf_bert.py --cpu-smoke              # tiny config on the CPU: the script runs (tests use it)
+    python benchmarks/hf_bert.py --model modernbert --batch 16 --seq 1024   # ModernBertForMaskedLM (base shape)
 
 One process builds a randomly initialised ``BertForMaskedLM`` from a bert-base config (no download), copies
 it, patches the copy, and times full training steps (forward + MLM loss + backward + AdamW) of both on the
@@ -13,6 +14,12 @@ the table gives medians, tokens/s (real tokens), peak memory and the speed-up ov
 One row per variant goes to ``<results dir>/hf_bert.csv`` and ``hf_bert.jsonl`` (GPU name, versions,
 date, commit; see benchmarks/README.md), and a bar chart to ``hf_bert.png``. The defaults fit the 40 s
 that ``run_gpu.sh`` gives this script (bert-base, 3 + 10 steps per variant).
+
+``--model modernbert``: the same comparison for ``ModernBertForMaskedLM`` at the ModernBERT-base shape
+(22 layers, hidden 768, GeGLU 1152, sliding window 128 every layer but each third, rotary, no biases);
+the patched model runs windowed/global attention, rotary, GeGLU and bias-free LayerNorm on
+electra_kernels. Variants are named ``hf-modernbert`` / ``patched-modernbert``. Target (issue 21, H100,
+bf16, padded batches of mixed lengths): patched >= 1.3x the SDPA baseline.
 """
 
 from __future__ import annotations
@@ -35,6 +42,12 @@ CSV_FIELDS = ["date", "commit", "gpu", "torch", "triton", "transformers", "varia
               "peak_mem_gib", "speedup_vs_hf", "first_loss"]
 BERT_BASE = dict(vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
                  intermediate_size=3072, max_position_embeddings=512)
+MODERNBERT_BASE = dict(vocab_size=50368, hidden_size=768, num_hidden_layers=22, num_attention_heads=12,
+                       intermediate_size=1152, max_position_embeddings=8192, local_attention=128,
+                       global_attn_every_n_layers=3)
+TINY_MODERNBERT = dict(vocab_size=99, hidden_size=64, num_hidden_layers=3, num_attention_heads=2, intermediate_size=48,
+                       max_position_embeddings=32, local_attention=8, global_attn_every_n_layers=2, pad_token_id=0,
+                       bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2)
 # The smoke config also turns dropout off: Triton's interpreter spends most of a CPU step drawing it.
 TINY = dict(vocab_size=99, hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
             max_position_embeddings=32, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
@@ -49,6 +62,8 @@ def parse_args(argv=None):
     parser.add_argument("--pad-fraction", type=float, default=0.25,
                         help="sequence lengths are drawn uniformly in [(1 - f)·seq, seq]")
     parser.add_argument("--hf-attn", default="sdpa", choices=["sdpa", "eager"], help="baseline attention")
+    parser.add_argument("--model", default="bert", choices=["bert", "modernbert"],
+                        help="BertForMaskedLM (bert-base) or ModernBertForMaskedLM (ModernBERT-base)")
     parser.add_argument("--csv", type=Path, default=None, help="CSV file (default <results dir>/hf_bert.csv)")
     parser.add_argument("--seed", type=int, default=0)
     add_common_args(parser)
@@ -137,13 +152,19 @@ def main(argv=None):
 
     device = torch.device("cpu" if args.cpu_smoke else "cuda")
     autocast_dtype = None if args.cpu_smoke else torch.bfloat16
-    shape = TINY if args.cpu_smoke else BERT_BASE
+    modern = args.model == "modernbert"
+    if modern:
+        shape = TINY_MODERNBERT if args.cpu_smoke else MODERNBERT_BASE
+    else:
+        shape = TINY if args.cpu_smoke else BERT_BASE
     if args.seq > shape["max_position_embeddings"]:
         raise SystemExit(f"--seq {args.seq} exceeds max_position_embeddings {shape['max_position_embeddings']}")
     torch.manual_seed(args.seed)
-    config = transformers.BertConfig(**shape, attn_implementation=args.hf_attn)
+    config_class, model_class = ((transformers.ModernBertConfig, transformers.ModernBertForMaskedLM) if modern
+                                 else (transformers.BertConfig, transformers.BertForMaskedLM))
+    config = config_class(**shape, attn_implementation=args.hf_attn)
     # Both models wait on the CPU and visit the device one at a time, so each peak is its own.
-    reference = transformers.BertForMaskedLM(config)
+    reference = model_class(config)
     patched, replaced = electra_kernels.patch_hf(copy.deepcopy(reference))
     generator = torch.Generator().manual_seed(args.seed)
     batches = make_batches(args.warmup + args.steps, args.batch, args.seq, shape["vocab_size"], args.pad_fraction,
@@ -151,7 +172,8 @@ def main(argv=None):
     real_tokens = int(sum(int(b["attention_mask"].sum()) for b in batches[args.warmup:]) / max(args.steps, 1))
 
     results = {}
-    for variant, model in (("hf", reference), ("patched", patched)):
+    suffix = "-modernbert" if modern else ""
+    for variant, model in ((f"hf{suffix}", reference), (f"patched{suffix}", patched)):
         model.to(device)
         times, peak, first_loss = time_training(model, batches, args.warmup, device, autocast_dtype)
         results[variant] = dict(median_ms=statistics.median(times), p20_ms=_quantile(times, 0.2),
@@ -171,19 +193,20 @@ def main(argv=None):
             dtype="bf16-autocast" if autocast_dtype else "fp32", steps=args.steps,
             median_ms=round(r["median_ms"], 3), p20_ms=round(r["p20_ms"], 3), p80_ms=round(r["p80_ms"], 3),
             tokens_per_s=round(real_tokens / (r["median_ms"] / 1e3)), peak_mem_gib=round(r["peak_mem_gib"], 3),
-            speedup_vs_hf=round(results["hf"]["median_ms"] / r["median_ms"], 3), first_loss=round(r["first_loss"], 4),
+            speedup_vs_hf=round(results[f"hf{suffix}"]["median_ms"] / r["median_ms"], 3),
+            first_loss=round(r["first_loss"], 4),
         ))
     write_csv(args, rows)
     append_rows(args, "hf_bert", rows)
     save_plot(args, "hf_bert", lambda plt: _draw(plt, rows))
 
-    print(f"BertForMaskedLM {shape['hidden_size']}h x {shape['num_hidden_layers']}L, batch {args.batch} x seq "
+    print(f"{type(reference).__name__} {shape['hidden_size']}h x {shape['num_hidden_layers']}L, batch {args.batch} x seq "
           f"{args.seq} ({real_tokens} real tokens/step), {rows[0]['dtype']}, {device_name}; "
           f"{len(replaced)} modules patched by electra_kernels.patch_hf")
     print_table(["variant", "median ms", "p20 ms", "p80 ms", "tokens/s", "peak GiB", "speed-up", "loss @ step 1"],
                 [[r["variant"], r["median_ms"], r["p20_ms"], r["p80_ms"], r["tokens_per_s"], r["peak_mem_gib"],
                   r["speedup_vs_hf"], r["first_loss"]] for r in rows],
-                title=f"HF BERT training step, {args.hf_attn} baseline vs patch_hf")
+                title=f"HF {type(reference).__name__} training step, {args.hf_attn} baseline vs patch_hf")
     return rows
 
 
@@ -207,7 +230,7 @@ def _draw(plt, rows):
     for i, r in enumerate(rows):
         plt.text(i, r["median_ms"], f"{r['median_ms']:.1f} ms ({r['speedup_vs_hf']:.2f}x)", ha="center", va="bottom")
     plt.ylabel("training step, median ms")
-    plt.title(f"HF BertForMaskedLM {rows[0]['batch']}x{rows[0]['seq']} on {rows[0]['gpu']}")
+    plt.title(f"HF {rows[-1]['variant']} {rows[0]['batch']}x{rows[0]['seq']} on {rows[0]['gpu']}")
 
 
 if __name__ == "__main__":

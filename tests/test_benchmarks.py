@@ -212,3 +212,11 @@ def test_convergence_cpu_smoke(tmp_path):
     assert row["curves"]["fused"] != row["curves"]["reference"]  # the kernels ran (interpreted), not the references
     assert row["max_rel_diff_mlm"] < 1e-4 and row["max_rel_diff_disc"] < 1e-4
     assert (tmp_path / "convergence.png").is_file()
+
+
+def test_geglu_cpu_smoke(tmp_path):
+    """benchmarks/geglu.py --cpu-smoke: the script runs end to end and writes its rows."""
+    out = _run("geglu.py", "--cpu-smoke", "--results-dir", str(tmp_path))
+    assert "CPU smoke run" in out.stdout
+    rows = _rows(tmp_path / "geglu.jsonl")
+    assert {r["impl"] for r in rows} == {"ours", "torch eager"} and all(r["cpu_smoke"] for r in rows)

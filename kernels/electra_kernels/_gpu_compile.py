@@ -228,7 +228,7 @@ def all_variants() -> list[Variant]:
 
     variants = []
     # By module path: the package re-exports functions named like some modules (attention).
-    for name in ("attention", "mlm_head", "disc_head", "layer_norm", "bias_gelu", "geglu"):
+    for name in ("attention", "mlm_head", "disc_head", "layer_norm", "bias_gelu", "geglu", "rotary"):
         variants.extend(importlib.import_module(f"{__package__}.{name}").compile_variants())
     return variants
 

@@ -51,6 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import rotary
 from ._dispatch import HAS_TRITON, interpreter_enabled, use_triton
 from ._outputs import new_empty
 from ._triton_utils import device_guard, dropout_scale, dropout_threshold
@@ -283,8 +284,8 @@ if HAS_TRITON:
             # Online softmax in the log2 domain: m is the running max of scale·log2(e)·qk.
             m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
             if HAS_KPM or WINDOW:
-                # A row whose keys so far are all padding (or outside its window) has m = -inf; subtracting 0 instead keeps
-                # exp2(-inf) = 0 rather than exp2(-inf + inf) = NaN.
+                # A row whose keys so far are all padding (or outside its window) has m = -inf; subtracting
+                # 0 instead keeps exp2(-inf) = 0 rather than exp2(-inf + inf) = NaN.
                 m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
             else:
                 m_sub = m_new
@@ -961,7 +962,8 @@ def compile_variants():
 # compiled graph neither specialises on it nor breaks on .item(); reading it on the host is free.
 # ----------------------------------------------------------------------------------------------------
 _FWD_SCHEMA = ("(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, Tensor? cu_seqlens, int max_seqlen, "
-               "float dropout_p, float softmax_scale, Tensor? rng_seed, int rng_offset, int window=-1) -> (Tensor, Tensor)")
+               "float dropout_p, float softmax_scale, Tensor? rng_seed, int rng_offset, int window=-1) "
+               "-> (Tensor, Tensor)")
 _BWD_SCHEMA = ("(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? key_padding_mask, "
                "Tensor? cu_seqlens, int max_seqlen, float dropout_p, float softmax_scale, Tensor? rng_seed, "
                "int rng_offset, int window=-1) -> (Tensor, Tensor, Tensor)")
@@ -1063,8 +1065,7 @@ def _triton_supports(q, k, v, window, rotary_base) -> bool:
     """Whether the Triton kernels run this call (else the PyTorch reference does)."""
     if not use_triton(q, k, v) or q.dtype == torch.float64:
         return False
-    # Not in the kernels yet: rotary embeddings take the reference.
-    return rotary_base is None
+    return True
 
 
 def _draw_seed() -> torch.Tensor:
@@ -1119,6 +1120,10 @@ def attention(q, k, v, key_padding_mask=None, dropout_p: float = 0.0, softmax_sc
         return (out, keep) if return_dropout_mask else out
 
     scale = _scale(softmax_scale, q.shape[-1])
+    if rotary_base is not None:  # rotary kernel (electra_kernels.rotary), then the attention kernels
+        positions = rotary.padded_positions(batch, seq_q, q.device)
+        q, k = (rotary.rotate(t.reshape(batch * seq_q, heads, t.shape[-1]), positions, seq_q, rotary_base)
+                .view(t.shape) for t in (q, k))
     rng_seed = _draw_seed() if dropout_p > 0.0 else None
     out, _ = torch.ops.electra_kernels.attention_fwd(
         q, k, v, key_padding_mask, None, max(seq_q, seq_k), float(dropout_p), scale, rng_seed, 0,
@@ -1168,9 +1173,13 @@ def attention_varlen(q, k, v, cu_seqlens, max_seqlen: int, dropout_p: float = 0.
         return (out, keep) if return_dropout_mask else out
 
     scale = _scale(softmax_scale, q.shape[-1])
+    if rotary_base is not None:  # positions restart at every document
+        positions = rotary.varlen_positions(cu_seqlens, q.shape[0])
+        q, k = (rotary.rotate(t, positions, max_seqlen, rotary_base) for t in (q, k))
     rng_seed = _draw_seed() if dropout_p > 0.0 else None
     out, _ = torch.ops.electra_kernels.attention_fwd(
-        q, k, v, None, cu_seqlens, max_seqlen, float(dropout_p), scale, rng_seed, 0, -1 if window is None else int(window))
+        q, k, v, None, cu_seqlens, max_seqlen, float(dropout_p), scale, rng_seed, 0,
+        -1 if window is None else int(window))
     if return_dropout_mask:
         keep = (attention_dropout_mask(batch, heads, max_seqlen, max_seqlen, dropout_p, _seed_value(rng_seed), 0,
                                        q.device) if dropout_p > 0.0 else None)

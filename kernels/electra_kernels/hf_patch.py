@@ -52,6 +52,7 @@ import torch.nn.functional as F
 
 from .attention import attention
 from .bias_gelu import bias_gelu
+from .hf_patch_modernbert import FusedModernBertAttention, check_modernbert_config, modernbert_swaps
 from .layer_norm import FusedLayerNorm, layer_norm
 
 try:  # the attention kernel's own limit (it pads other head dims up to a power of two in registers)
@@ -60,7 +61,7 @@ except ImportError:  # pragma: no cover - older attention.py
     MAX_HEAD_DIM = 128
 
 IMPLEMENTATION_NAME = "electra_kernels"
-SUPPORTED_MODEL_TYPES = ("bert", "roberta", "electra")
+SUPPORTED_MODEL_TYPES = ("bert", "roberta", "electra", "modernbert")
 # Additive masks hold 0 where attending and a large negative number where not (finfo.min in
 # transformers 5, -10000 in old BERT code); anything in between is an attention bias we cannot honour.
 _BLOCKED_BELOW = -1.0e4 + 1.0
@@ -161,6 +162,9 @@ def electra_kernels_attention(module, query, key, value, attention_mask, scaling
                          "output_attentions=True is not supported on a patched model")
     if getattr(module, "is_causal", False):
         raise ValueError("electra_kernels attention is bidirectional only; this module is causal")
+    if kwargs.get("sliding_window") is not None:  # patch_hf replaces the modules that window (ModernBERT)
+        raise ValueError("electra_kernels attention function: sliding_window is only supported through "
+                         "patch_hf's own modules")
     if key.shape[2] != query.shape[2]:
         raise ValueError("electra_kernels attention: query and key lengths differ (cross-attention or a cache)")
     key_padding_mask = _key_padding_from_mask(attention_mask, query.shape[0], key.shape[2])
@@ -173,7 +177,13 @@ def electra_kernels_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=
                          attention_mask=None, **kwargs):
     """An ``AttentionMaskInterface`` function: the 2-D padding mask itself (None without padding input)."""
     # By name, not identity: no import here, so torch.compile traces this function without a break.
-    if mask_function is not None and getattr(mask_function, "__name__", None) != "bidirectional_mask_function":
+    # A bidirectional sliding-window mask (ModernBERT's local layers: and_mask of the window overlay and the
+    # bidirectional mask, local_size set, no extra overlay) also reduces to the padding mask: the patched
+    # attention module applies its window in the kernel.
+    sliding = (getattr(mask_function, "__name__", None) == "and_mask" and kwargs.get("local_size") is not None
+               and not kwargs.get("use_vmap", False))
+    if (mask_function is not None and not sliding
+            and getattr(mask_function, "__name__", None) != "bidirectional_mask_function"):
         raise ValueError("electra_kernels attention supports plain bidirectional padding masks only, not "
                          f"{getattr(mask_function, '__name__', mask_function)!r} (causal, sliding or custom masks)")
     if attention_mask is None:
@@ -184,10 +194,13 @@ def electra_kernels_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=
 # --------------------------------------------------------------------------------------------------
 # patch_hf
 # --------------------------------------------------------------------------------------------------
-def _check_config(config) -> None:
+def _check_config(config, geglu: bool = True) -> None:
     model_type = getattr(config, "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(f"patch_hf supports model types {SUPPORTED_MODEL_TYPES}, got {model_type!r}")
+    if model_type == "modernbert":
+        check_modernbert_config(config, geglu, MAX_HEAD_DIM)
+        return
     position_type = getattr(config, "position_embedding_type", "absolute")
     if position_type not in (None, "absolute"):
         raise ValueError(f"patch_hf: position_embedding_type={position_type!r} adds relative-position scores "
@@ -255,11 +268,26 @@ def _set_child(model: nn.Module, path: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent_path) if parent_path else model, child, new)
 
 
-def patch_hf(model: nn.Module, *, attention: bool = True, layer_norm: bool = True, bias_gelu: bool = True):
-    """Make a Hugging Face BERT / RoBERTa / ELECTRA model run on electra_kernels, in place.
+def _bert_swaps(model: nn.Module, layer_norm: bool, bias_gelu: bool) -> list:
+    """(path, old, new, description) for the BERT family's output and intermediate blocks."""
+    swaps = []
+    for path, module in model.named_modules():
+        if layer_norm and _is_dense_dropout_add_norm(module):
+            swaps.append((path, module, FusedDenseDropoutAddLayerNorm(module),
+                          "FusedDenseDropoutAddLayerNorm (dropout + residual + LayerNorm in one layer_norm kernel)"))
+        elif bias_gelu and _is_dense_gelu(module):
+            swaps.append((path, module, FusedDenseBiasGELU(module),
+                          "FusedDenseBiasGELU (bias + GELU in one bias_gelu kernel)"))
+    return swaps
 
-    model: a transformers ``PreTrainedModel`` of model_type bert, roberta or electra (any head).
-    attention / layer_norm / bias_gelu: which replacements to make (all by default).
+
+def patch_hf(model: nn.Module, *, attention: bool = True, layer_norm: bool = True, bias_gelu: bool = True,
+             geglu: bool = True):
+    """Make a Hugging Face BERT / RoBERTa / ELECTRA / ModernBERT model run on electra_kernels, in place.
+
+    model: a transformers ``PreTrainedModel`` of model_type bert, roberta, electra or modernbert (any head).
+    attention / layer_norm / bias_gelu / geglu: which replacements to make (all by default; bias_gelu
+    applies to the BERT family, geglu to ModernBERT's MLP; see electra_kernels/hf_patch_modernbert.py).
     Returns ``(model, replaced)``: the same model object, and one line per replaced module
     (``"<module path>: <old> -> <new>"``). Raises ValueError for configurations it cannot honour (see the
     module docstring) before changing anything.
@@ -267,10 +295,26 @@ def patch_hf(model: nn.Module, *, attention: bool = True, layer_norm: bool = Tru
     config = getattr(model, "config", None)
     if config is None:
         raise ValueError(f"patch_hf expects a Hugging Face PreTrainedModel, got {type(model).__name__}")
-    _check_config(config)
+    _check_config(config, geglu)
     replaced: list[str] = []
+    modernbert = config.model_type == "modernbert"
 
-    if attention:
+    if modernbert:
+        swaps = modernbert_swaps(model, attention, geglu)
+        if attention:
+            if not any(isinstance(new, FusedModernBertAttention) for _, _, new, _ in swaps):
+                raise ValueError(f"patch_hf: found no ModernBertAttention module in {type(model).__name__}")
+            _, attention_interface, mask_interface = _import_transformers()
+            attention_interface.register(IMPLEMENTATION_NAME, electra_kernels_attention)
+            mask_interface.register(IMPLEMENTATION_NAME, electra_kernels_mask)
+            if hasattr(model, "set_attn_implementation"):
+                model.set_attn_implementation(IMPLEMENTATION_NAME)
+            else:
+                config._attn_implementation = IMPLEMENTATION_NAME
+            if config._attn_implementation != IMPLEMENTATION_NAME:
+                raise ValueError(f"patch_hf: {type(model).__name__} did not accept attention implementation "
+                                 f"{IMPLEMENTATION_NAME!r} (it kept {config._attn_implementation!r})")
+    elif attention:
         transformers, attention_interface, mask_interface = _import_transformers()
         self_attention = [(path, m) for path, m in model.named_modules() if _is_self_attention(m)]
         if not self_attention:
@@ -296,14 +340,8 @@ def patch_hf(model: nn.Module, *, attention: bool = True, layer_norm: bool = Tru
             replaced.append(f"{path}: {type(module).__name__} attention function {previous!r} -> "
                             "electra_kernels.attention")
 
-    swaps = []
-    for path, module in model.named_modules():
-        if layer_norm and _is_dense_dropout_add_norm(module):
-            swaps.append((path, module, FusedDenseDropoutAddLayerNorm(module),
-                          "FusedDenseDropoutAddLayerNorm (dropout + residual + LayerNorm in one layer_norm kernel)"))
-        elif bias_gelu and _is_dense_gelu(module):
-            swaps.append((path, module, FusedDenseBiasGELU(module),
-                          "FusedDenseBiasGELU (bias + GELU in one bias_gelu kernel)"))
+    if not modernbert:
+        swaps = _bert_swaps(model, layer_norm, bias_gelu)
     handled = {id(m) for _, m, _, _ in swaps}
     if layer_norm:
         inside_handled = {id(m.LayerNorm) for _, m, _, _ in swaps if hasattr(m, "LayerNorm")}

@@ -306,6 +306,30 @@ def compile_variants():
                         "layer norm bwd", _layer_norm_bwd_kernel, types(_layer_norm_bwd_kernel, dtype),
                         dict(HAS_WEIGHT=True, HAS_BIAS=True, HAS_DROPOUT=dropout, STORE_DRESIDUAL=residual and dropout,
                              BLOCK_M=block_m, BLOCK_N=block_n), warps, tags=tags))
+    variants += _bias_free_variants(types)
+    return variants
+
+
+def _bias_free_variants(types):
+    """ModernBERT's LayerNorm (norm_bias=False, pre-LN: no residual, no dropout) at hidden 768 / 1024."""
+    from ._gpu_compile import Variant
+
+    variants = []
+    for dtype in ("bf16", "fp16", "fp32"):
+        element_size = 4 if dtype == "fp32" else 2
+        for hidden in (768, 1024):
+            block_n = _block_n(hidden, element_size)
+            block_m = _block_m(block_n)
+            warps = _num_warps(block_m * block_n)
+            tags = dict(dtype=dtype, hidden=hidden, dropout=False, residual=False, bias=False)
+            variants.append(Variant(
+                "layer norm fwd", _layer_norm_fwd_kernel, types(_layer_norm_fwd_kernel, dtype),
+                dict(HAS_RESIDUAL=False, HAS_WEIGHT=True, HAS_BIAS=False, HAS_DROPOUT=False, STORE_Z=False,
+                     STORE_DROPOUT_MASK=False, BLOCK_M=block_m, BLOCK_N=block_n), warps, tags=tags))
+            variants.append(Variant(
+                "layer norm bwd", _layer_norm_bwd_kernel, types(_layer_norm_bwd_kernel, dtype),
+                dict(HAS_WEIGHT=True, HAS_BIAS=False, HAS_DROPOUT=False, STORE_DRESIDUAL=False,
+                     BLOCK_M=block_m, BLOCK_N=block_n), warps, tags=tags))
     return variants
 
 

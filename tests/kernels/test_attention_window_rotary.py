@@ -247,3 +247,60 @@ def test_window_kernel_check_can_fail():
         _compare(lambda q, k, v: attention(q, k, v),
                  lambda q, k, v: _lowp_window_attention(q, k, v, 3),
                  lambda q, k, v: attention_ref(q, k, v, window=3), [q, k, v], torch.bfloat16)
+
+
+@pytest.mark.parametrize("window, mask_kind, dtype", [(None, None, torch.bfloat16), (4, "right", torch.float16)])
+def test_padded_rotary_matches_reference(window, mask_kind, dtype):
+    seqlen = 37
+    q, k, v = (torch.randn(2, seqlen, 2, 32, dtype=dtype) for _ in range(3))
+    mask = None
+    if mask_kind == "right":
+        mask = torch.arange(seqlen)[None, :] < torch.tensor([seqlen, 20])[:, None]
+    _compare(lambda q, k, v: attention(q, k, v, mask, window=window, rotary_base=THETA),
+             lambda q, k, v: _lowp_window_attention(q, k, v, window, mask, rotary_base=THETA),
+             lambda q, k, v: attention_ref(q, k, v, mask, window=window, rotary_base=THETA), [q, k, v], dtype)
+
+
+def test_varlen_rotary_restarts_positions_per_document():
+    dtype, lengths, window = torch.bfloat16, [9, 40, 3], 7
+    total = sum(lengths)
+    q, k, v = (torch.randn(total, 2, 32, dtype=dtype) for _ in range(3))
+    cu = _cu_seqlens(lengths)
+
+    def lowp(q, k, v):
+        outs, start = [], 0
+        for n in lengths:
+            sl = slice(start, start + n)
+            outs.append(_lowp_window_attention(q[sl][None], k[sl][None], v[sl][None], window, rotary_base=THETA)[0])
+            start += n
+        return torch.cat(outs)
+
+    _compare(lambda q, k, v: attention_varlen(q, k, v, cu, max(lengths), window=window, rotary_base=THETA), lowp,
+             lambda q, k, v: attention_varlen_ref(q, k, v, cu, max(lengths), window=window, rotary_base=THETA),
+             [q, k, v], dtype)
+
+
+def test_rotary_kernel_check_can_fail():
+    """Positions that do not restart per document (one 40-token document instead of two of 20) give a
+    different result: the comparison trips."""
+    q, k, v = (torch.randn(40, 1, 32, dtype=torch.bfloat16) for _ in range(3))
+    two_docs = _cu_seqlens([20, 20])
+    with pytest.raises(AssertionError):
+        _compare(lambda q, k, v: attention_varlen(q, k, v, _cu_seqlens([40]), 40, window=5, rotary_base=THETA),
+                 lambda q, k, v: attention_varlen(q, k, v, two_docs, 20, window=5, rotary_base=THETA),
+                 lambda q, k, v: attention_varlen_ref(q, k, v, two_docs, 20, window=5, rotary_base=THETA),
+                 [q, k, v], torch.bfloat16)
+
+
+def test_rotary_kernel_matches_rotary_ref_and_inverts():
+    from electra_kernels import rotary as rot
+    x = torch.randn(2 * 13, 3, 48, dtype=torch.float32, requires_grad=True)
+    positions = rot.padded_positions(2, 13, x.device)
+    ours = rot.rotate(x, positions, 13, THETA)
+    expected = rotary_ref(x.detach().view(2, 13, 3, 48), torch.arange(13), THETA).view_as(x)
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(ours)
+    ours.backward(g)
+    x2 = x.detach().clone().requires_grad_()
+    rotary_ref(x2.view(2, 13, 3, 48), torch.arange(13), THETA).view_as(x2).backward(g)
+    torch.testing.assert_close(x.grad, x2.grad, rtol=1e-5, atol=1e-5)

@@ -58,6 +58,13 @@ def _case_bias_gelu():
     return ek.bias_gelu, [_leaf((7, 100)), _leaf((100,))]
 
 
+def _case_attention_varlen_window_rotary():
+    q, k, v = (_leaf((16, 2, 32)) for _ in range(3))
+    cu_seqlens = torch.tensor([0, 5, 16], dtype=torch.int32)
+    return ((lambda q, k, v, cu: ek.attention_varlen(q, k, v, cu, 11, window=3, rotary_base=10000.0)),
+            [q, k, v, cu_seqlens])
+
+
 def _case_geglu():
     return ek.geglu, [_leaf((7, 2 * 50))]
 
@@ -70,6 +77,7 @@ CASES = {
     "layer_norm": (_case_layer_norm, "layer_norm_fwd"),
     "bias_gelu": (_case_bias_gelu, "bias_gelu_fwd"),
     "geglu": (_case_geglu, "geglu_fwd"),
+    "attention_varlen_window_rotary": (_case_attention_varlen_window_rotary, "rotary_fwd"),
 }
 
 

@@ -1,0 +1,112 @@
+"""``patch_hf`` for transformers' ModernBERT (ModernBertModel, ...ForMaskedLM, ...ForSequenceClassification,
+...ForTokenClassification and the other heads): attention, GeGLU MLP and norms on electra_kernels.
+
+* ``ModernBertAttention`` becomes :class:`FusedModernBertAttention` (same children ``Wqkv``, ``Wo``,
+  ``out_drop``): q and k are rotated by the rotary kernel with the cos/sin the model computed (so any
+  ``position_ids`` and rope type are honoured), then :func:`electra_kernels.attention` runs with the
+  layer's sliding window (``window = config.sliding_window = local_attention // 2`` on
+  ``sliding_attention`` layers, global elsewhere) and the key-padding mask; trailing padding keys cost
+  no work. The model's ``_attn_implementation`` is set to ``"electra_kernels"`` so that its mask
+  builders hand over the plain (batch, seq) padding mask instead of expanded 4-D masks.
+* ``ModernBertMLP`` with exact GELU becomes :class:`FusedModernBertMLP`: ``Wo(drop(geglu(Wi(h))))``.
+* Every ``nn.LayerNorm`` (bias-free with ``norm_bias=False``) becomes :class:`FusedLayerNorm` (done by
+  :func:`electra_kernels.patch_hf` for all model types).
+
+Refused, with a ValueError before anything changes: ``output_attentions=True``, head dims above 128 or
+odd ones (rotary), a hidden activation other than exact GELU (unless ``geglu=False``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from .attention import attention
+from .geglu import geglu
+from .rotary import apply_rotary_cos_sin
+
+
+class FusedModernBertAttention(nn.Module):
+    """``ModernBertAttention`` on the rotary and attention kernels; keeps ``Wqkv``, ``Wo``, ``out_drop``."""
+
+    def __init__(self, original: nn.Module):
+        super().__init__()
+        self.config = original.config
+        self.layer_idx = original.layer_idx
+        self.Wqkv = original.Wqkv
+        self.Wo = original.Wo
+        self.out_drop = original.out_drop
+        self.head_dim = original.head_dim
+        self.attention_dropout = original.attention_dropout
+        # transformers stores sliding_window + 1 (flash-attn's inclusive convention); the window proper
+        # is |i - j| <= config.sliding_window, as its bidirectional sliding mask.
+        self.sliding_window = original.sliding_window
+        self.window = None if original.sliding_window is None else int(original.sliding_window) - 1
+        self.is_causal = False
+        self.replaces = type(original).__name__
+
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, **kwargs):
+        from .hf_patch import _key_padding_from_mask
+
+        if kwargs.get("output_attentions"):
+            raise ValueError("electra_kernels attention never materialises attention probabilities: "
+                             "output_attentions=True is not supported on a patched model")
+        batch, seq = hidden_states.shape[:2]
+        qkv = self.Wqkv(hidden_states).view(batch, seq, 3, -1, self.head_dim)
+        q, k, v = qkv.unbind(dim=2)  # (batch, seq, heads, head_dim) views
+        if position_embeddings is not None:
+            cos, sin = position_embeddings
+            q, k = apply_rotary_cos_sin(q, cos, sin), apply_rotary_cos_sin(k, cos, sin)
+        key_padding_mask = _key_padding_from_mask(attention_mask, batch, seq)
+        out = attention(q, k, v, key_padding_mask, dropout_p=self.attention_dropout if self.training else 0.0,
+                        softmax_scale=self.head_dim ** -0.5, window=self.window)
+        return self.out_drop(self.Wo(out.reshape(batch, seq, -1))), None
+
+    def extra_repr(self) -> str:
+        return f"replaces={self.replaces}, window={self.window}"
+
+
+class FusedModernBertMLP(nn.Module):
+    """``ModernBertMLP`` with the GeGLU kernel between ``Wi`` and ``Wo``; keeps ``Wi``, ``act``, ``drop``, ``Wo``."""
+
+    def __init__(self, original: nn.Module):
+        super().__init__()
+        self.Wi, self.act, self.drop, self.Wo = original.Wi, original.act, original.drop, original.Wo
+        self.replaces = type(original).__name__
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.Wo(self.drop(geglu(self.Wi(hidden_states))))
+
+    def extra_repr(self) -> str:
+        return f"replaces={self.replaces}"
+
+
+def check_modernbert_config(config, geglu_enabled: bool, max_head_dim: int) -> None:
+    """ValueError for what the kernels cannot run."""
+    if getattr(config, "output_attentions", False):
+        raise ValueError("patch_hf: output_attentions=True needs the attention probabilities, which the fused "
+                         "kernel never materialises; set config.output_attentions=False")
+    hidden, heads = config.hidden_size, config.num_attention_heads
+    if hidden % heads:
+        raise ValueError(f"patch_hf: hidden_size {hidden} is not a multiple of num_attention_heads {heads}")
+    head_dim = hidden // heads
+    if head_dim > max_head_dim or head_dim % 2:
+        raise ValueError(f"patch_hf: head dim {head_dim} is not supported (even, at most {max_head_dim}: the "
+                         "rotary and attention kernels' limits)")
+    if geglu_enabled and getattr(config, "hidden_activation", "gelu") != "gelu":
+        raise ValueError(f"patch_hf: hidden_activation={config.hidden_activation!r}; the GeGLU kernel computes the "
+                         "exact (erf) GELU only ('gelu'); pass geglu=False to keep transformers' MLP")
+
+
+def modernbert_swaps(model: nn.Module, attention_enabled: bool, geglu_enabled: bool):
+    """(path, old, new, description) for every ModernBERT attention / MLP module to replace."""
+    swaps = []
+    for path, module in model.named_modules():
+        name = type(module).__name__
+        if attention_enabled and name == "ModernBertAttention":
+            new = FusedModernBertAttention(module)
+            kind = f"sliding window {new.window}" if new.window is not None else "global"
+            swaps.append((path, module, new, f"FusedModernBertAttention (rotary + {kind} attention kernels)"))
+        elif geglu_enabled and name == "ModernBertMLP":
+            swaps.append((path, module, FusedModernBertMLP(module), "FusedModernBertMLP (GeGLU kernel)"))
+    return swaps
