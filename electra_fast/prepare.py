@@ -33,7 +33,9 @@ The pipeline, and which library does each part:
    ``Dataset.from_generator(num_proc=...)``; large files are cut into byte ranges at blank lines so
    that one big file still uses every process. Saved datasets are memory-mapped as they are.
 3. Tokenizer: a lower-cased WordPiece trained with ``tokenizers`` on the first
-   ``TOKENIZER_TRAIN_CHARS`` characters, or the WordPiece of a given ``vocab.txt``. Training is
+   ``TOKENIZER_TRAIN_CHARS`` characters, or the WordPiece of a given ``vocab.txt``, or any given Hugging
+   Face fast tokenizer (``--tokenizer tokenizer.json``: BPE, WordPiece, ...; used as it is, its special
+   tokens mapped to ELECTRA's roles by :mod:`electra_fast.tokenizer_roles`, no ``vocab.txt`` written). Training is
    reproducible (the alphabet and the continuation pieces are fixed before the trainer runs, see
    :func:`electra_fast.tokenizer_training.train_tokenizer`) and the ids are renumbered canonically:
    the same text gives a byte-identical ``vocab.txt`` and ``tokenizer.json``.
