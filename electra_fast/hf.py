@@ -117,14 +117,12 @@ def _write_tokenizer(tokenizer_dir: Path | None, out: Path) -> None:
     write_tokenizer_config(out)
 
 
-def _special_tokens_of(tokenizer_json: Path) -> dict[str, str] | None:
-    """The role -> token strings of a tokenizer.json that is not BERT-spelled (no [CLS]): its added tokens
-    in the usual spellings (electra_fast.tokenizer_roles names them); None for a BERT-spelled one."""
+def _special_tokens_of(tokenizer_json: Path) -> dict[str, str]:
+    """role -> token string of a given tokenizer.json (no vocab.txt beside it): its special tokens in the
+    usual spellings (electra_fast.tokenizer_roles names them)."""
     from .tokenizer_roles import SPELLINGS
 
     added = {t["content"] for t in json.loads(tokenizer_json.read_text(encoding="utf-8")).get("added_tokens", [])}
-    if "[CLS]" in added:
-        return None
     return {role: next(t for t in spellings if t in added) for role, spellings in SPELLINGS.items()
             if any(t in added for t in spellings)}
 
@@ -132,8 +130,8 @@ def _special_tokens_of(tokenizer_json: Path) -> dict[str, str] | None:
 def write_tokenizer_config(folder: Path, model_max_length: int = 512) -> None:
     """``tokenizer_config.json`` so that transformers' AutoTokenizer loads the folder's vocabulary."""
     fast = (folder / "tokenizer.json").exists()
-    roles = _special_tokens_of(folder / "tokenizer.json") if fast and not (folder / "vocab.txt").exists() else None
-    if roles is not None:  # a given tokenizer (prepare --tokenizer; BPE, ...): the generic fast class
+    if fast and not (folder / "vocab.txt").exists():  # a given tokenizer (prepare --tokenizer; BPE, ...)
+        roles = _special_tokens_of(folder / "tokenizer.json")  # the generic fast class reads tokenizer.json
         (folder / "tokenizer_config.json").write_text(json.dumps({
             "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": model_max_length,
             **{f"{role}_token": token for role, token in roles.items()}}, indent=2))
