@@ -111,3 +111,14 @@ def test_tiny_modern_model_learns():
         opt.step()
         losses.append(out.mlm_loss.item())
     assert sum(losses[-10:]) / 10 < 0.7 * sum(losses[:10]) / 10
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    plain = ElectraPretrainingModel(modern_config())
+    recomputed = ElectraPretrainingModel(modern_config("model.activation_checkpointing=true"))
+    recomputed.load_state_dict(plain.state_dict())
+    batch = random_batch(modern_config(), batch=2, seq_len=24)
+    (a, grads_a), (b, grads_b) = _step(plain, batch), _step(recomputed, batch)
+    torch.testing.assert_close(a.loss, b.loss, atol=0, rtol=0)
+    for name in grads_a:
+        torch.testing.assert_close(grads_a[name], grads_b[name], atol=1e-6, rtol=1e-5, msg=name)
