@@ -101,6 +101,9 @@ run flops 40 flops.py --counted-size small --batch 4
 run throughput 150 throughput.py --iters "$ITERS" --variants ours-torch,ours-triton,ours-deepspeed,hf-eager,hf-compile
 run throughput_bert 45 throughput.py --iters "$ITERS" --sizes small,base --variants hf-bert-mlm-compile
 run throughput_bert_large 20 throughput.py --iters "$ITERS" --sizes large --variants hf-bert-mlm
+# The modern encoder (model.architecture=modern) at sequence 1,024: its targets are >= 300k tokens/s and >= 1.5x
+# transformers' ModernBERT pair (hf-modernbert) in the same run.
+run throughput_modern 90 throughput.py --iters "$ITERS" --sizes modern-base --variants ours-triton,hf-modernbert
 run attention "$ATTN_LIMIT" attention.py --check "${ATTN_ARGS[@]}"
 run heads 120 heads.py
 run hf_bert 40 hf_bert.py
