@@ -93,8 +93,9 @@ if [ "${GATES:-1}" = 1 ]; then
     run_cmd kernel_tests 300 env TRITON_INTERPRET=0 ELECTRA_KERNELS_AUTOTUNE=0 $PY -m pytest -q -x tests/kernels
 fi
 
-# Benchmark limits (seconds) add up to 10.7 minutes (9.7 before the modern row). The attention kernel's autotuning compiles ~20 configs per
-# layout (minutes), so the 10-minute run uses its default configs; FULL=1 autotunes, with room for it.
+# Benchmark limits (seconds) add up to 10.7 minutes (9.7 before the modern row). The attention kernel's
+# autotuning compiles ~20 configs per layout (minutes), so the default run uses its default configs; FULL=1
+# autotunes, with room for it.
 if [ "${FULL:-0}" = 1 ]; then ATTN_ARGS=(); ATTN_LIMIT=400; else ATTN_ARGS=(--no-autotune); ATTN_LIMIT=90; fi
 run flops 40 flops.py --counted-size small --batch 4
 # ELECTRA step variants at every size; BERT-MLM compiled where RESULTS.md's reference has it (eager at large).
