@@ -76,3 +76,20 @@ def test_sliding_layers_count_their_window_padded_and_packed():
     # a global-only model at the same size counts more
     dense = electra_flops(_config("model.global_attn_every_n_layers=1"), seq_len=seq, batch=3)
     assert dense.forward_per_step > electra_flops(cfg, seq_len=seq, batch=3).forward_per_step
+
+
+def test_counted_cases_include_transformers_modernbert():
+    """benchmarks/flops.py --counted at a modern size: ours, the modern BERT-MLM baseline and transformers'
+    ModernBERT pair (full-vocabulary logits) all match the formulas (HF's within 1%, as for ELECTRA)."""
+    pytest.importorskip("transformers")
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("bench_flops", ROOT / "benchmarks" / "flops.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    names = []
+    for name, analytic, (forward, backward) in bench.counted_cases("modern-tiny", batch=2, seq_len=16):
+        tol = 1e-9 if name.startswith("ours") else 1e-2
+        assert forward == pytest.approx(analytic.forward_per_step, rel=tol), name
+        assert backward == pytest.approx(analytic.backward_per_step, rel=tol), name
+        names.append(name)
+    assert any("ModernBert" in n for n in names) and len(names) == 3
