@@ -19,6 +19,7 @@ def modern_two_ranks(corpus_dir, tmp_path_factory):  # noqa: F811
     out = tmp_path_factory.mktemp("modern_two_ranks")
     proc = _deepspeed_launch([str(REPO / "tests" / "_train_zero_stages.py"), "--data", corpus_dir,
                               "--out", str(out), "--config", MODERN_TINY, "--stages", "0", "3",
+                              "--checkpointing-stages", "3",  # ZeRO-3 with activation checkpointing
                               "--set", *STAGE_SETS])
     return proc, out
 
