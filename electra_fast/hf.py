@@ -1,4 +1,5 @@
-"""Hugging Face interop: export to / import from ``ElectraForPreTraining`` + ``ElectraForMaskedLM`` folders.
+"""Hugging Face interop: export to / import from ``ElectraForPreTraining`` + ``ElectraForMaskedLM`` folders
+(and, for ``model.architecture: modern``, transformers' ModernBERT classes: :mod:`electra_fast.hf_modern`).
 
     to_hf(model, "runs/demo/export", tokenizer_dir="data/default")
     # -> runs/demo/export/discriminator  (ElectraForPreTraining.from_pretrained)
@@ -273,6 +274,11 @@ def from_hf(discriminator_dir: str | os.PathLike, generator_dir: str | os.PathLi
     cfg = model_config_from_hf(disc_config, gen_config)
     if cfg.architecture != "modern":  # (modern: decided by model_config_from_hf, from the widths too)
         cfg.embedding_sharing = disc_config.get("electra_fast", {}).get("embedding_sharing", "tied")
+    elif "electra_fast" not in disc_config:  # a released ModernBERT: [MASK] and [UNK] are in its tokenizer only
+        from .tokenizer_roles import folder_roles
+
+        for role, token_id in (folder_roles(discriminator_dir) or {}).items():
+            setattr(cfg, f"{role}_token_id", token_id)
     for key, value in model_overrides.items():
         if not hasattr(cfg, key):
             raise ExportError(f"unknown model option {key!r}")

@@ -56,14 +56,12 @@ def folder_special_ids(folder: str | Path, imported: ModelConfig) -> dict[str, i
         index = {token: i for i, token in enumerate(lines)}
         if all(_SPECIAL_TOKENS[name] in index for name in SPECIALS):
             return {name: index[_SPECIAL_TOKENS[name]] for name in SPECIALS}
-    if (Path(folder) / "tokenizer.json").is_file() and not vocab.is_file():  # a ModernBERT folder (BPE)
-        from .manifest import DataError
-        from .tokenizer_roles import load_given_tokenizer
+    if not vocab.is_file():  # a ModernBERT folder (a BPE tokenizer.json): its roles, when it names them all
+        from .tokenizer_roles import folder_roles
 
-        try:
-            return load_given_tokenizer(str(folder))[1]
-        except DataError:
-            pass  # roles it does not name: the config's ids, as below
+        roles = folder_roles(folder)
+        if roles is not None:
+            return roles
     return {name: getattr(imported, f"{name}_token_id") for name in SPECIALS}
 
 

@@ -124,3 +124,14 @@ def tokenizer_type(tokenizer) -> str:
 def vocab_size_of(tokenizer) -> int:
     """Rows the embedding table needs: one past the largest id (added tokens included)."""
     return max(tokenizer.get_vocab(with_added_tokens=True).values()) + 1
+
+
+def folder_roles(folder) -> dict[str, int] | None:
+    """The role ids of a model folder's ``tokenizer.json`` (a released ModernBERT's, say), or None when it has
+    none or one whose roles cannot all be found."""
+    if not (Path(folder) / "tokenizer.json").is_file():
+        return None
+    try:
+        return load_given_tokenizer(str(folder))[1]
+    except DataError:
+        return None

@@ -157,3 +157,21 @@ def test_exported_config_is_modernbert(tmp_path):
     disc = json.loads((tmp_path / "e" / "discriminator" / "config.json").read_text())
     assert disc["architectures"] == ["ModernBertForTokenClassification"] and disc["num_labels"] == 1
     assert disc["layer_types"] == ["full_attention", "sliding_attention", "sliding_attention", "full_attention"]
+
+
+def test_a_released_modernbert_folder_gets_its_tokenizers_special_ids(tmp_path):
+    """config.json names pad/cls/sep only; [MASK] and [UNK] come from the folder's tokenizer.json."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.train_from_iterator(["a b c d e f g"] * 10, trainers.BpeTrainer(
+        vocab_size=300, show_progress=False, special_tokens=["[MASK]", "[CLS]", "[SEP]", "[PAD]", "[UNK]"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    hf_cfg = ModernBertConfig(vocab_size=300, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                              num_attention_heads=2, pad_token_id=3, cls_token_id=1, sep_token_id=2,
+                              bos_token_id=1, eos_token_id=2)
+    ModernBertForMaskedLM(hf_cfg).save_pretrained(tmp_path / "released")
+    tok.save(str(tmp_path / "released" / "tokenizer.json"))
+    cfg = from_hf(tmp_path / "released").config
+    assert (cfg.unk_token_id, cfg.cls_token_id, cfg.sep_token_id, cfg.pad_token_id, cfg.mask_token_id) == (4, 1, 2, 3, 0)
