@@ -174,4 +174,5 @@ def test_a_released_modernbert_folder_gets_its_tokenizers_special_ids(tmp_path):
     ModernBertForMaskedLM(hf_cfg).save_pretrained(tmp_path / "released")
     tok.save(str(tmp_path / "released" / "tokenizer.json"))
     cfg = from_hf(tmp_path / "released").config
-    assert (cfg.unk_token_id, cfg.cls_token_id, cfg.sep_token_id, cfg.pad_token_id, cfg.mask_token_id) == (4, 1, 2, 3, 0)
+    ids = (cfg.unk_token_id, cfg.cls_token_id, cfg.sep_token_id, cfg.pad_token_id, cfg.mask_token_id)
+    assert ids == (4, 1, 2, 3, 0)
