@@ -274,6 +274,52 @@ def build_hf_electra(model_cfg, device):
     return generator.to(device), discriminator.to(device)
 
 
+def build_hf_modernbert(model_cfg, device, attn_implementation: str = "sdpa"):
+    """The modern backbone's peer: transformers' ModernBertForMaskedLM generator + a one-label
+    ModernBertForTokenClassification discriminator (the export's classes) sharing the token embeddings
+    (and so the decoder tied to them), SDPA attention."""
+    from transformers import ModernBertConfig, ModernBertForMaskedLM, ModernBertForTokenClassification
+
+    from electra_fast.hf_modern import modernbert_config_dict
+
+    def config(network: str, **extra):
+        values = {k: v for k, v in modernbert_config_dict(model_cfg, network).items()
+                  if k not in ("architectures", "electra_fast", "torch_dtype", "id2label", "label2id")}
+        return ModernBertConfig(**values, **extra)
+
+    generator = ModernBertForMaskedLM(config("generator"))
+    discriminator = ModernBertForTokenClassification(config("discriminator"))  # num_labels=1 in the dict
+    for model in (generator, discriminator):
+        model.config._attn_implementation = attn_implementation
+    if model_cfg.generator_hidden_size == model_cfg.hidden_size:  # tied sharing needs one width
+        generator.model.embeddings.tok_embeddings = discriminator.model.embeddings.tok_embeddings
+        generator.decoder.weight = discriminator.model.embeddings.tok_embeddings.weight
+    return generator.to(device), discriminator.to(device)
+
+
+def hf_modernbert_loss(generator, discriminator, model_cfg, input_ids, attention_mask, token_type_ids, *,
+                       mask_prob: float = 0.15, disc_weight: float = 50.0, rng=None):
+    """hf_electra_loss's objective on the ModernBERT pair (no segment ids; the discriminator's one logit
+    per token through BCE over real tokens)."""
+    import torch
+
+    chosen = (torch.rand(input_ids.shape, device=input_ids.device, generator=rng) < mask_prob)
+    chosen &= _candidates(input_ids, attention_mask, model_cfg)
+    generator_input = torch.where(chosen, torch.full_like(input_ids, model_cfg.mask_token_id), input_ids)
+    labels = torch.where(chosen, input_ids, torch.full_like(input_ids, -100))
+    gen_out = generator(input_ids=generator_input, attention_mask=attention_mask, labels=labels)
+    with torch.no_grad():
+        logits = gen_out.logits.float()
+        uniform = torch.rand(logits.shape, device=logits.device, generator=rng).clamp_(1e-9, 1.0 - 1e-7)
+        sampled = torch.argmax(logits - torch.log(-torch.log(uniform)), dim=-1)
+        disc_input = torch.where(chosen, sampled, input_ids)
+        is_replaced = (disc_input != input_ids).float()
+    disc_logits = discriminator(input_ids=disc_input, attention_mask=attention_mask).logits[..., 0].float()
+    real = attention_mask.bool()
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(disc_logits[real], is_replaced[real])
+    return gen_out.loss + disc_weight * bce
+
+
 def build_hf_bert_mlm(model_cfg, device):
     """BERT-MLM as benchmarks/RESULTS.md defines it: ElectraForMaskedLM at the discriminator's size."""
     from transformers import ElectraForMaskedLM

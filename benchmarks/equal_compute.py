@@ -68,6 +68,10 @@ PRESETS = {
     "small": dict(vocab_size=8192, batch=128, electra_steps=1500, pretrain_lr=None, probe_train=2000, probe_dev=500,
                   probe_epochs=3, probe_lr=3e-4, seeds="1,2,3"),
 }
+# The modern backbone (model.architecture=modern; BERT-MLM is then ModernBERT's masked LM at the same size):
+# the same budgets as the ELECTRA sizes of about the same cost, not tuned for it.
+PRESETS["modern-tiny"] = dict(PRESETS["tiny"])
+PRESETS["modern-small"] = dict(PRESETS["small"])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -177,14 +181,14 @@ def build_probe(documents: list[list[str]], n_train: int, n_dev: int, seed: int,
 # ----------------------------------------------------------------------------------------------
 def encoder_snapshot(model, cfg):
     """The fine-tunable encoder (embeddings + discriminator-size body) as a CPU task_models.ElectraModel."""
-    from electra_fast.task_models import ElectraModel
+    from electra_fast.task_models import encoder_class
 
     if hasattr(model, "network_state_dict"):  # ELECTRA: the embeddings the discriminator reads (any sharing)
         state = model.network_state_dict("discriminator")
     else:
         state = {name[len("electra."):] if name.startswith("electra.") else name: tensor
                  for name, tensor in model.state_dict().items() if name.startswith(("embeddings.", "electra."))}
-    encoder = ElectraModel(cfg.model)
+    encoder = encoder_class(cfg.model)(cfg.model)  # ElectraModel, or ModernEncoder for the modern sizes
     encoder.load_state_dict({k: v.detach().float().cpu() for k, v in state.items()})
     return encoder
 
@@ -359,10 +363,10 @@ def run(args, parser, fractions: list[float], device: torch.device, workdir: Pat
 
     rows = []
     if not args.no_random_init:
-        from electra_fast.task_models import ElectraModel
+        from electra_fast.task_models import encoder_class
 
         torch.manual_seed(args.seed)
-        accs = probe_accuracy(ElectraModel(cfg.model), tokenizer, probe_train, probe_dev, args, device)
+        accs = probe_accuracy(encoder_class(cfg.model)(cfg.model), tokenizer, probe_train, probe_dev, args, device)
         rows.append({"model": "random_init", "fraction": 0.0, "steps": 0, "flops": 0.0, "accuracies": accs})
         print(f"  probe random_init: accuracy {statistics.median(accs):.4f} {accs}", flush=True)
     for kind, (steps, step_flops, kind_cfg) in plan.items():

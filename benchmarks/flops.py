@@ -148,6 +148,10 @@ def counted_cases(size: str, batch: int, seq_len: int | None, device: str = "cpu
                  "model.last_layer_subset=false"]
     if seq_len:
         overrides.append(f"data.seq_len={seq_len}")
+    if build_config(size).model.architecture == "modern":
+        # The reference path's masked SDPA computes every query-key pair, also outside a sliding window: windows
+        # that cover the sequence make that the algorithm's count too.
+        overrides.append(f"model.local_attention={2 * (seq_len or build_config(size).data.seq_len)}")
     cfg = build_config(size, overrides=overrides)
     seq = cfg.data.seq_len
     inputs = synthetic_batch(cfg.model, batch, seq, device=device)
@@ -165,6 +169,15 @@ def counted_cases(size: str, batch: int, seq_len: int | None, device: str = "cpu
         import transformers  # noqa: F401
     except ImportError:
         print("note: transformers is not installed; the Hugging Face rows are skipped")
+        return
+    if cfg.model.architecture == "modern":  # its peer: transformers' ModernBERT pair, full-vocabulary logits
+        from _common import build_hf_modernbert, hf_modernbert_loss
+
+        generator, discriminator = build_hf_modernbert(cfg.model, device)
+        generator.train(), discriminator.train()
+        yield ("HF: ModernBertForMaskedLM + ModernBertForTokenClassification",
+               electra_flops(cfg, seq_len=seq, batch=batch, mlm_rows_per_seq=seq),
+               count_step(lambda: hf_modernbert_loss(generator, discriminator, cfg.model, *inputs)))
         return
     generator, discriminator = build_hf_electra(cfg.model, device)
     generator.train(), discriminator.train()

@@ -25,8 +25,14 @@ One full optimizer step (forward, backward, AdamW) on synthetic token batches, p
                   loss = MLM + 50 BCE, fused torch AdamW, autocast bf16, SDPA attention (the reference step in benchmarks/RESULTS.md)
   hf-compile      hf-eager with torch.compile on both networks
   hf-bert-mlm[-compile]  BERT-MLM: ElectraForMaskedLM at the discriminator's size, 80/10/10 masking
+  hf-modernbert[-compile]  the modern sizes' peer (model.architecture=modern): transformers'
+                  ModernBertForMaskedLM generator + one-label ModernBertForTokenClassification discriminator
+                  sharing the token embeddings, the same objective as hf-eager, SDPA attention
 
-at small (batch 128 x seq 128), base (32 x 512) and large (16 x 512). Timing: CUDA events around each
+at small (batch 128 x seq 128), base (32 x 512) and large (16 x 512); the modern sizes (--sizes
+modern-base, ...) at sequence 1,024 (modern-small 64, modern-base 32, modern-large 16 sequences), where the
+ratios are against hf-modernbert (the ELECTRA hf-* rows do not apply to them and are skipped).
+Timing: CUDA events around each
 step after the warm-up steps (which include compilation), the median over the timed steps.
 Model TFLOP/s counts the algorithm's FLOPs (electra_fast.flops, "modern" convention: matmuls,
 backward = 2 x forward, MLM head at the masked positions only) for every ELECTRA variant alike, so
@@ -59,9 +65,11 @@ from _common import (  # noqa: E402
     append_rows,
     build_hf_bert_mlm,
     build_hf_electra,
+    build_hf_modernbert,
     device_peak_tflops,
     hf_bert_mlm_loss,
     hf_electra_loss,
+    hf_modernbert_loss,
     median,
     print_table,
     save_plot,
@@ -74,7 +82,9 @@ import torch  # noqa: E402
 from electra_fast.config import build_config  # noqa: E402
 from electra_fast.flops import bert_mlm_flops, electra_flops  # noqa: E402
 
-SHAPES = {"small": (128, 128), "base": (32, 512), "large": (16, 512), "tiny": (4, 32)}
+SHAPES = {"small": (128, 128), "base": (32, 512), "large": (16, 512), "tiny": (4, 32),
+          # model.architecture=modern: ModernBERT's pretraining length
+          "modern-small": (64, 1024), "modern-base": (32, 1024), "modern-large": (16, 1024), "modern-tiny": (4, 64)}
 # What each "ours" variant turns on: hot-spot implementation, train.compile, CUDA graphs, unpadding.
 OURS = {
     "ours-torch": dict(impl="torch", compile="none", cuda_graphs=False, unpad=True),
@@ -84,10 +94,16 @@ OURS = {
     "ours-packed-graphs": dict(impl="triton", compile="default", cuda_graphs=True, unpad=True),
     "ours-deepspeed": dict(impl="triton", compile="none", cuda_graphs=False, unpad=True),
 }
-VARIANTS = (*OURS, "hf-eager", "hf-compile", "hf-bert-mlm", "hf-bert-mlm-compile")
+VARIANTS = (*OURS, "hf-eager", "hf-compile", "hf-bert-mlm", "hf-bert-mlm-compile", "hf-modernbert",
+            "hf-modernbert-compile")
 DEFAULT_VARIANTS = ("ours-torch", "ours-triton", "ours-fast", "ours-graphs", "ours-packed-graphs", "ours-deepspeed",
-                    "hf-eager", "hf-compile", "hf-bert-mlm-compile")
+                    "hf-eager", "hf-compile", "hf-bert-mlm-compile", "hf-modernbert")
 BASELINE = "hf-compile"
+MODERN_BASELINE = "hf-modernbert"  # the modern sizes' peer row
+
+
+def baseline_of(size: str) -> str:
+    return MODERN_BASELINE if size.startswith("modern") else BASELINE
 
 
 class Skip(Exception):
@@ -145,11 +161,25 @@ def make_step(variant: str, size: str, batch_inputs, args, device: torch.device)
 
     cfg = _config(size, seq_len, "torch", args.dropout)
     compiled = variant.endswith("-compile")
+    modern = cfg.model.architecture == "modern"
+    if modern != variant.startswith("hf-modernbert"):
+        raise Skip("a peer of the other architecture (hf-modernbert is the modern sizes' peer, the other hf-* "
+                   "rows ELECTRA's)")
     try:
         import transformers  # noqa: F401
     except ImportError:
         raise Skip("transformers is not installed") from None
-    if variant.startswith("hf-bert-mlm"):
+    if modern:
+        generator, discriminator = build_hf_modernbert(cfg.model, device)
+        generator.train(), discriminator.train()
+        params = list({id(p): p for m in (generator, discriminator) for p in m.parameters()}.values())
+        gen = torch.compile(generator, backend=args.compile_backend) if compiled else generator
+        disc = torch.compile(discriminator, backend=args.compile_backend) if compiled else discriminator
+
+        def loss_fn():
+            return hf_modernbert_loss(gen, disc, cfg.model, *batch_inputs, mask_prob=0.15,
+                                      disc_weight=cfg.objective.disc_weight)
+    elif variant.startswith("hf-bert-mlm"):
         model = build_hf_bert_mlm(cfg.model, device).train()
         params = list(model.parameters())
         net = torch.compile(model, backend=args.compile_backend) if compiled else model
@@ -381,11 +411,13 @@ def main(argv=None) -> int:
             print(f"  {size:6s} {variant:20s} {row['step_ms']:9.2f} ms  {row['seq_per_s']:9.1f} seq/s", flush=True)
 
     for row in rows:
-        base = next((r for r in rows if r["size"] == row["size"] and r["variant"] == BASELINE), None)
+        base = next((r for r in rows if r["size"] == row["size"] and r["variant"] == baseline_of(r["size"])), None)
+        row["baseline"] = baseline_of(row["size"])
         row["vs_hf_compile"] = (row["seq_per_s"] / base["seq_per_s"]) if base else None
     print()
     print_table(["size", "B x S", "variant", "step ms", "seq/s", "tokens/s", "model TFLOP/s", "MFU",
-                 "peak GiB", f"x {BASELINE}", "sync-free"],
+                 "peak GiB", f"x {BASELINE}" if not any(r["size"].startswith("modern") for r in rows)
+                 else f"x baseline ({BASELINE} / {MODERN_BASELINE})", "sync-free"],
                 [[r["size"], f"{r['batch']}x{r['seq_len']}", r["variant"], r["step_ms"], r["seq_per_s"],
                   r["tokens_per_s"], r["model_tflops"], f"{100 * r['mfu']:.1f}%" if r["mfu"] else "-",
                   r["peak_mem_gib"], f"{r['vs_hf_compile']:.2f}" if r["vs_hf_compile"] else "-",

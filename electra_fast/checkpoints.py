@@ -763,7 +763,8 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, data_dir: str
         raise CheckpointError(f"{tag_dir}: the checkpoint does not match its config (missing {missing[:5]}, "
                          f"unexpected {unexpected[:5]})")
     tokenizer_dir = data_dir or cfg.data.path
-    if not tokenizer_dir or not (Path(tokenizer_dir).expanduser() / "vocab.txt").is_file():
+    if not tokenizer_dir or not any((Path(tokenizer_dir).expanduser() / name).is_file()
+                                    for name in ("vocab.txt", "tokenizer.json")):
         tokenizer_dir = None
     return to_hf(model, out_dir, tokenizer_dir=tokenizer_dir, config=cfg)
 

@@ -33,6 +33,9 @@ class ConfigError(ValueError):
 # model.embedding_sharing: how generator and discriminator share embeddings (see ModelConfig).
 EMBEDDING_SHARING = ("tied", "gdes", "separate")
 
+# model.architecture: the encoder block both networks use (electra_fast.backbone picks the module).
+ARCHITECTURES = ("electra", "modern")
+
 # Which implementation runs a hot spot: "auto" (Triton on CUDA, PyTorch elsewhere), "torch" (the
 # reference) or "triton" (the kernel; on CPU only under TRITON_INTERPRET=1).
 IMPLEMENTATIONS = ("auto", "torch", "triton")
@@ -66,6 +69,10 @@ def max_predictions(mask_prob: float, seq_len: int, configured: int = 0) -> int:
 
 @dataclass
 class ModelConfig:
+    # The encoder block (electra_fast.backbone): "electra" -- the paper's post-LN BERT layer with learned
+    # positions; "modern" -- ModernBERT's (electra_fast.modern: pre-norm, bias-free, rotary positions,
+    # alternating global / sliding-window attention, GeGLU), exported as transformers' ModernBert*.
+    architecture: str = "electra"
     vocab_size: int = 30522
     embedding_size: int = 128
     hidden_size: int = 256
@@ -118,6 +125,13 @@ class ModelConfig:
     # queries, attention output and FFN only at the chosen positions the head reads; same loss and
     # gradients as the full layer to round-off (flash-attention's last_layer_subset, MLPerf's dense_seq_output).
     last_layer_subset: bool = True
+    # architecture=modern only (ModernBERT's names and defaults): every n-th layer (the first included)
+    # attends globally, the others within local_attention tokens (|i - j| <= local_attention / 2); rotary
+    # base per kind of layer.
+    global_attn_every_n_layers: int = 3
+    local_attention: int = 128
+    global_rope_theta: float = 160_000.0
+    local_rope_theta: float = 10_000.0
 
     @property
     def generator_hidden_size(self) -> int:
@@ -125,7 +139,11 @@ class ModelConfig:
 
     @property
     def generator_intermediate_size(self) -> int:
-        return self.explicit_generator_intermediate_size or 4 * self.generator_hidden_size
+        if self.explicit_generator_intermediate_size:
+            return self.explicit_generator_intermediate_size
+        if self.architecture == "modern":  # the discriminator's GLU ratio (ModernBERT's is not 4x)
+            return max(1, int(round(self.intermediate_size * self.generator_hidden_size / self.hidden_size)))
+        return 4 * self.generator_hidden_size
 
     @property
     def generator_num_heads(self) -> int:
@@ -176,6 +194,32 @@ class ModelConfig:
         check_non_negative(self, "model", ("explicit_generator_hidden_size", "explicit_generator_num_heads",
                                            "explicit_generator_intermediate_size", "explicit_generator_num_layers"))
         check_choice("model.embedding_sharing", self.embedding_sharing, EMBEDDING_SHARING)
+        check_choice("model.architecture", self.architecture, ARCHITECTURES)
+        if self.architecture == "modern":
+            self._validate_modern()
+
+    def _validate_modern(self) -> None:
+        """ModernBERT has no embedding projection: each network's table is as wide as the network, so a
+        table shared by both (tied, gdes) needs one width."""
+        if self.embedding_size != self.hidden_size:
+            raise ConfigError(f"model.architecture=modern has no embedding projection: model.embedding_size "
+                              f"({self.embedding_size}) must equal model.hidden_size ({self.hidden_size})")
+        if self.embedding_sharing != "separate" and self.generator_hidden_size != self.hidden_size:
+            raise ConfigError(
+                f"model.architecture=modern with embedding_sharing={self.embedding_sharing}: the shared table "
+                f"needs the generator as wide as the discriminator, but the generator is {self.generator_hidden_size} "
+                f"wide and the discriminator {self.hidden_size} (set model.generator_fraction=1.0 and make the "
+                "generator smaller with model.generator_layers, or use model.embedding_sharing=separate)")
+        for width, heads, who in ((self.hidden_size, self.num_heads, "discriminator"),
+                                  (self.generator_hidden_size, self.generator_num_heads, "generator")):
+            if (width // heads) % 2:
+                raise ConfigError(f"model.architecture=modern: the {who}'s head size {width // heads} must be even "
+                                  "(rotary embeddings rotate pairs of features)")
+        check_positive(self, "model", ("global_attn_every_n_layers", "local_attention", "global_rope_theta",
+                                       "local_rope_theta"))
+        if self.local_attention % 2:
+            raise ConfigError(f"model.local_attention must be even (a window of local_attention / 2 tokens each "
+                              f"side, as ModernBERT), got {self.local_attention}")
 
 
 @dataclass
@@ -372,6 +416,45 @@ SIZES: dict[str, dict[str, dict[str, Any]]] = {
         "data": dict(seq_len=512),
     },
 }
+
+
+# ModernBERT-shaped sizes (architecture=modern; electra_fast.modern). base and large are ModernBERT's
+# published shapes (arXiv 2412.13663: 22 x 768, GLU 1152; 28 x 1024, GLU 2624; 64-wide heads). ModernBERT
+# publishes no small model; modern-small is ours: ModernBERT-base's 1.5x GLU ratio and 64-wide heads at
+# 12 x 384. The generator keeps the discriminator's width (the table is shared and ModernBERT has no
+# embedding projection) and takes half its depth, DeBERTaV3's generator (He et al. 2021) -- not tuned here.
+# No dropout, LayerNorm eps 1e-5, 8,192 positions, as ModernBERT; seq_len 1,024, ModernBERT's pretraining
+# length. The training sections are starting points taken from ELECTRA's sizes, not tuned.
+_MODERN = dict(architecture="modern", dropout=0.0, attention_dropout=0.0, layer_norm_eps=1e-5,
+               max_position_embeddings=8192, generator_fraction=1.0, generator_layers=0.5)
+SIZES.update({
+    "modern-tiny": {  # the tests' size: windows of 16 tokens so that 64-token examples use them
+        "model": dict(_MODERN, vocab_size=1024, embedding_size=64, hidden_size=64, num_layers=4, num_heads=2,
+                      intermediate_size=96, local_attention=16),
+        "train": dict(SIZES["tiny"]["train"]),
+        "data": dict(seq_len=64, num_workers=0),
+    },
+    "modern-small": {
+        "model": dict(_MODERN, embedding_size=384, hidden_size=384, num_layers=12, num_heads=6, intermediate_size=576),
+        "objective": dict(mask_prob=0.15),
+        "train": dict(global_batch_size=128, lr=5e-4, max_steps=1_000_000),
+        "data": dict(seq_len=1024),
+    },
+    "modern-base": {
+        "model": dict(_MODERN, embedding_size=768, hidden_size=768, num_layers=22, num_heads=12,
+                      intermediate_size=1152),
+        "objective": dict(mask_prob=0.15),
+        "train": dict(global_batch_size=256, lr=2e-4, max_steps=766_000),
+        "data": dict(seq_len=1024),
+    },
+    "modern-large": {
+        "model": dict(_MODERN, embedding_size=1024, hidden_size=1024, num_layers=28, num_heads=16,
+                      intermediate_size=2624),
+        "objective": dict(mask_prob=0.25),
+        "train": dict(global_batch_size=2048, lr=2e-4, max_steps=400_000),
+        "data": dict(seq_len=1024),
+    },
+})
 
 _SECTIONS = {"model": ModelConfig, "objective": ObjectiveConfig, "train": TrainConfig, "data": DataConfig}
 

@@ -129,9 +129,11 @@ def parameter_depth(name: str, num_layers: int) -> int:
     i+1, anything else (the task head) num_layers + 2."""
     if name.startswith(("electra.embeddings.", "electra.embeddings_project.")):
         return 0
-    prefix = "electra.encoder.layer."
-    if name.startswith(prefix):
-        return int(name[len(prefix):].split(".", 1)[0]) + 1
+    for prefix in ("electra.encoder.layer.", "electra.layers."):  # ELECTRA's layers, the modern backbone's
+        if name.startswith(prefix):
+            return int(name[len(prefix):].split(".", 1)[0]) + 1
+    if name.startswith("electra.final_norm."):  # the modern backbone's norm after its last layer
+        return num_layers
     return num_layers + 2
 
 

@@ -52,6 +52,7 @@ DROPOUT_FLOPS = 4  # random number, compare, multiply by mask, multiply by 1/(1-
 LAYER_NORM_FLOPS = 5  # mean (sum), variance (square + sum), scale, shift
 GELU_FLOPS = 8  # 0.5·x·(1 + tanh(sqrt(2/pi)·(x + 0.044715·x^3)))
 SOFTMAX_FLOPS = 5  # max, subtract, exp, sum, divide
+ROTARY_FLOPS = 3  # per element of q and k: x·cos + rotate_half(x)·sin
 
 MATMUL, LOOKUP, ELEMENTWISE = "matmul", "lookup", "elementwise"
 KINDS = (MATMUL, LOOKUP, ELEMENTWISE)
@@ -105,6 +106,10 @@ class EncoderDims:
     type_vocab: int = 2
     dropout: bool = True  # hidden dropout present (p > 0)
     attention_dropout: bool = True
+    # model.architecture: "electra" (post-LN BERT layers) or "modern" (ModernBERT's, see modern_layer_terms)
+    architecture: str = "electra"
+    window: int = 0  # modern: sliding layers attend keys |i - j| <= window (local_attention / 2)
+    global_every: int = 1  # modern: every n-th layer (the first included) is global
 
     def __post_init__(self):
         for name in ("hidden", "layers", "heads", "intermediate", "embedding", "vocab"):
@@ -114,13 +119,34 @@ class EncoderDims:
     @classmethod
     def discriminator(cls, cfg: ModelConfig) -> "EncoderDims":
         return cls(cfg.hidden_size, cfg.num_layers, cfg.num_heads, cfg.intermediate_size, cfg.embedding_size,
-                   cfg.vocab_size, cfg.type_vocab_size, cfg.dropout > 0, cfg.attention_dropout > 0)
+                   cfg.vocab_size, cfg.type_vocab_size, cfg.dropout > 0, cfg.attention_dropout > 0,
+                   **_architecture(cfg))
 
     @classmethod
     def generator(cls, cfg: ModelConfig) -> "EncoderDims":
+        # modern: no projection, each network's table as wide as the network
+        embedding = cfg.generator_hidden_size if cfg.architecture == "modern" else cfg.embedding_size
         return cls(cfg.generator_hidden_size, cfg.generator_num_layers, cfg.generator_num_heads,
-                   cfg.generator_intermediate_size, cfg.embedding_size, cfg.vocab_size, cfg.type_vocab_size,
-                   cfg.dropout > 0, cfg.attention_dropout > 0)
+                   cfg.generator_intermediate_size, embedding, cfg.vocab_size, cfg.type_vocab_size,
+                   cfg.dropout > 0, cfg.attention_dropout > 0, **_architecture(cfg))
+
+    @property
+    def global_layers(self) -> int:
+        """Layers with global attention (all of them for ELECTRA)."""
+        return -(-self.layers // self.global_every) if self.architecture == "modern" else self.layers
+
+
+def _architecture(cfg: ModelConfig) -> dict:
+    if cfg.architecture != "modern":
+        return {}
+    return dict(architecture="modern", window=cfg.local_attention // 2, global_every=cfg.global_attn_every_n_layers)
+
+
+def window_pairs(length: int, window: int) -> int:
+    """Query-key pairs (i, j) in one sequence of ``length`` tokens with |i - j| <= window: each query
+    attends at most 2·window + 1 (= local_attention + 1) keys, fewer near the ends."""
+    m = min(window, length - 1)
+    return length + 2 * (m * length - m * (m + 1) // 2) if length > 0 else 0
 
 
 @dataclass(frozen=True)
@@ -138,6 +164,13 @@ class Workload:
     tokens: float
     attention_pairs: float
     mlm_rows: float
+    lengths: tuple[int, ...] = ()  # packed: each sequence's length (sliding-window pairs are counted from them)
+
+    def pairs_within(self, window: int) -> float:
+        """Attention pairs per head of a sliding-window layer (|i - j| <= window), in this workload."""
+        if self.lengths:
+            return float(sum(window_pairs(n, window) for n in self.lengths))
+        return float(self.sequences * window_pairs(self.seq_len, window))
 
     @classmethod
     def padded(cls, batch: int, seq_len: int, mlm_rows_per_seq: float) -> "Workload":
@@ -152,7 +185,7 @@ class Workload:
         if any(not 0 < n <= seq_len for n in lengths):
             raise ValueError(f"every sequence length must be in [1, seq_len={seq_len}], got {lengths}")
         return cls(len(lengths), seq_len, float(sum(lengths)), float(sum(n * n for n in lengths)),
-                   float(len(lengths) * mlm_rows_per_seq))
+                   float(len(lengths) * mlm_rows_per_seq), tuple(lengths))
 
 
 def _check_batch(batch: int, seq_len: int) -> None:
@@ -250,7 +283,74 @@ def disc_head_terms(hidden: int, work: Workload, component: str = "disc_head") -
     ]
 
 
+def modern_embedding_terms(dims: EncoderDims, work: Workload, component: str) -> list[Term]:
+    """ModernBERT's embeddings: the word lookup, LayerNorm, dropout (no position or segment tables)."""
+    h, n = dims.hidden, work.tokens
+    terms = [Term(component, "word_lookup", LOOKUP, 2 * h * dims.vocab * n),
+             Term(component, "layer_norm", ELEMENTWISE, LAYER_NORM_FLOPS * h * n)]
+    if dims.dropout:
+        terms.append(Term(component, "dropout", ELEMENTWISE, DROPOUT_FLOPS * h * n))
+    return terms
+
+
+def modern_layer_terms(dims: EncoderDims, work: Workload, component: str) -> list[Term]:
+    """ModernBERT's pre-norm layers and final norm: Wqkv, rotary on q and k, attention over every pair
+    (global layers) or pairs with |i - j| <= window (sliding layers), Wo; GeGLU's Wi (h -> 2i),
+    gelu(input)·gate, Wo (i -> h). Bias-free LayerNorms count as today's (5 per element); layer 0 has none
+    before its attention."""
+    h, i, heads, n, layers = dims.hidden, dims.intermediate, dims.heads, work.tokens, dims.layers
+    global_layers = dims.global_layers
+    sliding_layers = layers - global_layers
+    pairs = global_layers * work.attention_pairs + sliding_layers * work.pairs_within(dims.window)
+    terms = [
+        Term(component, "attention_layer_norm", ELEMENTWISE, LAYER_NORM_FLOPS * h * n * (layers - 1)),
+        Term(component, "qkv", MATMUL, 3 * 2 * h * h * n * layers),
+        Term(component, "rotary", ELEMENTWISE, ROTARY_FLOPS * 2 * h * n * layers),
+        Term(component, "attention_scores", MATMUL, 2 * h * pairs),
+        Term(component, "attention_scale", ELEMENTWISE, heads * pairs),
+        Term(component, "attention_softmax", ELEMENTWISE, SOFTMAX_FLOPS * heads * pairs),
+        Term(component, "attention_values", MATMUL, 2 * h * pairs),
+        Term(component, "attention_output", MATMUL, 2 * h * h * n * layers),
+        Term(component, "attention_residual", ELEMENTWISE, h * n * layers),
+        Term(component, "mlp_layer_norm", ELEMENTWISE, LAYER_NORM_FLOPS * h * n * layers),
+        Term(component, "mlp_in", MATMUL, 2 * h * 2 * i * n * layers),
+        Term(component, "mlp_gelu", ELEMENTWISE, GELU_FLOPS * i * n * layers),
+        Term(component, "mlp_gate", ELEMENTWISE, i * n * layers),
+        Term(component, "mlp_out", MATMUL, 2 * i * h * n * layers),
+        Term(component, "mlp_residual", ELEMENTWISE, h * n * layers),
+        Term(component, "final_layer_norm", ELEMENTWISE, LAYER_NORM_FLOPS * h * n),
+    ]
+    if dims.attention_dropout:
+        terms += [Term(component, "attention_dropout", ELEMENTWISE, DROPOUT_FLOPS * heads * pairs),
+                  Term(component, "attention_output_dropout", ELEMENTWISE, DROPOUT_FLOPS * h * n * layers)]
+    if dims.dropout:
+        terms.append(Term(component, "mlp_dropout", ELEMENTWISE, DROPOUT_FLOPS * i * n * layers))
+    return terms
+
+
+def modern_electra_terms(discriminator: EncoderDims, generator: EncoderDims, work: Workload) -> list[Term]:
+    """ELECTRA on the modern backbone: ModernBERT's prediction head (no bias) on both networks."""
+    if discriminator.vocab != generator.vocab:
+        raise ValueError("generator and discriminator share a vocabulary: vocab must match")
+    mlm_head = [t for t in mlm_head_terms(generator.hidden, generator.hidden, generator.vocab, work.mlm_rows)
+                if t.name != "transform_bias"]
+    disc_head = [t for t in disc_head_terms(discriminator.hidden, work) if t.name != "dense_bias"]
+    disc_head.insert(2, Term("disc_head", "dense_layer_norm", ELEMENTWISE,
+                             LAYER_NORM_FLOPS * discriminator.hidden * work.tokens))
+    disc_head.append(Term("disc_head", "logits_bias", ELEMENTWISE, work.tokens))
+    return (
+        modern_embedding_terms(generator, work, "generator.embeddings")
+        + modern_layer_terms(generator, work, "generator.layers")
+        + mlm_head
+        + modern_embedding_terms(discriminator, work, "discriminator.embeddings")
+        + modern_layer_terms(discriminator, work, "discriminator.layers")
+        + disc_head
+    )
+
+
 def electra_terms(discriminator: EncoderDims, generator: EncoderDims, work: Workload) -> list[Term]:
+    if discriminator.architecture == "modern":
+        return modern_electra_terms(discriminator, generator, work)
     if discriminator.embedding != generator.embedding or discriminator.vocab != generator.vocab:
         raise ValueError("generator and discriminator share embeddings: embedding size and vocab must match")
     return (
@@ -264,6 +364,11 @@ def electra_terms(discriminator: EncoderDims, generator: EncoderDims, work: Work
 
 
 def bert_mlm_terms(encoder: EncoderDims, work: Workload) -> list[Term]:
+    if encoder.architecture == "modern":  # ModernBERT's masked-LM (ModernBertForMaskedLM's head)
+        return (modern_embedding_terms(encoder, work, "encoder.embeddings")
+                + modern_layer_terms(encoder, work, "encoder.layers")
+                + [t for t in mlm_head_terms(encoder.hidden, encoder.hidden, encoder.vocab, work.mlm_rows)
+                   if t.name != "transform_bias"])
     return (
         embedding_terms(encoder, work, "encoder.embeddings")
         + layer_terms(encoder, work, "encoder.layers")

@@ -1,4 +1,5 @@
-"""Hugging Face interop: export to / import from ``ElectraForPreTraining`` + ``ElectraForMaskedLM`` folders.
+"""Hugging Face interop: export to / import from ``ElectraForPreTraining`` + ``ElectraForMaskedLM`` folders
+(and, for ``model.architecture: modern``, transformers' ModernBERT classes: :mod:`electra_fast.hf_modern`).
 
     to_hf(model, "runs/demo/export", tokenizer_dir="data/default")
     # -> runs/demo/export/discriminator  (ElectraForPreTraining.from_pretrained)
@@ -39,6 +40,7 @@ from safetensors.torch import load_file, save_file
 from .atomic import atomic_directory
 from .config import Config, ConfigError, ModelConfig, ObjectiveConfig
 from .model import ElectraPretrainingModel, split_qkv
+from . import hf_modern
 
 
 class ExportError(ValueError):
@@ -116,9 +118,25 @@ def _write_tokenizer(tokenizer_dir: Path | None, out: Path) -> None:
     write_tokenizer_config(out)
 
 
+def _special_tokens_of(tokenizer_json: Path) -> dict[str, str]:
+    """role -> token string of a given tokenizer.json (no vocab.txt beside it): its special tokens in the
+    usual spellings (electra_fast.tokenizer_roles names them)."""
+    from .tokenizer_roles import SPELLINGS
+
+    added = {t["content"] for t in json.loads(tokenizer_json.read_text(encoding="utf-8")).get("added_tokens", [])}
+    return {role: next(t for t in spellings if t in added) for role, spellings in SPELLINGS.items()
+            if any(t in added for t in spellings)}
+
+
 def write_tokenizer_config(folder: Path, model_max_length: int = 512) -> None:
     """``tokenizer_config.json`` so that transformers' AutoTokenizer loads the folder's vocabulary."""
     fast = (folder / "tokenizer.json").exists()
+    if fast and not (folder / "vocab.txt").exists():  # a given tokenizer (prepare --tokenizer; BPE, ...)
+        roles = _special_tokens_of(folder / "tokenizer.json")  # the generic fast class reads tokenizer.json
+        (folder / "tokenizer_config.json").write_text(json.dumps({
+            "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": model_max_length,
+            **{f"{role}_token": token for role, token in roles.items()}}, indent=2))
+        return
     (folder / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "ElectraTokenizerFast" if fast else "ElectraTokenizer", "do_lower_case": True,
         "model_max_length": model_max_length, "pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]",
@@ -138,8 +156,11 @@ def to_hf(model: ElectraPretrainingModel, out_dir: str | os.PathLike, tokenizer_
         for network in ("discriminator", "generator"):
             folder = tmp / network
             folder.mkdir()
-            (folder / "config.json").write_text(json.dumps(hf_config_dict(model.config, network), indent=2))
-            save_file(_network_state(model, network), str(folder / "model.safetensors"), metadata={"format": "pt"})
+            modern = model.config.architecture == "modern"  # transformers' ModernBERT classes (hf_modern)
+            config_dict = (hf_modern.modernbert_config_dict if modern else hf_config_dict)(model.config, network)
+            state = (hf_modern.export_state if modern else _network_state)(model, network)
+            (folder / "config.json").write_text(json.dumps(config_dict, indent=2))
+            save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
             _write_tokenizer(tokenizer_dir, folder)
         if config is not None:
             (tmp / "electra_fast_config.json").write_text(json.dumps(config.to_dict(), indent=2))
@@ -153,8 +174,10 @@ def read_hf_config(folder: str | os.PathLike) -> dict:
     if not config_path.is_file():
         raise ExportError(f"{folder}: no config.json (not a Hugging Face model folder)")
     config = json.loads(config_path.read_text())
+    if config.get("model_type") == "modernbert":
+        return config
     if config.get("model_type") != "electra":
-        raise ExportError(f"{folder}: model_type is {config.get('model_type')!r}, expected 'electra'")
+        raise ExportError(f"{folder}: model_type is {config.get('model_type')!r}, expected 'electra' or 'modernbert'")
     if config.get("position_embedding_type", "absolute") != "absolute":
         raise ExportError(f"{folder}: position_embedding_type {config['position_embedding_type']!r} is not supported")
     return config
@@ -183,6 +206,14 @@ def read_hf_folder(folder: str | os.PathLike) -> tuple[dict, dict[str, torch.Ten
 
 def model_config_from_hf(disc: dict, gen: dict | None) -> ModelConfig:
     """Our ModelConfig from HF discriminator (and optional generator) config dicts."""
+    if disc.get("model_type") == "modernbert" or (gen or {}).get("model_type") == "modernbert":
+        if disc.get("model_type") != (gen or disc).get("model_type"):
+            raise ExportError("the discriminator and generator folders are different architectures "
+                              f"({disc.get('model_type')} and {gen.get('model_type')})")
+        try:
+            return hf_modern.model_config_from_modernbert(disc, gen)
+        except hf_modern.ModernExportError as exc:
+            raise ExportError(str(exc)) from None
     extra = disc.get("electra_fast", {})
     specials = extra.get("special_token_ids", {})
     cfg = ModelConfig(
@@ -241,7 +272,13 @@ def from_hf(discriminator_dir: str | os.PathLike, generator_dir: str | os.PathLi
     disc_config, disc_state = read_hf_folder(discriminator_dir)
     gen_config, gen_state = read_hf_folder(generator_dir) if generator_dir is not None else (None, None)
     cfg = model_config_from_hf(disc_config, gen_config)
-    cfg.embedding_sharing = disc_config.get("electra_fast", {}).get("embedding_sharing", "tied")
+    if cfg.architecture != "modern":  # (modern: decided by model_config_from_hf, from the widths too)
+        cfg.embedding_sharing = disc_config.get("electra_fast", {}).get("embedding_sharing", "tied")
+    elif "electra_fast" not in disc_config:  # a released ModernBERT: [MASK] and [UNK] are in its tokenizer only
+        from .tokenizer_roles import folder_roles
+
+        for role, token_id in (folder_roles(discriminator_dir) or {}).items():
+            setattr(cfg, f"{role}_token_id", token_id)
     for key, value in model_overrides.items():
         if not hasattr(cfg, key):
             raise ExportError(f"unknown model option {key!r}")
@@ -262,7 +299,17 @@ def load_hf_state(model: ElectraPretrainingModel, disc_state: dict[str, torch.Te
     them (see the module docstring); without generator weights the generator keeps the model's own
     (fresh) weights, and in tied / gdes mode shares the imported embeddings. ExportError naming
     ``where`` when the weights do not fit the model."""
-    sharing = model.config.embedding_sharing
+    fresh_head: tuple[str, ...] = ()
+    if model.config.architecture == "modern":
+        ours, disc_embeddings, gen_embeddings, has_rtd_head = hf_modern.hf_state_to_ours(disc_state, gen_state)
+        if not has_rtd_head:  # a masked-LM (or bare encoder) folder as the discriminator: a fresh RTD head
+            fresh_head = ("discriminator_predictions.",)
+    else:
+        ours, disc_embeddings, gen_embeddings = _electra_state_to_ours(disc_state, gen_state)
+    _load_shared(model, ours, disc_embeddings, gen_embeddings, gen_state is not None, fresh_head, where)
+
+
+def _electra_state_to_ours(disc_state, gen_state):
     ours = {}
     for name, tensor in disc_state.items():
         if name.startswith("electra.") and not name.startswith("electra.embeddings."):
@@ -279,6 +326,13 @@ def load_hf_state(model: ElectraPretrainingModel, disc_state: dict[str, torch.Te
                 ours["generator_lm_head_bias"] = tensor
     disc_embeddings = _embeddings_of(disc_state)
     gen_embeddings = _embeddings_of(gen_state) if gen_state is not None else None
+    return ours, disc_embeddings, gen_embeddings
+
+
+def _load_shared(model, ours, disc_embeddings, gen_embeddings, has_generator: bool, fresh_head: tuple[str, ...],
+                 where: str) -> None:
+    """Load ``ours`` plus the embeddings as the model's sharing mode reads them (module docstring)."""
+    sharing = model.config.embedding_sharing
     if sharing == "separate":
         ours.update({"discriminator_embeddings." + k: v for k, v in disc_embeddings.items()})
         ours.update({"embeddings." + k: v for k, v in (gen_embeddings or {}).items()})
@@ -296,7 +350,8 @@ def load_hf_state(model: ElectraPretrainingModel, disc_state: dict[str, torch.Te
     fresh_generator = ("generator.", "generator_predictions.", "generator_lm_head_bias")
     if sharing == "separate":
         fresh_generator += ("embeddings.",)
-    missing = sorted(n for n in result.missing_keys if not (gen_state is None and n.startswith(fresh_generator)))
+    missing = sorted(n for n in result.missing_keys
+                     if not (not has_generator and n.startswith(fresh_generator)) and not n.startswith(fresh_head))
     if missing or result.unexpected_keys:
         raise ExportError(
             f"{where}: weights do not match the model (missing: {missing[:8]}, "

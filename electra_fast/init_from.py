@@ -27,8 +27,10 @@ from .hf import ExportError, load_hf_state, model_config_from_hf, read_hf_config
 logger = logging.getLogger(__name__)
 
 # The discriminator's (and embeddings') shape: taken from the folder, whatever the config says.
-ARCHITECTURE = ("vocab_size", "embedding_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
-                "max_position_embeddings", "type_vocab_size", "layer_norm_eps")
+ARCHITECTURE = ("architecture", "vocab_size", "embedding_size", "hidden_size", "num_layers", "num_heads",
+                "intermediate_size", "max_position_embeddings", "type_vocab_size", "layer_norm_eps",
+                # model.architecture=modern (a ModernBERT folder): its attention pattern and rotary bases
+                "global_attn_every_n_layers", "local_attention", "global_rope_theta", "local_rope_theta")
 GENERATOR_SHAPE = ("generator_fraction", "generator_layers", "explicit_generator_hidden_size",
                    "explicit_generator_num_heads", "explicit_generator_intermediate_size",
                    "explicit_generator_num_layers")
@@ -54,6 +56,12 @@ def folder_special_ids(folder: str | Path, imported: ModelConfig) -> dict[str, i
         index = {token: i for i, token in enumerate(lines)}
         if all(_SPECIAL_TOKENS[name] in index for name in SPECIALS):
             return {name: index[_SPECIAL_TOKENS[name]] for name in SPECIALS}
+    if not vocab.is_file():  # a ModernBERT folder (a BPE tokenizer.json): its roles, when it names them all
+        from .tokenizer_roles import folder_roles
+
+        roles = folder_roles(folder)
+        if roles is not None:
+            return roles
     return {name: getattr(imported, f"{name}_token_id") for name in SPECIALS}
 
 
@@ -68,7 +76,9 @@ def adopt_architecture(cfg: Config, manifest: dict, init_from: str | Path, init_
             f"--init-from {init_from}: the model's vocabulary (size {model_vocab[0]}, special ids {model_vocab[1]}) "
             f"is not the prepared data's in {cfg.data.path} (size {data_vocab[0]}, special ids {data_vocab[1]}); "
             "continued pretraining needs data tokenised with the model's own vocabulary "
-            f"(electra-fast prepare --vocab {Path(init_from) / 'vocab.txt'} ...)")
+            + (f"(electra-fast prepare --tokenizer {Path(init_from) / 'tokenizer.json'} ...)"
+               if imported.architecture == "modern"
+               else f"(electra-fast prepare --vocab {Path(init_from) / 'vocab.txt'} ...)"))
     changed = {}
     for name in ARCHITECTURE + (GENERATOR_SHAPE if init_generator is not None else ()):
         if getattr(cfg.model, name) != getattr(imported, name):

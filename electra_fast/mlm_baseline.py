@@ -26,14 +26,12 @@ from torch import nn
 from .config import Config, ModelConfig, ObjectiveConfig, max_predictions
 from .model import (
     ElectraBody,
-    ElectraEmbeddings,
-    ElectraGeneratorPredictions,
     PretrainingOutput,
     TokenLayout,
     check_encoder_inputs,
     encode_masked_rows,
+    backbone_for,
     encode_tokens,
-    init_weights,
     mlm_head_fn,
     resolve_pretraining_config,
     split_qkv,
@@ -85,13 +83,14 @@ class BertMLMModel(nn.Module):
             config, objective, max_predictions_per_seq, seed)
         self.config, self.objective_config = model_cfg, objective
 
-        self.embeddings = ElectraEmbeddings(model_cfg)
-        self.electra = ElectraBody(model_cfg.hidden_size, model_cfg.num_heads, model_cfg.intermediate_size,
-                                   model_cfg.num_layers, model_cfg)
-        self.generator_predictions = ElectraGeneratorPredictions(model_cfg.hidden_size, model_cfg)
+        parts = backbone_for(model_cfg)  # ELECTRA's block, or ModernBERT's (model.architecture=modern)
+        self.embeddings = parts.embeddings(model_cfg, model_cfg.hidden_size)
+        self.electra = parts.body(model_cfg.hidden_size, model_cfg.num_heads, model_cfg.intermediate_size,
+                                  model_cfg.num_layers, model_cfg)
+        self.generator_predictions = parts.generator_head(model_cfg.hidden_size, model_cfg)
         self.generator_lm_head_bias = nn.Parameter(torch.zeros(model_cfg.vocab_size))
         self.rng = ObjectiveRNG(seed)
-        init_weights(self, model_cfg.initializer_range)
+        parts.init_weights(self, model_cfg)
 
     # The encoder a downstream task fine-tunes (same role as ElectraPretrainingModel.discriminator).
     @property

@@ -43,7 +43,7 @@ is host arithmetic too. See :mod:`electra_fast.compile` for ``torch.compile`` / 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -480,6 +480,39 @@ class ElectraDiscriminatorPredictions(nn.Module):
         return self.dense_prediction(self.features(hidden_states)).squeeze(-1)
 
 
+class Backbone(NamedTuple):
+    """The modules one encoder architecture (``model.architecture``) builds both networks from; every
+    one takes (width, cfg) or, for the body, (hidden, heads, intermediate, layers, cfg)."""
+
+    embeddings: Callable[[ModelConfig, int], nn.Module]  # (cfg, width) -> forward(ids, types, positions, table)
+    body: Callable[..., nn.Module]  # forward(rows, layout, query_index=None, queries_per_seq=0) -> rows
+    generator_head: Callable[[int, ModelConfig], nn.Module]  # rows -> the tied decoder's input
+    discriminator_head: Callable[[int, ModelConfig], nn.Module]  # .features(rows), .dense_prediction
+    init_weights: Callable[[nn.Module, ModelConfig], None]
+
+
+ELECTRA_BACKBONE = Backbone(
+    embeddings=lambda cfg, width: ElectraEmbeddings(cfg),  # one width (embedding_size); a projection follows
+    body=ElectraBody,
+    generator_head=ElectraGeneratorPredictions,
+    discriminator_head=lambda hidden, cfg: ElectraDiscriminatorPredictions(hidden),
+    init_weights=lambda model, cfg: init_weights(model, cfg.initializer_range),
+)
+
+
+def backbone_for(cfg: ModelConfig) -> Backbone:
+    """The one place the architecture is chosen: ELECTRA's block (this file) or ModernBERT's
+    (:mod:`electra_fast.modern`)."""
+    if cfg.architecture == "modern":
+        from . import modern  # loaded on first use: ELECTRA runs never import it
+
+        return Backbone(embeddings=modern.ModernEmbeddings, body=modern.ModernBody,
+                        generator_head=modern.ModernPredictionHead,
+                        discriminator_head=modern.ModernDiscriminatorPredictions,
+                        init_weights=modern.init_modern_weights)
+    return ELECTRA_BACKBONE
+
+
 class PretrainingOutput(NamedTuple):
     """A named tuple, not a dataclass: DeepSpeed ZeRO-3 attaches its backward hooks (which re-gather
     the top-level module's directly used parameters, such as the tied word embeddings) only to
@@ -584,17 +617,19 @@ class ElectraPretrainingModel(nn.Module):
             config, objective, max_predictions_per_seq, seed)
         self.config, self.objective_config = model_cfg, objective
 
-        self.embeddings = ElectraEmbeddings(model_cfg)
-        self.generator = ElectraBody(model_cfg.generator_hidden_size, model_cfg.generator_num_heads,
-                                     model_cfg.generator_intermediate_size, model_cfg.generator_num_layers, model_cfg)
-        self.generator_predictions = ElectraGeneratorPredictions(model_cfg.generator_hidden_size, model_cfg)
+        parts = backbone_for(model_cfg)
+        gen_hidden = model_cfg.generator_hidden_size
+        self.embeddings = parts.embeddings(model_cfg, gen_hidden)
+        self.generator = parts.body(gen_hidden, model_cfg.generator_num_heads, model_cfg.generator_intermediate_size,
+                                    model_cfg.generator_num_layers, model_cfg)
+        self.generator_predictions = parts.generator_head(gen_hidden, model_cfg)
         self.generator_lm_head_bias = nn.Parameter(torch.zeros(model_cfg.vocab_size))
-        self.discriminator = ElectraBody(model_cfg.hidden_size, model_cfg.num_heads, model_cfg.intermediate_size,
-                                         model_cfg.num_layers, model_cfg)
-        self.discriminator_predictions = ElectraDiscriminatorPredictions(model_cfg.hidden_size)
+        self.discriminator = parts.body(model_cfg.hidden_size, model_cfg.num_heads, model_cfg.intermediate_size,
+                                        model_cfg.num_layers, model_cfg)
+        self.discriminator_predictions = parts.discriminator_head(model_cfg.hidden_size, model_cfg)
         # Registered after everything else: for one seed, the parameters every mode has start equal.
         if model_cfg.embedding_sharing == "separate":
-            self.discriminator_embeddings = ElectraEmbeddings(model_cfg)
+            self.discriminator_embeddings = parts.embeddings(model_cfg, model_cfg.hidden_size)
         elif model_cfg.embedding_sharing == "gdes":
             self.discriminator_word_embeddings_delta = nn.Parameter(
                 torch.zeros(model_cfg.vocab_size, model_cfg.embedding_size))
@@ -602,7 +637,7 @@ class ElectraPretrainingModel(nn.Module):
         # Token buckets of the packed layout (0: exact rows). electra_fast.compile sets them when CUDA graphs
         # capture the packed layout; they change no parameter, loss or statistic.
         self.token_buckets = 0
-        init_weights(self, model_cfg.initializer_range)  # leaves the gdes delta at zero (not an Embedding)
+        parts.init_weights(self, model_cfg)  # leaves the gdes delta at zero (not an Embedding)
 
     # ---------------------------------------------------------------- helpers
     def _impl(self, name: str, device: torch.device) -> str:

@@ -16,7 +16,8 @@ from typing import Iterable
 
 import torch
 
-NO_WEIGHT_DECAY = ("LayerNorm", "layer_norm", "bias")
+# "norm.": the modern backbone's (ModernBERT's) bias-free norms, attn_norm / mlp_norm / final_norm / norm
+NO_WEIGHT_DECAY = ("LayerNorm", "layer_norm", "bias", "norm.")
 
 
 def no_weight_decay(name: str) -> bool:

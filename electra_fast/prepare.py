@@ -33,7 +33,9 @@ The pipeline, and which library does each part:
    ``Dataset.from_generator(num_proc=...)``; large files are cut into byte ranges at blank lines so
    that one big file still uses every process. Saved datasets are memory-mapped as they are.
 3. Tokenizer: a lower-cased WordPiece trained with ``tokenizers`` on the first
-   ``TOKENIZER_TRAIN_CHARS`` characters, or the WordPiece of a given ``vocab.txt``. Training is
+   ``TOKENIZER_TRAIN_CHARS`` characters, or the WordPiece of a given ``vocab.txt``, or any given Hugging
+   Face fast tokenizer (``--tokenizer tokenizer.json``: BPE, WordPiece, ...; used as it is, its special
+   tokens mapped to ELECTRA's roles by :mod:`electra_fast.tokenizer_roles`, no ``vocab.txt`` written). Training is
    reproducible (the alphabet and the continuation pieces are fixed before the trainer runs, see
    :func:`electra_fast.tokenizer_training.train_tokenizer`) and the ids are renumbered canonically:
    the same text gives a byte-identical ``vocab.txt`` and ``tokenizer.json``.
@@ -81,6 +83,7 @@ from .hashing import sha256_file
 from .manifest import FORMAT_VERSION, SPECIAL_TOKENS, DataError, dataset_files, identity_fingerprint, read_manifest
 from .packing import (DOCUMENTS_PER_BATCH, PACKING_VERSION, STAT_COLUMNS, Packer, example_features, example_stats,
                       id_dtype, token_account_line, token_accounting)
+from .tokenizer_roles import load_given_tokenizer, parse_special_tokens, tokenizer_type, vocab_size_of
 from .tokenizer_training import (TOKENIZER_TRAIN_CHARS, build_tokenizer, finish_tokenizer, read_vocab_file,
                                  train_tokenizer, write_vocab_txt)
 
@@ -219,8 +222,13 @@ def heldout_rows(num_examples: int, count: int, seed: int) -> np.ndarray:
 def prepare(inputs: list[str], out_dir: str, *, vocab: str | None = None, vocab_size: int = 30522,
             seq_len: int = 128, seed: int = 12345, num_proc: int | None = None, default_corpus: bool = False,
             force: bool = False, lowercase: bool = True, streaming: bool | None = None,
-            verbose: bool = True, heldout: str | int = DEFAULT_HELDOUT) -> Path:
+            verbose: bool = True, heldout: str | int = DEFAULT_HELDOUT, tokenizer: str | None = None,
+            special_tokens: dict[str, str] | None = None) -> Path:
     """Build (or reuse) a prepared pretraining dataset in ``out_dir``; see the module docstring.
+
+    ``tokenizer``: a Hugging Face fast tokenizer (``tokenizer.json`` or a folder with one; BPE, WordPiece,
+    ...) to use as it is instead of training WordPiece, its special tokens mapped to ELECTRA's roles
+    (:mod:`electra_fast.tokenizer_roles`; ``special_tokens`` names roles explicitly, ``{"mask": "<mask>"}``).
 
     ``streaming``: None chooses by input size; True/False force the path (the result is the same).
     ``heldout``: the held-out split, a count (``500``) or a percentage (``"1%"``, at most 2,000 examples).
@@ -232,6 +240,8 @@ def prepare(inputs: list[str], out_dir: str, *, vocab: str | None = None, vocab_
         raise DataError("nothing to prepare: give --input PATH... or --default")
     if seq_len < 8 or seq_len > 1 << 16:
         raise DataError(f"--seq-len must be between 8 and 65536, got {seq_len}")
+    if vocab is not None and tokenizer is not None:
+        raise DataError("give --vocab or --tokenizer, not both")
     if vocab is None and vocab_size < len(SPECIAL_TOKENS) + 1:
         raise DataError(f"--vocab-size must be larger than the {len(SPECIAL_TOKENS)} special tokens, got {vocab_size}")
     num_proc = max(1, min(os.cpu_count() or 1, 8) if num_proc is None else int(num_proc))
@@ -249,7 +259,8 @@ def prepare(inputs: list[str], out_dir: str, *, vocab: str | None = None, vocab_
             manifest = _prepare_into(staging, out, inputs=inputs, vocab_path=vocab, vocab_table=vocab_table,
                                      vocab_size=vocab_size, seq_len=seq_len, seed=seed, num_proc=num_proc,
                                      default_corpus=default_corpus, force=force, lowercase=lowercase,
-                                     streaming=streaming, verbose=verbose, heldout=heldout)
+                                     streaming=streaming, verbose=verbose, heldout=heldout,
+                                     tokenizer_path=tokenizer, special_tokens=special_tokens)
         if manifest is None:  # reused
             shutil.rmtree(staging, ignore_errors=True)
             return out
@@ -269,7 +280,8 @@ def prepare(inputs: list[str], out_dir: str, *, vocab: str | None = None, vocab_
 def _prepare_into(staging: Path, out: Path, *, inputs: list[str], vocab_path: str | None,
                   vocab_table: dict[str, int] | None, vocab_size: int, seq_len: int, seed: int, num_proc: int,
                   default_corpus: bool, force: bool, lowercase: bool, streaming: bool | None,
-                  verbose: bool, heldout: str = DEFAULT_HELDOUT) -> dict[str, Any] | None:
+                  verbose: bool, heldout: str = DEFAULT_HELDOUT, tokenizer_path: str | None = None,
+                  special_tokens: dict[str, str] | None = None) -> dict[str, Any] | None:
     from datasets import concatenate_datasets
 
     cache_dir, error_dir = staging / "cache", staging / "errors"
@@ -294,6 +306,11 @@ def _prepare_into(staging: Path, out: Path, *, inputs: list[str], vocab_path: st
                 if vocab_path else None,
                 "vocab_size": None if vocab_path else vocab_size, "tokenizer_train_chars": TOKENIZER_TRAIN_CHARS,
                 "max_document_chars": MAX_DOCUMENT_CHARS, "packing_version": PACKING_VERSION, "heldout": heldout}
+    given = None
+    if tokenizer_path is not None:  # a given tokenizer: its file and the roles asked for identify the result
+        given = load_given_tokenizer(tokenizer_path, special_tokens)
+        settings.update(tokenizer_json_sha256=hashlib.sha256(given[0].to_str().encode()).hexdigest(),
+                        special_tokens=special_tokens or {}, vocab_size=None)
     fingerprint = hashlib.sha256(json.dumps(
         {"settings": settings, "inputs": [(s.kind, s.sha256) for s in sources]}, sort_keys=True).encode()).hexdigest()
     if not force and _reusable(out, fingerprint):
@@ -307,7 +324,12 @@ def _prepare_into(staging: Path, out: Path, *, inputs: list[str], vocab_path: st
 
     # Tokenizer ------------------------------------------------------------------------------------
     trained_on: dict[str, int] = {"chars": 0, "documents": 0}
-    if vocab_table is not None:
+    if given is not None:
+        tokenizer, special_ids = given
+        tokenizer_info = {"source": str(Path(tokenizer_path).expanduser().absolute()), "trained": False}
+        _log(verbose, f"using the given {tokenizer_type(tokenizer)} tokenizer; special tokens "
+                      + ", ".join(f"{role}={tokenizer.id_to_token(i)}" for role, i in special_ids.items()))
+    elif vocab_table is not None:
         tokenizer = build_tokenizer(vocab_table, lowercase)
         tokenizer_info = {"source": str(Path(vocab_path).expanduser().absolute()), "trained": False}
     else:
@@ -323,8 +345,11 @@ def _prepare_into(staging: Path, out: Path, *, inputs: list[str], vocab_path: st
             raise DataError(_empty_corpus_message(sources))
         tokenizer_info = {"source": "trained", "trained": True, "trained_on_chars": trained_on["chars"],
                           "trained_on_documents": trained_on["documents"]}
-    special_ids = finish_tokenizer(tokenizer)
-    actual_vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
+    if given is None:
+        special_ids = finish_tokenizer(tokenizer)
+        actual_vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
+    else:
+        actual_vocab_size = vocab_size_of(tokenizer)
 
     # Examples -------------------------------------------------------------------------------------
     use_streaming = _prefer_streaming(sum(s.bytes for s in text_sources), staging) if streaming is None \
@@ -386,7 +411,8 @@ def _prepare_into(staging: Path, out: Path, *, inputs: list[str], vocab_path: st
     if len(held):
         stats.update(_split_layout(staging / "dataset", seq_len))
     tokenizer.save(str(staging / "tokenizer.json"))
-    write_vocab_txt(tokenizer, staging / "vocab.txt")
+    if given is None:  # vocab.txt is a WordPiece vocabulary with BERT's special tokens; a given tokenizer has
+        write_vocab_txt(tokenizer, staging / "vocab.txt")  # only its tokenizer.json
     identity = _output_identity(staging, fingerprint)
     shutil.rmtree(cache_dir, ignore_errors=True)
     if default_corpus:
@@ -404,7 +430,7 @@ def _prepare_into(staging: Path, out: Path, *, inputs: list[str], vocab_path: st
         "lowercase": lowercase,
         "vocab_size": actual_vocab_size,
         "special_token_ids": special_ids,
-        "tokenizer": {**tokenizer_info, "type": "WordPiece", "vocab_size": actual_vocab_size},
+        "tokenizer": {**tokenizer_info, "type": tokenizer_type(tokenizer), "vocab_size": actual_vocab_size},
         **stats,
         # the layout keys above (SPLIT_LAYOUT_KEYS) describe dataset/, the token account both splits
         "num_heldout_examples": len(held), "heldout": heldout, "heldout_dir": "heldout" if len(held) else None,
@@ -434,7 +460,9 @@ def _output_identity(staging: Path, inputs_fingerprint: str) -> dict[str, Any]:
     ``fingerprint`` over all of them (and the inputs and settings). Two preparations with the same
     fingerprint hold the same bytes; a run compares it before it resumes on a dataset."""
 
-    identity = {"inputs_fingerprint": inputs_fingerprint, "vocab_sha256": sha256_file(staging / "vocab.txt"),
+    vocab_txt = staging / "vocab.txt"
+    identity = {"inputs_fingerprint": inputs_fingerprint,
+                "vocab_sha256": sha256_file(vocab_txt) if vocab_txt.is_file() else None,
                 "tokenizer_sha256": sha256_file(staging / "tokenizer.json"),
                 "dataset_files": dataset_files(staging / "dataset")}
     if (staging / "heldout").is_dir():
@@ -488,6 +516,12 @@ def add_prepare_arguments(parser: argparse.ArgumentParser) -> None:
     vocab = parser.add_mutually_exclusive_group()
     vocab.add_argument("--vocab", metavar="vocab.txt", help="use this WordPiece vocabulary instead of training one")
     vocab.add_argument("--vocab-size", type=int, default=30522, help="size of the trained vocabulary (default 30522)")
+    vocab.add_argument("--tokenizer", metavar="tokenizer.json",
+                       help="use this Hugging Face fast tokenizer (a tokenizer.json or a folder with one; BPE as "
+                            "ModernBERT's, WordPiece, ...) as it is, its special tokens mapped to ELECTRA's roles")
+    parser.add_argument("--special", action="append", default=[], metavar="ROLE=TOKEN",
+                        help="with --tokenizer: the token of a role (cls, sep, pad, mask, unk) when its name is "
+                             "not one of the usual spellings, e.g. --special mask=<mask>")
     parser.add_argument("--seq-len", type=int, default=128, help="tokens per example (default 128)")
     parser.add_argument("--seed", type=int, default=12345, help="seed of the packing randomness (default 12345)")
     parser.add_argument("--num-proc", type=int, default=None, help="processes (default: CPU count, at most 8)")
@@ -505,7 +539,8 @@ def run_prepare(args: argparse.Namespace) -> int:
     try:
         out = prepare(args.inputs, args.out, vocab=args.vocab, vocab_size=args.vocab_size, seq_len=args.seq_len,
                       seed=args.seed, num_proc=args.num_proc, default_corpus=args.default_corpus, force=args.force,
-                      lowercase=args.lowercase, streaming=args.streaming, heldout=args.heldout)
+                      lowercase=args.lowercase, streaming=args.streaming, heldout=args.heldout,
+                      tokenizer=args.tokenizer, special_tokens=parse_special_tokens(args.special))
         manifest = read_manifest(str(out))
     except DataError as exc:
         print(f"electra-fast prepare: error: {exc}", file=sys.stderr)

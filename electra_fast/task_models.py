@@ -147,7 +147,13 @@ class ElectraForTokenClassification(nn.Module):
 
 def build_task_model(spec: TaskSpec, encoder: ElectraModel) -> nn.Module:
     """The task's model (a sequence or a token classifier) with ``encoder``'s weights and a fresh head."""
-    cls = ElectraForTokenClassification if spec.kind == "token-classification" else ElectraForSequenceClassification
+    token = spec.kind == "token-classification"
+    if encoder.config.architecture == "modern":  # transformers' ModernBERT heads (task_models_modern)
+        from . import task_models_modern
+
+        cls = task_models_modern.task_model_class(token)
+    else:
+        cls = ElectraForTokenClassification if token else ElectraForSequenceClassification
     model = cls(encoder.config, spec.num_labels)
     model.electra.load_state_dict(encoder.state_dict())
     return model
@@ -182,9 +188,15 @@ def check_model_folder(path: str | os.PathLike) -> Path:
         hf_config = json.loads((folder / "config.json").read_text())
     except (ValueError, OSError) as exc:
         raise FinetuneError(f"{folder / 'config.json'}: cannot read it: {exc}") from None
+    if isinstance(hf_config, dict) and hf_config.get("model_type") == "modernbert":
+        if "ModernBertForMaskedLM" in (hf_config.get("architectures") or []) and "electra_fast" in hf_config:
+            raise FinetuneError(f"{folder}: this is an ELECTRA generator (ModernBertForMaskedLM); fine-tune the "
+                                "discriminator (the export's discriminator/ folder)")
+        return folder  # a modern discriminator export, or any ModernBERT encoder (electra_fast.hf_modern checks it)
     if not isinstance(hf_config, dict) or hf_config.get("model_type") != "electra":
         found = hf_config.get("model_type") if isinstance(hf_config, dict) else type(hf_config).__name__
-        raise FinetuneError(f"not an ELECTRA discriminator: {folder}: model_type is {found!r}, expected 'electra'")
+        raise FinetuneError(f"not an ELECTRA discriminator: {folder}: model_type is {found!r}, expected 'electra' "
+                            "or 'modernbert'")
     architectures = hf_config.get("architectures") or []
     if any(a in ("ElectraForMaskedLM", "ElectraForCausalLM") for a in architectures):
         raise FinetuneError(f"{folder}: this is an ELECTRA generator ({architectures[0]}); fine-tune the "
@@ -228,25 +240,47 @@ def _apply_model_options(cfg: ModelConfig, options: ModelOptions | None) -> Mode
     return cfg
 
 
+def encoder_class(cfg: ModelConfig):
+    """ElectraModel, or the modern backbone's ModernEncoder (model.architecture=modern)."""
+    if cfg.architecture == "modern":
+        from .task_models_modern import ModernEncoder
+
+        return ModernEncoder
+    return ElectraModel
+
+
+def _is_modern_encoder(source) -> bool:
+    from .task_models_modern import ModernEncoder
+
+    return isinstance(source, ModernEncoder)
+
+
+def _hf_config_of(cfg: ModelConfig) -> dict:
+    from .hf import hf_config_dict
+    from .hf_modern import modernbert_config_dict
+
+    return (modernbert_config_dict if cfg.architecture == "modern" else hf_config_dict)(cfg, "discriminator")
+
+
 def load_encoder(source, options: ModelOptions | None = None) -> tuple[ElectraModel, dict]:
     """The pretrained encoder on the CPU in fp32, and the HF config dict to base the saved one on.
 
     ``source``: a folder (see :func:`resolve_model_dir`), an ``ElectraPretrainingModel`` (embeddings +
     discriminator copied) or an :class:`ElectraModel` (copied)."""
-    from .hf import ExportError, WeightsFileError, hf_config_dict, model_config_from_hf, read_hf_folder
+    from .hf import ExportError, WeightsFileError, model_config_from_hf, read_hf_folder
     from .model import ElectraPretrainingModel
 
     if isinstance(source, ElectraPretrainingModel):
         cfg = _apply_model_options(source.config, options)
-        encoder = ElectraModel(cfg)
+        encoder = encoder_class(cfg)(cfg)
         state = source.network_state_dict("discriminator")  # the embeddings it reads, whatever the sharing
         _load_state_into(encoder, {k: v.detach().float().cpu() for k, v in state.items()}, "ElectraPretrainingModel")
-        return encoder, hf_config_dict(cfg, "discriminator")
-    if isinstance(source, ElectraModel):
+        return encoder, _hf_config_of(cfg)
+    if isinstance(source, ElectraModel) or _is_modern_encoder(source):
         cfg = _apply_model_options(source.config, options)
-        encoder = ElectraModel(cfg)
+        encoder = encoder_class(cfg)(cfg)
         _load_state_into(encoder, {k: v.detach().float().cpu() for k, v in source.state_dict().items()}, "ElectraModel")
-        return encoder, hf_config_dict(cfg, "discriminator")
+        return encoder, _hf_config_of(cfg)
     if not isinstance(source, (str, os.PathLike)):
         raise FinetuneError(f"cannot fine-tune a {type(source).__name__}: give a model folder, an "
                             "ElectraPretrainingModel or an ElectraModel")
@@ -268,8 +302,14 @@ def load_encoder(source, options: ModelOptions | None = None) -> tuple[ElectraMo
         raise FinetuneError(f"{folder / 'config.json'}: hidden_size {cfg.hidden_size} is not divisible by "
                             f"num_attention_heads {cfg.num_heads}")
     cfg = _apply_model_options(cfg, options)
-    encoder = ElectraModel(cfg)
-    _load_state_into(encoder, {k: v.float() for k, v in _encoder_state(state, str(folder)).items()}, str(folder))
+    encoder = encoder_class(cfg)(cfg)
+    if cfg.architecture == "modern":
+        from .task_models_modern import encoder_state_from_hf
+
+        encoder_state = encoder_state_from_hf(state)
+    else:
+        encoder_state = _encoder_state(state, str(folder))
+    _load_state_into(encoder, {k: v.float() for k, v in encoder_state.items()}, str(folder))
     hf_config = dict(hf_config, _name_or_path=str(folder))
     return encoder, hf_config
 
@@ -302,9 +342,16 @@ def save_hf_model(state: dict[str, torch.Tensor], out_dir: str | os.PathLike, sp
 
     from .hf import write_tokenizer_config
 
+    config = _hf_task_config(base_config, spec)
+    if base_config.get("model_type") == "modernbert":  # ModernBertFor{Sequence,Token}Classification
+        from . import task_models_modern
+
+        config = task_models_modern.hf_task_config(config, spec.kind == "token-classification",
+                                                   float(base_config.get("mlp_dropout", 0.0)))
+        state = task_models_modern.hf_state(state)
     out_dir = Path(out_dir)
     with atomic_directory(out_dir) as tmp:
-        (tmp / "config.json").write_text(json.dumps(_hf_task_config(base_config, spec), indent=2))
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
         # HF keeps query/key/value apart; our attention fuses them (split_qkv undoes it).
         tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in split_qkv(state).items()}
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})

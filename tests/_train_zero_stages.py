@@ -30,11 +30,13 @@ def main() -> int:
     parser.add_argument("--checkpointing-stages", type=int, nargs="*", default=[],
                         help="stages that also run with model.activation_checkpointing=true")
     parser.add_argument("--then-fail-rank", type=int, default=None)
+    parser.add_argument("--config", default=None, help="the YAML each stage starts from (default: electra-tiny)")
     parser.add_argument("--local_rank", type=int, default=-1)
     args = parser.parse_args()
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    config = args.config or os.path.join(repo, "configs", "electra-tiny.yaml")
     for stage in args.stages:
-        cfg = load_config(os.path.join(repo, "configs", "electra-tiny.yaml"), [
+        cfg = load_config(config, [
             f"data.path={args.data}", f"train.deepspeed_config={repo}/configs/deepspeed/zero{stage}.json",
             *args.overrides, f"model.activation_checkpointing={str(stage in args.checkpointing_stages).lower()}"])
         train(cfg, os.path.join(args.out, f"zero{stage}"), local_rank=args.local_rank)

@@ -35,6 +35,7 @@ from electra_fast.optim import lr_multiplier, weight_decay_groups
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "configs" / "electra-tiny.yaml")
+MODERN_TINY = str(REPO / "configs" / "modern-electra-tiny.yaml")  # model.architecture=modern
 PYTHON = sys.executable
 # The launcher's environment variables: an in-process run sets them, a child process must not inherit them.
 LAUNCH_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT", "CROSS_RANK",
@@ -423,15 +424,16 @@ def test_nonfinite_loss_is_skipped_then_stops(corpus_dir, tmp_path, capsys, clea
 # Crash and resume: kill -9 after a checkpoint, then --resume reproduces the uninterrupted run
 # --------------------------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_kill9_then_resume_matches_uninterrupted_run(corpus_dir, tmp_path, clean_env):
+@pytest.mark.parametrize("config", [TINY, MODERN_TINY], ids=["electra", "modern"])
+def test_kill9_then_resume_matches_uninterrupted_run(corpus_dir, tmp_path, clean_env, config):
     sets = ("train.max_steps=7", "train.save_every=3", "train.log_every=1", "train.export_at_end=false",
             "train.lr=0.003", "train.warmup_steps=2")  # dropout on: its RNG must be restored too
     reference = tmp_path / "reference"
-    assert run_inprocess(corpus_dir, reference, *sets) == 0
+    assert run_inprocess(corpus_dir, reference, *sets, config=config) == 0
 
     run = tmp_path / "killed"
     # `python -m electra_fast.train` with a fault callback: the process kills itself with SIGKILL after step 5
-    cmd = [PYTHON, str(REPO / "tests" / "_faults.py"), "--fault", "sigkill@5", "--", "--config", TINY,
+    cmd = [PYTHON, str(REPO / "tests" / "_faults.py"), "--fault", "sigkill@5", "--", "--config", config,
            "--run-dir", str(run), "--set", f"data.path={corpus_dir}", *sets]
     env = child_env()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
