@@ -26,6 +26,7 @@ from electra_fast import step as step_module
 from electra_fast import train as trainer
 from electra_fast.buckets import bucket_granule, bucket_rows, inert_documents, token_buckets
 from electra_fast.compile import compile_for_training
+from electra_fast.mlm_baseline import BertMLMModel
 from electra_fast.model import ElectraPretrainingModel, TokenLayout, packed_sizes
 
 from helpers import random_batch, tiny_config
@@ -170,6 +171,15 @@ def test_cuda_graphs_with_packed_layout_turn_buckets_on():
     assert model.token_buckets == 6
     with pytest.raises(ValueError, match="token_buckets"):
         compile_for_training(ElectraPretrainingModel(tiny_config()), "default", cuda_graphs=True, token_buckets=0)
+    bert = BertMLMModel(tiny_config(*PACKED))  # the BERT-MLM baseline takes them too
+    compile_for_training(bert, "default", cuda_graphs=True, backend="aot_eager", token_buckets=6)
+    assert bert.token_buckets == 6
+
+    class Foreign(torch.nn.Module):  # a packed model without token buckets: refused, as before them
+        config = tiny_config(*PACKED).model
+
+    with pytest.raises(ValueError, match="needs token buckets"):
+        compile_for_training(Foreign(), "default", cuda_graphs=True, backend="aot_eager")
     plain = ElectraPretrainingModel(tiny_config(*PACKED))
     compile_for_training(plain, "default", backend="aot_eager")  # no CUDA graphs: exact rows, dynamic shapes
     assert plain.token_buckets == 0
@@ -290,3 +300,16 @@ def test_trainer_runs_cuda_graphs_on_the_packed_layout(corpus_dir, tmp_path, cle
     assert len(eager) == 3 and eager[0] != eager[-1]
     assert graphs == pytest.approx(eager, rel=1e-5)
     torch._dynamo.reset()
+
+
+def test_bert_mlm_baseline_bucketed_step_is_its_exact_step():
+    cfg = tiny_config(*NO_DROPOUT, *PACKED, "model.vocab_size=128")
+    model = BertMLMModel(cfg)
+    batch = random_batch(cfg, batch=3, seq_len=32, min_len=4, seed=2)
+    state = model.rng.state_dict()
+    exact = model(*batch, **packed_sizes(batch[1]))
+    model.rng.load_state_dict(state)
+    model.token_buckets = 4
+    bucketed = model(*batch, **packed_sizes(batch[1]))
+    torch.testing.assert_close(bucketed.loss, exact.loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(bucketed.metrics, exact.metrics, rtol=1e-5, atol=1e-6)
