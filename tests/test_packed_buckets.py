@@ -4,8 +4,10 @@
   than one granule away, and the inert documents always reach the bucket;
 * the bucketed layout: the real tokens' rows, ``cu_seqlens`` and labels are the exact layout's, the inert
   rows are never real and never reach the padded view, one shape per bucket, no host synchronisation;
-* a bucketed training step gives the exact packed step's losses, metrics and gradients (and the check
-  trips when the inert rows are counted as real tokens);
+* a bucketed training step gives the exact packed step's losses, metrics and gradients, the inert rows
+  get exactly zero gradient (and the check trips when they are counted as real tokens); the same for a
+  batch that fills its bucket, for the BERT-MLM baseline and for the held-out evaluation;
+* the trainer runs ``train.cuda_graphs`` on the packed layout (``aot_eager``) with the eager run's losses;
 * (slow) 50 steps of real packed batches from prepare + the loader, compiled statically as for CUDA graphs
   (``aot_eager``): no more compilations per compiled part than buckets, and the exact packed step's losses;
   without buckets the same compile recompiles for every new token count.
