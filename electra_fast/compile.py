@@ -69,6 +69,9 @@ def compile_for_training(model: nn.Module, mode: str, cuda_graphs: bool = False,
             raise ValueError(f"cuda_graphs needs token_buckets >= 1, got {token_buckets}")
         if hasattr(model, "token_buckets"):
             model.token_buckets = int(token_buckets)
+        elif getattr(getattr(model, "config", None), "unpad", False):
+            raise ValueError(f"cuda_graphs on the packed layout needs token buckets, which {type(model).__name__} "
+                             "does not have: set model.unpad=false")
         # Static shapes: one graph per bucket, each compiled for its own row count (inductor's static code,
         # and nothing for CUDA graphs to re-record). Each compiled part may then see every bucket, in train
         # and eval mode, for both networks (they share code): room for all of them before dynamo gives up.

@@ -90,6 +90,7 @@ class BertMLMModel(nn.Module):
         self.generator_predictions = parts.generator_head(model_cfg.hidden_size, model_cfg)
         self.generator_lm_head_bias = nn.Parameter(torch.zeros(model_cfg.vocab_size))
         self.rng = ObjectiveRNG(seed)
+        self.token_buckets = 0  # as ElectraPretrainingModel's: set by electra_fast.compile for CUDA graphs
         parts.init_weights(self, model_cfg)
 
     # The encoder a downstream task fine-tunes (same role as ElectraPretrainingModel.discriminator).
@@ -111,7 +112,7 @@ class BertMLMModel(nn.Module):
         attention_mask, token_type_ids = check_encoder_inputs(self.config, input_ids, attention_mask, token_type_ids)
         device = input_ids.device
         obj = self.objective_config
-        layout = token_layout(self.config, attention_mask, max_seqlen, total_tokens)
+        layout = token_layout(self.config, attention_mask, max_seqlen, total_tokens, self.token_buckets)
         masked_ids, chosen = bert_mask_tokens(
             input_ids, attention_mask, cfg=self.config, mask_prob=obj.mask_prob,
             max_predictions_per_seq=self.max_predictions(layout.seq_len),

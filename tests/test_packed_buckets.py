@@ -4,8 +4,10 @@
   than one granule away, and the inert documents always reach the bucket;
 * the bucketed layout: the real tokens' rows, ``cu_seqlens`` and labels are the exact layout's, the inert
   rows are never real and never reach the padded view, one shape per bucket, no host synchronisation;
-* a bucketed training step gives the exact packed step's losses, metrics and gradients (and the check
-  trips when the inert rows are counted as real tokens);
+* a bucketed training step gives the exact packed step's losses, metrics and gradients, the inert rows
+  get exactly zero gradient (and the check trips when they are counted as real tokens); the same for a
+  batch that fills its bucket, for the BERT-MLM baseline and for the held-out evaluation;
+* the trainer runs ``train.cuda_graphs`` on the packed layout (``aot_eager``) with the eager run's losses;
 * (slow) 50 steps of real packed batches from prepare + the loader, compiled statically as for CUDA graphs
   (``aot_eager``): no more compilations per compiled part than buckets, and the exact packed step's losses;
   without buckets the same compile recompiles for every new token count.
@@ -26,6 +28,7 @@ from electra_fast import step as step_module
 from electra_fast import train as trainer
 from electra_fast.buckets import bucket_granule, bucket_rows, inert_documents, token_buckets
 from electra_fast.compile import compile_for_training
+from electra_fast.mlm_baseline import BertMLMModel
 from electra_fast.model import ElectraPretrainingModel, TokenLayout, packed_sizes
 
 from helpers import random_batch, tiny_config
@@ -120,6 +123,26 @@ def _forward_backward(model, batch, sizes):
     return out, grads
 
 
+def test_a_batch_that_fills_its_bucket_gets_empty_inert_documents():
+    # Every sequence full: the tokens fill the last bucket exactly, and every inert document has length 0
+    # (the attention kernels skip an empty sequence). The step is the exact one.
+    cfg = tiny_config(*NO_DROPOUT, *PACKED, "model.vocab_size=128")
+    model = ElectraPretrainingModel(cfg)
+    batch = random_batch(cfg, batch=2, seq_len=32, min_len=32, seed=1)
+    sizes = packed_sizes(batch[1])
+    assert sizes["total_tokens"] == bucket_rows(sizes["total_tokens"], 2, 32, 4) == 64
+    layout = TokenLayout.build(batch[1], packed=True, buckets=4, **sizes)
+    assert layout.cu_seqlens.tolist()[2:] == [64] * (1 + inert_documents(2, 32, 4))
+    state = model.rng.state_dict()
+    exact, exact_grads = _forward_backward(model, batch, sizes)
+    model.rng.load_state_dict(state)
+    model.token_buckets = 4
+    bucketed, bucketed_grads = _forward_backward(model, batch, sizes)
+    torch.testing.assert_close(bucketed.loss, exact.loss, rtol=1e-5, atol=1e-6)
+    for name, grad in exact_grads.items():
+        torch.testing.assert_close(bucketed_grads[name], grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
 def test_bucketed_step_gives_the_exact_steps_losses_metrics_and_gradients(sync_counter, monkeypatch):  # noqa: F811
     cfg = tiny_config(*NO_DROPOUT, *PACKED, "model.vocab_size=128")
     model = ElectraPretrainingModel(cfg)
@@ -170,6 +193,15 @@ def test_cuda_graphs_with_packed_layout_turn_buckets_on():
     assert model.token_buckets == 6
     with pytest.raises(ValueError, match="token_buckets"):
         compile_for_training(ElectraPretrainingModel(tiny_config()), "default", cuda_graphs=True, token_buckets=0)
+    bert = BertMLMModel(tiny_config(*PACKED))  # the BERT-MLM baseline takes them too
+    compile_for_training(bert, "default", cuda_graphs=True, backend="aot_eager", token_buckets=6)
+    assert bert.token_buckets == 6
+
+    class Foreign(torch.nn.Module):  # a packed model without token buckets: refused, as before them
+        config = tiny_config(*PACKED).model
+
+    with pytest.raises(ValueError, match="needs token buckets"):
+        compile_for_training(Foreign(), "default", cuda_graphs=True, backend="aot_eager")
     plain = ElectraPretrainingModel(tiny_config(*PACKED))
     compile_for_training(plain, "default", backend="aot_eager")  # no CUDA graphs: exact rows, dynamic shapes
     assert plain.token_buckets == 0
@@ -180,6 +212,8 @@ def test_cuda_graphs_with_packed_layout_turn_buckets_on():
 # 50 real packed batches, compiled as for CUDA graphs
 # --------------------------------------------------------------------------------------------------
 STEPS = 50
+# 4 buckets rather than the default 32: for a micro-batch of 4 x 64 the bound "no more compilations than
+# buckets" is then well below the number of distinct token counts in 50 batches (about 35).
 BUCKETS = 4
 MICRO_BATCH = 4
 
@@ -290,3 +324,16 @@ def test_trainer_runs_cuda_graphs_on_the_packed_layout(corpus_dir, tmp_path, cle
     assert len(eager) == 3 and eager[0] != eager[-1]
     assert graphs == pytest.approx(eager, rel=1e-5)
     torch._dynamo.reset()
+
+
+def test_bert_mlm_baseline_bucketed_step_is_its_exact_step():
+    cfg = tiny_config(*NO_DROPOUT, *PACKED, "model.vocab_size=128")
+    model = BertMLMModel(cfg)
+    batch = random_batch(cfg, batch=3, seq_len=32, min_len=4, seed=2)
+    state = model.rng.state_dict()
+    exact = model(*batch, **packed_sizes(batch[1]))
+    model.rng.load_state_dict(state)
+    model.token_buckets = 4
+    bucketed = model(*batch, **packed_sizes(batch[1]))
+    torch.testing.assert_close(bucketed.loss, exact.loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(bucketed.metrics, exact.metrics, rtol=1e-5, atol=1e-6)
