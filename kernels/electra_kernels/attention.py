@@ -45,6 +45,7 @@ functions and ``FusedAttention`` -> references.
 """
 
 import math
+import os
 from typing import Optional
 
 import torch
@@ -927,7 +928,7 @@ def compile_variants():
                         for i, (block_m, block_n, warps, stages) in enumerate(kept):
                             constexprs = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, DROPOUT=dropout,
                                               DOT_PRECISION=precision, BLOCK_M=block_m, BLOCK_N=block_n,
-                                              **flags, **extra)
+                                              WINDOW=False, **flags, **extra)
                             variants.append(Variant(name, kernel, types, constexprs, warps, stages,
                                                     default=i == 0, matmul=True, tags=tags, aligned=aligned))
                     if head_dim == 64:
@@ -1068,6 +1069,17 @@ def _triton_supports(q, k, v, window, rotary_base) -> bool:
     return True
 
 
+def _rotary_mode() -> str:
+    """How ``rotary_base`` runs on the Triton path: "fused" (q/k rotated inside the attention kernels'
+    tile loads, electra_kernels/attention_rotary.py; the default) or "separate" (the rotary kernel of
+    electra_kernels/rotary.py writes rotated q, k, then the plain attention kernels), chosen with
+    ELECTRA_KERNELS_ROTARY (read at each call, so benchmarks can compare the two)."""
+    mode = os.environ.get("ELECTRA_KERNELS_ROTARY", "fused")
+    if mode not in ("fused", "separate"):
+        raise ValueError(f"ELECTRA_KERNELS_ROTARY must be 'fused' or 'separate', got {mode!r}")
+    return mode
+
+
 def _draw_seed() -> torch.Tensor:
     # From torch's default CPU generator: torch.manual_seed governs reproducibility, and
     # torch.utils.checkpoint (which restores the CPU RNG state) replays the same dropout mask.
@@ -1120,14 +1132,21 @@ def attention(q, k, v, key_padding_mask=None, dropout_p: float = 0.0, softmax_sc
         return (out, keep) if return_dropout_mask else out
 
     scale = _scale(softmax_scale, q.shape[-1])
-    if rotary_base is not None:  # rotary kernel (electra_kernels.rotary), then the attention kernels
+    fused_rotary = rotary_base is not None and _rotary_mode() == "fused"
+    if rotary_base is not None and not fused_rotary:  # rotary kernel (electra_kernels.rotary), then attention
         positions = rotary.padded_positions(batch, seq_q, q.device)
         q, k = (rotary.rotate(t.reshape(batch * seq_q, heads, t.shape[-1]), positions, seq_q, rotary_base)
                 .view(t.shape) for t in (q, k))
     rng_seed = _draw_seed() if dropout_p > 0.0 else None
-    out, _ = torch.ops.electra_kernels.attention_fwd(
-        q, k, v, key_padding_mask, None, max(seq_q, seq_k), float(dropout_p), scale, rng_seed, 0,
-        -1 if window is None else int(window))
+    if fused_rotary:
+        from .attention_rotary import attention_rotary
+
+        out, _ = attention_rotary(q, k, v, key_padding_mask, None, seq_q, float(dropout_p), scale, rng_seed, window,
+                                  rotary_base)
+    else:
+        out, _ = torch.ops.electra_kernels.attention_fwd(
+            q, k, v, key_padding_mask, None, max(seq_q, seq_k), float(dropout_p), scale, rng_seed, 0,
+            -1 if window is None else int(window))
     if return_dropout_mask:
         keep = (attention_dropout_mask(batch, heads, seq_q, seq_k, dropout_p, _seed_value(rng_seed), 0, q.device)
                 if dropout_p > 0.0 else None)
@@ -1173,13 +1192,20 @@ def attention_varlen(q, k, v, cu_seqlens, max_seqlen: int, dropout_p: float = 0.
         return (out, keep) if return_dropout_mask else out
 
     scale = _scale(softmax_scale, q.shape[-1])
-    if rotary_base is not None:  # positions restart at every document
+    fused_rotary = rotary_base is not None and _rotary_mode() == "fused"
+    if rotary_base is not None and not fused_rotary:  # positions restart at every document
         positions = rotary.varlen_positions(cu_seqlens, q.shape[0])
         q, k = (rotary.rotate(t, positions, max_seqlen, rotary_base) for t in (q, k))
     rng_seed = _draw_seed() if dropout_p > 0.0 else None
-    out, _ = torch.ops.electra_kernels.attention_fwd(
-        q, k, v, None, cu_seqlens, max_seqlen, float(dropout_p), scale, rng_seed, 0,
-        -1 if window is None else int(window))
+    if fused_rotary:
+        from .attention_rotary import attention_rotary
+
+        out, _ = attention_rotary(q, k, v, None, cu_seqlens, max_seqlen, float(dropout_p), scale, rng_seed, window,
+                                  rotary_base)
+    else:
+        out, _ = torch.ops.electra_kernels.attention_fwd(
+            q, k, v, None, cu_seqlens, max_seqlen, float(dropout_p), scale, rng_seed, 0,
+            -1 if window is None else int(window))
     if return_dropout_mask:
         keep = (attention_dropout_mask(batch, heads, max_seqlen, max_seqlen, dropout_p, _seed_value(rng_seed), 0,
                                        q.device) if dropout_p > 0.0 else None)

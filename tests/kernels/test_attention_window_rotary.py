@@ -249,10 +249,22 @@ def test_window_kernel_check_can_fail():
                  lambda q, k, v: attention_ref(q, k, v, window=3), [q, k, v], torch.bfloat16)
 
 
-@pytest.mark.parametrize("window, mask_kind, dtype", [(None, None, torch.bfloat16), (4, "right", torch.float16)])
-def test_padded_rotary_matches_reference(window, mask_kind, dtype):
+@pytest.fixture(params=["fused", "separate"])
+def rotary_mode(request, monkeypatch):
+    """Both Triton rotary paths: inside the attention kernels' tile loads, and the separate rotary kernel."""
+    monkeypatch.setenv("ELECTRA_KERNELS_ROTARY", request.param)
+    return request.param
+
+
+@pytest.mark.parametrize("window, mask_kind, dtype, head_dim", [
+    (None, None, torch.bfloat16, 32),
+    (4, "right", torch.float16, 32),
+    (None, "right", torch.bfloat16, 48),  # half 24: the half tiles are padded to 32 in registers
+    (6, None, torch.float16, 16),         # half 8: padded to tl.dot's minimum 16
+])
+def test_padded_rotary_matches_reference(window, mask_kind, dtype, head_dim, rotary_mode):
     seqlen = 37
-    q, k, v = (torch.randn(2, seqlen, 2, 32, dtype=dtype) for _ in range(3))
+    q, k, v = (torch.randn(2, seqlen, 2, head_dim, dtype=dtype) for _ in range(3))
     mask = None
     if mask_kind == "right":
         mask = torch.arange(seqlen)[None, :] < torch.tensor([seqlen, 20])[:, None]
@@ -261,7 +273,7 @@ def test_padded_rotary_matches_reference(window, mask_kind, dtype):
              lambda q, k, v: attention_ref(q, k, v, mask, window=window, rotary_base=THETA), [q, k, v], dtype)
 
 
-def test_varlen_rotary_restarts_positions_per_document():
+def test_varlen_rotary_restarts_positions_per_document(rotary_mode):
     dtype, lengths, window = torch.bfloat16, [9, 40, 3], 7
     total = sum(lengths)
     q, k, v = (torch.randn(total, 2, 32, dtype=dtype) for _ in range(3))
@@ -278,6 +290,43 @@ def test_varlen_rotary_restarts_positions_per_document():
     _compare(lambda q, k, v: attention_varlen(q, k, v, cu, max(lengths), window=window, rotary_base=THETA), lowp,
              lambda q, k, v: attention_varlen_ref(q, k, v, cu, max(lengths), window=window, rotary_base=THETA),
              [q, k, v], dtype)
+
+
+def test_fused_rotary_with_dropout_replays_the_kernels_mask(monkeypatch):
+    monkeypatch.setenv("ELECTRA_KERNELS_ROTARY", "fused")
+    dtype, p, window = torch.bfloat16, 0.2, 9
+    q, k, v = (torch.randn(2, 45, 2, 32, dtype=dtype) for _ in range(3))
+    mask = torch.arange(45)[None, :] < torch.tensor([45, 30])[:, None]
+    torch.manual_seed(5)
+    _, keep = attention(q, k, v, mask, p, window=window, rotary_base=THETA, return_dropout_mask=True)
+
+    def ours(q, k, v):
+        torch.manual_seed(5)
+        return attention(q, k, v, mask, p, window=window, rotary_base=THETA)
+
+    _compare(ours, lambda q, k, v: _lowp_window_attention(q, k, v, window, mask, THETA, keep, p),
+             lambda q, k, v: attention_ref(q, k, v, mask, p, dropout_mask=keep, window=window, rotary_base=THETA),
+             [q, k, v], dtype)
+
+
+def test_fused_rotary_writes_no_rotated_copy(monkeypatch):
+    """The fused path calls the rotary-attention op only (no separate rotary kernel)."""
+    monkeypatch.setenv("ELECTRA_KERNELS_ROTARY", "fused")
+    calls = []
+    real = torch.ops.electra_kernels.rotary_fwd
+
+    def spy(*args, **kwargs):
+        calls.append("rotary_fwd")
+        return real(*args, **kwargs)
+
+    from electra_kernels import rotary as rot
+    monkeypatch.setattr(rot.torch.ops.electra_kernels, "rotary_fwd", spy, raising=False)
+    q = torch.randn(1, 20, 1, 32, dtype=torch.bfloat16)
+    attention(q, q, q, rotary_base=THETA)
+    assert calls == []
+    monkeypatch.setenv("ELECTRA_KERNELS_ROTARY", "separate")
+    attention(q, q, q, rotary_base=THETA)
+    assert calls == ["rotary_fwd", "rotary_fwd"]
 
 
 def test_rotary_kernel_check_can_fail():
