@@ -122,3 +122,18 @@ def test_activation_checkpointing_gives_the_same_gradients():
     torch.testing.assert_close(a.loss, b.loss, atol=0, rtol=0)
     for name in grads_a:
         torch.testing.assert_close(grads_a[name], grads_b[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("size", ["modern-tiny", "modern-small", "modern-base", "modern-large"])
+def test_shipped_modern_configs_are_their_named_sizes(size):
+    from pathlib import Path
+
+    from electra_fast.config import load_config
+
+    path = Path(__file__).resolve().parents[1] / "configs" / f"modern-electra-{size.split('-')[1]}.yaml"
+    shipped, named = load_config(path), build_config(size)
+    assert shipped.model.architecture == "modern"
+    for key in ("hidden_size", "num_layers", "num_heads", "intermediate_size", "generator_num_layers",
+                "generator_hidden_size", "local_attention", "global_attn_every_n_layers", "max_position_embeddings"):
+        assert getattr(shipped.model, key) == getattr(named.model, key), key
+    assert shipped.data.seq_len == named.data.seq_len
