@@ -51,6 +51,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch._subclasses.fake_tensor import is_fake
 
 from . import rotary
 from ._dispatch import HAS_TRITON, interpreter_enabled, use_triton
@@ -1187,8 +1188,8 @@ def _check_packed_sizes(cu_seqlens, max_seqlen: int, total_tokens: int) -> None:
     if batch * max_seqlen < total_tokens:
         raise ValueError(f"attention_varlen: {total_tokens} tokens cannot be {batch} sequences of at most "
                          f"max_seqlen={max_seqlen}: max_seqlen (or cu_seqlens) is wrong")
-    if cu_seqlens.device.type != "cpu" or torch.compiler.is_compiling():  # a traced graph has no values
-        return
+    if cu_seqlens.device.type != "cpu" or torch.compiler.is_compiling() or is_fake(cu_seqlens):
+        return  # a device tensor is not read; a traced graph's or a fake tensor's has no values
     bounds = cu_seqlens.tolist()
     lengths = [end - start for start, end in zip(bounds[:-1], bounds[1:])]
     if bounds[0] != 0 or min(lengths, default=0) < 0:
