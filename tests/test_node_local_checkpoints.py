@@ -49,6 +49,25 @@ def test_checkpoint_dir_outside_the_run_dir_is_found_by_resume_and_export(corpus
     assert [r["step"] for r in read_metrics(run) if "loss" in r] == [1, 2, 3, 4]
 
 
+def test_node_local_on_one_rank_seals_its_part_and_falls_back_past_a_damaged_one(corpus_dir, tmp_path, caplog,
+                                                                                   clean_env):
+    """The node-local code path in one process (the two-node test below is the real thing): the manifest
+    names the node's ranks, and a damaged own file makes the resume take the step before."""
+    run = tmp_path / "run"
+    sets = ("train.max_steps=4", "train.save_every=2", "train.log_every=1", "train.export_at_end=false",
+            "train.deepspeed_config=configs/deepspeed/zero1-node-local.json", "train.checkpoint_dir=local")
+    assert run_inprocess(corpus_dir, run, *sets) == 0
+    tag = run / "local" / "step-00000004"
+    manifest = verify_checkpoint(tag)
+    assert manifest["node_local"] is True and manifest["ranks"] == [0]
+    (tag / "trainer_state_rank00000.pt").write_bytes(b"damaged")
+    with caplog.at_level("WARNING"):
+        assert trainer.run_train(_args(run, config=None, resume=True)) == 0
+    assert "rank 0: skipping checkpoint step-00000004 on this node" in caplog.text
+    assert "moved step-00000004 aside" in caplog.text
+    assert [r["step"] for r in read_metrics(run) if "loss" in r] == [1, 2, 3, 4]
+
+
 def launch_two_nodes(tmp_path, train_args: list[str], fault: list[str] = (), timeout: int = 300):
     """``tests/_faults.py`` (python -m electra_fast.train) on two single-rank torchrun "nodes"."""
     port = free_port()
