@@ -15,7 +15,13 @@ DeepSpeed's own code:
   per-parameter optimizer-state API (``safe_set_full_optimizer_state``, and for ZeRO-3 the local form
   ``safe_set_local_optimizer_state``, whose full form cannot address a padded last partition in
   DeepSpeed 0.19). ZeRO-0 without mixed precision has no DeepSpeed wrapper: its torch optimizer's
-  per-parameter state is set directly.
+  per-parameter state is set directly; with fp16/bf16, DeepSpeed's FP16 wrappers (fp32 masters per
+  parameter, or per group as one flat tensor) have no per-parameter API, and their slices are written.
+  Each rank holds the whole merged state in host memory while it loads (as for the weights).
+
+The learning rate of the next update is the optimizer's, not the schedule's: the saved parameter
+groups' hyper-parameters are restored with the state (electra_fast.checkpoints then recomputes the
+rate from the restored schedule, the same float when nothing changed).
 
 Why not universal checkpoints (``ds_to_universal`` + ``checkpoint.load_universal``)? They cover ZeRO
 1-3 only: a ZeRO-0 fp32 checkpoint (the CPU default) has no partition files to convert, and the engine
