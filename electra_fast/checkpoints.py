@@ -43,7 +43,6 @@ from .atomic import write_text_atomic
 from .config import Config, config_from_dict
 from .distributed import all_reduce_min, all_reduce_sum, barrier
 from .hashing import sha256_file
-from .optim import weight_decay_groups
 from .safe_load import CheckpointError, check_loadable, deepspeed_loads_safely, safe_torch_load
 
 logger = logging.getLogger(__name__)
@@ -596,7 +595,7 @@ class Checkpoints:
         when the optimizer's state could not be converted, why (its moments then restart)."""
         import deepspeed
 
-        from .optimizer_state import UnsupportedOptimizerLayout, load_optimizer_state, read_optimizer_state, set_full_fp32
+        from .optimizer_state import UnsupportedOptimizerLayout, load_optimizer_state, set_full_fp32
 
         weights = consolidated_state_dict(tag_dir)
         params = dict(engine.module.named_parameters())
@@ -605,7 +604,7 @@ class Checkpoints:
             raise CheckpointError(f"{tag_dir}: its weights do not match the model (missing {missing[:5]}, "
                                   f"unexpected {unexpected[:5]})")
         try:
-            optimizer_state, not_restored = read_optimizer_state(tag_dir), None
+            optimizer_state, not_restored = checkpoint_optimizer_state(tag_dir), None
         except UnsupportedOptimizerLayout as exc:
             optimizer_state, not_restored = None, str(exc)
         zero3 = any(hasattr(p, "ds_id") for p in params.values())
@@ -628,6 +627,19 @@ class Checkpoints:
                 setattr(engine, counter, int(states[counter]))
         client = {key: states[key] for key in ("step", "tokens_seen", "world_size", "loader", "format") if key in states}
         return client, not_restored
+
+
+def checkpoint_config(tag_dir: Path) -> Config | None:
+    """The resolved config saved with a checkpoint (its sidecar), or None for one without."""
+    sidecar = Path(tag_dir) / CONFIG_SIDECAR
+    return config_from_dict(json.loads(sidecar.read_text())) if sidecar.is_file() else None
+
+
+def checkpoint_optimizer_state(tag_dir: Path):
+    """Adam's state per parameter in a verified checkpoint folder (electra_fast.optimizer_state)."""
+    from . import optimizer_state
+
+    return optimizer_state.read_optimizer_state(tag_dir, checkpoint_config(tag_dir))
 
 
 def _lr_from_schedule(engine) -> None:
@@ -726,18 +738,14 @@ def consolidated_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
     optimizer = state.get("optimizer")
     masters = optimizer.get("fp32_groups") if isinstance(optimizer, dict) else None
     if masters and (tag_dir / CONFIG_SIDECAR).is_file():
-        from .model import ElectraPretrainingModel
+        from .optimizer_state import zero0_parameter_names
 
-        with torch.device("meta"):  # names and group order only; no memory, no initialisation
-            model = ElectraPretrainingModel(config_from_dict(json.loads((tag_dir / CONFIG_SIDECAR).read_text())))
-        names = {id(p): n for n, p in model.named_parameters()}
-        groups = [g["params"] for g in weight_decay_groups(model.named_parameters(), 0.0) if g["params"]]
+        groups = zero0_parameter_names(checkpoint_config(tag_dir))
         if [len(g) for g in groups] != [len(m) for m in masters]:
             raise ValueError(f"{tag_dir}: the optimizer's fp32 master weights do not match the model's parameter "
                              "groups")
-        for params, tensors in zip(groups, masters):
-            for parameter, master in zip(params, tensors):
-                name = names[id(parameter)]
+        for names, tensors in zip(groups, masters):
+            for name, master in zip(names, tensors):
                 weights[name] = master.float().reshape(weights[name].shape)
     return weights
 

@@ -15,7 +15,13 @@ DeepSpeed's own code:
   per-parameter optimizer-state API (``safe_set_full_optimizer_state``, and for ZeRO-3 the local form
   ``safe_set_local_optimizer_state``, whose full form cannot address a padded last partition in
   DeepSpeed 0.19). ZeRO-0 without mixed precision has no DeepSpeed wrapper: its torch optimizer's
-  per-parameter state is set directly.
+  per-parameter state is set directly; with fp16/bf16, DeepSpeed's FP16 wrappers (fp32 masters per
+  parameter, or per group as one flat tensor) have no per-parameter API, and their slices are written.
+  Each rank holds the whole merged state in host memory while it loads (as for the weights).
+
+The learning rate of the next update is the optimizer's, not the schedule's: the saved parameter
+groups' hyper-parameters are restored with the state (electra_fast.checkpoints then recomputes the
+rate from the restored schedule, the same float when nothing changed).
 
 Why not universal checkpoints (``ds_to_universal`` + ``checkpoint.load_universal``)? They cover ZeRO
 1-3 only: a ZeRO-0 fp32 checkpoint (the CPU default) has no partition files to convert, and the engine
@@ -32,16 +38,14 @@ what tests compare before a save and after an elastic resume.
 from __future__ import annotations
 
 import contextlib
-import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from .config import Config
 from .safe_load import CheckpointError, deepspeed_loads_safely, safe_torch_load
-
-CONFIG_SIDECAR = "electra_fast_config.json"  # the same name as checkpoints.CONFIG_SIDECAR (no import cycle)
 
 
 class UnsupportedOptimizerLayout(CheckpointError):
@@ -67,12 +71,17 @@ class OptimizerState:
 # ==================================================================================================
 # Reading a checkpoint folder
 # ==================================================================================================
-def read_optimizer_state(tag_dir: Path) -> OptimizerState:
-    """The optimizer state of a verified checkpoint folder, whatever its ZeRO stage and world size."""
+def read_optimizer_state(tag_dir: Path, config: Config | None) -> OptimizerState:
+    """The optimizer state of a verified checkpoint folder, whatever its ZeRO stage and world size.
+    ``config``: the run's config as the checkpoint records it (ZeRO-0 names its parameters by it);
+    electra_fast.checkpoints.checkpoint_optimizer_state reads it from the folder."""
     tag_dir = Path(tag_dir)
     if list(tag_dir.glob("*zero_pp_rank_*_optim_states.pt")):
         return _read_zero_partitions(tag_dir)
-    return _read_zero0(tag_dir)
+    if config is None:
+        raise UnsupportedOptimizerLayout(f"{tag_dir}: no config saved with it, so its ZeRO-0 optimizer's parameters "
+                                         "have no names")
+    return _read_zero0(tag_dir, config)
 
 
 # How the optimizer runs here (a fused kernel on a GPU, foreach on the CPU), not state to carry over.
@@ -144,24 +153,20 @@ def _read_zero_partitions(tag_dir: Path) -> OptimizerState:
     return state
 
 
-def zero0_parameter_names(tag_dir: Path) -> list[list[str]]:
+def zero0_parameter_names(config: Config) -> list[list[str]]:
     """The names of a ZeRO-0 checkpoint's optimizer parameter groups, in order. DeepSpeed records no
-    names there; the groups are optim.weight_decay_groups() of the model in the config sidecar."""
-    from .config import config_from_dict
+    names there; the groups are optim.weight_decay_groups() of the model the config describes."""
     from .model import ElectraPretrainingModel
     from .optim import weight_decay_groups
 
-    sidecar = Path(tag_dir) / CONFIG_SIDECAR
-    if not sidecar.is_file():
-        raise UnsupportedOptimizerLayout(f"{tag_dir}: no {CONFIG_SIDECAR}, so its optimizer's parameters have no names")
     with torch.device("meta"):  # names and group order only; no memory, no initialisation
-        model = ElectraPretrainingModel(config_from_dict(json.loads(sidecar.read_text())))
+        model = ElectraPretrainingModel(config)
     names = {id(p): n for n, p in model.named_parameters()}
     return [[names[id(p)] for p in group["params"]] for group in weight_decay_groups(model.named_parameters(), 0.0)
             if group["params"]]
 
 
-def _read_zero0(tag_dir: Path) -> OptimizerState:
+def _read_zero0(tag_dir: Path, config: Config) -> OptimizerState:
     """ZeRO-0: rank 0's model-states file holds the torch optimizer's state dict, per parameter."""
     states = safe_torch_load(Path(tag_dir) / "mp_rank_00_model_states.pt", mmap=True)
     optimizer = states.get("optimizer")
@@ -172,7 +177,7 @@ def _read_zero0(tag_dir: Path) -> OptimizerState:
         optimizer = optimizer["optimizer_state_dict"]
     if not (isinstance(optimizer, dict) and isinstance(optimizer.get("state"), dict) and "param_groups" in optimizer):
         raise UnsupportedOptimizerLayout(f"{tag_dir}: its ZeRO-0 optimizer state is in no layout this module knows")
-    groups = zero0_parameter_names(tag_dir)
+    groups = zero0_parameter_names(config)
     indices = [group["params"] for group in optimizer["param_groups"]]
     if [1 if flat else len(g) for g in groups] != [len(i) for i in indices]:
         raise CheckpointError(f"{tag_dir}: the optimizer's parameter groups do not match the model's")

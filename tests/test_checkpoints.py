@@ -411,12 +411,12 @@ def _launch(ranks: int, args: list[str], timeout: int = 600):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("first, then", [((2, 2), (1, 0)), ((1, 1), (2, 3))], ids=["2xZeRO2->1xZeRO0",
-                                                                                   "1xZeRO1->2xZeRO3"])
-def test_resume_on_another_world_size_and_stage(corpus_dir, tmp_path, first, then):
+@pytest.mark.parametrize("first, then, sharing", [((2, 2), (1, 0), "tied"), ((1, 1), (2, 3), "gdes")],
+                         ids=["2xZeRO2->1xZeRO0", "1xZeRO1->2xZeRO3-gdes"])
+def test_resume_on_another_world_size_and_stage(corpus_dir, tmp_path, first, then, sharing):
     run = tmp_path / "run"
     common = ["--data", corpus_dir, "--run", str(run), "--set", *COMPARE, "train.save_every=3",
-              "train.log_every=1", "train.export_at_end=false"]
+              "train.log_every=1", "train.export_at_end=false", f"model.embedding_sharing={sharing}"]
     dump = tmp_path / "optimizer.pt"
     _launch(first[0], [*common, "train.max_steps=3", "--stage", str(first[1]), "--optimizer-dump", str(dump)])
     report = tmp_path / "report.json"

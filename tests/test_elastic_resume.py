@@ -19,8 +19,8 @@ from _faults import FailAfterStep
 from test_train import COMPARE, _args, clean_env, corpus_dir, losses, run_inprocess  # noqa: F401 (fixtures)
 
 from electra_fast import train as trainer
-from electra_fast.checkpoints import consolidated_state_dict
-from electra_fast.optimizer_state import OptimizerState, gather_optimizer_state, read_optimizer_state
+from electra_fast.checkpoints import checkpoint_optimizer_state, consolidated_state_dict
+from electra_fast.optimizer_state import OptimizerState, gather_optimizer_state
 
 STEPS = 10
 SETS = (*COMPARE, "model.embedding_sharing=gdes", f"train.max_steps={STEPS}", "train.save_every=2",
@@ -48,7 +48,7 @@ class CheckRestoredOptimizer(trainer.TrainerCallback):
 
     def on_loss(self, t, loss):
         if t.resumed_from and not self.checked:
-            saved = read_optimizer_state(t.checkpoints.root / t.resumed_from)
+            saved = checkpoint_optimizer_state(t.checkpoints.root / t.resumed_from)
             assert_same_state(gather_optimizer_state(t.engine), saved, f"ZeRO-{t.zero_stage} from {t.resumed_from}")
             self.checked.append(t.resumed_from)
         return loss
@@ -101,7 +101,7 @@ def test_resume_on_other_zero_stages_keeps_adam_state_and_matches_uninterrupted(
     without = tmp_path / "at-step-2"
     import electra_fast.optimizer_state as optimizer_state
 
-    def no_optimizer_state(tag_dir):
+    def no_optimizer_state(tag_dir, config):
         raise optimizer_state.UnsupportedOptimizerLayout("left out by the test")
 
     monkeypatch.setattr(optimizer_state, "read_optimizer_state", no_optimizer_state)
