@@ -128,7 +128,7 @@ def test_every_default_the_report_prints_is_checked(compiled):
     attention = [r for r in rows if r["kernel"] == "attention fwd"]
     assert {(r["dtype"], r["layout"], r["dropout"], r["head_dim"]) for r in attention} == {
         (dtype, layout, dropout, d) for dtype in ("bf16", "fp16") for layout in ("packed", "padded", "padded+mask")
-        for dropout in (False, True) for d in (32, 64, 128)}
+        for dropout in (False, True) for d in (16, 32, 64, 96, 128)}
     for kernel in ("layer norm fwd", "layer norm bwd", "bias gelu fwd", "disc head fwd"):
         assert {r["dtype"] for r in rows if r["kernel"] == kernel} == {"bf16", "fp16", "fp32"}, kernel
     # fp32 attention and MLM head run torch on the GPU (GPU_DTYPES): nothing to compile for them.
