@@ -6,7 +6,9 @@ value on the host (``item``, ``tolist``, ``__bool__``/``__int__``/``__float__``/
 ``unique``) and boolean-mask indexing, when made from the project's own code (electra_fast or
 electra_kernels). Two calls are allowed by name because they read *host* generators by design on every
 device: ``ObjectiveRNG.next_sampling_seed`` (the MLM head's Gumbel seed) and the attention launcher's
-``_seed_value`` (the dropout seed, drawn from torch's CPU generator). On CUDA,
+``_seed_value`` (the dropout seed, drawn from torch's CPU generator). A third reads only host tensors:
+``attention._check_packed_sizes`` reads ``cu_seqlens`` when it lives on the CPU (here, where the whole
+model does) and never when it is on the GPU. On CUDA,
 ``benchmarks/throughput.py --sync-check`` runs a step under ``torch.cuda.set_sync_debug_mode("error")``.
 """
 
@@ -26,7 +28,7 @@ from electra_fast.model import ElectraPretrainingModel, packed_sizes
 from helpers import random_batch, tiny_config
 
 _OWN_CODE = tuple(str(Path(m.__file__).resolve().parent) for m in (electra_fast, electra_kernels))
-_HOST_GENERATOR_READERS = {"next_sampling_seed", "_seed_value"}
+_HOST_GENERATOR_READERS = {"next_sampling_seed", "_seed_value", "_check_packed_sizes"}
 _VALUE_READS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "cpu", "numpy", "nonzero",
                 "masked_select", "unique")
 _SIZE_FROM_VALUES = ("nonzero", "argwhere", "masked_select", "unique")
