@@ -7,8 +7,9 @@
 
 Compiles every kernel x autotune candidate x constexpr variant the launchers use (the lists come from
 each kernel file's ``compile_variants()``, built from the launchers' own config lists: the dtypes each
-kernel runs on a GPU (bf16 / fp16, and fp32 for LayerNorm, bias-GELU and the BCE head); padded / packed layouts; key mask; dropout; fused dQ; head dims 32 / 64 / 128; hidden
-128 / 256 / 768 / 1024; vocabulary 30522) with ``triton.compile`` for sm_80 and sm_90, and prints one
+kernel runs on a GPU (bf16 / fp16, and fp32 for LayerNorm, bias-GELU and the BCE head); padded / packed
+layouts; key mask; dropout; fused dQ; head dims 16 / 32 / 64 / 96 / 128; hidden 128 / 256 / 768 / 1024;
+vocabulary 30522) with ``triton.compile`` for sm_80 and sm_90, and prints one
 table: registers per thread, spilled bytes (ptxas), shared memory per block against the architecture's
 limit (sm_90 232,448 B, sm_80 166,912 B), and the tensor-core instructions in the PTX (wgmma / mma /
 none). A last column names what a default config must not do (spill, exceed shared memory, miss the
