@@ -24,7 +24,8 @@ at its interpreter; the kernels are imported from this checkout:
 
 The compiles run in a subprocess without TRITON_INTERPRET (the interpreter replaces the compiler at
 import), one per CPU, in a fresh Triton cache: nothing is reused between runs. Time (Triton 3.7.1,
-2026-12-05): see kernels/README.md, "Compiled for real GPUs".
+2026-12-05): 616 compiles, 322 s of CPU time, ~2.7 min on two free cores (``pytest -s`` prints it;
+kernels/README.md, "Compiled for real GPUs").
 """
 
 from __future__ import annotations
