@@ -78,8 +78,9 @@ def _locked_triton() -> str:
 def compiled():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # the GPU default; silences Triton 3.9's notice
-    # Another venv's interpreter still imports the kernels from this checkout.
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "kernels"), env.get("PYTHONPATH", "")])
+    # Another venv's interpreter (torch and triton only) still imports the kernels, and the report's
+    # helpers (electra_fast.provenance: standard library only), from this checkout.
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "kernels"), str(ROOT), env.get("PYTHONPATH", "")])
     result = subprocess.run([GATE_PYTHON or sys.executable, "-c", _COMPILE, str(ROOT / "benchmarks")],
                             capture_output=True, text=True,
                             env=env, timeout=1200)
