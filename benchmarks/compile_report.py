@@ -1,14 +1,15 @@
 """What every Triton kernel costs on real GPUs, from the compiler alone (no GPU needed).
 
-    python benchmarks/compile_report.py --defaults-only           # each kernel's default config, sm_80 + sm_90
+    python benchmarks/compile_report.py --defaults-only           # each default, sm_80 + sm_90: the CI gate's rows
     python benchmarks/compile_report.py                           # every autotune candidate too (long)
     python benchmarks/compile_report.py --kernel attention --dtype bf16 --head-dim 64 --arch 90
     python benchmarks/compile_report.py --electra --defaults-only  # what ELECTRA Small/Base/Large run
 
 Compiles every kernel x autotune candidate x constexpr variant the launchers use (the lists come from
-each kernel file's ``compile_variants()``, built from the launchers' own config lists: dtypes bf16 /
-fp16 / fp32; padded / packed layouts; key mask; dropout; fused dQ; head dims 32 / 64 / 128; hidden
-128 / 256 / 768 / 1024; vocabulary 30522) with ``triton.compile`` for sm_80 and sm_90, and prints one
+each kernel file's ``compile_variants()``, built from the launchers' own config lists: the dtypes each
+kernel runs on a GPU (bf16 / fp16, and fp32 for LayerNorm, bias-GELU and the BCE head); padded / packed
+layouts; key mask; dropout; fused dQ; head dims 16 / 32 / 64 / 96 / 128; hidden 128 / 256 / 768 / 1024;
+vocabulary 30522) with ``triton.compile`` for sm_80 and sm_90, and prints one
 table: registers per thread, spilled bytes (ptxas), shared memory per block against the architecture's
 limit (sm_90 232,448 B, sm_80 166,912 B), and the tensor-core instructions in the PTX (wgmma / mma /
 none). A last column names what a default config must not do (spill, exceed shared memory, miss the
@@ -37,7 +38,7 @@ def parse_args(argv=None):
     parser.add_argument("--defaults-only", action="store_true", help="only each kernel's first (default) config")
     parser.add_argument("--electra", action="store_true",
                         help="only the variants ELECTRA Small/Base/Large run (bf16, d=64, padded+mask / packed, "
-                             "E 128/768/1024, hidden 256/768/1024): what tests/kernels/test_gpu_compile.py checks")
+                             "E 128/768/1024, hidden 256/768/1024)")
     parser.add_argument("--arch", default="80,90", help="compute capabilities, comma-separated (default %(default)s)")
     parser.add_argument("--kernel", default=None, help="only kernels whose name contains this text")
     parser.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"])

@@ -6,7 +6,9 @@ value on the host (``item``, ``tolist``, ``__bool__``/``__int__``/``__float__``/
 ``unique``) and boolean-mask indexing, when made from the project's own code (electra_fast or
 electra_kernels). Two calls are allowed by name because they read *host* generators by design on every
 device: ``ObjectiveRNG.next_sampling_seed`` (the MLM head's Gumbel seed) and the attention launcher's
-``_seed_value`` (the dropout seed, drawn from torch's CPU generator). On CUDA,
+``_seed_value`` (the dropout seed, drawn from torch's CPU generator). A third reads only host tensors:
+``attention._check_packed_sizes`` reads ``cu_seqlens`` when it lives on the CPU (here, where the whole
+model does) and never when it is on the GPU. On CUDA,
 ``benchmarks/throughput.py --sync-check`` runs a step under ``torch.cuda.set_sync_debug_mode("error")``.
 """
 

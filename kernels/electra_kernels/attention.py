@@ -932,7 +932,8 @@ def compile_variants():
         precision = "ieee" if dtype == "fp32" else "tf32"  # _dot_precision
         for layout, flags in layouts.items():
             for dropout in (False, True):
-                for head_dim in (32, 64, 128):
+                # A head dim per BLOCK_D class (16, 32, 64, 128; 96 for a masked, non-power-of-two one).
+                for head_dim in (16, 32, 64, 96, 128):
                     block_d = max(16, triton.next_power_of_2(head_dim))  # _Layout.block_d
                     tags = dict(dtype=dtype, layout=layout, dropout=dropout, head_dim=head_dim)
                     for name, kernel, space, stationary, extra in kernels(block_d):

@@ -597,26 +597,37 @@ def mlm_head_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], tar
     return loss, sampled, correct, lse, num_used
 
 
-_fp32_out_addmm_ok = True
+# Which fp32-output cuBLAS entry point this torch has: addmm into the accumulator (in place), else mm
+# with an fp32 output added to it, else a 16-bit product (each found missing once, then skipped).
+_fp32_out = {"addmm": True, "mm": True}
 
 
 def _accumulate_mm(acc: Tensor, a: Tensor, b: Tensor) -> None:
     """acc (fp32) += a @ b in place, with a and b in the compute dtype: one read and one write of acc
     per call, no (M, E) temporary."""
-    global _fp32_out_addmm_ok
     if a.dtype == torch.float32:
         acc.addmm_(a, b)
         return
-    if a.is_cuda and _fp32_out_addmm_ok:
-        try:  # cuBLAS with bf16/fp16 operands and the fp32 accumulator as C (torch >= 2.8: addmm.dtype_out)
+    if not a.is_cuda:  # CPU (the interpreter tests): no 16-bit cuBLAS to save memory for; widen
+        acc.addmm_(a.float(), b.float())
+        return
+    if _fp32_out["addmm"]:
+        try:  # cuBLAS with 16-bit operands and the fp32 accumulator as C (aten::addmm.dtype_out)
             torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
             return
-        except (TypeError, RuntimeError, NotImplementedError):
-            _fp32_out_addmm_ok = False
-    if a.is_cuda:  # older torch: a 16-bit product, rounded once per chunk, then added
-        acc.add_(torch.mm(a, b))
-    else:  # CPU (the interpreter tests): no 16-bit cuBLAS to save memory for; widen and accumulate
-        acc.addmm_(a.float(), b.float())
+        except (TypeError, NotImplementedError, RuntimeError) as err:
+            if isinstance(err, torch.OutOfMemoryError):
+                raise
+            _fp32_out["addmm"] = False
+    if _fp32_out["mm"]:
+        try:  # an (M, E) fp32 product, then added: twice the accumulator's traffic
+            acc.add_(torch.mm(a, b, out_dtype=torch.float32))
+            return
+        except (TypeError, NotImplementedError, RuntimeError) as err:
+            if isinstance(err, torch.OutOfMemoryError):
+                raise
+            _fp32_out["mm"] = False
+    acc.add_(torch.mm(a, b))  # older torch: the 16-bit product, rounded once per chunk
 
 
 def _dlogits_chunk_cols(M: int, V: int, element_size: int, chunk_bytes: int = _DLOGITS_CHUNK_BYTES) -> int:

@@ -506,3 +506,14 @@ def test_packed_sizes_are_checked_where_it_costs_no_sync():
         attention_varlen(q, q, q, cu, 5)
     with pytest.raises(ValueError, match="never decrease"):
         attention_varlen(q, q, q, torch.tensor([0, 9, 5, 17], dtype=torch.int32), 9)
+
+
+def test_seeds_are_63_bits_and_the_high_word_counts():
+    """Seeds are drawn from [2^31, 2^63) (one i64 kernel binary), and the Philox key uses the seed's high
+    word: two seeds that differ only above bit 32 give different masks (with 31-bit seeds it was always 0)."""
+    attention_module = importlib.import_module("electra_kernels.attention")
+    seeds = torch.cat([attention_module._draw_seed() for _ in range(64)])
+    assert (seeds >= 2**31).all() and (seeds >> 40).ne(0).any()
+    low = attention_dropout_mask(1, 1, 16, 16, 0.5, seed=2**31 + 5, device="cpu")
+    assert not torch.equal(low, attention_dropout_mask(1, 1, 16, 16, 0.5, seed=2**31 + 5 + 2**40, device="cpu"))
+    assert torch.equal(low, attention_dropout_mask(1, 1, 16, 16, 0.5, seed=2**31 + 5, device="cpu"))

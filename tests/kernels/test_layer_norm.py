@@ -285,3 +285,18 @@ def test_bad_inputs_raise_clear_errors(kwargs, error, match):
     args.update(kwargs)
     with pytest.raises(error, match=match):
         layer_norm(args["x"], args["weight"], args["bias"], 1e-12, args["residual"], args["dropout_p"])
+
+
+def test_seeds_are_63_bits_and_the_high_word_counts(monkeypatch):
+    """The default seed uses the whole 64-bit Philox key: seeds that differ only above bit 32 drop
+    different elements, and the drawn seed reaches the high word (a 31-bit draw never did)."""
+    x, weight, bias = torch.randn(4, 64), torch.ones(64), torch.zeros(64)
+    _, m1 = layer_norm(x, weight, bias, 1e-12, None, 0.5, seed=7, return_dropout_mask=True)
+    _, m2 = layer_norm(x, weight, bias, 1e-12, None, 0.5, seed=7 + 2**40, return_dropout_mask=True)
+    assert not torch.equal(m1, m2)
+    drawn, randint = [], torch.randint
+    monkeypatch.setattr(torch, "randint", lambda *a, **k: drawn.append(randint(*a, **k)) or drawn[-1])
+    torch.manual_seed(0)
+    for _ in range(4):
+        layer_norm(x, weight, bias, 1e-12, None, 0.5)
+    assert len(drawn) == 4 and max(int(d) for d in drawn) >= 2**40
