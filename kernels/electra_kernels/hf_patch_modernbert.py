@@ -84,7 +84,7 @@ def _fused_rotary_attention(q, k, v, cos, sin, key_padding_mask, dropout_p, scal
     batch, seq, _, dim = q.shape
     if (cos.dim() != 3 or cos.shape[0] != 1 or tuple(cos.shape[1:]) != (seq, dim) or sin.shape != cos.shape
             or q.dtype not in (torch.float16, torch.bfloat16, torch.float32) or not (q.dtype == k.dtype == v.dtype)
-            or not use_triton(q, k, v) or _rotary_mode(q.device) != "fused"):
+            or not use_triton(q, k, v) or _rotary_mode(q.device, q.dtype) != "fused"):
         return None
     half = dim // 2
     table = (cos[0, :, :half].float().contiguous(), sin[0, :, :half].float().contiguous())
