@@ -156,8 +156,11 @@ def _cos_sin_table(n_positions: int, head_dim: int, base: float, device) -> tupl
     cached = _TABLES.get(key)
     if cached is None or cached[0].shape[0] < n_positions:
         size = max(n_positions, 1)
-        cos, sin = rotary_cos_sin(torch.arange(size, device=device), head_dim, base)
-        cached = (cos[:, : head_dim // 2].contiguous(), sin[:, : head_dim // 2].contiguous())
+        # Normal tensors even when first built under torch.inference_mode(): a later training step saves
+        # them for its backward, which inference tensors refuse.
+        with torch.inference_mode(False), torch.no_grad():
+            cos, sin = rotary_cos_sin(torch.arange(size, device=device), head_dim, base)
+            cached = (cos[:, : head_dim // 2].contiguous(), sin[:, : head_dim // 2].contiguous())
         _TABLES[key] = cached
     return cached
 

@@ -353,3 +353,16 @@ def test_rotary_kernel_matches_rotary_ref_and_inverts():
     x2 = x.detach().clone().requires_grad_()
     rotary_ref(x2.view(2, 13, 3, 48), torch.arange(13), THETA).view_as(x2).backward(g)
     torch.testing.assert_close(x.grad, x2.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_rotary_table_built_in_inference_mode_serves_training(rotary_mode):
+    """The cached cos/sin table, first built under inference_mode, is still saved by a training backward."""
+    from electra_kernels import rotary as rot
+
+    rot._TABLES.clear()
+    q = torch.randn(1, 18, 1, 32, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        attention(q, q, q, rotary_base=1234.0)
+    leaf = q.clone().requires_grad_()
+    attention(leaf, leaf, leaf, rotary_base=1234.0).float().sum().backward()
+    assert leaf.grad is not None and torch.isfinite(leaf.grad.float()).all()
