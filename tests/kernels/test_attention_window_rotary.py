@@ -366,3 +366,16 @@ def test_rotary_table_built_in_inference_mode_serves_training(rotary_mode):
     leaf = q.clone().requires_grad_()
     attention(leaf, leaf, leaf, rotary_base=1234.0).float().sum().backward()
     assert leaf.grad is not None and torch.isfinite(leaf.grad.float()).all()
+
+
+def test_fused_attention_module_passes_window_and_rotary():
+    module = electra_kernels.FusedAttention(window=3, rotary_base=THETA)
+    assert "window=3" in repr(module) and "rotary_base" in repr(module)
+    q, k, v = (torch.randn(2, 21, 2, 16) for _ in range(3))
+    torch.testing.assert_close(module(q, k, v), attention_ref(q, k, v, window=3, rotary_base=THETA),
+                               rtol=1e-4, atol=1e-4)
+    cu = _cu_seqlens([20, 22])
+    packed = [t.reshape(42, 2, 16) for t in (q, k, v)]
+    torch.testing.assert_close(module(*packed, cu_seqlens=cu, max_seqlen=22),
+                               attention_varlen_ref(*packed, cu, 22, window=3, rotary_base=THETA),
+                               rtol=1e-4, atol=1e-4)
