@@ -553,7 +553,9 @@ def attention_rotary(q, k, v, key_padding_mask, cu_seqlens, max_seqlen: int, dro
 # The launchers run these kernels on Hopper and newer only (attention._rotary_mode): on sm_80 the dK/dV
 # kernel spills at every config that keeps tensor-core-sized tiles (bf16, head dim 64, ptxas -v: default
 # 32x128 8 warps 255 registers + 236-532 B spilled, 16x128 0-88 B, 16x64 0-20 B (packed), 16x32 clean
-# but mma.sync only), and dQ at its default 128x32 spills 64-160 B. On sm_90 every default below compiles
+# but mma.sync only), and dQ at its default 128x32 spills 64-160 B. Joining the rotated halves back into
+# one (rows, d) tile (tl.join + permute + reshape) for a single d-deep product was tried for dK/dV: worse
+# on sm_80 (576-680 B spilled at 32x128 with dropout), so the two-half products stay. On sm_90 every default below compiles
 # to 132-214 (forward), 208-247 (dK/dV), 142-211 (dQ) registers, no spill, wgmma.
 SM90_AND_NEWER = frozenset({90, 100, 120})
 
