@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import electra_kernels
+from _compare import DEVICE
 from electra_kernels import attention, attention_ref, attention_varlen, attention_varlen_ref, rotary_ref
 
 THETA = 10000.0
@@ -321,7 +322,7 @@ def test_fused_rotary_writes_no_rotated_copy(monkeypatch):
 
     from electra_kernels import rotary as rot
     monkeypatch.setattr(rot.torch.ops.electra_kernels, "rotary_fwd", spy, raising=False)
-    q = torch.randn(1, 20, 1, 32, dtype=torch.bfloat16)
+    q = torch.randn(1, 20, 1, 32, dtype=torch.bfloat16, device=DEVICE)  # the Triton path (CUDA or interpreter)
     attention(q, q, q, rotary_base=THETA)
     assert calls == []
     monkeypatch.setenv("ELECTRA_KERNELS_ROTARY", "separate")
@@ -343,15 +344,15 @@ def test_rotary_kernel_check_can_fail():
 
 def test_rotary_kernel_matches_rotary_ref_and_inverts():
     from electra_kernels import rotary as rot
-    x = torch.randn(2 * 13, 3, 48, dtype=torch.float32, requires_grad=True)
+    x = torch.randn(2 * 13, 3, 48, dtype=torch.float32, device=DEVICE, requires_grad=True)
     positions = rot.padded_positions(2, 13, x.device)
-    ours = rot.rotate(x, positions, 13, THETA)
-    expected = rotary_ref(x.detach().view(2, 13, 3, 48), torch.arange(13), THETA).view_as(x)
+    ours = rot.rotate(x, positions, 13, THETA)  # the kernel itself: CUDA, or the interpreter on the CPU
+    expected = rotary_ref(x.detach().view(2, 13, 3, 48), torch.arange(13, device=DEVICE), THETA).view_as(x)
     torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
     g = torch.randn_like(ours)
     ours.backward(g)
     x2 = x.detach().clone().requires_grad_()
-    rotary_ref(x2.view(2, 13, 3, 48), torch.arange(13), THETA).view_as(x2).backward(g)
+    rotary_ref(x2.view(2, 13, 3, 48), torch.arange(13, device=DEVICE), THETA).view_as(x2).backward(g)
     torch.testing.assert_close(x.grad, x2.grad, rtol=1e-5, atol=1e-5)
 
 
