@@ -7,6 +7,8 @@
 #   QUICK=1 benchmarks/run_gpu.sh             # fewer steps everywhere (about 5 minutes)
 #   FULL=1 benchmarks/run_gpu.sh              # autotune the attention kernel too (about 15 minutes)
 #   GATES=0 benchmarks/run_gpu.sh             # skip the compile report and the kernel tests
+#   MODERN=1 benchmarks/run_gpu.sh            # also the ModernBERT rows (window / rotary sweep, GeGLU,
+#                                             # patched ModernBertForMaskedLM; about 4 more minutes)
 #
 # The folder receives each script's .jsonl rows and .png plot (through $ELECTRA_BENCH_RESULTS, which
 # benchmarks/_common.py reads) and its printed tables as <script>.log; summary.txt lists what ran, how
@@ -109,6 +111,13 @@ run attention "$ATTN_LIMIT" attention.py --check "${ATTN_ARGS[@]}"
 run heads 120 heads.py
 run hf_bert 40 hf_bert.py
 run equal_compute 75 equal_compute.py --size small --electra-steps "$STEPS" --seeds "$SEEDS" --probe-epochs 2
+
+# ModernBERT kernels (issue 21), opt-in: they do not fit the default 10-minute budget.
+if [ "${MODERN:-0}" = 1 ]; then
+    run modern_attention 120 attention.py --modern-sweep --no-autotune
+    run geglu 40 geglu.py --compile
+    run hf_modernbert 90 hf_bert.py --model modernbert --batch 16 --seq 1024
+fi
 
 # Convergence parity at ELECTRA-Small in bf16: every fused kernel vs the references, against the measured
 # noise bound (a reference run with its initial weights moved by half a bf16 ulp).

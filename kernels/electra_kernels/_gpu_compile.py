@@ -52,6 +52,9 @@ class Variant:
     matmul: bool = False
     tags: dict = field(default_factory=dict)
     aligned: frozenset = frozenset()
+    # The architectures whose launchers run this variant (None: all). The fused rotary attention, for
+    # one, is launched on sm_90+ only (attention._rotary_mode); compile_many skips the other targets.
+    archs: Optional[frozenset] = None
 
     def key(self) -> tuple:
         """Identity of the compiled binary (two variants with the same key compile to the same code)."""
@@ -307,6 +310,10 @@ def _compile_indexed(job):
     return compile_variant(_POOL_VARIANTS[index], arch)
 
 
+def _runs_on(variant: Variant, arch: int) -> bool:
+    return variant.archs is None or arch in variant.archs
+
+
 def compile_many(variants, archs, jobs: int = 2, progress=None) -> list[dict]:
     """Compile every (variant, arch) pair, ``jobs`` at a time in forked worker processes (each compile is
     single-threaded LLVM + ptxas work). Variants that compile to the same binary (e.g. sizes that are
@@ -317,7 +324,7 @@ def compile_many(variants, archs, jobs: int = 2, progress=None) -> list[dict]:
 
     variants = list(variants)
     unique = list({v.key(): v for v in reversed(variants)}.values())[::-1]
-    work = [(i, arch) for i in range(len(unique)) for arch in archs]
+    work = [(i, arch) for i in range(len(unique)) for arch in archs if _runs_on(unique[i], arch)]
     _POOL_VARIANTS[:] = unique
     results = {}
     with fresh_triton_cache():
@@ -339,6 +346,8 @@ def compile_many(variants, archs, jobs: int = 2, progress=None) -> list[dict]:
     rows = []
     for v in variants:
         for arch in archs:
+            if not _runs_on(v, arch):
+                continue
             compiled = results[(index[v.key()], arch)]
             measured = {k: compiled[k] for k in ("registers", "spill_bytes", "shared", "tensor_core", "error",
                                                  "seconds")}

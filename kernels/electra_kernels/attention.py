@@ -1087,15 +1087,36 @@ def _triton_supports(q, k, v, window, rotary_base) -> bool:
     return True
 
 
-def _rotary_mode() -> str:
+def _rotary_mode(device, dtype=torch.bfloat16) -> str:
     """How ``rotary_base`` runs on the Triton path: "fused" (q/k rotated inside the attention kernels'
-    tile loads, electra_kernels/attention_rotary.py; the default) or "separate" (the rotary kernel of
-    electra_kernels/rotary.py writes rotated q, k, then the plain attention kernels), chosen with
-    ELECTRA_KERNELS_ROTARY (read at each call, so benchmarks can compare the two)."""
-    mode = os.environ.get("ELECTRA_KERNELS_ROTARY", "fused")
-    if mode not in ("fused", "separate"):
-        raise ValueError(f"ELECTRA_KERNELS_ROTARY must be 'fused' or 'separate', got {mode!r}")
+    tile loads, electra_kernels/attention_rotary.py) or "separate" (the rotary kernel of
+    electra_kernels/rotary.py writes rotated q, k, then the plain attention kernels).
+
+    ELECTRA_KERNELS_ROTARY=fused|separate forces one (read at each call, so benchmarks can compare the
+    two); by default ("auto") Hopper and newer (and the interpreter) take the fused kernels, older GPUs
+    the separate kernel: on sm_80 the fused dK/dV kernel needs more than 255 registers in every config
+    that keeps the tensor cores busy (236-532 B spilled at the default 32x128, 20-156 B at 16x64 / 16x128;
+    see attention_rotary.py), where on sm_90 it compiles to 208-247 registers with no spill. fp32 inputs
+    (exact products, for checks) take the separate kernel on every GPU: the fused kernels spill 0.2-44 KB
+    with fp32 tiles on sm_90."""
+    mode = os.environ.get("ELECTRA_KERNELS_ROTARY", "auto")
+    if mode not in ("auto", "fused", "separate"):
+        raise ValueError(f"ELECTRA_KERNELS_ROTARY must be 'auto', 'fused' or 'separate', got {mode!r}")
+    if mode == "auto":
+        if device.type != "cuda":
+            return "fused"  # the interpreter
+        return "fused" if _capability(device) >= (9, 0) and dtype != torch.float32 else "separate"
     return mode
+
+
+_CAPABILITIES: dict = {}
+
+
+def _capability(device) -> tuple:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _CAPABILITIES:
+        _CAPABILITIES[index] = torch.cuda.get_device_capability(index)
+    return _CAPABILITIES[index]
 
 
 def _draw_seed() -> torch.Tensor:
@@ -1156,7 +1177,7 @@ def attention(q, k, v, key_padding_mask=None, dropout_p: float = 0.0, softmax_sc
         return (out, keep) if return_dropout_mask else out
 
     scale = _scale(softmax_scale, q.shape[-1])
-    fused_rotary = rotary_base is not None and _rotary_mode() == "fused"
+    fused_rotary = rotary_base is not None and _rotary_mode(q.device, q.dtype) == "fused"
     if rotary_base is not None and not fused_rotary:  # rotary kernel (electra_kernels.rotary), then attention
         positions = rotary.padded_positions(batch, seq_q, q.device)
         q, k = (rotary.rotate(t.reshape(batch * seq_q, heads, t.shape[-1]), positions, seq_q, rotary_base)
@@ -1245,7 +1266,7 @@ def attention_varlen(q, k, v, cu_seqlens, max_seqlen: int, dropout_p: float = 0.
         return (out, keep) if return_dropout_mask else out
 
     scale = _scale(softmax_scale, q.shape[-1])
-    fused_rotary = rotary_base is not None and _rotary_mode() == "fused"
+    fused_rotary = rotary_base is not None and _rotary_mode(q.device, q.dtype) == "fused"
     if rotary_base is not None and not fused_rotary:  # positions restart at every document
         positions = rotary.varlen_positions(cu_seqlens, q.shape[0])
         q, k = (rotary.rotate(t, positions, max_seqlen, rotary_base) for t in (q, k))

@@ -535,11 +535,73 @@ torch.library.register_autograd("electra_kernels::attention_rotary_fwd", _backwa
 
 
 def attention_rotary(q, k, v, key_padding_mask, cu_seqlens, max_seqlen: int, dropout_p: float, softmax_scale: float,
-                     rng_seed, window: Optional[int], rotary_base: float):
-    """Called by ``attention`` / ``attention_varlen`` (inputs checked there): the fused rotary kernels."""
+                     rng_seed, window: Optional[int], rotary_base: Optional[float], table=None):
+    """Called by ``attention`` / ``attention_varlen`` (inputs checked there): the fused rotary kernels.
+    ``table``: (cos, sin), each (>= max_seqlen, head_dim/2) fp32 contiguous, instead of the θ-derived one
+    (patch_hf passes transformers' own, for any rope type)."""
     from .rotary import _cos_sin_table
 
-    cos, sin = _cos_sin_table(max_seqlen, q.shape[-1], rotary_base, q.device)
+    if table is not None:
+        cos, sin = table
+    else:
+        cos, sin = _cos_sin_table(max_seqlen, q.shape[-1], rotary_base, q.device)
     return torch.ops.electra_kernels.attention_rotary_fwd(
         q, k, v, key_padding_mask, cu_seqlens, max_seqlen, dropout_p, softmax_scale, rng_seed, 0,
         -1 if window is None else int(window), cos, sin)
+
+
+# The launchers run these kernels on Hopper and newer only (attention._rotary_mode): on sm_80 the dK/dV
+# kernel spills at every config that keeps tensor-core-sized tiles (bf16, head dim 64, ptxas -v: default
+# 32x128 8 warps 255 registers + 236-532 B spilled, 16x128 0-88 B, 16x64 0-20 B (packed), 16x32 clean
+# but mma.sync only), and dQ at its default 128x32 spills 64-160 B. Joining the rotated halves back into
+# one (rows, d) tile (tl.join + permute + reshape) for a single d-deep product was tried for dK/dV: worse
+# on sm_80 (576-680 B spilled at 32x128 with dropout), so the two-half products stay. On sm_90 every default below compiles
+# to 132-214 (forward), 208-247 (dK/dV), 142-211 (dQ) registers, no spill, wgmma.
+SM90_AND_NEWER = frozenset({90, 100, 120})
+
+
+def compile_variants():
+    """The fused rotary kernels at ModernBERT's head dim 64 with attention.py's default configs (bf16, fp16;
+    padded, padded + key mask, packed; dropout on and off; global and windowed), on sm_90+ (where the
+    launchers run them; fp32 takes the separate rotary kernel): for ``benchmarks/compile_report.py`` and
+    ``tests/kernels/test_gpu_compile.py``."""
+    from ._gpu_compile import Variant, runtime_args
+
+    def arg_type(name, dtype):
+        if name in ("Q", "K", "V", "Out", "DO", "DQ", "DK", "DV"):
+            return "*" + dtype
+        if name in ("LSE", "Delta", "COS", "SIN"):
+            return "*fp32"
+        if name in ("CU_SEQLENS", "KV_LEN"):
+            return "*i32"
+        if name == "KPM":
+            return "*u8"
+        if name in ("qk_scale", "sm_scale", "keep_scale"):
+            return "fp32"
+        return "i32"
+
+    aligned = frozenset(n for n in runtime_args(_dkdv_jit) + runtime_args(_fwd_jit) + runtime_args(_dq_jit)
+                        if n.startswith("stride_") and n not in ("stride_lb", "stride_lh", "stride_kpmb"))
+    layouts = {"packed": dict(IS_VARLEN=True, HAS_KPM=False), "padded": dict(IS_VARLEN=False, HAS_KPM=False),
+               "padded+mask": dict(IS_VARLEN=False, HAS_KPM=True)}
+    kernels = [("attention+rotary fwd", _fwd_kernel, _attn._FWD_SPACE), ("attention+rotary dk/dv", _dkdv_kernel,
+               _attn._DKDV_SPACE), ("attention+rotary dq", _dq_kernel, _attn._DQ_SPACE)]
+    variants = []
+    head_dim = 64
+    half, block_h = _half_blocks(head_dim)
+    for dtype in ("bf16", "fp16"):
+        precision = "tf32"
+        for layout, flags in layouts.items():
+            for dropout in (False, True):
+                for window in (False, True):
+                    tags = dict(dtype=dtype, layout=layout, dropout=dropout, head_dim=head_dim, window=window,
+                                rotary=True)
+                    for name, kernel, space in kernels:
+                        block_m, block_n, warps, stages = space[0]
+                        constexprs = dict(HEAD_DIM=head_dim, BLOCK_D=head_dim, HALF=half, BLOCK_H=block_h,
+                                          DROPOUT=dropout, DOT_PRECISION=precision, BLOCK_M=block_m, BLOCK_N=block_n,
+                                          WINDOW=window, **flags)
+                        variants.append(Variant(name, kernel, {a: arg_type(a, dtype) for a in runtime_args(kernel)},
+                                                constexprs, warps, stages, default=True, matmul=True, tags=tags,
+                                                aligned=aligned, archs=SM90_AND_NEWER))
+    return variants

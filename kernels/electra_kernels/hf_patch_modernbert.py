@@ -2,8 +2,10 @@
 ...ForTokenClassification and the other heads): attention, GeGLU MLP and norms on electra_kernels.
 
 * ``ModernBertAttention`` becomes :class:`FusedModernBertAttention` (same children ``Wqkv``, ``Wo``,
-  ``out_drop``): q and k are rotated by the rotary kernel with the cos/sin the model computed (so any
-  ``position_ids`` and rope type are honoured), then :func:`electra_kernels.attention` runs with the
+  ``out_drop``): q and k are rotated with the cos/sin the model computed (so any rope type is honoured)
+  inside the attention kernels' tile loads (electra_kernels/attention_rotary.py, on Hopper+ and in the
+  interpreter; with per-row ``position_ids`` or on older GPUs, by the separate rotary kernel first),
+  and the attention kernels run with the
   layer's sliding window (``window = config.sliding_window = local_attention // 2`` on
   ``sliding_attention`` layers, global elsewhere) and the key-padding mask; trailing padding keys cost
   no work. The model's ``_attn_implementation`` is set to ``"electra_kernels"`` so that its mask
@@ -54,16 +56,42 @@ class FusedModernBertAttention(nn.Module):
         batch, seq = hidden_states.shape[:2]
         qkv = self.Wqkv(hidden_states).view(batch, seq, 3, -1, self.head_dim)
         q, k, v = qkv.unbind(dim=2)  # (batch, seq, heads, head_dim) views
+        key_padding_mask = _key_padding_from_mask(attention_mask, batch, seq)
+        dropout_p = self.attention_dropout if self.training else 0.0
+        scale = self.head_dim ** -0.5
+        out = None
         if position_embeddings is not None:
             cos, sin = position_embeddings
-            q, k = apply_rotary_cos_sin(q, cos, sin), apply_rotary_cos_sin(k, cos, sin)
-        key_padding_mask = _key_padding_from_mask(attention_mask, batch, seq)
-        out = attention(q, k, v, key_padding_mask, dropout_p=self.attention_dropout if self.training else 0.0,
-                        softmax_scale=self.head_dim ** -0.5, window=self.window)
+            out = _fused_rotary_attention(q, k, v, cos, sin, key_padding_mask, dropout_p, scale, self.window)
+            if out is None:  # per-row positions, or no fused kernels here: the rotary kernel, then attention
+                q, k = apply_rotary_cos_sin(q, cos, sin), apply_rotary_cos_sin(k, cos, sin)
+        if out is None:
+            out = attention(q, k, v, key_padding_mask, dropout_p=dropout_p, softmax_scale=scale, window=self.window)
         return self.out_drop(self.Wo(out.reshape(batch, seq, -1))), None
 
     def extra_repr(self) -> str:
         return f"replaces={self.replaces}, window={self.window}"
+
+
+def _fused_rotary_attention(q, k, v, cos, sin, key_padding_mask, dropout_p, scale, window):
+    """Attention with q, k rotated inside the attention kernels by transformers' own cos/sin (one table for
+    the batch: the default position_ids), or None where that path does not apply (per-row position_ids,
+    the PyTorch reference path, GPUs where the separate rotary kernel is used: attention._rotary_mode)."""
+    from ._dispatch import use_triton
+    from .attention import _draw_seed, _rotary_mode
+    from .attention_rotary import attention_rotary
+
+    batch, seq, _, dim = q.shape
+    if (cos.dim() != 3 or cos.shape[0] != 1 or tuple(cos.shape[1:]) != (seq, dim) or sin.shape != cos.shape
+            or q.dtype not in (torch.float16, torch.bfloat16, torch.float32) or not (q.dtype == k.dtype == v.dtype)
+            or not use_triton(q, k, v) or _rotary_mode(q.device, q.dtype) != "fused"):
+        return None
+    half = dim // 2
+    table = (cos[0, :, :half].float().contiguous(), sin[0, :, :half].float().contiguous())
+    rng_seed = _draw_seed() if dropout_p > 0.0 else None
+    out, _ = attention_rotary(q, k, v, key_padding_mask, None, seq, float(dropout_p), float(scale), rng_seed, window,
+                              None, table=table)
+    return out
 
 
 class FusedModernBertMLP(nn.Module):

@@ -8,12 +8,11 @@ token's index in its sequence (padded layout) or inside its packed document (var
 restart at every cu_seqlens boundary). The backward is the inverse rotation (sin -> -sin: the
 rotation matrix is orthogonal), so gradients come back for the unrotated q and k.
 
-Why a separate kernel and not rotation inside the attention kernels' tile loads: the attention
-kernels stream K (forward, dQ) or Q (dK/dV) tile by tile, so fusing means rotating every streamed tile
-once per visit (S/BLOCK_M times per token) and holding each q/k tile as two half tiles (two K=d/2 dots
-per product, two dK/dQ accumulators). That was not built and measured in this round; this kernel costs
-one read and one write of q and k per pass (memory-bound, no matmul), which flash-attn's own
-ModernBERT path also pays (``apply_rotary_emb`` on the unpadded q and k). See kernels/README.md.
+Where it is used: the attention kernels rotate q and k inside their tile loads on Hopper+ for bf16/fp16
+(electra_kernels/attention_rotary.py); on sm_80 that fused backward spills registers, and fp32 tiles spill
+everywhere, so those take this kernel (one read and one write of q and k per pass, memory-bound, no matmul;
+flash-attn's own ModernBERT path pays the same with ``apply_rotary_emb``). ``attention._rotary_mode``
+decides; kernels/README.md has the register numbers. patch_hf also uses it for per-row position_ids.
 
 cos/sin are a (positions, d/2) fp32 table computed with :func:`electra_kernels.attention.rotary_cos_sin`,
 exactly transformers' fp32 values; the rotation is fp32 arithmetic, the output in x's dtype.
@@ -157,8 +156,11 @@ def _cos_sin_table(n_positions: int, head_dim: int, base: float, device) -> tupl
     cached = _TABLES.get(key)
     if cached is None or cached[0].shape[0] < n_positions:
         size = max(n_positions, 1)
-        cos, sin = rotary_cos_sin(torch.arange(size, device=device), head_dim, base)
-        cached = (cos[:, : head_dim // 2].contiguous(), sin[:, : head_dim // 2].contiguous())
+        # Normal tensors even when first built under torch.inference_mode(): a later training step saves
+        # them for its backward, which inference tensors refuse.
+        with torch.inference_mode(False), torch.no_grad():
+            cos, sin = rotary_cos_sin(torch.arange(size, device=device), head_dim, base)
+            cached = (cos[:, : head_dim // 2].contiguous(), sin[:, : head_dim // 2].contiguous())
         _TABLES[key] = cached
     return cached
 

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import electra_kernels
+from _compare import DEVICE
 from electra_kernels import attention, attention_ref, attention_varlen, attention_varlen_ref, rotary_ref
 
 THETA = 10000.0
@@ -321,7 +322,7 @@ def test_fused_rotary_writes_no_rotated_copy(monkeypatch):
 
     from electra_kernels import rotary as rot
     monkeypatch.setattr(rot.torch.ops.electra_kernels, "rotary_fwd", spy, raising=False)
-    q = torch.randn(1, 20, 1, 32, dtype=torch.bfloat16)
+    q = torch.randn(1, 20, 1, 32, dtype=torch.bfloat16, device=DEVICE)  # the Triton path (CUDA or interpreter)
     attention(q, q, q, rotary_base=THETA)
     assert calls == []
     monkeypatch.setenv("ELECTRA_KERNELS_ROTARY", "separate")
@@ -343,13 +344,39 @@ def test_rotary_kernel_check_can_fail():
 
 def test_rotary_kernel_matches_rotary_ref_and_inverts():
     from electra_kernels import rotary as rot
-    x = torch.randn(2 * 13, 3, 48, dtype=torch.float32, requires_grad=True)
+    x = torch.randn(2 * 13, 3, 48, dtype=torch.float32, device=DEVICE, requires_grad=True)
     positions = rot.padded_positions(2, 13, x.device)
-    ours = rot.rotate(x, positions, 13, THETA)
-    expected = rotary_ref(x.detach().view(2, 13, 3, 48), torch.arange(13), THETA).view_as(x)
+    ours = rot.rotate(x, positions, 13, THETA)  # the kernel itself: CUDA, or the interpreter on the CPU
+    expected = rotary_ref(x.detach().view(2, 13, 3, 48), torch.arange(13, device=DEVICE), THETA).view_as(x)
     torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
     g = torch.randn_like(ours)
     ours.backward(g)
     x2 = x.detach().clone().requires_grad_()
-    rotary_ref(x2.view(2, 13, 3, 48), torch.arange(13), THETA).view_as(x2).backward(g)
+    rotary_ref(x2.view(2, 13, 3, 48), torch.arange(13, device=DEVICE), THETA).view_as(x2).backward(g)
     torch.testing.assert_close(x.grad, x2.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_rotary_table_built_in_inference_mode_serves_training(rotary_mode):
+    """The cached cos/sin table, first built under inference_mode, is still saved by a training backward."""
+    from electra_kernels import rotary as rot
+
+    rot._TABLES.clear()
+    q = torch.randn(1, 18, 1, 32, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        attention(q, q, q, rotary_base=1234.0)
+    leaf = q.clone().requires_grad_()
+    attention(leaf, leaf, leaf, rotary_base=1234.0).float().sum().backward()
+    assert leaf.grad is not None and torch.isfinite(leaf.grad.float()).all()
+
+
+def test_fused_attention_module_passes_window_and_rotary():
+    module = electra_kernels.FusedAttention(window=3, rotary_base=THETA)
+    assert "window=3" in repr(module) and "rotary_base" in repr(module)
+    q, k, v = (torch.randn(2, 21, 2, 16) for _ in range(3))
+    torch.testing.assert_close(module(q, k, v), attention_ref(q, k, v, window=3, rotary_base=THETA),
+                               rtol=1e-4, atol=1e-4)
+    cu = _cu_seqlens([20, 22])
+    packed = [t.reshape(42, 2, 16) for t in (q, k, v)]
+    torch.testing.assert_close(module(*packed, cu_seqlens=cu, max_seqlen=22),
+                               attention_varlen_ref(*packed, cu, 22, window=3, rotary_base=THETA),
+                               rtol=1e-4, atol=1e-4)

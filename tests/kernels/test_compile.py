@@ -76,7 +76,7 @@ CASES = {
     "layer_norm": (_case_layer_norm, "layer_norm_fwd"),
     "bias_gelu": (_case_bias_gelu, "bias_gelu_fwd"),
     "geglu": (_case_geglu, "geglu_fwd"),
-    "attention_varlen_window_rotary": (_case_attention_varlen_window_rotary, "rotary_fwd"),
+    "attention_varlen_window_rotary": (_case_attention_varlen_window_rotary, "attention_rotary_fwd"),
 }
 
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from electra_kernels import GeGLU, geglu, geglu_ref
 
-from _compare import assert_within_torch_error, leaf
+from _compare import DEVICE, assert_within_torch_error, leaf
 
 
 def _naive_geglu(x):
@@ -61,7 +61,7 @@ def test_geglu_noncontiguous_and_empty():
 
 
 def test_geglu_saves_only_its_input():
-    x = torch.randn(5, 32, requires_grad=True)
+    x = torch.randn(5, 32, device=DEVICE, requires_grad=True)  # the kernel path (CUDA or the interpreter)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
         geglu(x).sum().backward()

@@ -73,7 +73,9 @@ def _compare(model, batch, out_key):
     return patched, replaced
 
 
-def test_masked_lm_matches_unpatched():
+@pytest.mark.parametrize("rotary_mode", ["fused", "separate"])
+def test_masked_lm_matches_unpatched(rotary_mode, monkeypatch):
+    monkeypatch.setenv("ELECTRA_KERNELS_ROTARY", rotary_mode)  # in the attention kernels, or the rotary kernel
     torch.manual_seed(0)
     model = mb.ModernBertForMaskedLM(mb.ModernBertConfig(**TINY))
     patched, replaced = _compare(model, _batch(), "logits")
@@ -95,6 +97,19 @@ def test_other_heads_match_unpatched(head):
         _compare(mb.ModernBertForSequenceClassification(config), _batch(labels_kind="seq"), "logits")
     else:
         _compare(mb.ModernBertForTokenClassification(config), _batch(labels_kind="tok"), "logits")
+
+
+def test_per_row_position_ids_are_honoured():
+    """position_ids that differ between rows give per-row cos/sin: the separate rotary kernel takes them."""
+    torch.manual_seed(3)
+    model = mb.ModernBertModel(mb.ModernBertConfig(**TINY)).eval()
+    patched = copy.deepcopy(model)
+    patch_hf(patched)
+    batch = _batch(labels_kind=None)
+    batch["position_ids"] = torch.stack([torch.arange(24), torch.arange(24) + 5])
+    mask = batch["attention_mask"].bool()
+    torch.testing.assert_close(patched(**batch).last_hidden_state[mask], model(**batch).last_hidden_state[mask],
+                               rtol=2e-4, atol=2e-4)
 
 
 def test_check_can_fail_without_the_window():
