@@ -304,3 +304,10 @@ def test_reference_computes_in_float64_when_called_so():
     expected = per_row[used].sum() / used.sum()
     assert loss.dtype == torch.float64
     torch.testing.assert_close(loss, expected, rtol=1e-12, atol=0)
+
+
+def test_dlogits_tunes_on_the_row_bucket_not_the_chunk_width():
+    """The chunk width follows M and the last chunk is narrower: keyed on it, every new masked-row count
+    re-tuned. The key is M's power-of-two bucket (with V and E)."""
+    keys = list(mh._mlm_head_dlogits_kernel.keys)
+    assert keys == ["M_BUCKET", "V", "E"], keys
