@@ -55,7 +55,7 @@ install: $(STAMP)
 
 # pytest exits 5 when it collects no tests; make treats every non-zero exit as a failure.
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
 
 # For the edit-test loop; CI runs `make test`.
 test-fast: $(STAMP)
