@@ -58,16 +58,6 @@ def layer_types(num_layers: int, every_n: int) -> list[str]:
     return ["sliding_attention" if i % every_n else "full_attention" for i in range(num_layers)]
 
 
-def rotary_cos_sin(positions: torch.Tensor, head_dim: int, base: float, dtype: torch.dtype):
-    """cos, sin (positions.shape + (head_dim,)) as transformers' ModernBertRotaryEmbedding: fp32 angles
-    ``pos * base^(-2i/d)``, each repeated over the two halves, cast to ``dtype``."""
-    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=positions.device).float()
-                               / head_dim))
-    freqs = positions[..., None].float() * inv_freq
-    angles = torch.cat((freqs, freqs), dim=-1)
-    return angles.cos().to(dtype), angles.sin().to(dtype)
-
-
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x (..., S, heads, d) rotated in the half-split layout (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin),
     in fp32 and back, as transformers' apply_rotary_pos_emb; cos / sin (..., S, d)."""
@@ -190,11 +180,12 @@ class RotaryTables:
         return self._cache[key]
 
     def full(self, base: float, dtype: torch.dtype):
-        return self._cached(("full", base, dtype), lambda: rotary_cos_sin(self.positions, self.head_dim, base, dtype))
+        return self._cached(("full", base, dtype),
+                            lambda: ek.rotary_cos_sin(self.positions, self.head_dim, base, dtype))
 
     def at_queries(self, base: float, dtype: torch.dtype):
         return self._cached(("queries", base, dtype),
-                            lambda: rotary_cos_sin(self.query_positions, self.head_dim, base, dtype))
+                            lambda: ek.rotary_cos_sin(self.query_positions, self.head_dim, base, dtype))
 
     def _mask(self, query_pos: torch.Tensor, window: int | None) -> torch.Tensor:
         """(B, 1, Sq, S): real keys within the window. A query also always sees its own position, so a padded

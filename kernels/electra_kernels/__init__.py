@@ -11,6 +11,7 @@ from .attention import (
     attention_ref,
     attention_varlen,
     attention_varlen_ref,
+    rotary_cos_sin,
     rotary_ref,
 )
 from .bert_padding import index_first_axis, index_put_first_axis, pad_input, unpad_input
@@ -48,6 +49,7 @@ __all__ = [
     "attention_ref",
     "attention_varlen",
     "attention_varlen_ref",
+    "rotary_cos_sin",
     "rotary_ref",
     "index_first_axis",
     "index_put_first_axis",

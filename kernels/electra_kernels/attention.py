@@ -1326,12 +1326,12 @@ class FusedAttention(nn.Module):
 # References
 # ----------------------------------------------------------------------------------------------------
 def rotary_cos_sin(positions, head_dim: int, base: float, dtype=torch.float32):
-    """cos, sin (len(positions), head_dim) of the half-split rotary embedding (transformers' ModernBERT
+    """cos, sin (positions.shape + (head_dim,)) of the half-split rotary embedding (transformers' ModernBERT
     layout): inv_freq = 1/base^(arange(0, d, 2)/d), angle = position · inv_freq, both halves repeated.
     inv_freq and the angles are computed in fp32 as transformers does, then cast to ``dtype``."""
     inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=positions.device).float()
                                / head_dim))
-    freqs = positions.float()[:, None] * inv_freq[None, :]
+    freqs = positions.float()[..., None] * inv_freq
     emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
