@@ -66,7 +66,7 @@ test-fast: $(STAMP)
 test-latest:
 	rm -rf .venv-latest
 	$(call make_venv,.venv-latest,)
-	.venv-latest/bin/python -m pytest -q tests
+	ELECTRA_TEST_LATEST=1 .venv-latest/bin/python -m pytest -q --durations=15 tests
 
 # The lock is pip's own resolve in a fresh venv, frozen: torch 2.13.0 (CPU), the Triton that torch 2.13's
 # CUDA build pins, then both projects with their dev extra.
