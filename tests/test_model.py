@@ -3,7 +3,7 @@ import torch
 
 from electra_fast.model import ElectraPretrainingModel
 
-from helpers import random_batch, tiny_config
+from helpers import motif_mlm_losses, random_batch, tiny_config
 
 
 def test_shapes_and_outputs():
@@ -110,23 +110,7 @@ def test_packed_layout_matches_padded():
 
 
 def test_tiny_model_learns_within_100_steps():
-    cfg = tiny_config("model.dropout=0.0", "model.attention_dropout=0.0")
-    torch.manual_seed(0)
-    model = ElectraPretrainingModel(cfg)
-    # A learnable toy language: each sequence repeats a short random motif.
-    gen = torch.Generator().manual_seed(0)
-    motifs = torch.randint(5, 40, (8, 4), generator=gen)
-    input_ids = motifs.repeat(1, 5)
-    input_ids[:, 0], input_ids[:, -1] = cfg.model.cls_token_id, cfg.model.sep_token_id
-    attention_mask = torch.ones_like(input_ids)
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
-    losses = []
-    for _ in range(100):
-        out = model(input_ids, attention_mask)
-        opt.zero_grad()
-        out.loss.backward()
-        opt.step()
-        losses.append(out.mlm_loss.item())
+    losses = motif_mlm_losses(tiny_config("model.dropout=0.0", "model.attention_dropout=0.0"), steps=100, lr=2e-3)
     assert sum(losses[-10:]) / 10 < 0.7 * sum(losses[:10]) / 10
 
 

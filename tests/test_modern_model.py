@@ -7,7 +7,7 @@ from electra_fast.config import build_config
 from electra_fast.model import ElectraPretrainingModel, backbone_for
 from electra_fast.modern import ModernBody
 
-from helpers import random_batch
+from helpers import motif_mlm_losses, random_batch
 
 NO_DROPOUT = ("model.dropout=0.0", "model.attention_dropout=0.0")
 
@@ -94,22 +94,7 @@ def test_padding_never_reaches_real_tokens():
 
 
 def test_tiny_modern_model_learns():
-    cfg = modern_config("model.num_layers=2")
-    torch.manual_seed(0)
-    model = ElectraPretrainingModel(cfg)
-    gen = torch.Generator().manual_seed(0)
-    motifs = torch.randint(5, 40, (8, 4), generator=gen)
-    input_ids = motifs.repeat(1, 5)
-    input_ids[:, 0], input_ids[:, -1] = cfg.model.cls_token_id, cfg.model.sep_token_id
-    attention_mask = torch.ones_like(input_ids)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    losses = []
-    for _ in range(60):
-        out = model(input_ids, attention_mask)
-        opt.zero_grad()
-        out.loss.backward()
-        opt.step()
-        losses.append(out.mlm_loss.item())
+    losses = motif_mlm_losses(modern_config("model.num_layers=2"), steps=60, lr=3e-3)
     assert sum(losses[-10:]) / 10 < 0.7 * sum(losses[:10]) / 10
 
 
