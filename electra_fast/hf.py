@@ -82,12 +82,7 @@ def hf_config_dict(cfg: ModelConfig, network: str) -> dict:
         "tie_word_embeddings": True,
         "torch_dtype": "float32",
         # Not read by transformers; lets from_hf restore the full vocabulary description.
-        "electra_fast": {
-            "special_token_ids": {k: getattr(cfg, f"{k}_token_id") for k in ("pad", "unk", "cls", "sep", "mask")},
-            "generator_fraction": cfg.generator_fraction,
-            "generator_layers": cfg.generator_layers,
-            "embedding_sharing": cfg.embedding_sharing,
-        },
+        "electra_fast": hf_modern.export_record(cfg),
     }
 
 

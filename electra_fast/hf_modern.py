@@ -39,6 +39,17 @@ class ModernExportError(ValueError):
     """Raised as electra_fast.hf.ExportError by the caller (this module does not import hf)."""
 
 
+def export_record(cfg: ModelConfig) -> dict:
+    """The ``electra_fast`` block of an exported config.json (both architectures; transformers does not
+    read it): what from_hf needs to restore the vocabulary description and the generator's shape."""
+    return {
+        "special_token_ids": {k: getattr(cfg, f"{k}_token_id") for k in ("pad", "unk", "cls", "sep", "mask")},
+        "generator_fraction": cfg.generator_fraction,
+        "generator_layers": cfg.generator_layers,
+        "embedding_sharing": cfg.embedding_sharing,
+    }
+
+
 def modernbert_config_dict(cfg: ModelConfig, network: str) -> dict:
     """The transformers ``config.json`` of one network ("generator" / "discriminator")."""
     generator = network == "generator"
@@ -84,12 +95,7 @@ def modernbert_config_dict(cfg: ModelConfig, network: str) -> dict:
                             "sliding_attention": {"rope_type": "default", "rope_theta": cfg.local_rope_theta}},
         "tie_word_embeddings": True,
         "torch_dtype": "float32",
-        "electra_fast": {
-            "special_token_ids": {k: getattr(cfg, f"{k}_token_id") for k in ("pad", "unk", "cls", "sep", "mask")},
-            "generator_fraction": cfg.generator_fraction,
-            "generator_layers": cfg.generator_layers,
-            "embedding_sharing": cfg.embedding_sharing,
-        },
+        "electra_fast": export_record(cfg),
     }
 
 
