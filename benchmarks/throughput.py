@@ -169,33 +169,23 @@ def make_step(variant: str, size: str, batch_inputs, args, device: torch.device)
         import transformers  # noqa: F401
     except ImportError:
         raise Skip("transformers is not installed") from None
-    if modern:
-        generator, discriminator = build_hf_modernbert(cfg.model, device)
-        generator.train(), discriminator.train()
-        params = list({id(p): p for m in (generator, discriminator) for p in m.parameters()}.values())
-        gen = torch.compile(generator, backend=args.compile_backend) if compiled else generator
-        disc = torch.compile(discriminator, backend=args.compile_backend) if compiled else discriminator
-
-        def loss_fn():
-            return hf_modernbert_loss(gen, disc, cfg.model, *batch_inputs, mask_prob=0.15,
-                                      disc_weight=cfg.objective.disc_weight)
-    elif variant.startswith("hf-bert-mlm"):
+    if variant.startswith("hf-bert-mlm"):
         model = build_hf_bert_mlm(cfg.model, device).train()
         params = list(model.parameters())
         net = torch.compile(model, backend=args.compile_backend) if compiled else model
 
         def loss_fn():
             return hf_bert_mlm_loss(net, cfg.model, *batch_inputs)
-    else:
-        generator, discriminator = build_hf_electra(cfg.model, device)
+    else:  # a generator + discriminator pair: transformers' ModernBERT at the modern sizes, ELECTRA otherwise
+        build, pair_loss = (build_hf_modernbert, hf_modernbert_loss) if modern else (build_hf_electra, hf_electra_loss)
+        generator, discriminator = build(cfg.model, device)
         generator.train(), discriminator.train()
         params = list({id(p): p for m in (generator, discriminator) for p in m.parameters()}.values())
         gen = torch.compile(generator, backend=args.compile_backend) if compiled else generator
         disc = torch.compile(discriminator, backend=args.compile_backend) if compiled else discriminator
 
         def loss_fn():
-            return hf_electra_loss(gen, disc, cfg.model, *batch_inputs, mask_prob=0.15,
-                                   disc_weight=cfg.objective.disc_weight)
+            return pair_loss(gen, disc, cfg.model, *batch_inputs, mask_prob=0.15, disc_weight=cfg.objective.disc_weight)
     optimizer = _adamw(params, device, cfg.train.lr)
 
     def step():
