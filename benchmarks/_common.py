@@ -303,21 +303,12 @@ def hf_modernbert_loss(generator, discriminator, model_cfg, input_ids, attention
     per token through BCE over real tokens)."""
     import torch
 
-    chosen = (torch.rand(input_ids.shape, device=input_ids.device, generator=rng) < mask_prob)
-    chosen &= _candidates(input_ids, attention_mask, model_cfg)
-    generator_input = torch.where(chosen, torch.full_like(input_ids, model_cfg.mask_token_id), input_ids)
-    labels = torch.where(chosen, input_ids, torch.full_like(input_ids, -100))
-    gen_out = generator(input_ids=generator_input, attention_mask=attention_mask, labels=labels)
-    with torch.no_grad():
-        logits = gen_out.logits.float()
-        uniform = torch.rand(logits.shape, device=logits.device, generator=rng).clamp_(1e-9, 1.0 - 1e-7)
-        sampled = torch.argmax(logits - torch.log(-torch.log(uniform)), dim=-1)
-        disc_input = torch.where(chosen, sampled, input_ids)
-        is_replaced = (disc_input != input_ids).float()
+    gen_loss, disc_input, is_replaced = _generator_replacements(generator, model_cfg, input_ids, attention_mask,
+                                                                mask_prob, rng)
     disc_logits = discriminator(input_ids=disc_input, attention_mask=attention_mask).logits[..., 0].float()
     real = attention_mask.bool()
-    bce = torch.nn.functional.binary_cross_entropy_with_logits(disc_logits[real], is_replaced[real])
-    return gen_out.loss + disc_weight * bce
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(disc_logits[real], is_replaced[real].float())
+    return gen_loss + disc_weight * bce
 
 
 def build_hf_bert_mlm(model_cfg, device):
@@ -331,28 +322,34 @@ def _candidates(input_ids, attention_mask, model_cfg):
     return attention_mask.bool() & (input_ids != model_cfg.cls_token_id) & (input_ids != model_cfg.sep_token_id)
 
 
-def hf_electra_loss(generator, discriminator, model_cfg, input_ids, attention_mask, token_type_ids, *,
-                    mask_prob: float = 0.15, disc_weight: float = 50.0, rng=None):
-    """One ELECTRA loss the Hugging Face way: 15% of real tokens masked ([MASK] everywhere chosen),
-    MLM loss from the generator's full (B, S, V) logits, Gumbel-max samples from those logits,
-    discriminator BCE over real tokens; loss = MLM + disc_weight x BCE."""
+def _generator_replacements(generator, model_cfg, input_ids, attention_mask, mask_prob, rng, **segments):
+    """The generator's half of the Hugging Face way: 15% of real tokens masked ([MASK] everywhere chosen),
+    the MLM loss from its full (B, S, V) logits, and Gumbel-max samples from those logits.
+    Returns (MLM loss, the discriminator's input, is_replaced (B, S) bool)."""
     import torch
 
     chosen = (torch.rand(input_ids.shape, device=input_ids.device, generator=rng) < mask_prob)
     chosen &= _candidates(input_ids, attention_mask, model_cfg)
     generator_input = torch.where(chosen, torch.full_like(input_ids, model_cfg.mask_token_id), input_ids)
     labels = torch.where(chosen, input_ids, torch.full_like(input_ids, -100))
-    gen_out = generator(input_ids=generator_input, attention_mask=attention_mask, token_type_ids=token_type_ids,
-                        labels=labels)
+    gen_out = generator(input_ids=generator_input, attention_mask=attention_mask, labels=labels, **segments)
     with torch.no_grad():
         logits = gen_out.logits.float()
         uniform = torch.rand(logits.shape, device=logits.device, generator=rng).clamp_(1e-9, 1.0 - 1e-7)
         sampled = torch.argmax(logits - torch.log(-torch.log(uniform)), dim=-1)
         disc_input = torch.where(chosen, sampled, input_ids)
-        is_replaced = (disc_input != input_ids).long()
+    return gen_out.loss, disc_input, disc_input != input_ids
+
+
+def hf_electra_loss(generator, discriminator, model_cfg, input_ids, attention_mask, token_type_ids, *,
+                    mask_prob: float = 0.15, disc_weight: float = 50.0, rng=None):
+    """One ELECTRA loss the Hugging Face way: the generator's MLM loss and samples
+    (:func:`_generator_replacements`), discriminator BCE over real tokens; loss = MLM + disc_weight x BCE."""
+    gen_loss, disc_input, is_replaced = _generator_replacements(generator, model_cfg, input_ids, attention_mask,
+                                                                mask_prob, rng, token_type_ids=token_type_ids)
     disc_out = discriminator(input_ids=disc_input, attention_mask=attention_mask, token_type_ids=token_type_ids,
-                             labels=is_replaced)
-    return gen_out.loss + disc_weight * disc_out.loss
+                             labels=is_replaced.long())
+    return gen_loss + disc_weight * disc_out.loss
 
 
 def hf_bert_mlm_loss(model, model_cfg, input_ids, attention_mask, token_type_ids, *, mask_prob: float = 0.15,
