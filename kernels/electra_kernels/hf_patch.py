@@ -52,6 +52,7 @@ import torch.nn.functional as F
 
 from .attention import attention
 from .bias_gelu import bias_gelu
+from . import hf_modernbert_unpadded
 from .hf_patch_modernbert import FusedModernBertAttention, check_modernbert_config, modernbert_swaps
 from .layer_norm import FusedLayerNorm, layer_norm
 
@@ -282,12 +283,14 @@ def _bert_swaps(model: nn.Module, layer_norm: bool, bias_gelu: bool) -> list:
 
 
 def patch_hf(model: nn.Module, *, attention: bool = True, layer_norm: bool = True, bias_gelu: bool = True,
-             geglu: bool = True):
+             geglu: bool = True, unpad: bool = True):
     """Make a Hugging Face BERT / RoBERTa / ELECTRA / ModernBERT model run on electra_kernels, in place.
 
     model: a transformers ``PreTrainedModel`` of model_type bert, roberta, electra or modernbert (any head).
     attention / layer_norm / bias_gelu / geglu: which replacements to make (all by default; bias_gelu
     applies to the BERT family, geglu to ModernBERT's MLP; see electra_kernels/hf_patch_modernbert.py).
+    unpad (ModernBERT, with attention): run the encoder on the real tokens only, packed, through the varlen
+    attention kernels (electra_kernels/hf_modernbert_unpadded.py); False keeps the padded layout.
     Returns ``(model, replaced)``: the same model object, and one line per replaced module
     (``"<module path>: <old> -> <new>"``). Raises ValueError for configurations it cannot honour (see the
     module docstring) before changing anything.
@@ -352,4 +355,10 @@ def patch_hf(model: nn.Module, *, attention: bool = True, layer_norm: bool = Tru
         new.train(old.training)
         _set_child(model, path, new)
         replaced.append(f"{path}: {type(old).__name__} -> {what}")
+    if modernbert and attention and unpad:
+        for path, module in model.named_modules():
+            if type(module).__name__ == "ModernBertModel":
+                hf_modernbert_unpadded.install(module)
+                replaced.append(f"{path or '(model)'}: ModernBertModel.forward -> unpadded (real tokens only, "
+                                "packed; varlen attention kernels)")
     return model, replaced

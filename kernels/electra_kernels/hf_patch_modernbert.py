@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .attention import attention
+from .attention import attention, attention_varlen
 from .geglu import geglu
 from .rotary import apply_rotary_cos_sin
 
@@ -54,6 +54,10 @@ class FusedModernBertAttention(nn.Module):
             raise ValueError("electra_kernels attention never materialises attention probabilities: "
                              "output_attentions=True is not supported on a patched model")
         batch, seq = hidden_states.shape[:2]
+        if kwargs.get("cu_seqlens") is not None:  # the unpadded model (hf_modernbert_unpadded): one packed row
+            out = self._packed(hidden_states[0], position_embeddings, kwargs["cu_seqlens"], kwargs["max_seqlen"],
+                               kwargs.get("rotary_table"))
+            return self.out_drop(self.Wo(out.reshape(batch, seq, -1))), None
         qkv = self.Wqkv(hidden_states).view(batch, seq, 3, -1, self.head_dim)
         q, k, v = qkv.unbind(dim=2)  # (batch, seq, heads, head_dim) views
         key_padding_mask = _key_padding_from_mask(attention_mask, batch, seq)
@@ -68,6 +72,29 @@ class FusedModernBertAttention(nn.Module):
         if out is None:
             out = attention(q, k, v, key_padding_mask, dropout_p=dropout_p, softmax_scale=scale, window=self.window)
         return self.out_drop(self.Wo(out.reshape(batch, seq, -1))), None
+
+    def _packed(self, hidden_states, position_embeddings, cu_seqlens, max_seqlen: int, rotary_table):
+        """(total_tokens, heads · head_dim) attention output of packed rows (cu_seqlens delimits them).
+        position_embeddings: each token's (cos, sin), (1, total_tokens, head_dim); rotary_table: the
+        (cos, sin) rows indexed by in-row offset, or None when offsets are not the positions."""
+        from ._dispatch import use_triton
+        from .attention import _draw_seed, _rotary_mode
+        from .attention_rotary import attention_rotary
+
+        total = hidden_states.shape[0]
+        q, k, v = self.Wqkv(hidden_states).view(total, 3, -1, self.head_dim).unbind(dim=1)
+        dropout_p = float(self.attention_dropout if self.training else 0.0)
+        scale = self.head_dim ** -0.5
+        if (rotary_table is not None and q.dtype in (torch.float16, torch.bfloat16, torch.float32)
+                and use_triton(q, k, v) and _rotary_mode(q.device, q.dtype) == "fused"):
+            seed = _draw_seed() if dropout_p > 0.0 else None
+            out, _ = attention_rotary(q, k, v, None, cu_seqlens, max_seqlen, dropout_p, scale, seed, self.window,
+                                      None, table=rotary_table)
+            return out
+        if position_embeddings is not None:
+            cos, sin = position_embeddings
+            q, k = (apply_rotary_cos_sin(t[None], cos, sin)[0] for t in (q, k))
+        return attention_varlen(q, k, v, cu_seqlens, max_seqlen, dropout_p, scale, window=self.window)
 
     def extra_repr(self) -> str:
         return f"replaces={self.replaces}, window={self.window}"

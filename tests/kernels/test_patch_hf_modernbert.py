@@ -154,3 +154,116 @@ def test_hf_benchmark_modernbert_cpu_smoke(tmp_path, capsys, monkeypatch):
     printed = capsys.readouterr().out
     assert re.search(r"\|\s+hf-modernbert \|", printed) and re.search(r"\|\s+patched-modernbert \|", printed)
     assert len((tmp_path / "hf_bert.jsonl").read_text().strip().splitlines()) == 2
+
+
+# ----------------------------------------------------------------------------------------------------
+# The unpadded encoder (electra_kernels/hf_modernbert_unpadded.py)
+# ----------------------------------------------------------------------------------------------------
+def _spy_calls(monkeypatch):
+    """Record which attention entry point each patched layer used and how many rows its MLP saw."""
+    from electra_kernels import hf_patch_modernbert as hpm
+
+    calls = []
+    for name in ("attention", "attention_varlen", "attention_rotary"):
+        if name == "attention_rotary":
+            import electra_kernels.attention_rotary as module
+        else:
+            module = hpm
+        original = getattr(module, name)
+
+        def spy(*args, _name=name, _original=original, **kwargs):
+            calls.append(_name)
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, spy)
+    rows = []
+    original_mlp = FusedModernBertMLP.forward
+    monkeypatch.setattr(FusedModernBertMLP, "forward",
+                        lambda self, h: rows.append(h.shape[:-1].numel()) or original_mlp(self, h))
+    return calls, rows
+
+
+def _masked(seq=24, left=False, hole=False):
+    mask = torch.ones(3, seq, dtype=torch.long)
+    mask[1, 15:] = 0
+    mask[2, 5:] = 0
+    if left:
+        mask = mask.flip(1)
+    if hole:
+        mask[0, 3:6] = 0
+    ids = torch.randint(3, TINY["vocab_size"], (3, seq)).masked_fill(mask == 0, 0)
+    return dict(input_ids=ids, attention_mask=mask)
+
+
+@pytest.mark.parametrize("left,rotary_mode,expected", [(False, "fused", "attention_rotary"),
+                                                        (False, "separate", "attention_varlen"),
+                                                        (True, "fused", "attention_varlen")])
+def test_unpadded_encoder_runs_real_tokens_only(left, rotary_mode, expected, monkeypatch):
+    """Padding never enters a layer: every MLP sees the real tokens only, attention runs varlen (the fused
+    rotary kernels index their table by in-row offset only when rows start at column 0), and every hidden
+    state equals the unpatched model's at real positions, zeros at padding; gradients match."""
+    monkeypatch.setenv("ELECTRA_KERNELS_ROTARY", rotary_mode)
+    torch.manual_seed(4)
+    model = mb.ModernBertModel(mb.ModernBertConfig(**TINY)).eval()
+    patched = copy.deepcopy(model)
+    _, replaced = patch_hf(patched)
+    assert any("ModernBertModel.forward -> unpadded" in r for r in replaced)
+    batch = _masked(left=left)
+    mask = batch["attention_mask"].bool()
+    calls, rows = _spy_calls(monkeypatch)
+    out = patched(**batch, output_hidden_states=True)
+    ref = model(**batch, output_hidden_states=True)
+    assert calls == [expected] * 3 and rows == [int(mask.sum())] * 3
+    assert len(out.hidden_states) == len(ref.hidden_states) == 4
+    for state, state_ref in zip(out.hidden_states, ref.hidden_states):
+        assert state.shape == state_ref.shape
+        torch.testing.assert_close(state[mask], state_ref[mask], rtol=2e-4, atol=2e-4)
+        assert state[~mask].abs().max() == 0
+    torch.testing.assert_close(out.last_hidden_state, out.hidden_states[-1], rtol=0, atol=0)
+    out.last_hidden_state[mask].square().sum().backward()
+    ref.last_hidden_state[mask].square().sum().backward()
+    grads = dict(patched.named_parameters())
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(grads[name].grad, p.grad, rtol=1e-3, atol=1e-4, msg=lambda m: f"{name}: {m}")
+    selected = patched(**batch, output_hidden_states=[0, -1], return_dict=False)
+    torch.testing.assert_close(selected[1][1], out.last_hidden_state, rtol=0, atol=0)
+    assert len(selected[1]) == 2
+
+
+def test_padded_path_where_unpadding_cannot_be_exact(monkeypatch):
+    """A mask with a hole inside a row (columns, not packed offsets, are the positions and window
+    distances there), a batch with no padding, and unpad=False all keep the padded layout, and match."""
+    monkeypatch.setenv("ELECTRA_KERNELS_ROTARY", "separate")  # the padded path then calls `attention`
+    torch.manual_seed(5)
+    model = mb.ModernBertModel(mb.ModernBertConfig(**TINY)).eval()
+    patched = copy.deepcopy(model)
+    patch_hf(patched)
+    kept = copy.deepcopy(model)
+    _, replaced = patch_hf(kept, unpad=False)
+    assert not any("unpadded" in r for r in replaced)
+    calls, rows = _spy_calls(monkeypatch)
+    holed = _masked(hole=True)
+    full = dict(input_ids=holed["input_ids"], attention_mask=torch.ones_like(holed["attention_mask"]))
+    for m, batch in ((patched, holed), (patched, full), (kept, _masked())):
+        calls.clear(), rows.clear()
+        mask = batch["attention_mask"].bool()
+        out = m(**batch).last_hidden_state
+        assert calls == ["attention"] * 3 and rows == [mask.numel()] * 3
+        torch.testing.assert_close(out[mask], model(**batch).last_hidden_state[mask], rtol=2e-4, atol=2e-4)
+
+
+def test_a_packed_batch_keeps_documents_apart():
+    """One row holding three documents (transformers' flattened-batch keywords cu_seq_lens_q / max_length_q,
+    positions restarting per document) equals each document run alone through the unpatched model."""
+    torch.manual_seed(6)
+    model = mb.ModernBertModel(mb.ModernBertConfig(**TINY)).eval()
+    patched = copy.deepcopy(model)
+    patch_hf(patched)
+    lengths = [9, 13, 6]
+    docs = [torch.randint(3, TINY["vocab_size"], (1, n)) for n in lengths]
+    cu = torch.tensor([0, 9, 22, 28], dtype=torch.int32)
+    positions = torch.cat([torch.arange(n) for n in lengths])[None]
+    out = patched(input_ids=torch.cat(docs, dim=1), position_ids=positions, cu_seq_lens_q=cu, max_length_q=13,
+                  cu_seq_lens_k=cu, max_length_k=13).last_hidden_state
+    ref = torch.cat([model(input_ids=d).last_hidden_state for d in docs], dim=1)
+    torch.testing.assert_close(out, ref, rtol=2e-4, atol=2e-4)
