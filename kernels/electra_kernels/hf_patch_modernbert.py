@@ -13,6 +13,9 @@
 * ``ModernBertMLP`` with exact GELU becomes :class:`FusedModernBertMLP`: ``Wo(drop(geglu(Wi(h))))``.
 * Every ``nn.LayerNorm`` (bias-free with ``norm_bias=False``) becomes :class:`FusedLayerNorm` (done by
   :func:`electra_kernels.patch_hf` for all model types).
+* ``ModernBertModel.forward`` runs the encoder on the real tokens only (hf_modernbert_unpadded.py): the
+  attention module then gets one packed row, ``cu_seqlens`` / ``max_seqlen`` and, where in-row offsets are
+  the positions, the rotary table for the fused kernels (:meth:`FusedModernBertAttention._packed`).
 
 Refused, with a ValueError before anything changes: ``output_attentions=True``, head dims above 128 or
 odd ones (rotary), a hidden activation other than exact GELU (unless ``geglu=False``).

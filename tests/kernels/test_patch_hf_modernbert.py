@@ -153,7 +153,8 @@ def test_hf_benchmark_modernbert_cpu_smoke(tmp_path, capsys, monkeypatch):
     module.main(["--cpu-smoke", "--model", "modernbert", "--results-dir", str(tmp_path), "--no-plot"])
     printed = capsys.readouterr().out
     assert re.search(r"\|\s+hf-modernbert \|", printed) and re.search(r"\|\s+patched-modernbert \|", printed)
-    assert len((tmp_path / "hf_bert.jsonl").read_text().strip().splitlines()) == 2
+    assert re.search(r"\|\s+patched-modernbert-padded \|", printed)
+    assert len((tmp_path / "hf_bert.jsonl").read_text().strip().splitlines()) == 3
 
 
 # ----------------------------------------------------------------------------------------------------
