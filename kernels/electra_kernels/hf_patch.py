@@ -50,9 +50,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention import attention
+from .attention import attention, attention_varlen
 from .bias_gelu import bias_gelu
-from . import hf_modernbert_unpadded
+from . import hf_bert_unpadded, hf_modernbert_unpadded, hf_unpadding
 from .hf_patch_modernbert import FusedModernBertAttention, check_modernbert_config, modernbert_swaps
 from .layer_norm import FusedLayerNorm, layer_norm
 
@@ -62,6 +62,9 @@ except ImportError:  # pragma: no cover - older attention.py
     MAX_HEAD_DIM = 128
 
 IMPLEMENTATION_NAME = "electra_kernels"
+# The base models whose forward patch_hf replaces with an unpadded one (exact classes: a subclass may have
+# changed forward).
+_UNPADDED_BERT_MODELS = ("BertModel", "RobertaModel", "ElectraModel")
 SUPPORTED_MODEL_TYPES = ("bert", "roberta", "electra", "modernbert")
 # Additive masks hold 0 where attending and a large negative number where not (finfo.min in
 # transformers 5, -10000 in old BERT code); anything in between is an attention bias we cannot honour.
@@ -168,6 +171,11 @@ def electra_kernels_attention(module, query, key, value, attention_mask, scaling
                          "patch_hf's own modules")
     if key.shape[2] != query.shape[2]:
         raise ValueError("electra_kernels attention: query and key lengths differ (cross-attention or a cache)")
+    if kwargs.get("cu_seqlens") is not None:  # one packed row from an unpadded forward (hf_unpadding.py)
+        q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (total_tokens, heads, head_dim)
+        out = attention_varlen(q, k, v, kwargs["cu_seqlens"], kwargs["max_seqlen"], dropout_p=dropout,
+                               softmax_scale=scaling)
+        return out[None], None
     key_padding_mask = _key_padding_from_mask(attention_mask, query.shape[0], key.shape[2])
     out = attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), key_padding_mask,
                     dropout_p=dropout, softmax_scale=scaling)
@@ -289,8 +297,10 @@ def patch_hf(model: nn.Module, *, attention: bool = True, layer_norm: bool = Tru
     model: a transformers ``PreTrainedModel`` of model_type bert, roberta, electra or modernbert (any head).
     attention / layer_norm / bias_gelu / geglu: which replacements to make (all by default; bias_gelu
     applies to the BERT family, geglu to ModernBERT's MLP; see electra_kernels/hf_patch_modernbert.py).
-    unpad (ModernBERT, with attention): run the encoder on the real tokens only, packed, through the varlen
-    attention kernels (electra_kernels/hf_modernbert_unpadded.py); False keeps the padded layout.
+    unpad (with attention): the base model (BertModel, RobertaModel, ElectraModel, ModernBertModel) runs its
+    layers on the real tokens only, packed, through the varlen attention kernels, and returns padded
+    outputs with zeros at padding positions (electra_kernels/hf_unpadding.py); False keeps the padded
+    layout (padding positions then hold whatever the layers computed for them).
     Returns ``(model, replaced)``: the same model object, and one line per replaced module
     (``"<module path>: <old> -> <new>"``). Raises ValueError for configurations it cannot honour (see the
     module docstring) before changing anything.
@@ -355,10 +365,12 @@ def patch_hf(model: nn.Module, *, attention: bool = True, layer_norm: bool = Tru
         new.train(old.training)
         _set_child(model, path, new)
         replaced.append(f"{path}: {type(old).__name__} -> {what}")
-    if modernbert and attention and unpad:
+    if attention and unpad:
         for path, module in model.named_modules():
-            if type(module).__name__ == "ModernBertModel":
-                hf_modernbert_unpadded.install(module)
-                replaced.append(f"{path or '(model)'}: ModernBertModel.forward -> unpadded (real tokens only, "
-                                "packed; varlen attention kernels)")
+            name = type(module).__name__
+            forward = (hf_modernbert_unpadded.unpadded_forward if name == "ModernBertModel"
+                       else hf_bert_unpadded.unpadded_forward if name in _UNPADDED_BERT_MODELS else None)
+            if forward is not None and hf_unpadding.install(module, forward):
+                replaced.append(f"{path or '(model)'}: {name}.forward -> unpadded (real tokens only, packed; "
+                                "varlen attention kernels)")
     return model, replaced

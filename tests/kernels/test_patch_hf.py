@@ -56,12 +56,13 @@ def _batch(kind: str, batch: int = 2, seq: int = 16):
     else:
         labels = torch.where(torch.rand(batch, seq) < 0.3, input_ids, torch.full_like(input_ids, -100))
         labels[0, 0] = input_ids[0, 0]  # at least one target
+        labels = labels.masked_fill(attention_mask == 0, -100)  # no targets on padding, as HF's collators
     return dict(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
 
 
 @pytest.fixture
 def attention_calls(monkeypatch):
-    """Counts calls into electra_kernels.attention made by the patched models."""
+    """The key-padding masks of the calls into electra_kernels.attention made by the patched models."""
     calls = []
     real = hf_patch.attention
 
@@ -73,12 +74,31 @@ def attention_calls(monkeypatch):
     return calls
 
 
+@pytest.fixture
+def varlen_calls(monkeypatch):
+    """(q shape, cu_seqlens, max_seqlen) of the calls into electra_kernels.attention_varlen."""
+    calls = []
+    real = hf_patch.attention_varlen
+
+    def counting_varlen(q, k, v, cu_seqlens, max_seqlen, *args, **kwargs):
+        calls.append((tuple(q.shape), cu_seqlens.tolist(), max_seqlen))
+        return real(q, k, v, cu_seqlens, max_seqlen, *args, **kwargs)
+
+    monkeypatch.setattr(hf_patch, "attention_varlen", counting_varlen)
+    return calls
+
+
+@pytest.mark.parametrize("unpad", [True, False])
 @pytest.mark.parametrize("kind", ["bert", "roberta", "electra"])
-def test_patched_model_matches_unpatched(kind, attention_calls):
+def test_patched_model_matches_unpatched(kind, unpad, attention_calls, varlen_calls):
+    """Outputs and gradients of the patched model equal the unpatched one's. Unpadded (the default), the
+    layers run on the 11 + 16 real tokens through attention_varlen and padding positions come back as
+    zero states (their logits are not compared); padded, the key-padding mask goes to attention and every
+    position matches."""
     reference = _tiny_model(kind).eval()
     patched = copy.deepcopy(reference)
     params_before = {name: p for name, p in patched.named_parameters()}
-    patched, replaced = patch_hf(patched)
+    patched, replaced = patch_hf(patched, unpad=unpad)
 
     # Same parameter objects under the same names; same state-dict keys as the original.
     assert {name: p for name, p in patched.named_parameters()}.keys() == params_before.keys()
@@ -90,14 +110,22 @@ def test_patched_model_matches_unpatched(kind, attention_calls):
     assert sum("FusedDenseBiasGELU" in r for r in replaced) == layers
     assert any(r.endswith("embeddings.LayerNorm: LayerNorm -> FusedLayerNorm") for r in replaced)
     assert not any(type(m) is torch.nn.LayerNorm for m in patched.modules())
-    assert isinstance(patched.get_submodule(replaced[-1].split(":")[0]), FusedLayerNorm)
+    norm_lines = [r for r in replaced if r.endswith("-> FusedLayerNorm")]
+    assert isinstance(patched.get_submodule(norm_lines[-1].split(":")[0]), FusedLayerNorm)
+
+    assert sum(".forward -> unpadded" in r for r in replaced) == int(unpad)
 
     batch = _batch(kind)
     ref_out = reference(**batch)
     out = patched(**batch)
-    assert len(attention_calls) == layers and attention_calls[0].dtype == torch.bool
-    assert attention_calls[0].shape == batch["attention_mask"].shape
-    torch.testing.assert_close(out.logits, ref_out.logits, atol=2e-5, rtol=1e-4)
+    if unpad:
+        assert not attention_calls and varlen_calls == [((27, 2, 32), [0, 16, 27], 16)] * layers
+        real = batch["attention_mask"].bool()
+        torch.testing.assert_close(out.logits[real], ref_out.logits[real], atol=2e-5, rtol=1e-4)
+    else:
+        assert not varlen_calls and len(attention_calls) == layers and attention_calls[0].dtype == torch.bool
+        assert attention_calls[0].shape == batch["attention_mask"].shape
+        torch.testing.assert_close(out.logits, ref_out.logits, atol=2e-5, rtol=1e-4)
     torch.testing.assert_close(out.loss, ref_out.loss, atol=2e-5, rtol=1e-4)
     ref_out.loss.backward()
     out.loss.backward()
@@ -133,7 +161,8 @@ def test_bf16_autocast_mixed_dtypes():
         budget = 2 * (same_dtype.double() - exact).abs().max().item() + 1e-2 * exact.abs().max().item()
         assert err <= budget, f"{name}: patched error {err:.3g} > {budget:.3g} (2x unpatched bf16 + 1%)"
 
-    check("logits", out.logits, ref_out.logits, truth.logits)
+    real = batch["attention_mask"].bool()  # padding positions are zero states when unpadded
+    check("logits", out.logits[real], ref_out.logits[real], truth.logits[real])
     check("loss", out.loss, ref_out.loss, truth.loss)
     compared = 0
     for (name, p), (_, ref_p), (_, exact) in zip(patched.named_parameters(), reference.named_parameters(),
@@ -259,9 +288,64 @@ def test_hf_bert_benchmark_cpu_smoke(tmp_path, capsys, monkeypatch):
     module.main(["--cpu-smoke", "--results-dir", str(tmp_path), "--no-plot"])
     printed = capsys.readouterr().out
     assert re.search(r"\|\s+hf \|", printed) and re.search(r"\|\s+patched \|", printed)
+    assert re.search(r"\|\s+patched-padded \|", printed)
     rows = (tmp_path / "hf_bert.csv").read_text().strip().splitlines()
-    assert len(rows) == 3 and rows[0].startswith("date,")  # header + one row per variant
-    assert len((tmp_path / "hf_bert.jsonl").read_text().strip().splitlines()) == 2
+    assert len(rows) == 4 and rows[0].startswith("date,")  # header + one row per variant
+    assert len((tmp_path / "hf_bert.jsonl").read_text().strip().splitlines()) == 3
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit, match="CUDA"):
             module.main(["--no-save"])
+
+
+@pytest.mark.parametrize("kind", ["bert", "electra"])
+def test_unpadded_hidden_states_pooler_and_fallbacks(kind, attention_calls, varlen_calls):
+    """Unpadded: every hidden state (the first layer's input, each layer's output) and BERT's pooler equal
+    the unpatched model's at real positions, with zeros at padding, left padding included; gradient
+    checkpointing in train mode gives the same gradients. A mask with a hole inside a row runs padded."""
+    torch.manual_seed(7)
+    config_class, model_class = ((transformers.BertConfig, transformers.BertModel) if kind == "bert"
+                                 else (transformers.ElectraConfig, transformers.ElectraModel))
+    extra = {"embedding_size": 32} if kind == "electra" else {}
+    reference = model_class(config_class(**TINY, **extra)).eval()
+    patched, _ = patch_hf(copy.deepcopy(reference))
+    batch = _batch(kind)
+    batch.pop("labels")
+    batch["attention_mask"] = batch["attention_mask"].flip(1)  # left padding
+    real = batch["attention_mask"].bool()
+    out = patched(**batch, output_hidden_states=True)
+    ref = reference(**batch, output_hidden_states=True)
+    assert len(varlen_calls) == TINY["num_hidden_layers"] and not attention_calls
+    assert len(out.hidden_states) == len(ref.hidden_states) == TINY["num_hidden_layers"] + 1
+    for state, state_ref in zip(out.hidden_states, ref.hidden_states):
+        torch.testing.assert_close(state[real], state_ref[real], atol=2e-5, rtol=1e-4)
+        assert state[~real].abs().max() == 0
+    if kind == "bert":  # the pooler reads column 0: a real token in row 0 (padding in row 1 is zeros)
+        torch.testing.assert_close(out.pooler_output[0], ref.pooler_output[0], atol=2e-5, rtol=1e-4)
+    as_tuple = patched(**batch, return_dict=False)
+    torch.testing.assert_close(as_tuple[0], out.last_hidden_state, atol=0, rtol=0)
+
+    for model in (reference, patched):
+        model.train()
+        model.config.hidden_dropout_prob = model.config.attention_probs_dropout_prob = 0.0
+        for m in model.modules():
+            if isinstance(m, torch.nn.Dropout):
+                m.p = 0.0
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x's name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model(**batch).last_hidden_state[real].square().sum().backward()
+    for (name, p), (_, ref_p) in zip(patched.named_parameters(), reference.named_parameters()):
+        if ref_p.grad is not None:
+            # A squared-sum loss: gradients of order 10, summed over every token (fp32 order of summation).
+            torch.testing.assert_close(p.grad, ref_p.grad, atol=1e-4, rtol=1e-3, msg=lambda m: f"{name}: {m}")
+
+    holed = dict(batch, attention_mask=batch["attention_mask"].clone())
+    holed["attention_mask"][0, 4:6] = 0
+    attention_calls.clear(), varlen_calls.clear()
+    patched.eval()
+    reference.eval()
+    holed_real = holed["attention_mask"].bool()
+    torch.testing.assert_close(patched(**holed).last_hidden_state[holed_real],
+                               reference(**holed).last_hidden_state[holed_real], atol=2e-5, rtol=1e-4)
+    assert len(attention_calls) == TINY["num_hidden_layers"] and not varlen_calls
