@@ -135,6 +135,14 @@ if HAS_TRITON:
     # dQ: 64 queries, 8 warps: 184 / 0 on sm_80, 188 / 0 on sm_90. (128, 32, 8), the d <= 64 default,
     # spills 16-32 B on sm_80 with the packed layout.
     _DQ_SPACE_D128 = [(64, 32, 8, 3), (128, 16, 8, 3), (64, 32, 4, 3), (128, 32, 8, 3)]
+    # Head dim 16 (BLOCK_D 16), forward only: the same 128×64 tile and 8 warps as _FWD_SPACE, one
+    # pipeline stage fewer. Triton 3.9's leaner code brings the padded+mask+dropout forward to ~130
+    # registers on sm_80, where ptxas squeezes it into 128 (two 256-thread programs per SM) and
+    # spills: 128 / 4 B (3 stages) against 163 / 0 with Triton 3.7.1. Two stages: 128 / 0 on 3.9 and
+    # 161 / 0 on 3.7.1 (sm_90: 127 / 0 and 144 / 0, wgmma), every other d=16 layout <= 128 / 0.
+    # A 2 KB K/V tile at d=16 is cheap to fetch, so the third stage buys little; 128×32 (100-105
+    # registers) would halve the keys per step instead. The d<=64 candidates follow for the tuner.
+    _FWD_SPACE_D16 = [(128, 64, 8, 2), *_FWD_SPACE]
     # No fused dK/dV/dQ at d=128: holding dK, dV, K, V for all the sequence's keys plus the dQ
     # products spills on sm_80 in every config tried (16×128 with 8 warps 84 B, 16×64 56-188 B,
     # 16 warps 2.8-10 KB), so short sequences take dK/dV + dQ like long ones (attention_backward).
@@ -147,6 +155,7 @@ if HAS_TRITON:
         FUSED_BLOCK_N = 32  # sequences <= 32 take the fused path in the tests, longer ones the split one
         _FUSED_CONFIGS = [triton.Config({"BLOCK_M": 16, "BLOCK_N": FUSED_BLOCK_N}, num_warps=4, num_stages=1)]
         _FWD_CONFIGS_D128, _DKDV_CONFIGS_D128, _DQ_CONFIGS_D128 = _FWD_CONFIGS, _DKDV_CONFIGS, _DQ_CONFIGS
+        _FWD_CONFIGS_D16 = _FWD_CONFIGS
     else:  # pragma: no cover - GPU only
         _FWD_CONFIGS = triton_configs(_FWD_SPACE, _BLOCK_NAMES)
         _DKDV_CONFIGS = triton_configs(_DKDV_SPACE, _BLOCK_NAMES)
@@ -155,12 +164,16 @@ if HAS_TRITON:
         _FWD_CONFIGS_D128 = triton_configs(_FWD_SPACE_D128, _BLOCK_NAMES)
         _DKDV_CONFIGS_D128 = triton_configs(_DKDV_SPACE_D128, _BLOCK_NAMES)
         _DQ_CONFIGS_D128 = triton_configs(_DQ_SPACE_D128, _BLOCK_NAMES)
+        _FWD_CONFIGS_D16 = triton_configs(_FWD_SPACE_D16, _BLOCK_NAMES)
 
-    def _for_head_dim(block_d, small, large):
-        """The head-dim class's kernel or space: ``large`` for BLOCK_D 128, ``small`` up to 64. One
-        autotuned wrapper per class (not one space pruned by BLOCK_D) because Triton's autotuner skips
-        the pruning when it holds a single config, i.e. with ELECTRA_KERNELS_AUTOTUNE=0."""
-        return large if block_d > 64 else small
+    def _for_head_dim(block_d, small, large, tiny=None):
+        """The head-dim class's kernel or space: ``large`` for BLOCK_D 128, ``tiny`` (where a kernel has
+        one: the forward) for BLOCK_D 16, ``small`` otherwise. One autotuned wrapper per class (not one
+        space pruned by BLOCK_D) because Triton's autotuner skips the pruning when it holds a single
+        config, i.e. with ELECTRA_KERNELS_AUTOTUNE=0."""
+        if block_d > 64:
+            return large
+        return tiny if tiny is not None and block_d <= 16 else small
 
     # Values that change from batch to batch in training (lengths, the packed token count in the LSE
     # strides, the seed) are not specialised on, so they never trigger a recompilation.
@@ -397,6 +410,8 @@ if HAS_TRITON:
     _attn_fwd_kernel = autotune(configs=_FWD_CONFIGS, key=_TUNE_KEY, prune_configs_by=_prune("M"))(_attn_fwd_jit)
     _attn_fwd_kernel_d128 = autotune(configs=_FWD_CONFIGS_D128, key=_TUNE_KEY,
                                      prune_configs_by=_prune("M"))(_attn_fwd_jit)
+    _attn_fwd_kernel_d16 = autotune(configs=_FWD_CONFIGS_D16, key=_TUNE_KEY,
+                                    prune_configs_by=_prune("M"))(_attn_fwd_jit)
 
     @triton.jit(do_not_specialize=["seqlen_q", "stride_lb", "stride_lh"])
     def _attn_bwd_preprocess_kernel(
@@ -796,7 +811,7 @@ def attention_forward(q, k, v, key_padding_mask=None, cu_seqlens=None, max_seqle
     def grid(meta):
         return (triton.cdiv(layout.seqlen_q, meta["BLOCK_M"]), layout.heads, layout.batch)
 
-    _for_head_dim(layout.block_d, _attn_fwd_kernel, _attn_fwd_kernel_d128)[grid](
+    _for_head_dim(layout.block_d, _attn_fwd_kernel, _attn_fwd_kernel_d128, _attn_fwd_kernel_d16)[grid](
         q, k, v, out, lse, cu, kv_len, kpm,
         *layout.strides(q), *layout.strides(k), *layout.strides(v), *layout.strides(out),
         *layout.lse_strides(lse), stride_kpmb,
@@ -913,11 +928,11 @@ def compile_variants():
     layouts = {"packed": dict(IS_VARLEN=True, HAS_KPM=False), "padded": dict(IS_VARLEN=False, HAS_KPM=False),
                "padded+mask": dict(IS_VARLEN=False, HAS_KPM=True)}
     def kernels(block_d):  # the head-dim class's autotuned wrappers and spaces, as the launchers pick them
-        def pick(small, large):
-            return _for_head_dim(block_d, small, large)
+        def pick(small, large, tiny=None):
+            return _for_head_dim(block_d, small, large, tiny)
 
-        return [("attention fwd", pick(_attn_fwd_kernel, _attn_fwd_kernel_d128),
-                 pick(_FWD_SPACE, _FWD_SPACE_D128), "M", {}),
+        return [("attention fwd", pick(_attn_fwd_kernel, _attn_fwd_kernel_d128, _attn_fwd_kernel_d16),
+                 pick(_FWD_SPACE, _FWD_SPACE_D128, _FWD_SPACE_D16), "M", {}),
                 ("attention dk/dv", pick(_attn_bwd_dkdv_kernel, _attn_bwd_dkdv_kernel_d128),
                  pick(_DKDV_SPACE, _DKDV_SPACE_D128), "N", {"FUSE_DQ": False}),
                 ("attention dk/dv/dq fused", _attn_bwd_fused_kernel,

@@ -187,12 +187,20 @@ if HAS_TRITON:
 # --------------------------------------------------------------------------------------------------
 # 2. Launchers
 # --------------------------------------------------------------------------------------------------
-def _blocks(hid: int):
+def _blocks(hid: int, element_size: int = 2):
+    """(BLOCK_N, BLOCK_H, num_warps) for hidden size ``hid``. The forward passes its input's element
+    size: 4-byte (fp32) rows take half the tile, 4,096 elements. With 8,192, Triton 3.9's sm_80 forward
+    sat just above 128 registers and ptxas squeezed it into 128 (two programs per SM), spilling 16 B at
+    H = 128 (128 / 16 B; Triton 3.7.1: 169 / 0, sm_90 158 / 0 and 177 / 0); every fp32 hidden size sat
+    at 152-190 registers on both Tritons. Half the tile: 91-119 registers, 0 spilled, on sm_80 and
+    sm_90 with both Tritons for H = 128 ... 1024, still 16 KB loaded per step. 16-bit rows (at most
+    128 registers, 0 spilled) keep 8,192."""
     block_h = triton.next_power_of_2(hid)
-    block_n = max(1, _TILE_ELEMENTS // block_h)
+    tile = _TILE_ELEMENTS // 2 if element_size >= 4 else _TILE_ELEMENTS
+    block_n = max(1, tile // block_h)
     if interpreter_enabled():
         block_n = max(block_n, 16)  # fewer, larger steps: the interpreter pays per operation
-    num_warps = 8 if block_n * block_h >= 8192 else 4
+    num_warps = 8 if block_n * block_h >= tile else 4
     return block_n, block_h, num_warps
 
 
@@ -225,7 +233,7 @@ def disc_head_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], la
         raise ValueError(f"replaced_token_bce: the Triton kernel holds rows in registers and supports "
                          f"H <= {_MAX_HIDDEN}, got {HID}")
     device = hidden.device
-    block_n, block_h, num_warps = _blocks(HID)
+    block_n, block_h, num_warps = _blocks(HID, hidden.element_size())
     # Forward programs: four per SM keeps every SM streaming while the (programs, H) partials stay
     # small (528 x 768 fp32 = 1.5 MiB on an H100); the interpreter runs programs serially, so few.
     num_parts = max(1, min(target_programs(device, per_sm=4, interpreted=3), triton.cdiv(N, block_n)))
@@ -321,11 +329,12 @@ def compile_variants():
     variants = []
     for dtype in ("bf16", "fp16", "fp32"):
         for hidden in (128, 256, 768, 1024):
-            block_n, block_h, num_warps = _blocks(hidden)
+            block_n, block_h, num_warps = _blocks(hidden, 4 if dtype == "fp32" else 2)
             tags = dict(dtype=dtype, hidden=hidden)
             variants.append(Variant("disc head fwd", _disc_head_fwd_kernel, types(_disc_head_fwd_kernel, dtype),
                                     dict(HAS_BIAS=True, BLOCK_N=block_n, BLOCK_H=block_h), num_warps, tags=tags,
                                     aligned=frozenset({"stride_hn"})))
+            block_n, block_h, num_warps = _blocks(hidden)  # the backward: one tile size for every dtype
             variants.append(Variant("disc head bwd", _disc_head_bwd_kernel, types(_disc_head_bwd_kernel, dtype),
                                     dict(HAS_GRAD_LOSS=True, HAS_GRAD_LOGITS=False, WRITE_DH=True, WRITE_DW=True,
                                          WRITE_DB=True, BLOCK_N=block_n, BLOCK_H=block_h), num_warps, tags=tags,

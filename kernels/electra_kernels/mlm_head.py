@@ -178,6 +178,22 @@ def _prune_matmul_configs(configs, named_args, **kwargs):
 
 if HAS_TRITON:
     _QUARTER_C = tl.constexpr(_QUARTER)
+    # Set only under Triton's interpreter (the CPU tests): see _argmax_operand.
+    _INTERPRETED_C = tl.constexpr(interpreter_enabled())
+
+    @triton.jit
+    def _argmax_operand(x, INTERPRETED: tl.constexpr):
+        """x for tl.max(..., return_indices=True), NaN read as -inf under the interpreter only.
+
+        On the GPU the arg-max skips NaN (max.f32 returns the other operand), and the NaN reaches the
+        loss through the sums of exp instead (see _mlm_head_fwd_reduce_kernel). Triton 3.9's interpreter
+        skips NaN too (np.nanmax / np.nanargmax) but raises "All-NaN slice encountered" on a row that is
+        all NaN; reading NaN as -inf gives the GPU's result without the error (3.7's interpreter, np.max,
+        propagated the NaN instead). Compiled code is unchanged: a NaN-free copy in the GPU kernel cost
+        44 B of spills in the sm_80 forward, which sits at 255 registers."""
+        if INTERPRETED:
+            return tl.where(x != x, float("-inf"), x)
+        return x
 
     @triton.jit
     def _uniform_to_gumbel(u):
@@ -217,7 +233,7 @@ if HAS_TRITON:
         # Online log-sum-exp: rescale the running sum to the new maximum. The first quarter of a
         # split always holds a real column, so run_max is finite from then on, and a quarter past
         # the vocabulary's end adds exp(-inf) = 0.
-        tile_max, tile_arg = tl.max(logits, axis=1, return_indices=True)
+        tile_max, tile_arg = tl.max(_argmax_operand(logits, _INTERPRETED_C), axis=1, return_indices=True)
         new_max = tl.maximum(run_max, tile_max)
         run_sumexp = run_sumexp * tl.exp(run_max - new_max) + tl.sum(
             tl.exp(logits - new_max[:, None]), axis=1)
@@ -230,7 +246,7 @@ if HAS_TRITON:
         best = tl.where(better, tile_max, best)
 
         scores = tl.where(col_ok[None, :], logits * inv_temperature + gumbel, float("-inf"))
-        tile_draw, tile_draw_arg = tl.max(scores, axis=1, return_indices=True)
+        tile_draw, tile_draw_arg = tl.max(_argmax_operand(scores, _INTERPRETED_C), axis=1, return_indices=True)
         tile_draw_col = first_col + tile_draw_arg.to(tl.int32)
         better = tile_draw > draw
         draw_col = tl.where(better, tile_draw_col, draw_col)

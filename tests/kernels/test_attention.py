@@ -441,7 +441,7 @@ def test_autotune_spaces_and_pruning():
     """The GPU search spaces are small, every candidate is a valid tl.dot shape, and pruning keeps at
     least one config while dropping blocks longer than the sequence."""
     for space, stationary in ((attn_mod._FWD_SPACE, "M"), (attn_mod._DKDV_SPACE, "N"), (attn_mod._DQ_SPACE, "M"),
-                              (attn_mod._FUSED_SPACE, "N")):
+                              (attn_mod._FUSED_SPACE, "N"), (attn_mod._FWD_SPACE_D16, "M")):
         assert 1 <= len(space) <= 8
         configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in space]
         for block_m, block_n, warps, stages in space:
@@ -454,6 +454,15 @@ def test_autotune_spaces_and_pruning():
                 for cfg in kept:
                     stat = cfg.kwargs["BLOCK_M" if stationary == "M" else "BLOCK_N"]
                     assert stat <= max(64, bucket) or len(kept) == 1
+
+
+def test_head_dim_classes():
+    """BLOCK_D 128 takes the large spaces, BLOCK_D 16 the forward's own (two pipeline stages: spill-free
+    on sm_80 with Triton 3.9), 32 and 64 the default ones; kernels without a d=16 class keep theirs."""
+    pick = attn_mod._for_head_dim
+    assert [pick(d, "small", "large", "tiny") for d in (16, 32, 64, 128)] == ["tiny", "small", "small", "large"]
+    assert pick(16, "small", "large") == "small"
+    assert attn_mod._FWD_SPACE_D16[0] == (*attn_mod._FWD_SPACE[0][:3], 2)
 
 
 def test_pruning_respects_the_shared_memory_limit():
