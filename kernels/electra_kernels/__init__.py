@@ -14,6 +14,9 @@ from .attention import (
     rotary_cos_sin,
     rotary_ref,
 )
+# Registers the fused rotary-attention custom ops (attention.py reaches them lazily, by module path) at
+# import, as every other kernel's, so torch.ops.electra_kernels lists them before the first call.
+from . import attention_rotary as _attention_rotary  # noqa: F401
 from .bert_padding import index_first_axis, index_put_first_axis, pad_input, unpad_input
 from .disc_head import (
     ReplacedTokenBCE,
