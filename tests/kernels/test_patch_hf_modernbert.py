@@ -268,3 +268,18 @@ def test_a_packed_batch_keeps_documents_apart():
                   cu_seq_lens_k=cu, max_length_k=13).last_hidden_state
     ref = torch.cat([model(input_ids=d).last_hidden_state for d in docs], dim=1)
     torch.testing.assert_close(out, ref, rtol=2e-4, atol=2e-4)
+
+
+def test_patched_model_compiles_fullgraph():
+    """Inside torch.compile the unpadded forward keeps the padded layout (no host read of the mask), so a
+    patched model still compiles to one graph, and matches."""
+    torch.manual_seed(8)
+    model = mb.ModernBertModel(mb.ModernBertConfig(**TINY)).eval()
+    patched = copy.deepcopy(model)
+    patch_hf(patched)
+    batch = _masked()
+    torch._dynamo.reset()
+    compiled = torch.compile(patched, backend="aot_eager", fullgraph=True)
+    mask = batch["attention_mask"].bool()
+    torch.testing.assert_close(compiled(**batch).last_hidden_state[mask], model(**batch).last_hidden_state[mask],
+                               rtol=2e-4, atol=2e-4)
