@@ -30,8 +30,9 @@
 #
 # The folder receives each script's .jsonl rows and .png plot (through $ELECTRA_BENCH_RESULTS, which
 # benchmarks/_common.py reads) and its printed tables as <step>.log; summary.txt lists what ran, how long
-# it took and how it ended, and is printed last. On a machine without DeepSpeed, carry its wheels in .whl/
-# and this script installs them into /tmp/site. The project itself is installed editable when
+# it took and how it ended, and is printed last. On a machine without DeepSpeed or pytest, carry their
+# wheels (and their dependencies') in .whl/ and this script installs them into /tmp/site; a step whose
+# modules are still missing is recorded as skipped. The project itself is installed editable when
 # `import electra_fast, electra_kernels` fails.
 set -uo pipefail
 
@@ -53,13 +54,14 @@ else
 fi
 
 # ------------------------------------------------------------------------------------------------ the plan
-TIERS=(); NAMES=(); LIMITS=(); MINS=(); CMDS=()
-# step TIER NAME LIMIT MIN COMMAND...: TIER is core or extra; MIN the least time worth starting it with.
+TIERS=(); NAMES=(); LIMITS=(); MINS=(); CMDS=(); NEEDED=()
+# [NEEDS="module ..."] step TIER NAME LIMIT MIN COMMAND...: TIER is core or extra; MIN the least time worth
+# starting it with; NEEDS the Python modules it cannot run without (missing: recorded as skipped, no time spent).
 # FULL=1 gives each step twice its limit (autotuning compiles many configs first). A command is kept as
 # one string, each word shell-quoted where it needs it (so it reads as typed), and run with eval.
 step() {
     local word quoted=""
-    TIERS+=("$1"); NAMES+=("$2"); LIMITS+=($(( $3 * (FULL == 1 ? 2 : 1) ))); MINS+=("$4")
+    TIERS+=("$1"); NAMES+=("$2"); LIMITS+=($(( $3 * (FULL == 1 ? 2 : 1) ))); MINS+=("$4"); NEEDED+=("${NEEDS:-}")
     shift 4
     for word in "$@"; do
         if [[ ! $word =~ ^[A-Za-z0-9_./,=:@%+-]+$ ]]; then printf -v word '%q' "$word"; fi
@@ -100,7 +102,7 @@ fi
 # the attention kernels (dropout, packed, window, rotary) and the heads, -x; the other kernels' tests and
 # the autotune / inductor / patch_hf tests stay with CI.
 if [ "$GATES" = 1 ]; then
-    step extra kernel_tests 90 30 env TRITON_INTERPRET=0 "$PY" -m pytest -q -x -p no:cacheprovider \
+    NEEDS=pytest step extra kernel_tests 90 30 env TRITON_INTERPRET=0 "$PY" -m pytest -q -x -p no:cacheprovider \
         tests/kernels/test_attention.py tests/kernels/test_attention_window_rotary.py \
         tests/kernels/test_mlm_head.py tests/kernels/test_disc_head.py
 fi
@@ -118,12 +120,12 @@ fi
 # BERT-MLM, compiled where the reference has it (eager at large); DeepSpeed's engine around our step.
 bench extra throughput_bert 60 30 throughput.py --iters "$ITERS" --sizes small,base --variants hf-bert-mlm-compile
 bench extra throughput_bert_large 25 15 throughput.py --iters "$ITERS" --sizes large --variants hf-bert-mlm
-bench extra throughput_deepspeed 60 40 throughput.py --iters "$ITERS" --sizes small --variants ours-deepspeed
+NEEDS=deepspeed bench extra throughput_deepspeed 60 40 throughput.py --iters "$ITERS" --sizes small --variants ours-deepspeed
 bench extra hf_bert 40 30 hf_bert.py
 # Convergence parity at ELECTRA-Small in bf16 (every fused kernel vs the references, against the measured
 # noise bound), and the paper's equal-compute claim at the small size.
 bench extra convergence 150 100 convergence.py --steps "$CONVERGENCE_STEPS"
-bench extra equal_compute 75 60 equal_compute.py --size small --electra-steps "$STEPS" --seeds "$SEEDS" --probe-epochs 2
+NEEDS=datasets bench extra equal_compute 75 60 equal_compute.py --size small --electra-steps "$STEPS" --seeds "$SEEDS" --probe-epochs 2
 
 # FULL=1, or steps named in ONLY: every step is core (the budget must hold them all).
 if [ "$FULL" = 1 ] || [ -n "${ONLY:-}" ]; then for i in "${!TIERS[@]}"; do TIERS[i]=core; done; fi
@@ -161,7 +163,7 @@ if [ "$DRY_RUN" = 1 ]; then
         else
             at="if time is left"
         fi
-        echo "step $((i + 1)) ${TIERS[i]} ${NAMES[i]} limit=${LIMITS[i]}s min=${MINS[i]}s ($at): ${CMDS[i]}"
+        echo "step $((i + 1)) ${TIERS[i]} ${NAMES[i]} limit=${LIMITS[i]}s min=${MINS[i]}s ($at): ${CMDS[i]}${NEEDED[i]:+  [needs ${NEEDED[i]}]}"
     done
     echo "core worst case: ${WORST_CASE}s of ${TOTAL_BUDGET_S}s"
     if [ "$WORST_CASE" -gt "$TOTAL_BUDGET_S" ]; then
@@ -181,7 +183,7 @@ export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 export TOKENIZERS_PARALLELISM=false
 if [ "$FULL" = 1 ]; then export ELECTRA_KERNELS_AUTOTUNE=${ELECTRA_KERNELS_AUTOTUNE:-1}; else export ELECTRA_KERNELS_AUTOTUNE=0; fi
 
-if ! $PY -c "import deepspeed" 2>/dev/null && compgen -G ".whl/*.whl" >/dev/null; then
+if compgen -G ".whl/*.whl" >/dev/null && ! $PY -c "import deepspeed, pytest" 2>/dev/null; then
     $PY -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
 fi
 if ! $PY -c "import electra_fast, electra_kernels" 2>/dev/null; then
@@ -199,6 +201,12 @@ SUMMARY="$OUT_DIR/summary.txt"
 for i in "${!NAMES[@]}"; do
     name=${NAMES[i]}
     selected "$name" || continue
+    missing=""
+    for module in ${NEEDED[i]}; do $PY -c "import $module" 2>/dev/null || missing+=" $module"; done
+    if [ -n "$missing" ]; then
+        echo "$name: skipped: not installed:$missing (carry the wheels in .whl/)" | tee -a "$SUMMARY"
+        continue
+    fi
     left=$((TOTAL_BUDGET_S - SECONDS - KILL_GRACE_S))
     limit=$((LIMITS[i] < left ? LIMITS[i] : left))
     if [ "$limit" -lt "${MINS[i]}" ]; then
