@@ -56,6 +56,38 @@ def find_deepspeed_config(name_or_path: str) -> Path | Traversable:
                       f"config ({', '.join(sorted(packaged))})")
 
 
+def shipped_name(name_or_path: str) -> str | None:
+    """The shipped config that ``train.deepspeed_config`` refers to, or None (a user's own JSON, or no file).
+
+    ``zero1`` and ``configs/deepspeed/zero1.json`` (what older configs and run dirs hold) are the same
+    config, and so is any file named ``<name>.json`` whose bytes are the shipped ``<name>``'s: a resume
+    must not report a change between them. A file with the shipped name but other contents is the
+    user's own (None)."""
+    packaged = packaged_deepspeed_configs()
+    if name_or_path in packaged:
+        return name_or_path
+    try:
+        found = find_deepspeed_config(name_or_path)
+    except ConfigError:
+        return None
+    name = found.name[:-len(".json")] if found.name.endswith(".json") else None
+    if name not in packaged:
+        return None
+    try:
+        same = found.read_bytes() == packaged[name].read_bytes()
+    except OSError:
+        return None
+    return name if same else None
+
+
+def same_deepspeed_config(a: str, b: str) -> bool:
+    """Whether two ``train.deepspeed_config`` values name the same config (equal, or the same shipped one)."""
+    if a == b:
+        return True
+    name = shipped_name(a)
+    return name is not None and name == shipped_name(b)
+
+
 def read_deepspeed_json(name_or_path: str) -> tuple[dict, Path | Traversable]:
     found = find_deepspeed_config(name_or_path)
     try:

@@ -43,6 +43,7 @@ import yaml
 from .atomic import write_text_atomic
 from .checkpoints import TAG_PATTERN, checkpoint_root, read_latest
 from .config import SIZES, Config, ConfigError, apply_overrides, apply_section, load_config, read_yaml
+from .ds_config import same_deepspeed_config
 from .hashing import sha256_file
 
 RUN_RECORD = "run_identity.json"
@@ -136,7 +137,12 @@ def check_known_keys(keys: list[str] | tuple[str, ...], option: str = "--allow-c
 def config_differences(stored: Config, new: Config) -> dict[str, tuple[Any, Any]]:
     """key -> (old, new) for every key whose value differs (data-derived keys left to the data check)."""
     old, now = flatten(stored), flatten(new)
-    return {key: (old[key], now[key]) for key in old if key not in DATA_DERIVED_KEYS and old[key] != now[key]}
+    changes = {key: (old[key], now[key]) for key in old if key not in DATA_DERIVED_KEYS and old[key] != now[key]}
+    # "configs/deepspeed/zero1.json" (older configs, run dirs) and "zero1" are one shipped config.
+    ds_key = "train.deepspeed_config"
+    if ds_key in changes and same_deepspeed_config(*changes[ds_key]):
+        del changes[ds_key]
+    return changes
 
 
 def _yaml_changes(old_yaml: dict | None, new_yaml: dict) -> dict[str, dict[str, Any]]:

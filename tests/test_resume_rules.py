@@ -211,6 +211,35 @@ def test_the_same_data_elsewhere_is_accepted_and_recorded_as_operational(corpus_
     assert load_config(run / "config.yaml").data.path == moved
 
 
+def test_equivalent_deepspeed_config_references_are_not_a_change(tmp_path, monkeypatch):
+    """A run recorded with ``configs/deepspeed/zero1.json`` (older configs) resumed with ``--config`` naming
+    ``zero1`` is the same shipped config: no change is reported, from the repository or from elsewhere.
+    Another shipped config, or a user's file of that name with other contents, still is a change."""
+    from electra_fast.config import Config
+    from electra_fast.ds_config import packaged_deepspeed_configs
+    from electra_fast.run_state import config_differences
+
+    def configs(old, new):
+        stored, current = Config(), Config()
+        stored.train.deepspeed_config, current.train.deepspeed_config = old, new
+        return config_differences(stored, current)
+
+    key = "train.deepspeed_config"
+    for cwd in (REPO, tmp_path):  # the repository's copy on disk, or only the shipped one
+        monkeypatch.chdir(cwd)
+        assert configs("configs/deepspeed/zero1.json", "zero1") == {}
+        assert configs("zero3-offload", "configs/deepspeed/zero3-offload.json") == {}
+        assert configs("configs/deepspeed/zero1.json", "zero2") == {key: ("configs/deepspeed/zero1.json", "zero2")}
+    copy = tmp_path / "mine" / "zero1.json"  # a byte-identical copy elsewhere is the same config
+    copy.parent.mkdir()
+    copy.write_bytes(packaged_deepspeed_configs()["zero1"].read_bytes())
+    assert configs(str(copy), "zero1") == {}
+    edited = json.loads(copy.read_text()) | {"steps_per_print": 7}  # the user's own, under the shipped name
+    copy.write_text(json.dumps(edited))
+    assert configs("zero1", str(copy)) == {key: ("zero1", str(copy))}
+    assert configs("zero1", str(tmp_path / "missing.json")) == {key: ("zero1", str(tmp_path / "missing.json"))}
+
+
 # --------------------------------------------------------------------------------------------------
 # The README's commands, as written, on a real run
 # --------------------------------------------------------------------------------------------------

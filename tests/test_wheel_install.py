@@ -26,6 +26,9 @@ REPO = Path(__file__).resolve().parents[1]
 # The lock's versions, as `make install` takes them; `make test-latest` (ELECTRA_TEST_LATEST) wants the
 # newest releases here too.
 CONSTRAINTS = [] if os.environ.get("ELECTRA_TEST_LATEST") else ["-c", str(REPO / "requirements" / "cpu.lock")]
+# pip install --no-compile: no .pyc for the thousands of modules of torch, transformers and the rest that the
+# test never imports (Python compiles the ones it does import, as it would anyway): seconds of CI saved,
+# nothing the test checks changed.
 
 pytestmark = pytest.mark.slow
 
@@ -67,7 +70,7 @@ def venv(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("venv") / "v"
     _run([sys.executable, "-m", "venv", str(folder)], cwd=folder.parent)
     # The CPU build the Makefile installs (a bare `torch` would fetch a multi-GB CUDA build).
-    _run([str(folder / "bin" / "python"), "-m", "pip", "install", "-q", *CONSTRAINTS, "torch==2.13.0"],
+    _run([str(folder / "bin" / "python"), "-m", "pip", "install", "-q", "--no-compile", *CONSTRAINTS, "torch==2.13.0"],
          cwd=folder.parent)
     return folder
 
@@ -85,7 +88,7 @@ def _user_env(venv: Path) -> dict:
 
 def test_the_kernels_wheel_works_with_torch_alone(wheels, venv, tmp_path):
     python = str(venv / "bin" / "python")
-    _run([python, "-m", "pip", "install", "-q", *CONSTRAINTS, *map(str, wheels.glob("electra_kernels-*.whl"))],
+    _run([python, "-m", "pip", "install", "-q", "--no-compile", *CONSTRAINTS, *map(str, wheels.glob("electra_kernels-*.whl"))],
          cwd=tmp_path)
     check = textwrap.dedent("""
         import importlib.util, torch, electra_kernels as ek
@@ -105,7 +108,7 @@ def test_the_kernels_wheel_works_with_torch_alone(wheels, venv, tmp_path):
 def test_the_package_pretrains_exports_and_loads_from_an_empty_directory(wheels, venv, tmp_path):
     """The README's "Install as a package" section, command by command."""
     python = str(venv / "bin" / "python")
-    _run([python, "-m", "pip", "install", "-q", *CONSTRAINTS, "--find-links", str(wheels),
+    _run([python, "-m", "pip", "install", "-q", "--no-compile", *CONSTRAINTS, "--find-links", str(wheels),
           *map(str, wheels.glob("electra_fast-*.whl")), "transformers"], cwd=tmp_path)
     work = tmp_path / "empty"
     work.mkdir()

@@ -25,8 +25,9 @@ at its interpreter; the kernels are imported from this checkout:
 The compiles run in a subprocess without TRITON_INTERPRET (the interpreter replaces the compiler at
 import), one per CPU, in a fresh Triton cache: nothing is reused between runs. Time (Triton 3.7.1,
 2026-12-05): 566 default variants, 1,060 compiles (the fused rotary kernels only for sm_90), 255 s on
-two otherwise idle cores within a fresh-clone `make test` (``pytest -s`` prints it; kernels/README.md,
-"Compiled for real GPUs").
+two otherwise idle cores (``pytest -s`` prints it; kernels/README.md, "Compiled for real GPUs"). Within
+the whole suite they start at collection time, in the background at low priority, and these tests run
+last (tests/kernels/_gate_run.py, conftest.py): the compiles fill the core the other tests leave idle.
 """
 
 from __future__ import annotations
@@ -34,43 +35,15 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
+import _gate_run
 import pytest
 
 from electra_kernels import _gpu_compile
 
 ROOT = Path(__file__).resolve().parents[2]
-GATE_PYTHON = os.environ.get("ELECTRA_GATE_PYTHON")
-
-_COMPILE = r"""
-import json, os, resource, sys, time
-try:
-    import triton
-    import triton.backends.nvidia  # noqa: F401
-except ImportError as err:
-    print("SKIP", err); sys.exit(0)
-from electra_kernels import _gpu_compile as g
-sys.path.insert(0, sys.argv[1])
-import compile_report  # what `compile_report.py --defaults-only` prints, selected by its own code
-start = time.time()
-variants = g.default_variants()
-report = compile_report.select(g.all_variants(), compile_report.parse_args(["--defaults-only"]))
-assert [v.key() for v in report] == [v.key() for v in variants], "the report and the gate disagree"
-rows = g.compile_many(variants, (90, 80), jobs=os.cpu_count() or 2)
-children = resource.getrusage(resource.RUSAGE_CHILDREN)
-me = resource.getrusage(resource.RUSAGE_SELF)
-cpu = children.ru_utime + children.ru_stime + me.ru_utime + me.ru_stime
-# A variant compiles for the archs it runs on (Variant.archs: the fused rotary kernels are sm_90+ only).
-expected_rows = sum(1 for v in variants for arch in (90, 80) if g._runs_on(v, arch))
-print("META", json.dumps(dict(triton=triton.__version__, variants=len(variants), report_variants=len(report),
-                              expected_rows=expected_rows,
-                              modules=g.kernel_modules(),
-                              binaries=len({v.key() for v in variants}), wall=time.time() - start, cpu=cpu)))
-print("ROWS", json.dumps(rows))
-"""
+GATE_PYTHON = _gate_run.GATE_PYTHON
 
 
 def _locked_triton() -> str:
@@ -80,21 +53,16 @@ def _locked_triton() -> str:
 
 @pytest.fixture(scope="module")
 def compiled():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # the GPU default; silences Triton 3.9's notice
-    # Another venv's interpreter (torch and triton only) still imports the kernels, and the report's
-    # helpers (electra_fast.provenance: standard library only), from this checkout.
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "kernels"), str(ROOT), env.get("PYTHONPATH", "")])
-    result = subprocess.run([GATE_PYTHON or sys.executable, "-c", _COMPILE, str(ROOT / "benchmarks")],
-                            capture_output=True, text=True,
-                            env=env, timeout=1200)
-    if result.stdout.startswith("SKIP"):
-        pytest.skip(f"triton has no NVIDIA backend here: {result.stdout}")
-    assert result.returncode == 0, result.stderr[-3000:]
-    lines = {line.split(" ", 1)[0]: line.split(" ", 1)[1] for line in result.stdout.splitlines() if " " in line}
+    # Started at collection time, in the background (tests/kernels/_gate_run.py), when this module was
+    # collected with the rest of the suite; otherwise here.
+    returncode, stdout, stderr, waited = _gate_run.take().result()
+    if stdout.startswith("SKIP"):
+        pytest.skip(f"triton has no NVIDIA backend here: {stdout}")
+    assert returncode == 0, stderr[-3000:]
+    lines = {line.split(" ", 1)[0]: line.split(" ", 1)[1] for line in stdout.splitlines() if " " in line}
     meta = json.loads(lines["META"])
     print(f"compile gate: triton {meta['triton']}, {meta['variants']} default variants = {meta['binaries']} "
-          f"binaries x 2 archs, {meta['wall']:.0f} s wall, {meta['cpu']:.0f} s CPU")
+          f"binaries x 2 archs, {meta['wall']:.0f} s wall, {meta['cpu']:.0f} s CPU, {waited:.0f} s waited for")
     return meta, json.loads(lines["ROWS"])
 
 
