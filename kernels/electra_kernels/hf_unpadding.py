@@ -16,6 +16,7 @@ real tokens are not one contiguous run (positions and windows are column distanc
 
 from __future__ import annotations
 
+import inspect
 import types
 from typing import Optional
 
@@ -76,13 +77,37 @@ class Unpadding:
         return flat.view(self.batch, self.seq, *x.shape[2:])
 
 
+class UnpaddedForward:
+    """``model.forward`` on a patched instance: calls ``function(model, ...)``.
+
+    An object rather than a bound method so that a patched model pickles (``torch.save(model)``,
+    multiprocessing): a bound method pickles as ``getattr(model, function.__name__)``, a name the instance
+    does not have. It pickles as (the model, the module-level function), and shows the function's
+    signature to ``inspect``."""
+
+    def __init__(self, model: nn.Module, function):
+        self.__self__, self.__func__ = model, function
+        self.__signature__ = inspect.signature(types.MethodType(function, model))
+        self.__doc__ = function.__doc__
+
+    def __call__(self, *args, **kwargs):
+        return self.__func__(self.__self__, *args, **kwargs)
+
+    def __reduce__(self):
+        return (UnpaddedForward, (self.__self__, self.__func__))
+
+    def __repr__(self) -> str:
+        function = f"{self.__func__.__module__}.{self.__func__.__qualname__}"
+        return f"<unpadded forward {function} of {type(self.__self__).__name__}>"
+
+
 def install(model: nn.Module, forward) -> bool:
     """Make ``forward`` (a function of (model, ...)) the instance's forward; the class, parameters, hooks
     and state dict are untouched and ``type(model).forward`` stays transformers' own (the padded path).
     False when it was installed already."""
     if getattr(model.forward, "__func__", None) is forward:
         return False
-    model.forward = types.MethodType(forward, model)
+    model.forward = UnpaddedForward(model, forward)
     return True
 
 

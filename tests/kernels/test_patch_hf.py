@@ -349,3 +349,20 @@ def test_unpadded_hidden_states_pooler_and_fallbacks(kind, attention_calls, varl
     torch.testing.assert_close(patched(**holed).last_hidden_state[holed_real],
                                reference(**holed).last_hidden_state[holed_real], atol=2e-5, rtol=1e-4)
     assert len(attention_calls) == TINY["num_hidden_layers"] and not varlen_calls
+
+
+def test_a_patched_model_pickles_and_copies_with_its_unpadded_forward(varlen_calls):
+    """Pickling (what torch.save(model) and multiprocessing do) and deepcopy keep the unpadded forward (a
+    bound method would pickle as a name the instance does not have)."""
+    import pickle
+
+    reference = _tiny_model("bert", num_hidden_layers=1).eval()
+    patched, _ = patch_hf(copy.deepcopy(reference))
+    batch = _batch("bert")
+    real = batch["attention_mask"].bool()
+    for model in (pickle.loads(pickle.dumps(patched)), copy.deepcopy(patched)):
+        assert model.bert.forward.__self__ is model.bert
+        varlen_calls.clear()
+        torch.testing.assert_close(model(**batch).logits[real], reference(**batch).logits[real], atol=2e-5,
+                                   rtol=1e-4)
+        assert len(varlen_calls) == 1
