@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import torch
 
+from .hf_patch_modernbert import rotary_table
 from .hf_unpadding import Unpadding, output_flags, refuse_attentions, selected_states
 
 # transformers' flash-attn keyword names for an already packed batch (DataCollatorWithFlattening).
@@ -92,10 +93,7 @@ def _token_cos_sin(model, hidden, position_ids, seq: int, layer_type: str, unpad
     cos, sin = model.rotary_emb(hidden, position_ids, layer_type)  # (1 or batch, seq, head_dim)
     if packed:
         return (cos, sin), None
-    table = None
-    if cos.shape[0] == 1 and right_aligned:
-        half = cos.shape[-1] // 2
-        table = tuple(t[0, :max_seqlen, :half].float().contiguous() for t in (cos, sin))
+    table = rotary_table(cos, sin, max_seqlen) if cos.shape[0] == 1 and right_aligned else None
     if cos.shape[0] == 1:
         columns = unpadding.indices % seq
         per_token = tuple(t[0].index_select(0, columns)[None] for t in (cos, sin))

@@ -51,8 +51,6 @@ class FusedModernBertAttention(nn.Module):
         self.replaces = type(original).__name__
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, **kwargs):
-        from .hf_patch import _key_padding_from_mask
-
         if kwargs.get("output_attentions"):
             raise ValueError("electra_kernels attention never materialises attention probabilities: "
                              "output_attentions=True is not supported on a patched model")
@@ -60,40 +58,45 @@ class FusedModernBertAttention(nn.Module):
         if kwargs.get("cu_seqlens") is not None:  # the unpadded model (hf_modernbert_unpadded): one packed row
             out = self._packed(hidden_states[0], position_embeddings, kwargs["cu_seqlens"], kwargs["max_seqlen"],
                                kwargs.get("rotary_table"))
-            return self.out_drop(self.Wo(out.reshape(batch, seq, -1))), None
-        qkv = self.Wqkv(hidden_states).view(batch, seq, 3, -1, self.head_dim)
-        q, k, v = qkv.unbind(dim=2)  # (batch, seq, heads, head_dim) views
-        key_padding_mask = _key_padding_from_mask(attention_mask, batch, seq)
-        dropout_p = self.attention_dropout if self.training else 0.0
-        scale = self.head_dim ** -0.5
-        out = None
-        if position_embeddings is not None:
-            cos, sin = position_embeddings
-            out = _fused_rotary_attention(q, k, v, cos, sin, key_padding_mask, dropout_p, scale, self.window)
-            if out is None:  # per-row positions, or no fused kernels here: the rotary kernel, then attention
-                q, k = apply_rotary_cos_sin(q, cos, sin), apply_rotary_cos_sin(k, cos, sin)
-        if out is None:
-            out = attention(q, k, v, key_padding_mask, dropout_p=dropout_p, softmax_scale=scale, window=self.window)
+        else:
+            out = self._padded(hidden_states, position_embeddings, attention_mask)
         return self.out_drop(self.Wo(out.reshape(batch, seq, -1))), None
 
-    def _packed(self, hidden_states, position_embeddings, cu_seqlens, max_seqlen: int, rotary_table):
-        """(total_tokens, heads · head_dim) attention output of packed rows (cu_seqlens delimits them).
-        position_embeddings: each token's (cos, sin), (1, total_tokens, head_dim); rotary_table: the
-        (cos, sin) rows indexed by in-row offset, or None when offsets are not the positions."""
-        from ._dispatch import use_triton
-        from .attention import _draw_seed, _rotary_mode
-        from .attention_rotary import attention_rotary
+    def _scale_and_dropout(self) -> tuple[float, float]:
+        return self.head_dim ** -0.5, float(self.attention_dropout if self.training else 0.0)
 
+    def _padded(self, hidden_states, position_embeddings, attention_mask):
+        """(batch, seq, heads, head_dim) attention output of padded rows, the key-padding mask applied.
+        position_embeddings: transformers' (cos, sin), (batch or 1, seq, head_dim)."""
+        from .hf_patch import _key_padding_from_mask
+
+        batch, seq = hidden_states.shape[:2]
+        q, k, v = self.Wqkv(hidden_states).view(batch, seq, 3, -1, self.head_dim).unbind(dim=2)
+        key_padding_mask = _key_padding_from_mask(attention_mask, batch, seq)
+        scale, dropout_p = self._scale_and_dropout()
+        if position_embeddings is None:
+            return attention(q, k, v, key_padding_mask, dropout_p=dropout_p, softmax_scale=scale, window=self.window)
+        cos, sin = position_embeddings
+        # One position row for the whole batch (the default position_ids): row r of the table is column r.
+        shared_row = (cos.dim() == 3 and cos.shape[0] == 1 and tuple(cos.shape[1:]) == (seq, self.head_dim)
+                      and sin.shape == cos.shape)
+        if shared_row and _fused_rotary_applies(q, k, v):
+            return _fused_rotary_attention(q, k, v, rotary_table(cos, sin, seq), key_padding_mask, None, seq,
+                                           dropout_p, scale, self.window)
+        # Per-row positions, or no fused kernels here: the rotary kernel, then attention.
+        q, k = apply_rotary_cos_sin(q, cos, sin), apply_rotary_cos_sin(k, cos, sin)
+        return attention(q, k, v, key_padding_mask, dropout_p=dropout_p, softmax_scale=scale, window=self.window)
+
+    def _packed(self, hidden_states, position_embeddings, cu_seqlens, max_seqlen: int, table):
+        """(total_tokens, heads, head_dim) attention output of packed rows (cu_seqlens delimits them).
+        position_embeddings: each token's (cos, sin), (1, total_tokens, head_dim); table: the
+        :func:`rotary_table` indexed by in-row offset, or None when offsets are not the positions."""
         total = hidden_states.shape[0]
         q, k, v = self.Wqkv(hidden_states).view(total, 3, -1, self.head_dim).unbind(dim=1)
-        dropout_p = float(self.attention_dropout if self.training else 0.0)
-        scale = self.head_dim ** -0.5
-        if (rotary_table is not None and q.dtype in (torch.float16, torch.bfloat16, torch.float32)
-                and use_triton(q, k, v) and _rotary_mode(q.device, q.dtype) == "fused"):
-            seed = _draw_seed() if dropout_p > 0.0 else None
-            out, _ = attention_rotary(q, k, v, None, cu_seqlens, max_seqlen, dropout_p, scale, seed, self.window,
-                                      None, table=rotary_table)
-            return out
+        scale, dropout_p = self._scale_and_dropout()
+        if table is not None and _fused_rotary_applies(q, k, v):
+            return _fused_rotary_attention(q, k, v, table, None, cu_seqlens, max_seqlen, dropout_p, scale,
+                                           self.window)
         if position_embeddings is not None:
             cos, sin = position_embeddings
             q, k = (apply_rotary_cos_sin(t[None], cos, sin)[0] for t in (q, k))
@@ -103,24 +106,35 @@ class FusedModernBertAttention(nn.Module):
         return f"replaces={self.replaces}, window={self.window}"
 
 
-def _fused_rotary_attention(q, k, v, cos, sin, key_padding_mask, dropout_p, scale, window):
-    """Attention with q, k rotated inside the attention kernels by transformers' own cos/sin (one table for
-    the batch: the default position_ids), or None where that path does not apply (per-row position_ids,
-    the PyTorch reference path, GPUs where the separate rotary kernel is used: attention._rotary_mode)."""
+def rotary_table(cos, sin, rows: int):
+    """transformers' cos/sin (1, >= rows, head_dim), both halves equal, as the fused kernels' table: the
+    first ``rows`` positions' first halves, (rows, head_dim / 2) fp32 each."""
+    half = cos.shape[-1] // 2
+    return tuple(t[0, :rows, :half].float().contiguous() for t in (cos, sin))
+
+
+def _fused_rotary_applies(q, k, v) -> bool:
+    """Whether q and k can be rotated inside the attention kernels here: Triton runs these tensors and the
+    fused rotary kernels serve this device and dtype (attention._rotary_mode; not the PyTorch reference
+    path, nor GPUs where the separate rotary kernel is used)."""
     from ._dispatch import use_triton
-    from .attention import _draw_seed, _rotary_mode
+    from .attention import _rotary_mode
+
+    return (q.dtype in (torch.float16, torch.bfloat16, torch.float32) and q.dtype == k.dtype == v.dtype
+            and use_triton(q, k, v) and _rotary_mode(q.device, q.dtype) == "fused")
+
+
+def _fused_rotary_attention(q, k, v, table, key_padding_mask, cu_seqlens, max_seqlen: int, dropout_p: float,
+                            scale: float, window):
+    """Attention with q, k rotated inside the attention kernels, row r of ``table`` (:func:`rotary_table`)
+    at in-row offset r; padded (key_padding_mask) or packed (cu_seqlens). Only where
+    :func:`_fused_rotary_applies`."""
+    from .attention import _draw_seed
     from .attention_rotary import attention_rotary
 
-    batch, seq, _, dim = q.shape
-    if (cos.dim() != 3 or cos.shape[0] != 1 or tuple(cos.shape[1:]) != (seq, dim) or sin.shape != cos.shape
-            or q.dtype not in (torch.float16, torch.bfloat16, torch.float32) or not (q.dtype == k.dtype == v.dtype)
-            or not use_triton(q, k, v) or _rotary_mode(q.device, q.dtype) != "fused"):
-        return None
-    half = dim // 2
-    table = (cos[0, :, :half].float().contiguous(), sin[0, :, :half].float().contiguous())
     rng_seed = _draw_seed() if dropout_p > 0.0 else None
-    out, _ = attention_rotary(q, k, v, key_padding_mask, None, seq, float(dropout_p), float(scale), rng_seed, window,
-                              None, table=table)
+    out, _ = attention_rotary(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, float(dropout_p), float(scale),
+                              rng_seed, window, None, table=table)
     return out
 
 
