@@ -243,6 +243,20 @@ def _import_transformers():
     return transformers, AttentionInterface, AttentionMaskInterface
 
 
+def _select_electra_kernels_attention(model: nn.Module, attention_interface, mask_interface) -> None:
+    """Register the "electra_kernels" attention and mask functions and make them the model's."""
+    attention_interface.register(IMPLEMENTATION_NAME, electra_kernels_attention)
+    mask_interface.register(IMPLEMENTATION_NAME, electra_kernels_mask)
+    config = model.config
+    if hasattr(model, "set_attn_implementation"):  # the public way: validates, updates sub-models
+        model.set_attn_implementation(IMPLEMENTATION_NAME)
+    else:
+        config._attn_implementation = IMPLEMENTATION_NAME
+    if config._attn_implementation != IMPLEMENTATION_NAME:
+        raise ValueError(f"patch_hf: {type(model).__name__} did not accept attention implementation "
+                         f"{IMPLEMENTATION_NAME!r} (it kept {config._attn_implementation!r})")
+
+
 def _is_self_attention(module: nn.Module) -> bool:
     name = type(module).__name__
     return name.endswith("SelfAttention") and all(hasattr(module, a) for a in ("query", "key", "value"))
@@ -317,16 +331,7 @@ def patch_hf(model: nn.Module, *, attention: bool = True, layer_norm: bool = Tru
         if attention:
             if not any(isinstance(new, FusedModernBertAttention) for _, _, new, _ in swaps):
                 raise ValueError(f"patch_hf: found no ModernBertAttention module in {type(model).__name__}")
-            _, attention_interface, mask_interface = _import_transformers()
-            attention_interface.register(IMPLEMENTATION_NAME, electra_kernels_attention)
-            mask_interface.register(IMPLEMENTATION_NAME, electra_kernels_mask)
-            if hasattr(model, "set_attn_implementation"):
-                model.set_attn_implementation(IMPLEMENTATION_NAME)
-            else:
-                config._attn_implementation = IMPLEMENTATION_NAME
-            if config._attn_implementation != IMPLEMENTATION_NAME:
-                raise ValueError(f"patch_hf: {type(model).__name__} did not accept attention implementation "
-                                 f"{IMPLEMENTATION_NAME!r} (it kept {config._attn_implementation!r})")
+            _select_electra_kernels_attention(model, *_import_transformers()[1:])
     elif attention:
         transformers, attention_interface, mask_interface = _import_transformers()
         self_attention = [(path, m) for path, m in model.named_modules() if _is_self_attention(m)]
@@ -339,16 +344,8 @@ def patch_hf(model: nn.Module, *, attention: bool = True, layer_norm: bool = Tru
                                  "not dispatch through AttentionInterface; transformers 5.x is needed")
             if getattr(module, "is_causal", False):
                 raise ValueError(f"patch_hf: {path} is causal; only bidirectional encoders are supported")
-        attention_interface.register(IMPLEMENTATION_NAME, electra_kernels_attention)
-        mask_interface.register(IMPLEMENTATION_NAME, electra_kernels_mask)
         previous = config._attn_implementation
-        if hasattr(model, "set_attn_implementation"):  # the public way: validates, updates sub-models
-            model.set_attn_implementation(IMPLEMENTATION_NAME)
-        else:
-            config._attn_implementation = IMPLEMENTATION_NAME
-        if config._attn_implementation != IMPLEMENTATION_NAME:
-            raise ValueError(f"patch_hf: {type(model).__name__} did not accept attention implementation "
-                             f"{IMPLEMENTATION_NAME!r} (it kept {config._attn_implementation!r})")
+        _select_electra_kernels_attention(model, attention_interface, mask_interface)
         for path, module in self_attention:
             replaced.append(f"{path}: {type(module).__name__} attention function {previous!r} -> "
                             "electra_kernels.attention")
