@@ -48,14 +48,21 @@ _NUM_WARPS = 8
 if HAS_TRITON:
 
     @triton.jit
-    def _geglu_fwd_kernel(X, Y, M, N, stride_x_row, stride_y_row, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-        """y[:, j] = gelu(x[:, j]) · x[:, N + j] for one (BLOCK_M, BLOCK_N) tile of y."""
+    def _load_halves(X, M, N, stride_x_row, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """This program's (BLOCK_M, BLOCK_N) tile: its rows and columns of the output, the in-bounds mask,
+        and a = x[rows, cols], b = x[rows, N + cols] in fp32."""
         rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         inside = (rows < M)[:, None] & (cols < N)[None, :]
         a_ptrs = X + rows[:, None] * stride_x_row + cols[None, :]
         a = tl.load(a_ptrs, mask=inside, other=0.0).to(tl.float32)
         b = tl.load(a_ptrs + N, mask=inside, other=0.0).to(tl.float32)
+        return rows, cols, inside, a, b
+
+    @triton.jit
+    def _geglu_fwd_kernel(X, Y, M, N, stride_x_row, stride_y_row, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """y[:, j] = gelu(x[:, j]) · x[:, N + j] for one (BLOCK_M, BLOCK_N) tile of y."""
+        rows, cols, inside, a, b = _load_halves(X, M, N, stride_x_row, BLOCK_M, BLOCK_N)
         y = a * 0.5 * (1.0 + tl.math.erf(a * 0.7071067811865476)) * b
         tl.store(Y + rows[:, None] * stride_y_row + cols[None, :], y.to(Y.dtype.element_ty), mask=inside)
 
@@ -63,12 +70,7 @@ if HAS_TRITON:
     def _geglu_bwd_kernel(DY, X, DX, M, N, stride_dy_row, stride_x_row, stride_dx_row,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         """dx = [dy·b·gelu'(a) | dy·gelu(a)], gelu(a) recomputed from x."""
-        rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-        cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-        inside = (rows < M)[:, None] & (cols < N)[None, :]
-        a_ptrs = X + rows[:, None] * stride_x_row + cols[None, :]
-        a = tl.load(a_ptrs, mask=inside, other=0.0).to(tl.float32)
-        b = tl.load(a_ptrs + N, mask=inside, other=0.0).to(tl.float32)
+        rows, cols, inside, a, b = _load_halves(X, M, N, stride_x_row, BLOCK_M, BLOCK_N)
         dy = tl.load(DY + rows[:, None] * stride_dy_row + cols[None, :], mask=inside, other=0.0).to(tl.float32)
         gelu, dgelu = _gelu_and_grad(a)
         da_ptrs = DX + rows[:, None] * stride_dx_row + cols[None, :]
